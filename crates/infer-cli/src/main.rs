@@ -1,0 +1,411 @@
+//! `infer`: run open-weight LLMs locally.
+
+use std::io::{IsTerminal, Read, Write};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use infer::{ChatMessage, DTypeChoice, EngineStats, ModelBuilder, SamplingParams, Session};
+
+#[derive(Parser)]
+#[command(name = "infer", version, about = "Run open-weight LLMs locally: GGUF files, Hugging Face folders and Hub ids.", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate an answer to one prompt and stream it to stdout.
+    ///
+    /// Chat models get the prompt wrapped in their chat template (use --raw for plain completion).
+    /// Without PROMPT, the prompt is read from stdin.
+    Run {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The prompt (read from stdin when omitted).
+        prompt: Option<String>,
+        /// Plain text completion: do not apply the chat template.
+        #[arg(long)]
+        raw: bool,
+        /// System prompt (chat models).
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Interactive chat with history. Commands: /clear, /system TEXT, /exit. Ctrl-C stops an answer.
+    Chat {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Initial system prompt.
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Download a model from the Hugging Face Hub into the HF cache (HF_HOME, HF_TOKEN, HF_ENDPOINT).
+    Pull {
+        /// Hub id: org/name[@revision].
+        model: String,
+        /// Which GGUF file of the repo to fetch.
+        #[arg(long)]
+        gguf_file: Option<String>,
+    },
+    /// List the models in the Hugging Face cache.
+    List,
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// The model: a .gguf file, a folder with config.json + *.safetensors + tokenizer.json, or a Hub id org/name[@revision].
+    model: String,
+    /// Which .gguf file to use when MODEL is a Hub repo holding GGUF files.
+    #[arg(long)]
+    gguf_file: Option<String>,
+    /// Device: cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Compute dtype for safetensors weights: auto, f32, f16 or bf16 (auto: f32 on CPU, the checkpoint's on GPU).
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// CPU threads (default: the cores this process may use).
+    #[arg(short = 't', long)]
+    threads: Option<usize>,
+    /// Context size in tokens (prompt + answer); default: the model's trained context.
+    #[arg(short = 'c', long)]
+    ctx_size: Option<usize>,
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Most tokens to generate (default: until the model stops or the context is full).
+    #[arg(short = 'n', long)]
+    max_tokens: Option<usize>,
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Keep the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Nucleus sampling threshold (1 = off).
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Drop tokens below MIN_P × the top probability (0 = off).
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// Penalize tokens already in the prompt or answer (1 = off).
+    #[arg(long, alias = "repeat-penalty", default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// OpenAI-style presence penalty, -2..2.
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    /// OpenAI-style frequency penalty, -2..2.
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    /// Random seed (same seed, same text).
+    #[arg(short = 's', long)]
+    seed: Option<u64>,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Add BIAS to token ID's logit, as ID=BIAS (repeatable); -inf bans the token.
+    #[arg(long, value_name = "ID=BIAS")]
+    logit_bias: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> Result<SamplingParams> {
+        let mut logit_bias = std::collections::HashMap::new();
+        for lb in &self.logit_bias {
+            let (id, bias) = lb.split_once('=').ok_or_else(|| anyhow!("--logit-bias `{lb}`: expected ID=BIAS, e.g. 15043=-inf"))?;
+            let id: u32 = id.trim().parse().map_err(|_| anyhow!("--logit-bias `{lb}`: `{id}` is not a token id"))?;
+            let bias: f32 = bias.trim().parse().map_err(|_| anyhow!("--logit-bias `{lb}`: `{bias}` is not a number"))?;
+            logit_bias.insert(id, bias);
+        }
+        Ok(SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias,
+            seed: self.seed,
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+            ignore_eos: self.ignore_eos,
+        })
+    }
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("INFER_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Run { model, prompt, raw, system, sampling } => {
+            let params = sampling.params()?;
+            let prompt = match prompt {
+                Some(p) => p,
+                None => {
+                    let mut s = String::new();
+                    std::io::stdin().read_to_string(&mut s).context("reading the prompt from stdin")?;
+                    s
+                }
+            };
+            let mut session = load(&model)?;
+            install_ctrlc()?;
+            let ids = if raw || session.model().chat_template.is_none() {
+                if !raw {
+                    eprintln!("note: {} has no chat template; running plain completion", session.model().name);
+                }
+                session.raw_prompt(&prompt)?
+            } else {
+                let mut msgs = Vec::new();
+                if let Some(s) = system {
+                    msgs.push(ChatMessage::system(s));
+                }
+                msgs.push(ChatMessage::user(prompt));
+                session.chat_prompt(&msgs)?
+            };
+            stream_answer(&mut session, ids, params)?;
+            Ok(if INTERRUPTED.load(Ordering::SeqCst) { ExitCode::from(130) } else { ExitCode::SUCCESS })
+        }
+        Command::Chat { model, system, sampling } => {
+            let params = sampling.params()?;
+            let mut session = load(&model)?;
+            if session.model().chat_template.is_none() {
+                bail!("{} has no chat template, so it cannot chat; use `infer run --raw` for plain completion", session.model().name);
+            }
+            install_ctrlc()?;
+            chat_repl(&mut session, system, params)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pull { model, gguf_file } => {
+            let id = infer::hub::HubId::parse(&model).ok_or_else(|| anyhow!("`{model}` is not a Hub id (org/name[@revision])"))?;
+            let opts = infer::LoadOptions { gguf_file, download_progress: true, ..Default::default() };
+            let files = infer::loader::resolve(&id.to_string(), &opts)?;
+            match files {
+                infer::loader::ModelFiles::Gguf(p) => println!("{}", p.display()),
+                infer::loader::ModelFiles::Hf { config, .. } => println!("{}", config.parent().unwrap_or(&config).display()),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::List => {
+            let models = infer::hub::list_cached_models();
+            if models.is_empty() {
+                eprintln!("no models in the HF cache ({})", infer::hub::cache().path().display());
+            }
+            for (id, bytes) in models {
+                println!("{id:<60} {:>10.1} MB", bytes as f64 / 1e6);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn set_threads(n: Option<usize>) -> Result<()> {
+    let n = match n {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    };
+    // candle sizes its parallel loops from RAYON_NUM_THREADS; set it before any pool starts.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("starting the thread pool")?;
+    Ok(())
+}
+
+fn load(args: &ModelArgs) -> Result<Session> {
+    set_threads(args.threads)?;
+    let device = infer::parse_device(&args.device)?;
+    let dtype: DTypeChoice = args.dtype.parse()?;
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}").expect("valid template").progress_chars("=> "),
+    );
+    bar.set_message(format!("loading {}", args.model));
+    let b = bar.clone();
+    let mut builder =
+        ModelBuilder::new(&args.model).device(device).dtype(dtype).download_progress(std::io::stderr().is_terminal()).on_progress(
+            move |done, total| {
+                b.set_length(total as u64);
+                b.set_position(done as u64);
+            },
+        );
+    if let Some(g) = &args.gguf_file {
+        builder = builder.gguf_file(g);
+    }
+    if let Some(c) = args.ctx_size {
+        if c < 2 {
+            bail!("--ctx-size must be at least 2");
+        }
+        builder = builder.ctx_size(c);
+    }
+    let t0 = Instant::now();
+    let session = builder.build();
+    bar.finish_and_clear();
+    let session = session?;
+    let cfg = session.model().config();
+    eprintln!(
+        "loaded {} ({:?}, {} layers, {} heads, vocab {}) in {:.1}s",
+        session.model().name,
+        cfg.architecture,
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.vocab_size,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(session)
+}
+
+fn install_ctrlc() -> Result<()> {
+    ctrlc::set_handler(|| {
+        if INTERRUPTED.swap(true, Ordering::SeqCst) {
+            // A second Ctrl-C while the first is being handled: leave now.
+            std::process::exit(130);
+        }
+    })
+    .context("installing the Ctrl-C handler")
+}
+
+/// Streams one answer to stdout; returns its text. Ctrl-C ends it early.
+fn stream_answer(session: &mut Session, ids: Vec<u32>, params: SamplingParams) -> Result<String> {
+    INTERRUPTED.store(false, Ordering::SeqCst);
+    let mut out = std::io::stdout().lock();
+    let mut answer = String::new();
+    let mut stream = session.generate_ids(ids, params)?;
+    for chunk in stream.by_ref() {
+        let chunk = chunk?;
+        out.write_all(chunk.text.as_bytes())?;
+        out.flush()?;
+        answer.push_str(&chunk.text);
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            break;
+        }
+    }
+    let stats: EngineStats = stream.stats();
+    drop(stream);
+    writeln!(out)?;
+    let interrupted = if INTERRUPTED.load(Ordering::SeqCst) { " (stopped)" } else { "" };
+    eprintln!(
+        "prompt: {} tokens, {:.1} t/s | generation: {} tokens, {:.1} t/s{interrupted}",
+        stats.prompt_tokens,
+        rate(stats.prompt_tokens, stats.prefill_time),
+        stats.generated_tokens,
+        rate(stats.generated_tokens.saturating_sub(1), stats.decode_time),
+    );
+    Ok(answer)
+}
+
+fn rate(n: usize, d: std::time::Duration) -> f64 {
+    if d.is_zero() {
+        0.0
+    } else {
+        n as f64 / d.as_secs_f64()
+    }
+}
+
+fn chat_repl(session: &mut Session, mut system: Option<String>, params: SamplingParams) -> Result<()> {
+    use rustyline::error::ReadlineError;
+    let mut rl = rustyline::DefaultEditor::new().context("starting the line editor")?;
+    let history_file = std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/infer/chat_history"));
+    if let Some(h) = &history_file {
+        let _ = rl.load_history(h);
+    }
+    let mut history: Vec<ChatMessage> = Vec::new();
+    eprintln!(
+        "chat with {} — /clear resets, /system TEXT sets the system prompt, /exit quits; Ctrl-C stops an answer",
+        session.model().name
+    );
+    let seed = Arc::new(params.seed);
+    let mut turn = 0u64;
+    loop {
+        let line = match rl.readline(">>> ") {
+            Ok(l) => l,
+            Err(ReadlineError::Interrupted) => continue,
+            Err(ReadlineError::Eof) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let text = line.trim();
+        if text.is_empty() {
+            continue;
+        }
+        let _ = rl.add_history_entry(text);
+        match text.split_once(' ').map(|(c, r)| (c, r.trim())).unwrap_or((text, "")) {
+            ("/exit" | "/quit" | "/bye", _) => break,
+            ("/clear", _) => {
+                history.clear();
+                eprintln!("(history cleared)");
+                continue;
+            }
+            ("/system", rest) => {
+                system = (!rest.is_empty()).then(|| rest.to_string());
+                history.clear();
+                eprintln!(
+                    "{}",
+                    if system.is_some() { "(system prompt set; history cleared)" } else { "(system prompt removed; history cleared)" }
+                );
+                continue;
+            }
+            ("/help", _) => {
+                eprintln!("/clear  forget the conversation\n/system TEXT  set the system prompt (empty: remove)\n/exit  quit\nCtrl-C stops the current answer; Ctrl-D quits");
+                continue;
+            }
+            (cmd, _) if cmd.starts_with('/') && cmd.len() > 1 && !cmd[1..].contains('/') => {
+                eprintln!("unknown command {cmd}; try /help");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(ChatMessage::user(text));
+        let mut msgs: Vec<ChatMessage> = system.iter().map(|s| ChatMessage::system(s.clone())).collect();
+        msgs.extend(history.iter().cloned());
+        let ids = match session.chat_prompt(&msgs) {
+            Ok(ids) => ids,
+            Err(e) => {
+                history.pop();
+                eprintln!("error: {e}");
+                continue;
+            }
+        };
+        // A fixed seed stays reproducible per turn without repeating the same draw every turn.
+        let p = SamplingParams { seed: seed.map(|s| s.wrapping_add(turn)), ..params.clone() };
+        turn += 1;
+        match stream_answer(session, ids, p) {
+            Ok(answer) => history.push(ChatMessage::assistant(answer.trim())),
+            Err(e) => {
+                history.pop();
+                eprintln!("error: {e}");
+            }
+        }
+    }
+    if let Some(h) = &history_file {
+        if let Some(dir) = h.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = rl.save_history(h);
+    }
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! Chat templates: the Jinja templates of HF `tokenizer_config.json` / GGUF `tokenizer.chat_template`,
+//! rendered with minijinja plus the extensions HF templates rely on (`raise_exception`, `tojson`,
+//! `strftime_now`, Python string methods, `bos_token`/`eos_token`, `add_generation_prompt`).
+
+use minijinja::{context, Environment, ErrorKind};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// One message of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self { role: role.into(), content: content.into() }
+    }
+    pub fn system(content: impl Into<String>) -> Self {
+        Self::new("system", content)
+    }
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::new("user", content)
+    }
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self::new("assistant", content)
+    }
+}
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate").finish_non_exhaustive()
+    }
+}
+
+impl ChatTemplate {
+    /// Compiles a template. `bos_token`/`eos_token` are the strings the template may refer to.
+    pub fn new(source: &str, bos_token: impl Into<String>, eos_token: impl Into<String>) -> Result<Self> {
+        let mut env = Environment::new();
+        // HF renders with jinja2's trim_blocks and lstrip_blocks.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        });
+        env.add_function("strftime_now", |fmt: String| chrono::Local::now().format(&fmt).to_string());
+        env.add_template_owned("chat", source.to_string()).map_err(|e| Error::Template(describe(&e)))?;
+        Ok(Self { env, bos_token: bos_token.into(), eos_token: eos_token.into() })
+    }
+
+    /// Renders a conversation; with `add_generation_prompt` the text ends where the assistant's answer starts.
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let tmpl = self.env.get_template("chat").map_err(|e| Error::Template(describe(&e)))?;
+        tmpl.render(context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token,
+            eos_token => self.eos_token,
+        })
+        .map_err(|e| Error::Template(describe(&e)))
+    }
+}
+
+fn describe(e: &minijinja::Error) -> String {
+    match (e.kind(), e.detail()) {
+        (ErrorKind::InvalidOperation, Some(d)) => d.to_string(),
+        _ => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A Llama-3-style template exercising the HF extensions.
+    const LLAMA3: &str = "{{ bos_token }}{% for message in messages %}{% if message['role'] not in ['system','user','assistant'] %}{{ raise_exception('bad role ' + message['role']) }}{% endif %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}";
+
+    #[test]
+    fn renders_llama3_style() {
+        let t = ChatTemplate::new(LLAMA3, "<|begin_of_text|>", "<|eot_id|>").unwrap();
+        let out = t.render(&[ChatMessage::system("Be brief."), ChatMessage::user(" Hi ")], true).unwrap();
+        assert_eq!(
+            out,
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        );
+    }
+
+    #[test]
+    fn raise_exception_reports_the_message() {
+        let t = ChatTemplate::new(LLAMA3, "", "").unwrap();
+        let err = t.render(&[ChatMessage::new("tool", "x")], false).unwrap_err().to_string();
+        assert_eq!(err, "chat template: bad role tool");
+    }
+
+    #[test]
+    fn python_methods_tojson_and_strftime() {
+        let src = "{{ messages[0]['content'].strip().upper() }}|{{ messages[0]['content'].startswith(' a') }}|{{ {'k': 1} | tojson }}|{{ strftime_now('%Y') | length }}";
+        let t = ChatTemplate::new(src, "", "").unwrap();
+        let out = t.render(&[ChatMessage::user(" ab ")], false).unwrap();
+        assert_eq!(out, "AB|true|{\"k\":1}|4");
+    }
+
+    #[test]
+    fn syntax_error_is_reported() {
+        let err = ChatTemplate::new("{% for %}", "", "").unwrap_err().to_string();
+        assert!(err.starts_with("chat template:"), "{err}");
+    }
+}

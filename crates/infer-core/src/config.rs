@@ -1,0 +1,445 @@
+//! Model configuration: one normalized [`ModelConfig`] for the Llama family, read from a HF
+//! `config.json` or from GGUF metadata, plus the generation defaults of `generation_config.json`.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// The decoder families infer implements. All share one config-driven decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// Llama 2/3/3.1/3.2, SmolLM2 and other `LlamaForCausalLM` models.
+    Llama,
+    /// Mistral (optionally with a sliding attention window).
+    Mistral,
+    /// Qwen2 / Qwen2.5 (biases on q/k/v).
+    Qwen2,
+}
+
+impl Architecture {
+    /// What `model_type` (HF) / `general.architecture` (GGUF) values are accepted, for error messages.
+    pub const SUPPORTED: &'static str = "llama (Llama 2/3/3.1/3.2, SmolLM2), mistral, qwen2 (Qwen2/2.5)";
+
+    fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "llama" | "smollm" | "smollm2" => Some(Self::Llama),
+            "mistral" => Some(Self::Mistral),
+            "qwen2" => Some(Self::Qwen2),
+            _ => None,
+        }
+    }
+}
+
+/// How rotary position embedding frequencies are scaled for long contexts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Llama 3.1's piecewise frequency scaling.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    /// Positions divided by `factor`.
+    Linear { factor: f64 },
+    /// Per-frequency divisors given as a tensor (GGUF's `rope_freqs.weight`).
+    FreqFactors(Vec<f32>),
+}
+
+/// The configuration the decoder is built from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
+    /// GGUF Llama weights have q/k rows permuted for interleaved (GPT-J style) rotary embedding.
+    pub rope_interleaved: bool,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Biases on the q/k/v projections (Qwen2).
+    pub attention_bias: bool,
+    /// Sliding attention window, applied to layers `>= sliding_window_from_layer`.
+    pub sliding_window: Option<usize>,
+    pub sliding_window_from_layer: usize,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl ModelConfig {
+    /// The sliding window of layer `layer`, if it has one.
+    pub fn window_for_layer(&self, layer: usize) -> Option<usize> {
+        self.sliding_window.filter(|_| layer >= self.sliding_window_from_layer)
+    }
+
+    fn validate(self, path: &Path) -> Result<Self> {
+        let bad = |msg: String| Err(Error::bad_file(path, msg));
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+        ] {
+            if v == 0 {
+                return bad(format!("`{name}` must be positive"));
+            }
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return bad(format!(
+                "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+                self.num_attention_heads, self.num_key_value_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return bad(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim));
+        }
+        Ok(self)
+    }
+
+    /// Reads a Hugging Face `config.json`.
+    pub fn from_hf_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_hf_json(&text, path)
+    }
+
+    /// Parses the text of a Hugging Face `config.json` (`path` is used in error messages).
+    pub fn from_hf_json(text: &str, path: &Path) -> Result<Self> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let raw: HfConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            if field == "." || field.is_empty() {
+                Error::bad_file(path, format!("not a valid config.json: {inner}"))
+            } else {
+                Error::bad_file(path, format!("field `{field}`: {inner}"))
+            }
+        })?;
+        let model_type = raw.model_type.clone().unwrap_or_default();
+        let architecture = Architecture::from_name(&model_type).ok_or_else(|| Error::UnsupportedArchitecture {
+            arch: if model_type.is_empty() { "<missing model_type>".into() } else { model_type.clone() },
+            path: path.to_path_buf(),
+            supported: Architecture::SUPPORTED.into(),
+        })?;
+        // transformers >= 5 moves the rotary settings into `rope_parameters`.
+        let rope = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
+        let rope_theta = rope.and_then(|r| r.get("rope_theta")).and_then(|v| v.as_f64()).or(raw.rope_theta).unwrap_or(10_000.0);
+        let rope_scaling = match rope {
+            Some(r) => parse_rope_scaling(r, path)?,
+            None => None,
+        };
+        let num_attention_heads = raw.num_attention_heads;
+        let (sliding_window, sliding_window_from_layer) = match architecture {
+            Architecture::Qwen2 if !raw.use_sliding_window.unwrap_or(false) => (None, 0),
+            Architecture::Qwen2 => (raw.sliding_window, raw.max_window_layers.unwrap_or(0)),
+            _ => (raw.sliding_window, 0),
+        };
+        Self {
+            architecture,
+            vocab_size: raw.vocab_size,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_hidden_layers: raw.num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads: raw.num_key_value_heads.unwrap_or(num_attention_heads),
+            head_dim: raw.head_dim.unwrap_or(raw.hidden_size / num_attention_heads.max(1)),
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            rope_interleaved: false,
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            attention_bias: architecture == Architecture::Qwen2 || raw.attention_bias.unwrap_or(false),
+            sliding_window,
+            sliding_window_from_layer,
+            bos_token_id: raw.bos_token_id,
+            eos_token_ids: raw.eos_token_id.map(|e| e.into_vec()).unwrap_or_default(),
+        }
+        .validate(path)
+    }
+
+    /// Builds the config from GGUF metadata. `tensor_names` tells which optional tensors exist
+    /// (output head, q/k/v biases); `rope_freqs` is the content of `rope_freqs.weight` if present.
+    pub fn from_gguf(md: &GgufMeta<'_>, path: &Path, has_output: bool, has_qkv_bias: bool, rope_freqs: Option<Vec<f32>>) -> Result<Self> {
+        let arch_name = md.string("general.architecture")?;
+        let architecture = Architecture::from_name(&arch_name).ok_or_else(|| Error::UnsupportedArchitecture {
+            arch: arch_name.clone(),
+            path: path.to_path_buf(),
+            supported: Architecture::SUPPORTED.into(),
+        })?;
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let hidden_size = md.usize(&key("embedding_length"))?;
+        let num_attention_heads = md.usize(&key("attention.head_count"))?;
+        let num_key_value_heads = md.usize_opt(&key("attention.head_count_kv"))?.unwrap_or(num_attention_heads);
+        let head_dim = match md.usize_opt(&key("attention.key_length"))? {
+            Some(d) => d,
+            None => hidden_size / num_attention_heads.max(1),
+        };
+        let rope_scaling = match (rope_freqs, md.string_opt(&key("rope.scaling.type"))?) {
+            (Some(f), _) => Some(RopeScaling::FreqFactors(f)),
+            (None, Some(t)) if t == "linear" => Some(RopeScaling::Linear { factor: md.f64(&key("rope.scaling.factor"))? }),
+            (None, Some(t)) if t == "none" => None,
+            (None, Some(t)) => {
+                return Err(Error::bad_file(
+                    path,
+                    format!("rope scaling type `{t}` is not supported (supported: linear, llama3 via rope_freqs)"),
+                ))
+            }
+            (None, None) => None,
+        };
+        let eos = md.u32_opt("tokenizer.ggml.eos_token_id")?;
+        Self {
+            architecture,
+            vocab_size: md.usize_opt(&key("vocab_size"))?.unwrap_or(0),
+            hidden_size,
+            intermediate_size: md.usize(&key("feed_forward_length"))?,
+            num_hidden_layers: md.usize(&key("block_count"))?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: md.f64_opt(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+            rope_theta: md.f64_opt(&key("rope.freq_base"))?.unwrap_or(10_000.0),
+            rope_scaling,
+            rope_interleaved: architecture == Architecture::Llama,
+            max_position_embeddings: md.usize_opt(&key("context_length"))?.unwrap_or(4096),
+            tie_word_embeddings: !has_output,
+            attention_bias: has_qkv_bias,
+            sliding_window: None,
+            sliding_window_from_layer: 0,
+            bos_token_id: md.u32_opt("tokenizer.ggml.bos_token_id")?,
+            eos_token_ids: eos.into_iter().collect(),
+        }
+        .validate(path)
+    }
+}
+
+fn parse_rope_scaling(r: &serde_json::Value, path: &Path) -> Result<Option<RopeScaling>> {
+    let kind = r.get("rope_type").or_else(|| r.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
+    let num = |k: &str| {
+        r.get(k).and_then(|v| v.as_f64()).ok_or_else(|| Error::bad_file(path, format!("rope scaling `{kind}` needs a numeric `{k}`")))
+    };
+    Ok(match kind {
+        "default" => None,
+        "linear" => Some(RopeScaling::Linear { factor: num("factor")? }),
+        "llama3" => Some(RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")?,
+        }),
+        other => {
+            return Err(Error::bad_file(path, format!("rope scaling type `{other}` is not supported (supported: default, linear, llama3)")))
+        }
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<u32> {
+        match self {
+            OneOrMany::One(x) => vec![x],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct HfConfig {
+    model_type: Option<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<serde_json::Value>,
+    rope_parameters: Option<serde_json::Value>,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    max_window_layers: Option<usize>,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<OneOrMany>,
+}
+
+/// Generation defaults from `generation_config.json`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct GenerationConfig {
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub eos_token_id: Vec<u32>,
+    pub bos_token_id: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub repetition_penalty: Option<f32>,
+    pub do_sample: Option<bool>,
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<u32>, D::Error> {
+    Ok(Option::<OneOrMany>::deserialize(d)?.map(OneOrMany::into_vec).unwrap_or_default())
+}
+
+impl GenerationConfig {
+    /// Reads `generation_config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let de = &mut serde_json::Deserializer::from_str(&text);
+        serde_path_to_error::deserialize(de).map_err(|e| Error::bad_file(path, format!("field `{}`: {}", e.path(), e.inner())))
+    }
+}
+
+/// Typed access to GGUF metadata with errors that name the file and the key.
+pub struct GgufMeta<'a> {
+    pub(crate) md: &'a std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>,
+    pub(crate) path: &'a Path,
+}
+
+impl GgufMeta<'_> {
+    fn get(&self, key: &str) -> Option<&candle_core::quantized::gguf_file::Value> {
+        self.md.get(key)
+    }
+    fn missing(&self, key: &str) -> Error {
+        Error::bad_file(self.path, format!("GGUF metadata key `{key}` is missing"))
+    }
+    fn wrong(&self, key: &str, e: candle_core::Error) -> Error {
+        Error::bad_file(self.path, format!("GGUF metadata key `{key}` has the wrong type: {e}"))
+    }
+    pub fn string_opt(&self, key: &str) -> Result<Option<String>> {
+        self.get(key).map(|v| v.to_string().cloned().map_err(|e| self.wrong(key, e))).transpose()
+    }
+    pub fn string(&self, key: &str) -> Result<String> {
+        self.string_opt(key)?.ok_or_else(|| self.missing(key))
+    }
+    pub fn u64_opt(&self, key: &str) -> Result<Option<u64>> {
+        use candle_core::quantized::gguf_file::Value as V;
+        self.get(key)
+            .map(|v| match v {
+                V::U8(x) => Ok(*x as u64),
+                V::U16(x) => Ok(*x as u64),
+                V::U32(x) => Ok(*x as u64),
+                V::U64(x) => Ok(*x),
+                V::I8(x) if *x >= 0 => Ok(*x as u64),
+                V::I16(x) if *x >= 0 => Ok(*x as u64),
+                V::I32(x) if *x >= 0 => Ok(*x as u64),
+                V::I64(x) if *x >= 0 => Ok(*x as u64),
+                other => {
+                    Err(Error::bad_file(self.path, format!("GGUF metadata key `{key}` should be a non-negative integer, found {other:?}")))
+                }
+            })
+            .transpose()
+    }
+    pub fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
+        Ok(self.u64_opt(key)?.map(|x| x as usize))
+    }
+    pub fn usize(&self, key: &str) -> Result<usize> {
+        self.usize_opt(key)?.ok_or_else(|| self.missing(key))
+    }
+    pub fn u32_opt(&self, key: &str) -> Result<Option<u32>> {
+        Ok(self.u64_opt(key)?.map(|x| x as u32))
+    }
+    pub fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
+        self.get(key).map(|v| v.to_bool().map_err(|e| self.wrong(key, e))).transpose()
+    }
+    pub fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
+        use candle_core::quantized::gguf_file::Value as V;
+        self.get(key)
+            .map(|v| match v {
+                V::F32(x) => Ok(*x as f64),
+                V::F64(x) => Ok(*x),
+                other => Err(Error::bad_file(self.path, format!("GGUF metadata key `{key}` should be a float, found {other:?}"))),
+            })
+            .transpose()
+    }
+    pub fn f64(&self, key: &str) -> Result<f64> {
+        self.f64_opt(key)?.ok_or_else(|| self.missing(key))
+    }
+    pub fn string_array(&self, key: &str) -> Result<Option<Vec<String>>> {
+        let Some(v) = self.get(key) else { return Ok(None) };
+        let arr = v.to_vec().map_err(|e| self.wrong(key, e))?;
+        arr.iter().map(|x| x.to_string().cloned().map_err(|e| self.wrong(key, e))).collect::<Result<Vec<_>>>().map(Some)
+    }
+    pub fn f32_array(&self, key: &str) -> Result<Option<Vec<f32>>> {
+        use candle_core::quantized::gguf_file::Value as V;
+        let Some(v) = self.get(key) else { return Ok(None) };
+        let arr = v.to_vec().map_err(|e| self.wrong(key, e))?;
+        arr.iter()
+            .map(|x| match x {
+                V::F32(f) => Ok(*f),
+                V::F64(f) => Ok(*f as f32),
+                other => Err(Error::bad_file(self.path, format!("GGUF metadata key `{key}` should hold floats, found {other:?}"))),
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+    pub fn i32_array(&self, key: &str) -> Result<Option<Vec<i32>>> {
+        use candle_core::quantized::gguf_file::Value as V;
+        let Some(v) = self.get(key) else { return Ok(None) };
+        let arr = v.to_vec().map_err(|e| self.wrong(key, e))?;
+        arr.iter()
+            .map(|x| match x {
+                V::I32(i) => Ok(*i),
+                V::U32(i) => Ok(*i as i32),
+                V::I8(i) => Ok(*i as i32),
+                V::U8(i) => Ok(*i as i32),
+                other => Err(Error::bad_file(self.path, format!("GGUF metadata key `{key}` should hold integers, found {other:?}"))),
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrong_field_type_names_the_field() {
+        let text = r#"{"model_type":"llama","vocab_size":10,"hidden_size":"big","intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":1}"#;
+        let err = ModelConfig::from_hf_json(text, Path::new("m/config.json")).unwrap_err().to_string();
+        assert!(err.starts_with("m/config.json: field `hidden_size`: invalid type: string \"big\""), "{err}");
+    }
+
+    #[test]
+    fn unknown_architecture_lists_supported() {
+        let text = r#"{"model_type":"gpt_neox","vocab_size":10,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":1}"#;
+        let err = ModelConfig::from_hf_json(text, Path::new("config.json")).unwrap_err().to_string();
+        assert!(err.contains("unsupported model architecture `gpt_neox`") && err.contains("qwen2"), "{err}");
+    }
+
+    #[test]
+    fn llama3_rope_and_eos_list() {
+        let text = r#"{"model_type":"llama","vocab_size":10,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,
+            "num_attention_heads":2,"num_key_value_heads":1,"eos_token_id":[1,2],"rope_theta":500000.0,
+            "rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}}"#;
+        let c = ModelConfig::from_hf_json(text, Path::new("config.json")).unwrap();
+        assert_eq!(c.eos_token_ids, vec![1, 2]);
+        assert_eq!(c.head_dim, 4);
+        assert_eq!(c.rope_theta, 500000.0);
+        assert!(matches!(c.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 8.0));
+    }
+
+    #[test]
+    fn unsupported_rope_scaling_is_an_error() {
+        let text = r#"{"model_type":"llama","vocab_size":10,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,
+            "num_attention_heads":2,"rope_scaling":{"type":"yarn","factor":4.0}}"#;
+        let err = ModelConfig::from_hf_json(text, Path::new("config.json")).unwrap_err().to_string();
+        assert!(err.contains("rope scaling type `yarn` is not supported"), "{err}");
+    }
+}

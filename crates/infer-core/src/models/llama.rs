@@ -1,0 +1,260 @@
+//! The Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, SmolLM2), driven by
+//! [`ModelConfig`]: RMSNorm, rotary embeddings (with Llama 3 / linear scaling), grouped-query
+//! attention over the paged KV cache (optionally windowed, optionally with q/k/v biases), SwiGLU MLP,
+//! tied or separate output head.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use infer_kernels::{paged_attention, write_kv, SeqAttention};
+
+use super::{BatchInput, CausalLm};
+use crate::config::{ModelConfig, RopeScaling};
+use crate::error::{Error, Result};
+use crate::kv_cache::PagedKvCache;
+use crate::weights::{Linear, WeightSource};
+
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn load(w: &WeightSource, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: w.tensor(name, &[dim])?, eps: eps as f32 })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
+    }
+}
+
+/// Rotary embedding frequencies; cos/sin are computed per batch for the tokens' positions.
+#[derive(Debug, Clone)]
+struct Rotary {
+    inv_freq: Tensor,
+    interleaved: bool,
+}
+
+impl Rotary {
+    fn new(cfg: &ModelConfig, device: &Device) -> Result<Self> {
+        let dim = cfg.head_dim;
+        let mut inv: Vec<f32> = (0..dim / 2).map(|i| (1.0 / cfg.rope_theta.powf(2.0 * i as f64 / dim as f64)) as f32).collect();
+        match &cfg.rope_scaling {
+            None => {}
+            Some(RopeScaling::Linear { factor }) => inv.iter_mut().for_each(|f| *f /= *factor as f32),
+            Some(RopeScaling::FreqFactors(ff)) => {
+                if ff.len() != inv.len() {
+                    return Err(Error::Model(format!("rope_freqs has {} entries, expected {}", ff.len(), inv.len())));
+                }
+                inv.iter_mut().zip(ff).for_each(|(f, d)| *f /= d);
+            }
+            Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
+                let low_wavelen = original_max_position_embeddings / low_freq_factor;
+                let high_wavelen = original_max_position_embeddings / high_freq_factor;
+                for f in inv.iter_mut() {
+                    let freq = *f as f64;
+                    let wavelen = 2.0 * std::f64::consts::PI / freq;
+                    let scaled = if wavelen > low_wavelen { freq / factor } else { freq };
+                    let out = if wavelen < high_wavelen || wavelen > low_wavelen {
+                        scaled
+                    } else {
+                        let smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * scaled / factor + smooth * scaled
+                    };
+                    *f = out as f32;
+                }
+            }
+        }
+        let n = inv.len();
+        Ok(Self { inv_freq: Tensor::from_vec(inv, (1, n), device)?, interleaved: cfg.rope_interleaved })
+    }
+
+    /// cos and sin, `[tokens, 1, head_dim/2]`, for the given positions.
+    fn cos_sin(&self, positions: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let freqs = positions.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&self.inv_freq)?;
+        let freqs = freqs.unsqueeze(1)?;
+        Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+    }
+
+    /// `x`: `[tokens, heads, head_dim]`.
+    fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (t, h, d) = x.dims3()?;
+        // Each token is its own "batch" so every token gets its own position.
+        let x4 = x.reshape((t, h, 1, d))?;
+        let y = if self.interleaved { candle_nn::rotary_emb::rope_i(&x4, cos, sin)? } else { candle_nn::rotary_emb::rope(&x4, cos, sin)? };
+        Ok(y.reshape((t, h, d))?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    window: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// The decoder.
+#[derive(Debug)]
+pub struct LlamaModel {
+    cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: Rotary,
+    device: Device,
+    dtype: DType,
+}
+
+impl LlamaModel {
+    /// Builds the model from `w`; `progress` is called after each layer with (done, total).
+    pub fn load(cfg: ModelConfig, w: &WeightSource, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
+        let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let total = cfg.num_hidden_layers + 2;
+        let embed = w.tensor("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        progress(1, total);
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let bias = cfg.attention_bias;
+            layers.push(Layer {
+                input_norm: RmsNorm::load(w, &format!("{p}.input_layernorm.weight"), h, cfg.rms_norm_eps)?,
+                attn: Attention {
+                    q: w.linear(&format!("{p}.self_attn.q_proj"), nh * hd, h, bias)?,
+                    k: w.linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h, bias)?,
+                    v: w.linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h, bias)?,
+                    o: w.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, false)?,
+                    num_heads: nh,
+                    num_kv_heads: nkv,
+                    head_dim: hd,
+                    window: cfg.window_for_layer(i),
+                },
+                post_norm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm.weight"), h, cfg.rms_norm_eps)?,
+                mlp: Mlp {
+                    gate: w.linear(&format!("{p}.mlp.gate_proj"), inter, h, false)?,
+                    up: w.linear(&format!("{p}.mlp.up_proj"), inter, h, false)?,
+                    down: w.linear(&format!("{p}.mlp.down_proj"), h, inter, false)?,
+                },
+            });
+            progress(i + 2, total);
+        }
+        let norm = RmsNorm::load(w, "model.norm.weight", h, cfg.rms_norm_eps)?;
+        let lm_head = if !cfg.tie_word_embeddings && w.contains("lm_head.weight") {
+            w.linear("lm_head", cfg.vocab_size, h, false)?
+        } else {
+            // Tied embeddings: the output head is the embedding matrix (kept quantized for GGUF).
+            w.linear("model.embed_tokens", cfg.vocab_size, h, false)?
+        };
+        progress(total, total);
+        let rotary = Rotary::new(&cfg, w.device())?;
+        Ok(Self { embed, layers, norm, lm_head, rotary, device: w.device().clone(), dtype: w.dtype(), cfg })
+    }
+
+    fn attention(
+        &self,
+        layer: usize,
+        attn: &Attention,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        batch: &BatchInput,
+        cache: &mut PagedKvCache,
+    ) -> Result<Tensor> {
+        let t = x.dim(0)?;
+        let q = attn.q.forward(x)?.reshape((t, attn.num_heads, attn.head_dim))?;
+        let k = attn.k.forward(x)?.reshape((t, attn.num_kv_heads, attn.head_dim))?;
+        let v = attn.v.forward(x)?.reshape((t, attn.num_kv_heads, attn.head_dim))?;
+        let q = self.rotary.apply(&q, cos, sin)?;
+        let k = self.rotary.apply(&k, cos, sin)?;
+        let out = paged_attention_op(layer, attn, &q, &k, &v, batch, cache)?;
+        attn.o.forward(&out.to_dtype(self.dtype)?)
+    }
+}
+
+/// Writes this batch's keys/values into the cache and attends over it. The single entry point that
+/// device-specific kernels replace.
+fn paged_attention_op(
+    layer: usize,
+    attn: &Attention,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    batch: &BatchInput,
+    cache: &mut PagedKvCache,
+) -> Result<Tensor> {
+    let (t, nh, hd) = q.dims3()?;
+    let to_vec = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
+    let (qv, kv, vv) = (to_vec(q)?, to_vec(k)?, to_vec(v)?);
+    let shape = cache.shape(attn.num_heads, attn.window);
+    let seqs: Vec<SeqAttention<'_>> = batch
+        .seqs
+        .iter()
+        .map(|s| SeqAttention { q_start: s.q_start, q_len: s.q_len, context_len: s.context_len, block_table: &s.block_table })
+        .collect();
+    let lkv = cache.layer_mut(layer);
+    write_kv(&kv, &vv, &batch.slots, &shape, &mut lkv.k, &mut lkv.v);
+    let mut out = vec![0.0f32; t * nh * hd];
+    paged_attention(&qv, &lkv.k, &lkv.v, &seqs, &shape, &mut out);
+    Ok(Tensor::from_vec(out, (t, nh * hd), q.device())?)
+}
+
+impl CausalLm for LlamaModel {
+    fn forward(&self, batch: &BatchInput, cache: &mut PagedKvCache) -> Result<Tensor> {
+        let n = batch.tokens.len();
+        if n == 0 || batch.logits_rows.is_empty() {
+            return Err(Error::Model("empty batch".into()));
+        }
+        if let Some(&bad) = batch.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            return Err(Error::Model(format!("token id {bad} is outside the vocabulary (size {})", self.cfg.vocab_size)));
+        }
+        let ids = Tensor::new(batch.tokens.as_slice(), &self.device)?;
+        let positions = Tensor::new(batch.positions.as_slice(), &self.device)?;
+        let (cos, sin) = self.rotary.cos_sin(&positions, self.dtype)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_norm.forward(&x)?;
+            let a = self.attention(i, &layer.attn, &h, &cos, &sin, batch, cache)?;
+            x = (x + a)?;
+            let h = layer.post_norm.forward(&x)?;
+            let gate = layer.mlp.gate.forward(&h)?.silu()?;
+            let up = layer.mlp.up.forward(&h)?;
+            x = (x + layer.mlp.down.forward(&(gate * up)?)?)?;
+        }
+        let rows = Tensor::new(batch.logits_rows.as_slice(), &self.device)?;
+        let x = x.index_select(&rows, 0)?;
+        let x = self.norm.forward(&x)?;
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?.contiguous()?)
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<LlamaModel>();
+    let _ = D::Minus1;
+}

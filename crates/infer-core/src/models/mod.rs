@@ -1,0 +1,74 @@
+//! Model architectures. One config-driven decoder serves the whole Llama family; each further family
+//! gets one file here.
+
+pub mod llama;
+
+use candle_core::Tensor;
+
+/// One sequence's part of a ragged batch.
+#[derive(Debug, Clone)]
+pub struct SeqBatch {
+    /// First row of this sequence's tokens in the batch.
+    pub q_start: usize,
+    /// Number of new tokens of this sequence in the batch.
+    pub q_len: usize,
+    /// Tokens in the cache for this sequence once the new ones are written.
+    pub context_len: usize,
+    /// The sequence's KV cache blocks.
+    pub block_table: Vec<u32>,
+}
+
+/// A ragged batch: new tokens of several sequences, each at its own position (prefill chunks and
+/// decode steps mixed), stacked sequence after sequence.
+#[derive(Debug, Clone, Default)]
+pub struct BatchInput {
+    /// Token ids, `[num_tokens]`.
+    pub tokens: Vec<u32>,
+    /// Position of each token within its sequence.
+    pub positions: Vec<u32>,
+    /// KV cache slot of each token.
+    pub slots: Vec<usize>,
+    /// The sequences, in row order.
+    pub seqs: Vec<SeqBatch>,
+    /// The rows whose logits are wanted (usually each sequence's last token).
+    pub logits_rows: Vec<u32>,
+}
+
+impl BatchInput {
+    /// Appends `tokens` of a sequence that already has `cached` tokens in the cache, computing their
+    /// positions and slots from its block table (which must already hold room for them).
+    pub fn push_sequence(&mut self, tokens: &[u32], cached: usize, block_table: &[u32], block_size: usize, want_logits: LogitsWanted) {
+        let q_start = self.tokens.len();
+        for (i, &t) in tokens.iter().enumerate() {
+            let pos = cached + i;
+            self.tokens.push(t);
+            self.positions.push(pos as u32);
+            self.slots.push(block_table[pos / block_size] as usize * block_size + pos % block_size);
+        }
+        match want_logits {
+            LogitsWanted::None => {}
+            LogitsWanted::Last => self.logits_rows.push((q_start + tokens.len() - 1) as u32),
+            LogitsWanted::All => self.logits_rows.extend((q_start..q_start + tokens.len()).map(|r| r as u32)),
+        }
+        self.seqs.push(SeqBatch { q_start, q_len: tokens.len(), context_len: cached + tokens.len(), block_table: block_table.to_vec() });
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+}
+
+/// Which logits a sequence of a batch needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsWanted {
+    None,
+    Last,
+    All,
+}
+
+/// What the engine needs from a model.
+pub trait CausalLm: Send + Sync {
+    /// Runs the batch, reading and writing `cache`; returns logits `[logits_rows, vocab]` in f32.
+    fn forward(&self, batch: &BatchInput, cache: &mut crate::kv_cache::PagedKvCache) -> crate::Result<Tensor>;
+    fn config(&self) -> &crate::config::ModelConfig;
+}

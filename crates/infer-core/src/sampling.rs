@@ -1,0 +1,296 @@
+//! Sampling: turns a row of logits into the next token, with the usual controls (greedy, temperature,
+//! top-k, top-p, min-p, repetition/presence/frequency penalties, logit bias) and a seed that makes the
+//! choice reproducible.
+
+use std::collections::HashMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::error::{Error, Result};
+
+/// What to generate and how to choose each token. The defaults match llama.cpp's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// Softmax temperature; `0` means greedy (always the most likely token).
+    pub temperature: f32,
+    /// Keep only the `k` most likely tokens; `0` disables.
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability adds up to `top_p`; `1` disables.
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` times the most likely one; `0` disables.
+    pub min_p: f32,
+    /// Divides positive (multiplies negative) logits of tokens already in the prompt or output; `1` disables.
+    pub repetition_penalty: f32,
+    /// Subtracted once from the logit of every token already generated (OpenAI semantics).
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit for every time it was already generated (OpenAI semantics).
+    pub frequency_penalty: f32,
+    /// Added to the logits of the given token ids.
+    pub logit_bias: HashMap<u32, f32>,
+    /// Random seed; the same seed with the same inputs gives the same text. `None` picks one.
+    pub seed: Option<u64>,
+    /// Most tokens to generate; `None` means until end of sequence or the context is full.
+    pub max_tokens: Option<usize>,
+    /// Generation stops before any of these strings; the string itself is not returned.
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    pub ignore_eos: bool,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: HashMap::new(),
+            seed: None,
+            max_tokens: None,
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding: always the most likely token.
+    pub fn greedy() -> Self {
+        Self { temperature: 0.0, ..Self::default() }
+    }
+
+    /// Checks every value is in range, naming the first that is not.
+    pub fn validate(&self, vocab_size: usize) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(Error::param("temperature", format!("{} must be a number >= 0", self.temperature)));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::param("top_p", format!("{} must be in (0, 1]", self.top_p)));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(Error::param("min_p", format!("{} must be in [0, 1]", self.min_p)));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(Error::param("repetition_penalty", format!("{} must be > 0", self.repetition_penalty)));
+        }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return Err(Error::param("presence_penalty", format!("{} must be in [-2, 2]", self.presence_penalty)));
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return Err(Error::param("frequency_penalty", format!("{} must be in [-2, 2]", self.frequency_penalty)));
+        }
+        if self.max_tokens == Some(0) {
+            return Err(Error::param("max_tokens", "must be at least 1"));
+        }
+        for (&tok, &bias) in &self.logit_bias {
+            if tok as usize >= vocab_size {
+                return Err(Error::param("logit_bias", format!("token id {tok} is outside the vocabulary (size {vocab_size})")));
+            }
+            if !bias.is_finite() && bias != f32::NEG_INFINITY {
+                return Err(Error::param("logit_bias", format!("bias {bias} for token {tok} is not a number")));
+            }
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return Err(Error::param("stop", "stop strings must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+/// The chosen token and its log-probability under the model's (unmodified) distribution.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprob: f32,
+}
+
+/// Per-sequence sampling state: the parameters, the random generator, and output token counts.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+    output_counts: HashMap<u32, u32>,
+    seen: std::collections::HashSet<u32>,
+}
+
+impl Sampler {
+    /// A sampler for one sequence; `prompt` feeds the repetition penalty.
+    pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
+        let seed = params.seed.unwrap_or_else(|| rand::rng().random());
+        let seen = if params.repetition_penalty != 1.0 { prompt.iter().copied().collect() } else { Default::default() };
+        Self { rng: StdRng::seed_from_u64(seed), params, output_counts: HashMap::new(), seen }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Chooses the next token from `logits` (one row over the vocabulary) and records it.
+    pub fn sample(&mut self, logits: &[f32]) -> Sampled {
+        let p = &self.params;
+        let logprob_of = logsumexp(logits);
+        let mut l = logits.to_vec();
+        for (&tok, &bias) in &p.logit_bias {
+            if let Some(x) = l.get_mut(tok as usize) {
+                *x += bias;
+            }
+        }
+        if p.repetition_penalty != 1.0 {
+            for &tok in &self.seen {
+                if let Some(x) = l.get_mut(tok as usize) {
+                    *x = if *x > 0.0 { *x / p.repetition_penalty } else { *x * p.repetition_penalty };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&tok, &n) in &self.output_counts {
+                if let Some(x) = l.get_mut(tok as usize) {
+                    *x -= p.presence_penalty + p.frequency_penalty * n as f32;
+                }
+            }
+        }
+        let greedy = p.temperature == 0.0;
+        let token = if greedy { argmax(&l) } else { self.sample_stochastic(&l) };
+        *self.output_counts.entry(token).or_default() += 1;
+        if self.params.repetition_penalty != 1.0 {
+            self.seen.insert(token);
+        }
+        Sampled { token, logprob: logits[token as usize] - logprob_of }
+    }
+
+    fn sample_stochastic(&mut self, l: &[f32]) -> u32 {
+        let p = &self.params;
+        let inv_t = 1.0 / p.temperature;
+        let mut cand: Vec<(u32, f32)> = l.iter().enumerate().filter(|(_, x)| x.is_finite()).map(|(i, &x)| (i as u32, x * inv_t)).collect();
+        if cand.is_empty() {
+            return argmax(l);
+        }
+        // Most likely first; top-k only needs a partial sort.
+        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 && p.top_k < cand.len() {
+            cand.select_nth_unstable_by(p.top_k - 1, by_logit);
+            cand.truncate(p.top_k);
+        }
+        cand.sort_unstable_by(by_logit);
+        let max = cand[0].1;
+        let mut probs: Vec<f32> = cand.iter().map(|c| (c.1 - max).exp()).collect();
+        let total: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= total);
+        let mut keep = probs.len();
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            for (i, &pr) in probs.iter().enumerate() {
+                acc += pr;
+                if acc >= p.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        if p.min_p > 0.0 {
+            let floor = probs[0] * p.min_p;
+            keep = keep.min(probs.iter().take_while(|&&x| x >= floor).count().max(1));
+        }
+        let total: f32 = probs[..keep].iter().sum();
+        let mut u = self.rng.random::<f32>() * total;
+        for i in 0..keep {
+            u -= probs[i];
+            if u <= 0.0 {
+                return cand[i].0;
+            }
+        }
+        cand[keep - 1].0
+    }
+}
+
+fn argmax(l: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in l.iter().enumerate() {
+        if x > l[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// `log(sum(exp(x)))`, computed stably.
+pub fn logsumexp(x: &[f32]) -> f32 {
+    let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    if !m.is_finite() {
+        return m;
+    }
+    m + x.iter().map(|&v| ((v - m) as f64).exp()).sum::<f64>().ln() as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
+        let mut p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: Some(1), ..Default::default() };
+        f(&mut p);
+        p
+    }
+
+    #[test]
+    fn greedy_picks_max_and_reports_logprob() {
+        let mut s = Sampler::new(SamplingParams::greedy(), &[]);
+        let out = s.sample(&[0.0, 2.0, 1.0]);
+        assert_eq!(out.token, 1);
+        let expect = 2.0 - (1f32 + 2f32.exp() + 1f32.exp()).ln();
+        assert!((out.logprob - expect).abs() < 1e-6);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_and_different_seed_differs() {
+        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
+        let run = |seed| {
+            let mut s = Sampler::new(params(|p| p.seed = Some(seed)), &[]);
+            (0..40).map(|_| s.sample(&logits).token).collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+    }
+
+    #[test]
+    fn top_k_top_p_min_p_restrict_the_support() {
+        let logits = [5.0, 4.0, 3.0, 0.0, -1.0];
+        for (p, allowed) in [
+            (params(|p| p.top_k = 2), vec![0, 1]),
+            (params(|p| p.top_p = 0.7), vec![0, 1]),
+            (params(|p| p.min_p = 0.3), vec![0, 1]),
+            (params(|p| p.top_k = 1), vec![0]),
+        ] {
+            let mut s = Sampler::new(p.clone(), &[]);
+            for _ in 0..200 {
+                let t = s.sample(&logits).token;
+                assert!(allowed.contains(&t), "{p:?} gave {t}");
+            }
+        }
+    }
+
+    #[test]
+    fn penalties_and_bias_change_the_greedy_choice() {
+        let logits = [2.0, 1.9, 0.0];
+        let mut s = Sampler::new(SamplingParams { repetition_penalty: 1.2, ..SamplingParams::greedy() }, &[0]);
+        assert_eq!(s.sample(&logits).token, 1, "2.0/1.2 < 1.9");
+        let mut s = Sampler::new(SamplingParams { presence_penalty: 0.5, ..SamplingParams::greedy() }, &[]);
+        assert_eq!(s.sample(&logits).token, 0);
+        assert_eq!(s.sample(&logits).token, 1, "token 0 was penalized after being generated");
+        let mut s = Sampler::new(SamplingParams { logit_bias: [(2, 5.0)].into(), ..SamplingParams::greedy() }, &[]);
+        assert_eq!(s.sample(&logits).token, 2);
+    }
+
+    #[test]
+    fn validation_names_the_parameter() {
+        let bad = SamplingParams { top_p: 0.0, ..Default::default() };
+        assert_eq!(bad.validate(10).unwrap_err().to_string(), "invalid parameter `top_p`: 0 must be in (0, 1]");
+        let bad = SamplingParams { logit_bias: [(99, 1.0)].into(), ..Default::default() };
+        assert!(bad.validate(10).unwrap_err().to_string().contains("outside the vocabulary"));
+        assert!(SamplingParams::default().validate(10).is_ok());
+    }
+}

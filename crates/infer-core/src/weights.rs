@@ -1,0 +1,247 @@
+//! Where a model's tensors come from: memory-mapped safetensors (one file or shards) or a GGUF file.
+//! Models ask for tensors by their Hugging Face names; GGUF names are mapped. Quantized GGUF weights
+//! stay quantized behind [`Linear`].
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::error::{Error, Result};
+
+/// A linear layer `y = x Wᵀ (+ b)` over dense or quantized weights.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: QMatMul,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: QMatMul, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// `x`: `[tokens, in]` → `[tokens, out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.weight.forward(x)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// A source of named tensors.
+pub enum WeightSource {
+    /// Safetensors files, memory-mapped; tensors are converted to `dtype` as they are loaded.
+    Safetensors { st: MmapedSafetensors, files: Vec<PathBuf>, dtype: DType, device: Device },
+    /// A GGUF file: quantized tensors stay quantized.
+    Gguf { content: gguf_file::Content, reader: Mutex<BufReader<File>>, path: PathBuf, device: Device },
+}
+
+/// The GGUF name of a Hugging Face tensor name of the Llama family.
+pub fn gguf_name(hf: &str) -> String {
+    match hf {
+        "model.embed_tokens.weight" => return "token_embd.weight".into(),
+        "model.norm.weight" => return "output_norm.weight".into(),
+        "lm_head.weight" => return "output.weight".into(),
+        _ => {}
+    }
+    if let Some(rest) = hf.strip_prefix("model.layers.") {
+        if let Some((layer, tail)) = rest.split_once('.') {
+            let mapped = match tail {
+                "self_attn.q_proj.weight" => "attn_q.weight",
+                "self_attn.k_proj.weight" => "attn_k.weight",
+                "self_attn.v_proj.weight" => "attn_v.weight",
+                "self_attn.q_proj.bias" => "attn_q.bias",
+                "self_attn.k_proj.bias" => "attn_k.bias",
+                "self_attn.v_proj.bias" => "attn_v.bias",
+                "self_attn.o_proj.weight" => "attn_output.weight",
+                "mlp.gate_proj.weight" => "ffn_gate.weight",
+                "mlp.up_proj.weight" => "ffn_up.weight",
+                "mlp.down_proj.weight" => "ffn_down.weight",
+                "input_layernorm.weight" => "attn_norm.weight",
+                "post_attention_layernorm.weight" => "ffn_norm.weight",
+                other => return format!("blk.{layer}.{other}"),
+            };
+            return format!("blk.{layer}.{mapped}");
+        }
+    }
+    hf.to_string()
+}
+
+impl WeightSource {
+    /// Memory-maps safetensors files (all shards of one model).
+    pub fn safetensors(files: Vec<PathBuf>, dtype: DType, device: Device) -> Result<Self> {
+        for f in &files {
+            if !f.exists() {
+                return Err(Error::bad_file(
+                    f,
+                    "file not found (a shard listed in model.safetensors.index.json is missing; download it again)",
+                ));
+            }
+        }
+        // SAFETY: the files are mapped read-only; like every mmap-based loader we rely on them not being
+        // modified while the model loads.
+        let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| {
+            let which = files.iter().find(|f| unsafe { MmapedSafetensors::new(f) }.is_err()).unwrap_or(&files[0]);
+            Error::bad_file(
+                which,
+                format!("not a valid safetensors file ({}); it may be truncated or corrupt — download it again", root_cause(&e)),
+            )
+        })?;
+        Ok(Self::Safetensors { st, files, dtype, device })
+    }
+
+    /// Opens a GGUF file and checks that it holds every byte its header promises.
+    pub fn gguf(path: &Path, device: Device) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let mut reader = BufReader::new(file);
+        let content = gguf_file::Content::read(&mut reader).map_err(|e| {
+            Error::bad_file(path, format!("not a valid GGUF file ({}); it may be truncated or corrupt — download it again", root_cause(&e)))
+        })?;
+        for (name, info) in &content.tensor_infos {
+            let elems = info.shape.elem_count();
+            let block = info.ggml_dtype.block_size();
+            if elems % block != 0 {
+                return Err(Error::bad_file(
+                    path,
+                    format!("tensor `{name}` has {elems} elements, not a multiple of its type's block size {block}"),
+                ));
+            }
+            let end = content.tensor_data_offset + info.offset + (elems / block * info.ggml_dtype.type_size()) as u64;
+            if end > len {
+                return Err(Error::bad_file(
+                    path,
+                    format!("truncated: tensor `{name}` ends at byte {end} but the file has {len} bytes; download it again"),
+                ));
+            }
+        }
+        Ok(Self::Gguf { content, reader: Mutex::new(reader), path: path.to_path_buf(), device })
+    }
+
+    pub fn device(&self) -> &Device {
+        match self {
+            Self::Safetensors { device, .. } | Self::Gguf { device, .. } => device,
+        }
+    }
+
+    /// The activation dtype models built from this source compute in.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::Safetensors { dtype, .. } => *dtype,
+            Self::Gguf { .. } => DType::F32,
+        }
+    }
+
+    /// GGUF metadata, for GGUF sources.
+    pub fn gguf_content(&self) -> Option<(&gguf_file::Content, &Path)> {
+        match self {
+            Self::Gguf { content, path, .. } => Some((content, path)),
+            _ => None,
+        }
+    }
+
+    /// Does the tensor (HF name) exist?
+    pub fn contains(&self, name: &str) -> bool {
+        match self {
+            Self::Safetensors { st, .. } => st.get(name).is_ok(),
+            Self::Gguf { content, .. } => content.tensor_infos.contains_key(&gguf_name(name)),
+        }
+    }
+
+    fn where_(&self) -> String {
+        match self {
+            Self::Safetensors { files, .. } if files.len() == 1 => files[0].display().to_string(),
+            Self::Safetensors { files, .. } => format!("{} (and {} more shards)", files[0].display(), files.len() - 1),
+            Self::Gguf { path, .. } => path.display().to_string(),
+        }
+    }
+
+    fn missing(&self, name: &str) -> Error {
+        let shown = match self {
+            Self::Gguf { .. } => gguf_name(name),
+            _ => name.to_string(),
+        };
+        Error::Model(format!("{}: tensor `{shown}` is missing; the weights do not match the model's config", self.where_()))
+    }
+
+    fn check_shape(&self, name: &str, got: &[usize], want: &[usize]) -> Result<()> {
+        if got != want {
+            return Err(Error::Model(format!(
+                "{}: tensor `{name}` has shape {got:?}, expected {want:?} from the config; the weights do not match the config",
+                self.where_()
+            )));
+        }
+        Ok(())
+    }
+
+    fn qtensor(&self, name: &str) -> Result<QTensor> {
+        let Self::Gguf { content, reader, path, device } = self else { unreachable!("qtensor on a non-GGUF source") };
+        let gname = gguf_name(name);
+        if !content.tensor_infos.contains_key(&gname) {
+            return Err(self.missing(name));
+        }
+        let mut r = reader.lock().unwrap_or_else(|p| p.into_inner());
+        content
+            .tensor(&mut *r, &gname, device)
+            .map_err(|e| Error::bad_file(path, format!("cannot read tensor `{gname}`: {}", root_cause(&e))))
+    }
+
+    /// A dense tensor of the given shape in the compute dtype (norm weights, embeddings, biases).
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        match self {
+            Self::Safetensors { st, dtype, device, .. } => {
+                let view = st.get(name).map_err(|_| self.missing(name))?;
+                self.check_shape(name, view.shape(), shape)?;
+                let t =
+                    st.load(name, device).map_err(|e| Error::Model(format!("{}: tensor `{name}`: {}", self.where_(), root_cause(&e))))?;
+                Ok(t.to_dtype(*dtype)?)
+            }
+            Self::Gguf { device, .. } => {
+                let q = self.qtensor(name)?;
+                // GGUF lists dimensions innermost first; candle reverses them into row-major order.
+                self.check_shape(&gguf_name(name), q.shape().dims(), shape)?;
+                Ok(q.dequantize(device)?)
+            }
+        }
+    }
+
+    /// A linear layer with weight `[out, in]` and, if `bias`, a bias `[out]`.
+    pub fn linear(&self, prefix: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Linear> {
+        let wname = format!("{prefix}.weight");
+        let b = if bias { Some(self.tensor(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
+        let w = match self {
+            Self::Safetensors { .. } => QMatMul::Tensor(self.tensor(&wname, &[out_dim, in_dim])?),
+            Self::Gguf { .. } => {
+                let q = self.qtensor(&wname)?;
+                self.check_shape(&gguf_name(&wname), q.shape().dims(), &[out_dim, in_dim])?;
+                QMatMul::from_arc(Arc::new(q))?
+            }
+        };
+        Ok(Linear::new(w, b))
+    }
+
+    /// Names of all tensors, for progress reporting.
+    pub fn num_tensors(&self) -> usize {
+        match self {
+            Self::Safetensors { st, .. } => st.tensors().len(),
+            Self::Gguf { content, .. } => content.tensor_infos.len(),
+        }
+    }
+}
+
+/// The innermost message of a candle error (its context wrappers add nothing for users).
+pub(crate) fn root_cause(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => root_cause(inner),
+        candle_core::Error::Context { inner, .. } => root_cause(inner),
+        candle_core::Error::WithPath { inner, .. } => root_cause(inner),
+        other => other.to_string().replace('\n', "; "),
+    }
+}

@@ -1,0 +1,1 @@
+pub use infer_core::*;

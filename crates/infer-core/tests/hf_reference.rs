@@ -1,0 +1,124 @@
+//! Logits of tiny random Llama / Mistral / Qwen2 models against HF transformers' (fixtures made by
+//! `scripts/make_hf_fixtures.py`), for ragged batches that mix prefill chunks and decode steps.
+
+use std::path::PathBuf;
+
+use infer_core::config::ModelConfig;
+use infer_core::kv_cache::PagedKvCache;
+use infer_core::models::llama::LlamaModel;
+use infer_core::models::{BatchInput, CausalLm, LogitsWanted};
+use infer_core::weights::WeightSource;
+use infer_core::{DType, Device};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Expected {
+    prompts: Vec<Vec<u32>>,
+    continuations: Vec<Vec<u32>>,
+    prefill_logits: Vec<Vec<Vec<f32>>>,
+    decode_logits: Vec<Vec<Vec<f32>>>,
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+}
+
+fn load(name: &str, dtype: DType) -> (LlamaModel, Expected) {
+    let dir = fixture(name);
+    let cfg = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
+    let w = WeightSource::safetensors(vec![dir.join("model.safetensors")], dtype, Device::Cpu).unwrap();
+    let model = LlamaModel::load(cfg, &w, &mut |_, _| {}).unwrap();
+    let exp: Expected = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    (model, exp)
+}
+
+/// Feeds each sequence's tokens (prompt then continuation) following `schedule(step, seq) -> how many
+/// tokens this step`, all sequences of a step in one ragged batch, and checks every position's logits.
+fn run_schedule(name: &str, block_size: usize, tol: f32, schedule: &dyn Fn(usize, usize) -> usize) -> usize {
+    let (model, exp) = load(name, DType::F32);
+    let mut cache = PagedKvCache::new(model.config(), block_size, 64).unwrap();
+    let n = exp.prompts.len();
+    let full: Vec<Vec<u32>> = (0..n).map(|i| [exp.prompts[i].clone(), exp.continuations[i].clone()].concat()).collect();
+    let want: Vec<Vec<Vec<f32>>> = (0..n).map(|i| [exp.prefill_logits[i].clone(), exp.decode_logits[i].clone()].concat()).collect();
+    let mut fed = vec![0usize; n];
+    let mut tables = vec![Vec::new(); n];
+    let mut checked = 0;
+    let mut worst = 0f32;
+    for step in 0.. {
+        if (0..n).all(|i| fed[i] == full[i].len()) {
+            break;
+        }
+        assert!(step < 100, "schedule does not finish");
+        let mut batch = BatchInput::default();
+        let mut rows = Vec::new();
+        for i in 0..n {
+            let k = schedule(step, i).min(full[i].len() - fed[i]);
+            if k == 0 {
+                continue;
+            }
+            cache.reserve(&mut tables[i], fed[i] + k).unwrap();
+            batch.push_sequence(&full[i][fed[i]..fed[i] + k], fed[i], &tables[i], block_size, LogitsWanted::All);
+            rows.extend((fed[i]..fed[i] + k).map(|p| (i, p)));
+            fed[i] += k;
+        }
+        if rows.is_empty() {
+            continue;
+        }
+        let logits = model.forward(&batch, &mut cache).unwrap().to_vec2::<f32>().unwrap();
+        for (row, &(seq, pos)) in rows.iter().enumerate() {
+            for (a, b) in logits[row].iter().zip(&want[seq][pos]) {
+                let d = (a - b).abs();
+                worst = worst.max(d);
+                assert!(d <= tol, "{name}: sequence {seq} position {pos}: {a} vs transformers {b} (|diff| {d} > {tol})");
+            }
+            checked += 1;
+        }
+    }
+    eprintln!("{name}: {checked} positions, max |diff| {worst:e}");
+    checked
+}
+
+const ARCHS: [&str; 3] = ["tiny-llama", "tiny-mistral", "tiny-qwen2"];
+
+#[test]
+fn ragged_prefill_then_batched_decode_matches_transformers() {
+    for name in ARCHS {
+        // Step 0: every prompt whole (ragged lengths); then one decode token per sequence per step.
+        let positions = run_schedule(name, 4, 1e-4, &|step, _| if step == 0 { usize::MAX } else { 1 });
+        assert_eq!(positions, 5 + 11 + 3 + 8 + 4 * 3);
+    }
+}
+
+#[test]
+fn chunked_prefill_mixed_with_decode_matches_transformers() {
+    for name in ARCHS {
+        // Sequences start at different steps and feed 3 tokens at a time, so prefill chunks and decode
+        // steps of different sequences share batches; block size 2 scatters every sequence over many blocks.
+        run_schedule(name, 2, 1e-4, &|step, seq| if step >= seq { 3 } else { 0 });
+        // Odd chunking: sequence i feeds i+1 tokens per step.
+        run_schedule(name, 16, 1e-4, &|_, seq| seq + 1);
+    }
+}
+
+#[test]
+fn half_precision_weights_stay_close() {
+    // bf16/f16 compute is lossy: check the logits (spread of a few units) stay near transformers' f32
+    // values, within a bound scaled to each format's precision (f16: 11-bit, bf16: 8-bit mantissa).
+    for (dtype, tol) in [(DType::F16, 0.05), (DType::BF16, 0.4)] {
+        let (model, exp) = load("tiny-llama", dtype);
+        let mut cache = PagedKvCache::new(model.config(), 16, 8).unwrap();
+        let mut table = Vec::new();
+        cache.reserve(&mut table, exp.prompts[1].len()).unwrap();
+        let mut batch = BatchInput::default();
+        batch.push_sequence(&exp.prompts[1], 0, &table, 16, LogitsWanted::All);
+        let logits = model.forward(&batch, &mut cache).unwrap().to_vec2::<f32>().unwrap();
+        let mut worst = 0f32;
+        for (row, want) in logits.iter().zip(&exp.prefill_logits[1]) {
+            for (a, b) in row.iter().zip(want) {
+                worst = worst.max((a - b).abs());
+            }
+        }
+        eprintln!("{dtype:?}: max |diff| {worst}");
+        assert!(worst < tol, "{dtype:?}: max |diff| {worst} >= {tol}");
+    }
+}

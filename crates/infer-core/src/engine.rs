@@ -252,8 +252,7 @@ impl Engine {
             let Some(seq) = self.running.get(i) else { continue };
             let (id, n) = (seq.id, (seq.tokens.len() - seq.computed).min(budget));
             // Make room, preempting younger sequences if the cache is full.
-            loop {
-                let Some(pos) = self.running.iter().position(|s| s.id == id) else { break };
+            while let Some(pos) = self.running.iter().position(|s| s.id == id) {
                 let seq = &mut self.running[pos];
                 let want = seq.computed + n;
                 match self.cache.reserve(&mut seq.block_table, want) {

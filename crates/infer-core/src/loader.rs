@@ -204,6 +204,10 @@ fn resolve_hub(id: HubId, opts: &LoadOptions) -> Result<ModelFiles> {
     }
     if !hub.has("config.json") {
         let ggufs = gguf_names(&hub);
+        if ggufs.is_empty() && hub.listing().is_none() {
+            // Offline and nothing cached: say so (and what to do).
+            hub.get("config.json")?;
+        }
         return Err(Error::Hub(match ggufs.len() {
             0 => format!("{}: no config.json in the repo (or in the cache); it is not a transformers model", hub.id()),
             _ => format!("{}: the repo holds GGUF files; pick one with --gguf-file: {}", hub.id(), ggufs.join(", ")),

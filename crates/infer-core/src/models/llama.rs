@@ -3,7 +3,7 @@
 //! attention over the paged KV cache (optionally windowed, optionally with q/k/v biases), SwiGLU MLP,
 //! tied or separate output head.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use infer_kernels::{paged_attention, write_kv, SeqAttention};
 
@@ -174,13 +174,13 @@ impl LlamaModel {
     fn attention(
         &self,
         layer: usize,
-        attn: &Attention,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        cos_sin: &(Tensor, Tensor),
         batch: &BatchInput,
         cache: &mut PagedKvCache,
     ) -> Result<Tensor> {
+        let attn = &self.layers[layer].attn;
+        let (cos, sin) = cos_sin;
         let t = x.dim(0)?;
         let q = attn.q.forward(x)?.reshape((t, attn.num_heads, attn.head_dim))?;
         let k = attn.k.forward(x)?.reshape((t, attn.num_kv_heads, attn.head_dim))?;
@@ -230,11 +230,11 @@ impl CausalLm for LlamaModel {
         }
         let ids = Tensor::new(batch.tokens.as_slice(), &self.device)?;
         let positions = Tensor::new(batch.positions.as_slice(), &self.device)?;
-        let (cos, sin) = self.rotary.cos_sin(&positions, self.dtype)?;
+        let cos_sin = self.rotary.cos_sin(&positions, self.dtype)?;
         let mut x = self.embed.index_select(&ids, 0)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(&x)?;
-            let a = self.attention(i, &layer.attn, &h, &cos, &sin, batch, cache)?;
+            let a = self.attention(i, &h, &cos_sin, batch, cache)?;
             x = (x + a)?;
             let h = layer.post_norm.forward(&x)?;
             let gate = layer.mlp.gate.forward(&h)?.silu()?;
@@ -250,11 +250,4 @@ impl CausalLm for LlamaModel {
     fn config(&self) -> &ModelConfig {
         &self.cfg
     }
-}
-
-#[allow(dead_code)]
-fn _assert_send_sync() {
-    fn is<T: Send + Sync>() {}
-    is::<LlamaModel>();
-    let _ = D::Minus1;
 }

@@ -58,9 +58,7 @@ pub fn paged_attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], seqs: &[SeqA
     // Which sequence each token row belongs to.
     let mut row_seq = vec![usize::MAX; out.len() / q_row];
     for (s, seq) in seqs.iter().enumerate() {
-        for r in seq.q_start..seq.q_start + seq.q_len {
-            row_seq[r] = s;
-        }
+        row_seq[seq.q_start..seq.q_start + seq.q_len].fill(s);
     }
     let work: usize = seqs.iter().map(|s| s.q_len * s.context_len).sum::<usize>() * q_row;
     let run_row = |(r, out_row): (usize, &mut [f32])| {

@@ -1,0 +1,153 @@
+//! The `infer` binary end to end: answers, and clear one-line errors (never a panic) for bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn infer(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_infer")).args(args).env("HF_HUB_OFFLINE", "1").output().unwrap()
+}
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn smollm2() -> Option<PathBuf> {
+    let p = std::env::var_os("INFER_TEST_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/infer/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    if p.exists() {
+        return Some(p);
+    }
+    assert!(std::env::var_os("CI").is_none(), "test model {} is missing: run scripts/fetch-model.sh", p.display());
+    eprintln!("SKIPPED: test model missing (run scripts/fetch-model.sh)");
+    None
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("infer-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// Fails with exit code 1 and one `error:` line containing every `needle`, and no panic.
+fn assert_clean_error(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    let line = stderr.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("no error line in {stderr}"));
+    for n in needles {
+        assert!(line.contains(n), "{n:?} not in {line:?}");
+    }
+}
+
+#[test]
+fn greedy_chat_answer_on_smollm2() {
+    let Some(model) = smollm2() else { return };
+    let out = infer(&["run", model.to_str().unwrap(), "What is the capital of France? Answer in one sentence.", "--temperature", "0"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "The capital of France is Paris.\n");
+    assert!(stderr.contains("prompt: 42 tokens") && stderr.contains("generation: 8 tokens") && stderr.contains("t/s"), "{stderr}");
+}
+
+#[test]
+fn raw_completion_with_max_tokens_and_stdin_prompt() {
+    let dir = fixtures().join("tiny-llama");
+    let out = infer(&["run", dir.to_str().unwrap(), "--raw", "hello", "-n", "5", "--seed", "3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("generation: 5 tokens"));
+    let again = infer(&["run", dir.to_str().unwrap(), "--raw", "hello", "-n", "5", "--seed", "3"]);
+    assert_eq!(out.stdout, again.stdout, "same seed, same output");
+    // The chat template from tokenizer_config.json is applied: the byte-level tokenizer makes the
+    // prompt as long as "<s>system\nYou are tiny.</s>\n<s>user\nhi</s>\n<s>assistant\n" in bytes.
+    let out = infer(&["run", fixtures().join("tiny-qwen2").to_str().unwrap(), "hi", "-n", "3"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("prompt: 56 tokens"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn missing_and_unknown_models() {
+    assert_clean_error(&infer(&["run", "/no/such/model.gguf", "hi"]), &["/no/such/model.gguf", "no such file"]);
+    assert_clean_error(&infer(&["run", "not-a-model", "hi"]), &["not-a-model"]);
+    let d = tmpdir("empty");
+    assert_clean_error(&infer(&["run", d.to_str().unwrap(), "hi"]), &["no config.json"]);
+}
+
+#[test]
+fn corrupt_and_truncated_gguf() {
+    let d = tmpdir("gguf");
+    let bad = d.join("garbage.gguf");
+    std::fs::write(&bad, b"GGUF\x03\x00\x00\x00not really a gguf file at all").unwrap();
+    assert_clean_error(&infer(&["run", bad.to_str().unwrap(), "hi"]), &["garbage.gguf", "not a valid GGUF file"]);
+    let Some(model) = smollm2() else { return };
+    let bytes = std::fs::read(&model).unwrap();
+    let cut = d.join("truncated.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    assert_clean_error(&infer(&["run", cut.to_str().unwrap(), "hi"]), &["truncated.gguf", "truncated", "download it again"]);
+}
+
+#[test]
+fn truncated_safetensors_and_bad_config() {
+    let d = tmpdir("st");
+    copy_dir(&fixtures().join("tiny-llama"), &d);
+    let st = d.join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() - 1000]).unwrap();
+    assert_clean_error(&infer(&["run", d.to_str().unwrap(), "hi"]), &["model.safetensors", "truncated or corrupt"]);
+
+    let d = tmpdir("cfg");
+    copy_dir(&fixtures().join("tiny-llama"), &d);
+    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
+    std::fs::write(d.join("config.json"), cfg.replace("\"hidden_size\": 64", "\"hidden_size\": \"64\"")).unwrap();
+    assert_clean_error(&infer(&["run", d.to_str().unwrap(), "hi"]), &["config.json", "field `hidden_size`", "invalid type"]);
+    std::fs::write(d.join("config.json"), cfg.replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt_neox\"")).unwrap();
+    assert_clean_error(&infer(&["run", d.to_str().unwrap(), "hi"]), &["unsupported model architecture `gpt_neox`", "qwen2"]);
+    std::fs::write(d.join("config.json"), cfg.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3")).unwrap();
+    assert_clean_error(&infer(&["run", d.to_str().unwrap(), "hi"]), &["model.layers.2", "missing"]);
+}
+
+#[test]
+fn bad_parameters() {
+    let dir = fixtures().join("tiny-llama");
+    let dir = dir.to_str().unwrap();
+    assert_clean_error(&infer(&["run", dir, "hi", "--top-p", "0"]), &["top_p"]);
+    assert_clean_error(&infer(&["run", dir, "hi", "--temperature=-1"]), &["temperature"]);
+    assert_clean_error(&infer(&["run", dir, "hi", "--device", "cuda"]), &["CUDA"]);
+    assert_clean_error(&infer(&["run", dir, "hi", "--device", "tpu"]), &["tpu", "cpu, cuda[:N], metal"]);
+    assert_clean_error(&infer(&["run", dir, "hi", "--dtype", "f8"]), &["dtype"]);
+    assert_clean_error(&infer(&["run", dir, "hi", "--logit-bias", "x"]), &["ID=BIAS"]);
+    assert_clean_error(&infer(&["run", dir, "hello world", "--ctx-size", "4"]), &["context holds 4"]);
+}
+
+#[test]
+fn help_documents_the_commands() {
+    let out = infer(&["--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["run", "chat", "pull", "list"] {
+        assert!(text.contains(cmd), "{text}");
+    }
+    let out = infer(&["run", "--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--raw",
+        "--temperature",
+        "--top-k",
+        "--top-p",
+        "--min-p",
+        "--max-tokens",
+        "--threads",
+        "--device",
+        "--dtype",
+        "--stop",
+        "--seed",
+        "--logit-bias",
+    ] {
+        assert!(text.contains(flag), "{flag} missing from run --help");
+    }
+}

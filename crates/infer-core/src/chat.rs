@@ -108,7 +108,7 @@ mod tests {
         let src = "{{ messages[0]['content'].strip().upper() }}|{{ messages[0]['content'].startswith(' a') }}|{{ {'k': 1} | tojson }}|{{ strftime_now('%Y') | length }}";
         let t = ChatTemplate::new(src, "", "").unwrap();
         let out = t.render(&[ChatMessage::user(" ab ")], false).unwrap();
-        assert_eq!(out, "AB|true|{\"k\":1}|4");
+        assert_eq!(out, "AB|True|{\"k\":1}|4");
     }
 
     #[test]

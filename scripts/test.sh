@@ -5,5 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export INFER_TEST_MODEL="$(scripts/fetch-model.sh)"
 cargo test --release --workspace --all-targets
-cargo run --release --example generate -- "$INFER_TEST_MODEL" "What is the capital of France? Answer in one sentence." | tee /dev/stderr | grep -qx "The capital of France is Paris."
+answer="$(cargo run --release --example generate -- "$INFER_TEST_MODEL" "What is the capital of France? Answer in one sentence.")"
+echo "example answered: $answer"
+[ "$answer" = "The capital of France is Paris." ] || { echo "example: unexpected answer"; exit 1; }
 echo "example: ok"

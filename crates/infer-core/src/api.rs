@@ -125,8 +125,6 @@ pub struct Chunk {
 
 impl Session {
     pub fn new(model: LoadedModel, cfg: EngineConfig) -> Result<Self> {
-        let ctx = cfg.max_context.unwrap_or(model.config().max_position_embeddings);
-        let cfg = EngineConfig { max_context: Some(ctx), ..cfg };
         let engine = Engine::new(model.model.clone(), model.tokenizer.clone(), model.eos_token_ids.clone(), cfg)?;
         Ok(Self { model, engine })
     }

@@ -302,11 +302,6 @@ impl Engine {
                 sampled_seqs.push(id);
             }
         }
-        if batch.logits_rows.is_empty() {
-            // Only prefill chunks that do not reach the end yet: still need one logits row for the
-            // forward pass contract; ask for the last row and ignore it.
-            batch.logits_rows.push((batch.num_tokens() - 1) as u32);
-        }
         let t0 = Instant::now();
         let logits = self.model.forward(&batch, &mut self.cache)?;
         let logits: Vec<Vec<f32>> = logits.to_vec2::<f32>()?;

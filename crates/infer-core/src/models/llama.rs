@@ -222,7 +222,7 @@ fn paged_attention_op(
 impl CausalLm for LlamaModel {
     fn forward(&self, batch: &BatchInput, cache: &mut PagedKvCache) -> Result<Tensor> {
         let n = batch.tokens.len();
-        if n == 0 || batch.logits_rows.is_empty() {
+        if n == 0 {
             return Err(Error::Model("empty batch".into()));
         }
         if let Some(&bad) = batch.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
@@ -240,6 +240,10 @@ impl CausalLm for LlamaModel {
             let gate = layer.mlp.gate.forward(&h)?.silu()?;
             let up = layer.mlp.up.forward(&h)?;
             x = (x + layer.mlp.down.forward(&(gate * up)?)?)?;
+        }
+        if batch.logits_rows.is_empty() {
+            // Only prefill chunks that do not reach their sequence's end: no logits wanted.
+            return Ok(Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?);
         }
         let rows = Tensor::new(batch.logits_rows.as_slice(), &self.device)?;
         let x = x.index_select(&rows, 0)?;

@@ -68,7 +68,8 @@ pub enum LogitsWanted {
 
 /// What the engine needs from a model.
 pub trait CausalLm: Send + Sync {
-    /// Runs the batch, reading and writing `cache`; returns logits `[logits_rows, vocab]` in f32.
+    /// Runs the batch, reading and writing `cache`; returns logits `[logits_rows, vocab]` in f32
+    /// (zero rows when none are wanted).
     fn forward(&self, batch: &BatchInput, cache: &mut crate::kv_cache::PagedKvCache) -> crate::Result<Tensor>;
     fn config(&self) -> &crate::config::ModelConfig;
 }

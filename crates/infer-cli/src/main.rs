@@ -142,6 +142,7 @@ impl SamplingArgs {
             max_tokens: self.max_tokens,
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
+            logprobs: None,
         })
     }
 }

@@ -191,6 +191,8 @@ impl TextStream<'_> {
             generated_tokens: now.generated_tokens - self.before.generated_tokens,
             prefill_time: now.prefill_time - self.before.prefill_time,
             decode_time: now.decode_time - self.before.decode_time,
+            prefix_lookup_tokens: now.prefix_lookup_tokens - self.before.prefix_lookup_tokens,
+            prefix_hit_tokens: now.prefix_hit_tokens - self.before.prefix_hit_tokens,
         }
     }
 

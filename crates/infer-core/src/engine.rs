@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::kv_cache::{PagedKvCache, DEFAULT_BLOCK_SIZE};
+use crate::kv_cache::{block_hash, BlockHash, PagedKvCache, DEFAULT_BLOCK_SIZE};
 use crate::models::{BatchInput, CausalLm, LogitsWanted};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{top_logprobs, Sampler, SamplingParams};
 use crate::stop::StopMatcher;
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
@@ -29,11 +29,20 @@ pub struct EngineConfig {
     pub max_batch_tokens: usize,
     /// Most sequences running at once.
     pub max_seqs: usize,
+    /// Reuse the KV blocks of prompt prefixes seen before (content-hashed full blocks).
+    pub prefix_caching: bool,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { block_size: DEFAULT_BLOCK_SIZE, kv_cache_bytes: None, max_context: None, max_batch_tokens: 512, max_seqs: 16 }
+        Self {
+            block_size: DEFAULT_BLOCK_SIZE,
+            kv_cache_bytes: None,
+            max_context: None,
+            max_batch_tokens: 512,
+            max_seqs: 16,
+            prefix_caching: true,
+        }
     }
 }
 
@@ -67,6 +76,11 @@ pub struct TokenEvent {
     pub text: String,
     /// Set on the sequence's last event.
     pub finish: Option<FinishReason>,
+    /// The most likely tokens at this position with their log-probabilities, most likely first
+    /// (as many as [`SamplingParams::logprobs`] asks for).
+    pub top_logprobs: Vec<(u32, f32)>,
+    /// Prompt tokens whose keys and values came from the prefix cache when the sequence started.
+    pub cached_tokens: usize,
 }
 
 struct Sequence {
@@ -80,6 +94,10 @@ struct Sequence {
     decoder: IncrementalDecoder,
     stop: StopMatcher,
     ignore_eos: bool,
+    /// Content hashes of the full blocks computed so far (registered in the prefix cache).
+    block_hashes: Vec<BlockHash>,
+    /// Prompt tokens found in the prefix cache at first admission.
+    cached_tokens: Option<usize>,
 }
 
 /// Timing and counts of the work done so far.
@@ -89,6 +107,9 @@ pub struct EngineStats {
     pub generated_tokens: usize,
     pub prefill_time: Duration,
     pub decode_time: Duration,
+    /// Tokens looked up in the prefix cache when sequences were admitted, and how many were found.
+    pub prefix_lookup_tokens: usize,
+    pub prefix_hit_tokens: usize,
 }
 
 /// Runs sequences over one model and one paged KV cache.
@@ -195,6 +216,8 @@ impl Engine {
             decoder: IncrementalDecoder::new(),
             stop: StopMatcher::new(params.stop.clone()),
             ignore_eos: params.ignore_eos,
+            block_hashes: Vec::new(),
+            cached_tokens: None,
         });
         Ok(id)
     }
@@ -208,27 +231,68 @@ impl Engine {
         self.waiting.retain(|s| s.id != id);
     }
 
+    /// Drops every running sequence (after a failed step), freeing their blocks; returns their ids.
+    pub fn abort_running(&mut self) -> Vec<SeqId> {
+        let mut ids = Vec::with_capacity(self.running.len());
+        for mut s in self.running.drain(..) {
+            self.cache.release(&mut s.block_table);
+            ids.push(s.id);
+        }
+        ids
+    }
+
+    /// Points a sequence that is about to start at the cached blocks of its longest cached prefix
+    /// (whole blocks, leaving at least one token to compute).
+    fn attach_cached_prefix(&mut self, seq: &mut Sequence) {
+        debug_assert!(seq.block_table.is_empty() && seq.computed == 0);
+        if !self.cfg.prefix_caching {
+            return;
+        }
+        let bs = self.cache.block_size();
+        let full = (seq.tokens.len() - 1) / bs;
+        let mut parent = 0;
+        for i in 0..full {
+            let h = block_hash(parent, &seq.tokens[i * bs..(i + 1) * bs]);
+            let Some(b) = self.cache.allocator_mut().acquire_cached(h) else { break };
+            seq.block_table.push(b);
+            seq.block_hashes.push(h);
+            parent = h;
+        }
+        seq.computed = seq.block_table.len() * bs;
+    }
+
     /// Admits waiting sequences whose prompt fits in the free blocks.
     fn admit(&mut self) {
         while self.running.len() < self.cfg.max_seqs {
-            let Some(front) = self.waiting.front() else { break };
-            let need = self.cache.blocks_for(front.tokens.len() + 1);
+            let Some(mut seq) = self.waiting.pop_front() else { break };
+            self.attach_cached_prefix(&mut seq);
+            let need = self.cache.blocks_for(seq.tokens.len() + 1) - seq.block_table.len();
             let reserved: usize =
                 self.running.iter().map(|s| self.cache.blocks_for(s.tokens.len() + 1).saturating_sub(s.block_table.len())).sum();
             if need + reserved > self.cache.num_free_blocks() && !self.running.is_empty() {
+                self.cache.release(&mut seq.block_table);
+                seq.block_hashes.clear();
+                seq.computed = 0;
+                self.waiting.push_front(seq);
                 break;
             }
-            let seq = self.waiting.pop_front().expect("front exists");
+            if self.cfg.prefix_caching {
+                self.stats.prefix_lookup_tokens += seq.tokens.len();
+                self.stats.prefix_hit_tokens += seq.computed;
+            }
+            seq.cached_tokens.get_or_insert(seq.computed);
             self.running.push(seq);
         }
     }
 
     /// Frees the youngest running sequence's blocks and puts it back in the queue; it will be
-    /// recomputed from its tokens (prompt and generated so far) when re-admitted.
+    /// recomputed from its tokens (prompt and generated so far) when re-admitted, reusing whatever
+    /// of it is still in the prefix cache.
     fn preempt_youngest(&mut self) -> Option<SeqId> {
         let mut s = self.running.pop()?;
         self.cache.release(&mut s.block_table);
         s.computed = 0;
+        s.block_hashes.clear();
         let id = s.id;
         self.waiting.push_front(s);
         Some(id)
@@ -312,9 +376,17 @@ impl Engine {
             self.stats.decode_time += elapsed;
         }
         self.stats.prompt_tokens += prefill_tokens;
+        let bs = self.cache.block_size();
         for &(id, n) in &plan {
             if let Some(seq) = self.running.iter_mut().find(|s| s.id == id) {
                 seq.computed += n;
+                // Full blocks become shareable.
+                while self.cfg.prefix_caching && (seq.block_hashes.len() + 1) * bs <= seq.computed {
+                    let i = seq.block_hashes.len();
+                    let h = block_hash(seq.block_hashes.last().copied().unwrap_or(0), &seq.tokens[i * bs..(i + 1) * bs]);
+                    self.cache.allocator_mut().register(seq.block_table[i], h);
+                    seq.block_hashes.push(h);
+                }
             }
         }
         let mut events = Vec::with_capacity(sampled_seqs.len());
@@ -322,6 +394,10 @@ impl Engine {
             let pos = self.running.iter().position(|s| s.id == id).expect("sampled sequence runs");
             let seq = &mut self.running[pos];
             let s = seq.sampler.sample(&logits[row]);
+            let top = match seq.sampler.params().logprobs {
+                Some(k) if k > 0 => top_logprobs(&logits[row], k),
+                _ => Vec::new(),
+            };
             seq.tokens.push(s.token);
             self.stats.generated_tokens += 1;
             let mut text = String::new();
@@ -355,7 +431,15 @@ impl Engine {
                     text.push_str(&seq.stop.flush());
                 }
             }
-            events.push(TokenEvent { seq_id: id, token: s.token, logprob: s.logprob, text, finish });
+            events.push(TokenEvent {
+                seq_id: id,
+                token: s.token,
+                logprob: s.logprob,
+                text,
+                finish,
+                top_logprobs: top,
+                cached_tokens: seq.cached_tokens.unwrap_or(0),
+            });
             if finish.is_some() {
                 let mut done = self.running.remove(pos);
                 self.cache.release(&mut done.block_table);

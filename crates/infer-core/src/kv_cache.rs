@@ -10,21 +10,67 @@ use crate::error::{Error, Result};
 /// Tokens per block unless configured otherwise.
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
 
-/// Hands out block ids from a fixed pool.
+/// Content hash of a full block: it covers the block's tokens and, through `parent`, every token
+/// before them, so equal hashes mean equal keys and values.
+pub type BlockHash = u128;
+
+/// Hashes one full block of tokens following the block whose hash is `parent` (`0` for the first).
+pub fn block_hash(parent: BlockHash, tokens: &[u32]) -> BlockHash {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    // Two independent 64-bit SipHashes: collisions are out of reach in practice.
+    let half = |salt: u8| {
+        let mut h = DefaultHasher::new();
+        salt.hash(&mut h);
+        parent.hash(&mut h);
+        tokens.hash(&mut h);
+        h.finish()
+    };
+    ((half(1) as u128) << 64) | half(2) as u128
+}
+
+#[derive(Debug, Clone, Default)]
+struct BlockMeta {
+    refs: u32,
+    hash: Option<BlockHash>,
+    /// When it became evictable (for LRU order).
+    released_at: u64,
+}
+
+/// Hands out block ids from a fixed pool. Blocks are reference-counted; a full block may carry its
+/// content hash, and when its last user releases it, it stays cached (reusable by a later request
+/// with the same prefix) until the space is needed, evicted least recently used first.
 #[derive(Debug, Clone)]
 pub struct BlockAllocator {
     free: Vec<u32>,
+    meta: Vec<BlockMeta>,
+    /// Cached blocks no sequence uses, by release time: the eviction order.
+    evictable: std::collections::BTreeSet<(u64, u32)>,
+    by_hash: std::collections::HashMap<BlockHash, u32>,
+    clock: u64,
     total: usize,
 }
 
 impl BlockAllocator {
     pub fn new(total: usize) -> Self {
         // Lowest ids are handed out first.
-        Self { free: (0..total as u32).rev().collect(), total }
+        Self {
+            free: (0..total as u32).rev().collect(),
+            meta: vec![BlockMeta::default(); total],
+            evictable: Default::default(),
+            by_hash: Default::default(),
+            clock: 0,
+            total,
+        }
     }
 
+    /// Blocks that can be handed out: never used, or cached but unused (evicted on demand).
     pub fn num_free(&self) -> usize {
-        self.free.len()
+        self.free.len() + self.evictable.len()
+    }
+
+    /// Unused blocks that still hold a cached prefix.
+    pub fn num_cached(&self) -> usize {
+        self.evictable.len()
     }
 
     pub fn num_total(&self) -> usize {
@@ -33,15 +79,75 @@ impl BlockAllocator {
 
     /// Takes `n` blocks, or none at all if fewer than `n` are free.
     pub fn allocate(&mut self, n: usize) -> Result<Vec<u32>> {
-        if n > self.free.len() {
-            return Err(Error::CacheFull { needed: n, free: self.free.len(), total: self.total });
+        if n > self.num_free() {
+            return Err(Error::CacheFull { needed: n, free: self.num_free(), total: self.total });
         }
-        Ok(self.free.split_off(self.free.len() - n).into_iter().rev().collect())
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let b = match self.free.pop() {
+                Some(b) => b,
+                None => {
+                    let (_, b) = self.evictable.pop_first().expect("counted as free");
+                    if let Some(h) = self.meta[b as usize].hash.take() {
+                        self.by_hash.remove(&h);
+                    }
+                    b
+                }
+            };
+            self.meta[b as usize].refs = 1;
+            out.push(b);
+        }
+        Ok(out)
     }
 
-    /// Returns blocks to the pool.
+    /// Drops one reference to each block; unused blocks become free, or stay cached if hashed.
     pub fn release(&mut self, blocks: impl IntoIterator<Item = u32>) {
-        self.free.extend(blocks);
+        for b in blocks {
+            let m = &mut self.meta[b as usize];
+            debug_assert!(m.refs > 0, "block {b} released twice");
+            m.refs = m.refs.saturating_sub(1);
+            if m.refs == 0 {
+                if m.hash.is_some() {
+                    self.clock += 1;
+                    m.released_at = self.clock;
+                    self.evictable.insert((self.clock, b));
+                } else {
+                    self.free.push(b);
+                }
+            }
+        }
+    }
+
+    /// Takes a reference to the cached block holding `hash`, if any.
+    pub fn acquire_cached(&mut self, hash: BlockHash) -> Option<u32> {
+        let b = *self.by_hash.get(&hash)?;
+        let m = &mut self.meta[b as usize];
+        if m.refs == 0 {
+            self.evictable.remove(&(m.released_at, b));
+        }
+        m.refs += 1;
+        Some(b)
+    }
+
+    /// Records that `block` (full, in use) holds the content `hash`, so later requests can share it.
+    /// If another block already holds the same content, this one stays private.
+    pub fn register(&mut self, block: u32, hash: BlockHash) {
+        if self.meta[block as usize].hash.is_none() && !self.by_hash.contains_key(&hash) {
+            self.meta[block as usize].hash = Some(hash);
+            self.by_hash.insert(hash, block);
+        }
+    }
+
+    /// Forgets every cached prefix (unused cached blocks become plain free blocks).
+    pub fn clear_cached(&mut self) {
+        for (_, b) in std::mem::take(&mut self.evictable) {
+            self.meta[b as usize].hash = None;
+            self.free.push(b);
+        }
+        for m in &mut self.meta {
+            m.hash = None;
+        }
+        self.by_hash.clear();
     }
 }
 
@@ -102,8 +208,24 @@ impl PagedKvCache {
         self.block_size
     }
 
+    /// Blocks that can be handed out (including unused blocks that still cache a prefix).
     pub fn num_free_blocks(&self) -> usize {
         self.allocator.num_free()
+    }
+
+    /// Unused blocks that still cache a prefix.
+    pub fn num_cached_blocks(&self) -> usize {
+        self.allocator.num_cached()
+    }
+
+    /// Blocks some sequence holds.
+    pub fn num_used_blocks(&self) -> usize {
+        self.allocator.num_total() - self.allocator.num_free()
+    }
+
+    /// The block allocator (prefix lookups and registration).
+    pub fn allocator_mut(&mut self) -> &mut BlockAllocator {
+        &mut self.allocator
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -129,7 +251,7 @@ impl PagedKvCache {
         Ok(())
     }
 
-    /// Frees all blocks of `table`.
+    /// Releases all blocks of `table` (shared or cached blocks stay for their other users).
     pub fn release(&mut self, table: &mut Vec<u32>) {
         self.allocator.release(table.drain(..));
     }
@@ -171,5 +293,32 @@ mod tests {
         assert_eq!(a.num_free(), 1, "a refused request takes nothing");
         a.release(x);
         assert_eq!(a.allocate(4).unwrap().len(), 4);
+    }
+
+    #[test]
+    fn cached_blocks_are_shared_then_evicted_lru() {
+        let mut a = BlockAllocator::new(3);
+        let h1 = block_hash(0, &[1, 2]);
+        let h2 = block_hash(h1, &[3, 4]);
+        assert_ne!(h2, block_hash(0, &[3, 4]), "the hash covers the prefix");
+        let x = a.allocate(2).unwrap();
+        a.register(x[0], h1);
+        a.register(x[1], h2);
+        // A second user shares the first block.
+        assert_eq!(a.acquire_cached(h1), Some(x[0]));
+        a.release(x.clone());
+        assert_eq!((a.num_free(), a.num_cached()), (2, 1), "block 0 still used, block 1 cached");
+        a.release([x[0]]);
+        assert_eq!((a.num_free(), a.num_cached()), (3, 2));
+        // Reuse from the cache.
+        assert_eq!(a.acquire_cached(h2), Some(x[1]));
+        a.release([x[1]]);
+        // Allocation takes never-used blocks first, then evicts the least recently released (h1).
+        let y = a.allocate(2).unwrap();
+        assert_eq!(y[0], 2);
+        assert_eq!(y[1], x[0]);
+        assert_eq!(a.acquire_cached(h1), None, "evicted");
+        assert_eq!(a.acquire_cached(h2), Some(x[1]));
+        assert!(a.allocate(1).is_err());
     }
 }

@@ -36,6 +36,8 @@ pub struct SamplingParams {
     pub stop: Vec<String>,
     /// Keep generating past end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// Report this many most likely alternatives (with log-probabilities) for each generated token.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -53,6 +55,7 @@ impl Default for SamplingParams {
             max_tokens: None,
             stop: Vec::new(),
             ignore_eos: false,
+            logprobs: None,
         }
     }
 }
@@ -217,6 +220,23 @@ fn argmax(l: &[f32]) -> u32 {
     best as u32
 }
 
+/// The `k` most likely tokens of a row of logits with their log-probabilities, most likely first.
+pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let lse = logsumexp(logits);
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let by = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    let k = k.min(idx.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, by);
+        idx.truncate(k);
+    }
+    idx.sort_unstable_by(by);
+    idx.into_iter().map(|t| (t, logits[t as usize] - lse)).collect()
+}
+
 /// `log(sum(exp(x)))`, computed stably.
 pub fn logsumexp(x: &[f32]) -> f32 {
     let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -243,6 +263,9 @@ mod tests {
         assert_eq!(out.token, 1);
         let expect = 2.0 - (1f32 + 2f32.exp() + 1f32.exp()).ln();
         assert!((out.logprob - expect).abs() < 1e-6);
+        let top = top_logprobs(&[0.0, 2.0, 1.0], 2);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert!((top[0].1 - expect).abs() < 1e-6);
     }
 
     #[test]

@@ -169,6 +169,44 @@ fn batch_of_four_equals_each_alone() {
 }
 
 #[test]
+fn prefix_cache_reuses_blocks_and_changes_nothing() {
+    let Some(mut s) = session() else { return };
+    let system = "You are a helpful assistant who answers questions about geography. Answer briefly, in one sentence, \
+                  and never make anything up; if you do not know, say so.";
+    let ask = |s: &mut Session, q: &str| {
+        let msgs = [ChatMessage::system(system), ChatMessage::user(q)];
+        let ids = s.chat_prompt(&msgs).unwrap();
+        let n = ids.len();
+        let engine = s.engine();
+        let before = engine.stats();
+        let id = engine.add_request(ids, SamplingParams { max_tokens: Some(12), ..SamplingParams::greedy() }).unwrap();
+        let (mut toks, mut cached) = (Vec::new(), 0);
+        while engine.has_work() {
+            for e in engine.step().unwrap().into_iter().filter(|e| e.seq_id == id) {
+                toks.push(e.token);
+                cached = e.cached_tokens;
+            }
+        }
+        let hit = engine.stats().prefix_hit_tokens - before.prefix_hit_tokens;
+        assert_eq!(hit, cached);
+        (toks, cached, n)
+    };
+    let (a, cached_a, n) = ask(&mut s, "What is the capital of France?");
+    assert_eq!(cached_a, 0, "cold cache");
+    let (a2, cached_a2, _) = ask(&mut s, "What is the capital of France?");
+    assert_eq!(a2, a, "same answer from cached blocks");
+    assert_eq!(cached_a2, (n - 1) / 16 * 16, "every full block but the last token's was reused");
+    let (b, cached_b, _) = ask(&mut s, "What is the capital of Italy?");
+    assert!(cached_b >= 32, "the shared system prompt was reused ({cached_b} tokens)");
+    // The same question on an engine without prefix caching gives the same tokens.
+    let model = infer_core::load(common::smollm2().unwrap().to_str().unwrap(), LoadOptions::default()).unwrap();
+    let mut cold = Session::new(model, EngineConfig { max_context: Some(2048), prefix_caching: false, ..Default::default() }).unwrap();
+    let (b_cold, cached_cold, _) = ask(&mut cold, "What is the capital of Italy?");
+    assert_eq!((b_cold, cached_cold), (b, 0));
+    assert_eq!(cold.engine().stats().prefix_lookup_tokens, 0);
+}
+
+#[test]
 fn seed_reproducible_and_stop_strings() {
     let Some(mut s) = session() else { return };
     let sample = |s: &mut Session, seed| {

@@ -10,6 +10,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use infer::{ChatMessage, DTypeChoice, EngineStats, ModelBuilder, SamplingParams, Session};
 
+mod serve;
+
 #[derive(Parser)]
 #[command(name = "infer", version, about = "Run open-weight LLMs locally: GGUF files, Hugging Face folders and Hub ids.", long_about = None)]
 struct Cli {
@@ -57,27 +59,30 @@ enum Command {
     },
     /// List the models in the Hugging Face cache.
     List,
+    /// Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /// /v1/models, /tokenize, /detokenize, /health, /metrics) with continuous batching and prefix caching.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Args)]
-struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// The model: a .gguf file, a folder with config.json + *.safetensors + tokenizer.json, or a Hub id org/name[@revision].
-    model: String,
+    pub model: String,
     /// Which .gguf file to use when MODEL is a Hub repo holding GGUF files.
     #[arg(long)]
-    gguf_file: Option<String>,
+    pub gguf_file: Option<String>,
     /// Device: cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub device: String,
     /// Compute dtype for safetensors weights: auto, f32, f16 or bf16 (auto: f32 on CPU, the checkpoint's on GPU).
     #[arg(long, default_value = "auto")]
-    dtype: String,
+    pub dtype: String,
     /// CPU threads (default: the cores this process may use).
     #[arg(short = 't', long)]
-    threads: Option<usize>,
+    pub threads: Option<usize>,
     /// Context size in tokens (prompt + answer); default: the model's trained context.
     #[arg(short = 'c', long)]
-    ctx_size: Option<usize>,
+    pub ctx_size: Option<usize>,
 }
 
 #[derive(Args, Clone)]
@@ -214,6 +219,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Serve(args) => {
+            serve::run(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::List => {
             let models = infer::hub::list_cached_models();
             if models.is_empty() {
@@ -227,7 +236,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn set_threads(n: Option<usize>) -> Result<()> {
+pub(crate) fn set_threads(n: Option<usize>) -> Result<()> {
     let n = match n {
         Some(0) => bail!("--threads must be at least 1"),
         Some(n) => n,

@@ -193,6 +193,7 @@ impl TextStream<'_> {
             decode_time: now.decode_time - self.before.decode_time,
             prefix_lookup_tokens: now.prefix_lookup_tokens - self.before.prefix_lookup_tokens,
             prefix_hit_tokens: now.prefix_hit_tokens - self.before.prefix_hit_tokens,
+            preemptions: now.preemptions - self.before.preemptions,
         }
     }
 

@@ -110,6 +110,8 @@ pub struct EngineStats {
     /// Tokens looked up in the prefix cache when sequences were admitted, and how many were found.
     pub prefix_lookup_tokens: usize,
     pub prefix_hit_tokens: usize,
+    /// Sequences sent back to the queue because the KV cache ran out of blocks.
+    pub preemptions: usize,
 }
 
 /// Runs sequences over one model and one paged KV cache.
@@ -293,6 +295,7 @@ impl Engine {
         self.cache.release(&mut s.block_table);
         s.computed = 0;
         s.block_hashes.clear();
+        self.stats.preemptions += 1;
         let id = s.id;
         self.waiting.push_front(s);
         Some(id)

@@ -1,0 +1,157 @@
+//! `infer serve`: the OpenAI-compatible HTTP server.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use infer::{DTypeChoice, EngineConfig, LoadOptions};
+use infer_server::ServerConfig;
+
+use crate::ModelArgs;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on (loopback by default; 0.0.0.0 for every interface).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on every /v1 request.
+    #[arg(long, env = "INFER_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// The model id clients use (default: the model's name).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Most sequences generated at once (continuous batching).
+    #[arg(long, default_value_t = 32)]
+    pub max_seqs: usize,
+    /// Sequences that may wait beyond --max-seqs; further requests get 429.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// KV cache memory, e.g. 512M or 2G (default: room for --max-seqs full contexts).
+    #[arg(long, value_name = "SIZE")]
+    pub kv_cache_mem: Option<String>,
+    /// Most tokens one engine step processes; longer prompts are prefilled in chunks this size,
+    /// interleaved with the other sequences' decode steps.
+    #[arg(long, default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    /// Turn off prefix caching (reuse of the KV blocks of prompt prefixes seen before).
+    #[arg(long)]
+    pub no_prefix_caching: bool,
+    /// Largest request body, e.g. 8M.
+    #[arg(long, value_name = "SIZE", default_value = "8M")]
+    pub max_body_size: String,
+    /// Allow browser requests from these origins (`*` for any). Off by default.
+    #[arg(long, value_name = "ORIGIN", num_args = 1..)]
+    pub cors: Vec<String>,
+    /// Seconds in-flight requests may finish after SIGINT/SIGTERM before they are cancelled.
+    #[arg(long, default_value_t = 10)]
+    pub shutdown_timeout: u64,
+}
+
+/// Parses `512M`, `2G`, `1.5GiB`, `1000000` into bytes.
+pub fn parse_size(s: &str) -> Result<usize> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num.parse().with_context(|| format!("`{s}` is not a size; write e.g. 512M or 2G"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" | "kib" => 1024.0,
+        "m" | "mb" | "mib" => 1024.0 * 1024.0,
+        "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        _ => bail!("`{s}`: unknown unit `{unit}`; use K, M or G"),
+    };
+    Ok((num * mult) as usize)
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    crate::set_threads(args.model.threads)?;
+    if args.max_seqs == 0 {
+        bail!("--max-seqs must be at least 1");
+    }
+    if args.max_batch_tokens == 0 {
+        bail!("--max-batch-tokens must be at least 1");
+    }
+    let device = infer::parse_device(&args.model.device)?;
+    let dtype: DTypeChoice = args.model.dtype.parse()?;
+    if let Some(c) = args.model.ctx_size {
+        if c < 2 {
+            bail!("--ctx-size must be at least 2");
+        }
+    }
+    let kv_cache_bytes = args.kv_cache_mem.as_deref().map(parse_size).transpose().context("--kv-cache-mem")?;
+    let max_body_bytes = parse_size(&args.max_body_size).context("--max-body-size")?;
+    let cfg = ServerConfig {
+        served_model_name: args.served_model_name.clone(),
+        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+        engine: EngineConfig {
+            max_context: args.model.ctx_size,
+            max_seqs: args.max_seqs,
+            kv_cache_bytes,
+            max_batch_tokens: args.max_batch_tokens,
+            prefix_caching: !args.no_prefix_caching,
+            ..Default::default()
+        },
+        max_queue: args.max_queue,
+        max_body_bytes,
+        cors_origins: args.cors.clone(),
+        shutdown_grace: Duration::from_secs(args.shutdown_timeout),
+    };
+    let spec = args.model.model.clone();
+    let gguf_file = args.model.gguf_file.clone();
+    let load = move || {
+        let opts = LoadOptions { device, dtype, gguf_file, ..Default::default() };
+        infer::load(&spec, opts)
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (is another server using the port? pick another with --port)"))?;
+        let local = listener.local_addr()?;
+        eprintln!("infer serve: loading {} ...; listening on http://{local} (GET /health turns 200 when ready)", args.model.model);
+        infer_server::serve(listener, cfg, load, shutdown_signal()).await.map_err(anyhow::Error::msg)?;
+        eprintln!("infer serve: stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    eprintln!("infer serve: shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1.5GiB").unwrap(), 3 << 29);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("lots").is_err());
+    }
+}

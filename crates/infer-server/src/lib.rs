@@ -1,0 +1,330 @@
+//! # infer-server
+//!
+//! An OpenAI-compatible HTTP server over infer's engine: `POST /v1/chat/completions` and
+//! `/v1/completions` (JSON or server-sent events), `GET /v1/models`, `POST /tokenize` and
+//! `/detokenize`, `GET /health` and Prometheus `GET /metrics`. One engine thread batches every
+//! request's sequences continuously (they join and leave at each step) over a paged KV cache with
+//! prefix caching; handlers only parse, tokenize and stream.
+
+mod error;
+mod metrics;
+mod openai;
+mod routes;
+mod run;
+mod worker;
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, Method};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use infer_core::{ChatTemplate, Engine, EngineConfig, LoadedModel, Tokenizer};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+pub use error::ApiError;
+pub use metrics::Metrics;
+
+/// Reported as `system_fingerprint`.
+pub const FINGERPRINT: &str = concat!("infer-", env!("CARGO_PKG_VERSION"));
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The model id clients send and see (default: the loaded model's name).
+    pub served_model_name: Option<String>,
+    /// Required as `Authorization: Bearer KEY` on /v1 and tokenizer endpoints when set.
+    pub api_key: Option<String>,
+    /// Engine limits: context, max sequences, KV cache memory, prefix caching.
+    pub engine: EngineConfig,
+    /// Sequences that may wait beyond `engine.max_seqs` before requests get 429.
+    pub max_queue: usize,
+    /// Largest request body in bytes (413 beyond).
+    pub max_body_bytes: usize,
+    /// Origins allowed by CORS (`*` for any); empty: CORS off.
+    pub cors_origins: Vec<String>,
+    /// On shutdown, how long in-flight requests may finish before they are cancelled.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            served_model_name: None,
+            api_key: None,
+            engine: EngineConfig::default(),
+            max_queue: 256,
+            max_body_bytes: 8 << 20,
+            cors_origins: Vec::new(),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What handlers need once the model is loaded.
+pub struct Ready {
+    pub model_id: String,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    pub max_context: usize,
+    pub vocab_size: usize,
+    pub eos: Vec<u32>,
+    pub defaults: openai::Defaults,
+    pub created: u64,
+}
+
+impl Ready {
+    fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+        match model {
+            Some(m) if !m.is_empty() && m != self.model_id => Err(ApiError::model_not_found(m, &self.model_id)),
+            _ => Ok(()),
+        }
+    }
+
+    fn check_context(&self, prompt_tokens: usize, param: &str) -> Result<(), ApiError> {
+        if prompt_tokens >= self.max_context {
+            return Err(ApiError::bad_request(
+                Some(param),
+                format!(
+                    "the prompt has {prompt_tokens} tokens but this model's context holds {} (one more is needed for the answer); shorten the prompt or restart the server with a larger --ctx-size",
+                    self.max_context
+                ),
+            )
+            .with_code("context_length_exceeded"));
+        }
+        Ok(())
+    }
+}
+
+/// State shared by all handlers.
+pub struct AppState {
+    cfg: ServerConfig,
+    ready: OnceLock<Arc<Ready>>,
+    commands: mpsc::Sender<worker::Command>,
+    metrics: Arc<Metrics>,
+    /// Sequences running or queued (admission control).
+    inflight: AtomicUsize,
+    shutting_down: AtomicBool,
+}
+
+impl AppState {
+    fn ready(&self) -> Result<Arc<Ready>, ApiError> {
+        if self.is_shutting_down() {
+            return Err(ApiError::unavailable("the server is shutting down"));
+        }
+        self.ready
+            .get()
+            .cloned()
+            .ok_or_else(|| ApiError::unavailable("the model is still loading; retry shortly (GET /health turns 200 when ready)"))
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    let protected = Router::new()
+        .route("/v1/chat/completions", post(routes::chat_completions))
+        .route("/v1/completions", post(routes::completions))
+        .route("/v1/models", get(routes::list_models))
+        .route("/v1/models/{*id}", get(routes::get_model))
+        .route("/tokenize", post(routes::tokenize))
+        .route("/detokenize", post(routes::detokenize))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+    let mut app = Router::new()
+        .route("/health", get(routes::health))
+        .route("/metrics", get(routes::metrics))
+        .merge(protected)
+        .fallback(routes::not_found)
+        .route_layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(DefaultBodyLimit::max(state.cfg.max_body_bytes))
+        .layer(CatchPanicLayer::custom(|_| ApiError::internal("internal error while handling the request").into_response()));
+    if !state.cfg.cors_origins.is_empty() {
+        let origins = &state.cfg.cors_origins;
+        let allow = if origins.iter().any(|o| o == "*") {
+            AllowOrigin::any()
+        } else {
+            AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+        };
+        app = app.layer(
+            CorsLayer::new()
+                .allow_origin(allow)
+                .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]),
+        );
+    }
+    app.with_state(state)
+}
+
+async fn require_api_key(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &st.cfg.api_key {
+        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        // Compare in time independent of where the strings differ.
+        let ok = given.is_some_and(|g| g.len() == key.len() && g.bytes().zip(key.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0);
+        if !ok {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn count_requests(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let endpoint = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "other".into());
+    let resp = next.run(req).await;
+    st.metrics.requests.with_label_values(&[endpoint.as_str(), resp.status().as_str()]).inc();
+    resp
+}
+
+/// Loads the model on the engine thread and serves `listener` until `shutdown` resolves; then new
+/// requests get 503, in-flight ones may finish for `shutdown_grace`, the rest are cancelled (each
+/// stream ends with an error event) and the function returns. A model that fails to load ends it
+/// with that error.
+pub async fn serve<L, S>(listener: tokio::net::TcpListener, cfg: ServerConfig, load: L, shutdown: S) -> Result<(), String>
+where
+    L: FnOnce() -> infer_core::Result<LoadedModel> + Send + 'static,
+    S: Future<Output = ()> + Send + 'static,
+{
+    let (commands, rx) = mpsc::channel();
+    let metrics = Arc::new(Metrics::new());
+    let state = Arc::new(AppState {
+        cfg,
+        ready: OnceLock::new(),
+        commands,
+        metrics: metrics.clone(),
+        inflight: AtomicUsize::new(0),
+        shutting_down: AtomicBool::new(false),
+    });
+    let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
+    let st = state.clone();
+    std::thread::Builder::new()
+        .name("infer-engine".into())
+        .spawn(move || {
+            let started = Instant::now();
+            let setup = || -> infer_core::Result<(Engine, Ready)> {
+                let mut m = load()?;
+                let engine = Engine::new(m.model.clone(), m.tokenizer.clone(), m.eos_token_ids.clone(), st.cfg.engine.clone())?;
+                let gc = &m.generation_config;
+                let d = openai::Defaults::default();
+                let defaults = openai::Defaults {
+                    temperature: gc.temperature.unwrap_or(d.temperature),
+                    top_p: gc.top_p.unwrap_or(d.top_p),
+                    top_k: gc.top_k.unwrap_or(d.top_k),
+                    repetition_penalty: gc.repetition_penalty.unwrap_or(d.repetition_penalty),
+                };
+                let ready = Ready {
+                    model_id: st.cfg.served_model_name.clone().unwrap_or_else(|| m.name.clone()),
+                    tokenizer: m.tokenizer.clone(),
+                    chat_template: m.chat_template.take(),
+                    max_context: engine.max_context(),
+                    vocab_size: m.config().vocab_size,
+                    eos: m.eos_token_ids.clone(),
+                    defaults,
+                    created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                };
+                Ok((engine, ready))
+            };
+            match setup() {
+                Ok((engine, ready)) => {
+                    tracing::info!(
+                        "model `{}` ready in {:.1}s: context {} tokens, {} KV blocks of {} tokens",
+                        ready.model_id,
+                        started.elapsed().as_secs_f64(),
+                        ready.max_context,
+                        engine.cache().num_blocks(),
+                        engine.cache().block_size()
+                    );
+                    let _ = st.ready.set(Arc::new(ready));
+                    let _ = loaded_tx.send(Ok(()));
+                    drop(st);
+                    worker::run(engine, rx, metrics);
+                }
+                Err(e) => {
+                    let _ = loaded_tx.send(Err(e.to_string()));
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the engine thread: {e}"))?;
+
+    let st = state.clone();
+    let graceful = async move {
+        shutdown.await;
+        st.shutting_down.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + st.cfg.shutdown_grace;
+        let busy = st.inflight.load(Ordering::SeqCst);
+        if busy > 0 {
+            tracing::info!("shutting down: letting {busy} sequences finish (up to {:?})", st.cfg.shutdown_grace);
+        }
+        while st.inflight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if st.inflight.load(Ordering::SeqCst) > 0 {
+            let _ = st.commands.send(worker::Command::AbortAll("the server is shutting down".into()));
+        }
+    };
+    let app = router(state.clone());
+    let server = axum::serve(listener, app).with_graceful_shutdown(graceful).into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => return r.map_err(|e| format!("server error: {e}")),
+        loaded = loaded_rx => {
+            if let Ok(Err(e)) = loaded {
+                return Err(e);
+            }
+        }
+    }
+    server.await.map_err(|e| format!("server error: {e}"))
+}
+
+/// A server running on its own threads (for tests, benchmarks and embedding).
+pub struct BackgroundServer {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+}
+
+impl BackgroundServer {
+    /// Binds `127.0.0.1` on a free port and serves there until [`stop`](Self::stop) or drop.
+    pub fn start<L>(cfg: ServerConfig, load: L) -> std::io::Result<Self>
+    where
+        L: FnOnce() -> infer_core::Result<LoadedModel> + Send + 'static,
+    {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            rt.block_on(serve(listener, cfg, load, async move {
+                let _ = stopped.await;
+            }))
+        });
+        Ok(Self { addr, stop: Some(stop), thread: Some(thread) })
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Shuts down (gracefully) and returns how the server ended.
+    pub fn stop(mut self) -> Result<(), String> {
+        self.stop.take().map(|s| s.send(()));
+        self.thread.take().map(|t| t.join().unwrap_or_else(|_| Err("server thread panicked".into()))).unwrap_or(Ok(()))
+    }
+}
+
+impl Drop for BackgroundServer {
+    fn drop(&mut self) {
+        self.stop.take().map(|s| s.send(()));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

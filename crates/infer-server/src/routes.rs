@@ -1,0 +1,454 @@
+//! The HTTP endpoints: OpenAI's chat and text completions (plain JSON or server-sent events), models,
+//! tokenize/detokenize, health and metrics.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::stream::{self, Stream};
+use infer_core::{FinishReason, TokenEvent};
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::openai::{parse, ChatParams, CommonParams, CompletionParams, Prompt};
+use crate::run::{ChoiceOutput, Run, Step};
+use crate::{AppState, Ready};
+
+/// Legacy completions generate 16 tokens unless told otherwise (OpenAI's default).
+const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
+
+fn json_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+    let bytes = body.map_err(|r| {
+        let status = r.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError { status, ..ApiError::bad_request(None, "request body too large; raise `infer serve --max-body-size` if needed") }
+        } else {
+            ApiError { status, ..ApiError::bad_request(None, format!("cannot read the request body: {r}")) }
+        }
+    })?;
+    let v: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(None, format!("the body is not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(ApiError::bad_request(None, "the body must be a JSON object"));
+    }
+    Ok(v)
+}
+
+fn random_id(prefix: &str) -> String {
+    use rand::distr::{Alphanumeric, SampleString};
+    format!("{prefix}{}", Alphanumeric.sample_string(&mut rand::rng(), 24))
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// The same parameters for each of `n` choices; with a seed, choice `i` uses `seed + i` so choices
+/// differ yet stay reproducible.
+fn choices(prompt: &[u32], params: &infer_core::SamplingParams, n: usize) -> Vec<(Vec<u32>, infer_core::SamplingParams)> {
+    (0..n)
+        .map(|i| {
+            let mut p = params.clone();
+            p.seed = p.seed.map(|s| s.wrapping_add(i as u64));
+            (prompt.to_vec(), p)
+        })
+        .collect()
+}
+
+fn finish_str(f: Option<FinishReason>) -> Value {
+    f.map(|f| Value::from(f.as_str())).unwrap_or(Value::Null)
+}
+
+/// What the response builders need to know about the request.
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    prompt_tokens: usize,
+    chat: bool,
+    /// Alternatives per token when logprobs were asked for.
+    logprobs: Option<usize>,
+    include_usage: bool,
+    /// Completions with `echo`: the prompt text of each choice.
+    echo: Vec<String>,
+}
+
+fn usage(prompt_tokens: usize, completion_tokens: usize, cached: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
+}
+
+fn token_str(ready: &Ready, id: u32) -> String {
+    ready.tokenizer.decode(&[id], false).unwrap_or_default()
+}
+
+/// Whether a token is the end-of-sequence token that ended a choice (it has no text to report).
+fn is_final_eos(ready: &Ready, ev: &TokenEvent) -> bool {
+    ev.finish == Some(FinishReason::Stop) && ev.text.is_empty() && ready.eos.contains(&ev.token)
+}
+
+fn chat_logprob_entry(ready: &Ready, ev: &TokenEvent) -> Value {
+    let entry = |id: u32, lp: f32| {
+        let s = token_str(ready, id);
+        json!({"token": s, "logprob": lp, "bytes": s.as_bytes()})
+    };
+    let mut e = entry(ev.token, ev.logprob);
+    e["top_logprobs"] = ev.top_logprobs.iter().map(|&(t, lp)| entry(t, lp)).collect();
+    e
+}
+
+/// Legacy completions' logprobs object for a run of tokens; `offset` is the text offset of the first.
+fn completion_logprobs(ready: &Ready, events: &[&TokenEvent], mut offset: usize) -> Value {
+    let (mut tokens, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
+    for ev in events {
+        let s = token_str(ready, ev.token);
+        offsets.push(offset);
+        offset += ev.text.len();
+        tokens.push(Value::from(s));
+        lps.push(Value::from(ev.logprob));
+        let top: serde_json::Map<String, Value> = ev.top_logprobs.iter().map(|&(t, lp)| (token_str(ready, t), Value::from(lp))).collect();
+        tops.push(Value::Object(top));
+    }
+    json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+}
+
+fn full_response(ready: &Ready, meta: &Meta, outs: Vec<ChoiceOutput>) -> Value {
+    let completion_tokens: usize = outs.iter().map(|o| o.tokens.len()).sum();
+    let cached = outs.iter().filter_map(|o| o.tokens.first()).map(|t| t.cached_tokens).max().unwrap_or(0);
+    let choices: Vec<Value> = outs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let shown: Vec<&TokenEvent> = o.tokens.iter().filter(|e| !is_final_eos(ready, e)).collect();
+            if meta.chat {
+                let logprobs = match meta.logprobs {
+                    Some(_) => json!({"content": shown.iter().map(|e| chat_logprob_entry(ready, e)).collect::<Vec<_>>(), "refusal": null}),
+                    None => Value::Null,
+                };
+                json!({
+                    "index": i,
+                    "message": {"role": "assistant", "content": o.text, "refusal": null},
+                    "logprobs": logprobs,
+                    "finish_reason": finish_str(o.finish),
+                })
+            } else {
+                let echo = meta.echo.get(i).cloned().unwrap_or_default();
+                let logprobs = match meta.logprobs {
+                    Some(_) => completion_logprobs(ready, &shown, echo.len()),
+                    None => Value::Null,
+                };
+                json!({"index": i, "text": format!("{echo}{}", o.text), "logprobs": logprobs, "finish_reason": finish_str(o.finish)})
+            }
+        })
+        .collect();
+    json!({
+        "id": meta.id,
+        "object": if meta.chat { "chat.completion" } else { "text_completion" },
+        "created": meta.created,
+        "model": meta.model,
+        "system_fingerprint": crate::FINGERPRINT,
+        "choices": choices,
+        "usage": usage(meta.prompt_tokens, completion_tokens, cached),
+    })
+}
+
+/// Turns a run into server-sent events in OpenAI's chunk format.
+struct Chunker {
+    ready: Arc<Ready>,
+    meta: Meta,
+    completion_tokens: usize,
+    cached: usize,
+    /// Text offset per choice (completions logprobs).
+    offsets: Vec<usize>,
+}
+
+impl Chunker {
+    fn chunk(&self, choices: Vec<Value>) -> String {
+        let mut c = json!({
+            "id": self.meta.id,
+            "object": if self.meta.chat { "chat.completion.chunk" } else { "text_completion" },
+            "created": self.meta.created,
+            "model": self.meta.model,
+            "system_fingerprint": crate::FINGERPRINT,
+            "choices": choices,
+        });
+        if self.meta.include_usage {
+            c["usage"] = Value::Null;
+        }
+        c.to_string()
+    }
+
+    /// The chunks sent before any token: the assistant role (chat) or the echoed prompt (completions).
+    fn start(&mut self, n: usize) -> VecDeque<String> {
+        (0..n)
+            .filter_map(|i| {
+                if self.meta.chat {
+                    Some(self.chunk(vec![
+                        json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
+                    ]))
+                } else {
+                    let echo = self.meta.echo.get(i).filter(|e| !e.is_empty())?.clone();
+                    self.offsets[i] = echo.len();
+                    Some(self.chunk(vec![json!({"index": i, "text": echo, "logprobs": null, "finish_reason": null})]))
+                }
+            })
+            .collect()
+    }
+
+    fn token(&mut self, step: Step) -> Vec<String> {
+        let Step { index, event } = step;
+        self.completion_tokens += 1;
+        self.cached = self.cached.max(event.cached_tokens);
+        let mut out = Vec::new();
+        let eos = is_final_eos(&self.ready, &event);
+        if !event.text.is_empty() || (self.meta.logprobs.is_some() && !eos) {
+            let choice = if self.meta.chat {
+                let logprobs = match self.meta.logprobs {
+                    Some(_) => json!({"content": [chat_logprob_entry(&self.ready, &event)], "refusal": null}),
+                    None => Value::Null,
+                };
+                json!({"index": index, "delta": {"content": event.text}, "logprobs": logprobs, "finish_reason": null})
+            } else {
+                let logprobs = match self.meta.logprobs {
+                    Some(_) => completion_logprobs(&self.ready, &[&event], self.offsets[index]),
+                    None => Value::Null,
+                };
+                json!({"index": index, "text": event.text, "logprobs": logprobs, "finish_reason": null})
+            };
+            self.offsets[index] += event.text.len();
+            out.push(self.chunk(vec![choice]));
+        }
+        if event.finish.is_some() {
+            let choice = if self.meta.chat {
+                json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_str(event.finish)})
+            } else {
+                json!({"index": index, "text": "", "logprobs": null, "finish_reason": finish_str(event.finish)})
+            };
+            out.push(self.chunk(vec![choice]));
+        }
+        out
+    }
+
+    fn end(&self) -> Option<String> {
+        self.meta.include_usage.then(|| {
+            let mut c: Value = serde_json::from_str(&self.chunk(vec![])).expect("own JSON");
+            c["usage"] = usage(self.meta.prompt_tokens, self.completion_tokens, self.cached);
+            c.to_string()
+        })
+    }
+}
+
+fn sse(run: Run, mut chunker: Chunker) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let n = run_choices(&run);
+    let queue = chunker.start(n);
+    let events = stream::unfold((run, chunker, queue, false), |(mut run, mut chunker, mut queue, mut done)| async move {
+        loop {
+            if let Some(data) = queue.pop_front() {
+                return Some((Ok(Event::default().data(data)), (run, chunker, queue, done)));
+            }
+            if done {
+                return None;
+            }
+            match run.next().await {
+                Some(Ok(step)) => queue.extend(chunker.token(step)),
+                Some(Err(msg)) => {
+                    // The stream has started: the error goes out as an event.
+                    queue.push_back(ApiError::internal(msg).body().to_string());
+                    queue.push_back("[DONE]".into());
+                    done = true;
+                }
+                None => {
+                    queue.extend(chunker.end());
+                    queue.push_back("[DONE]".into());
+                    done = true;
+                }
+            }
+        }
+    });
+    Sse::new(events)
+}
+
+fn run_choices(run: &Run) -> usize {
+    run.num_choices()
+}
+
+async fn respond(ready: Arc<Ready>, run: Run, meta: Meta, stream: bool) -> Result<Response, ApiError> {
+    if stream {
+        let n = run.num_choices();
+        let chunker = Chunker { ready, meta, completion_tokens: 0, cached: 0, offsets: vec![0; n] };
+        return Ok(sse(run, chunker).into_response());
+    }
+    let outs = run.collect().await?;
+    Ok(Json(full_response(&ready, &meta, outs)).into_response())
+}
+
+pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let ready = st.ready()?;
+    let body = json_body(body)?;
+    let common: CommonParams = parse(&body)?;
+    ready.check_model(common.model.as_deref())?;
+    let chat: ChatParams = parse(&body)?;
+    let conversation = chat.conversation()?;
+    let template = ready.chat_template.as_ref().ok_or_else(|| {
+        ApiError::bad_request(None, format!("the model `{}` has no chat template; use /v1/completions with a plain prompt", ready.model_id))
+    })?;
+    let text = template.render(&conversation, true)?;
+    let prompt = ready.tokenizer.encode(&text, false)?;
+    ready.check_context(prompt.len(), "messages")?;
+    let mut params = common.sampling(&ready.defaults, ready.vocab_size, None)?;
+    params.logprobs = chat.logprobs()?;
+    let n = common.n()?;
+    let run = Run::submit(&st, choices(&prompt, &params, n)).await?;
+    let meta = Meta {
+        id: random_id("chatcmpl-"),
+        created: now_secs(),
+        model: ready.model_id.clone(),
+        prompt_tokens: prompt.len(),
+        chat: true,
+        logprobs: params.logprobs,
+        include_usage: common.include_usage(),
+        echo: Vec::new(),
+    };
+    respond(ready, run, meta, common.stream()).await
+}
+
+pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let ready = st.ready()?;
+    let body = json_body(body)?;
+    let common: CommonParams = parse(&body)?;
+    ready.check_model(common.model.as_deref())?;
+    let cp: CompletionParams = parse(&body)?;
+    let prompts: Vec<Vec<u32>> = match &cp.prompt {
+        Prompt::Text(s) => vec![ready.tokenizer.encode(s, true)?],
+        Prompt::Texts(v) => v.iter().map(|s| ready.tokenizer.encode(s, true)).collect::<Result<_, _>>()?,
+        Prompt::Tokens(t) => vec![t.clone()],
+        Prompt::TokenLists(v) => v.clone(),
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::bad_request(Some("prompt"), "`prompt` is an empty list"));
+    }
+    for p in &prompts {
+        if p.is_empty() {
+            return Err(ApiError::bad_request(Some("prompt"), "the prompt is empty"));
+        }
+        if let Some(&bad) = p.iter().find(|&&t| t as usize >= ready.vocab_size) {
+            return Err(ApiError::bad_request(
+                Some("prompt"),
+                format!("token id {bad} is outside the vocabulary (size {})", ready.vocab_size),
+            ));
+        }
+        ready.check_context(p.len(), "prompt")?;
+    }
+    let mut params = common.sampling(&ready.defaults, ready.vocab_size, Some(COMPLETIONS_DEFAULT_MAX_TOKENS))?;
+    params.logprobs = cp.logprobs()?;
+    let n = common.n()?;
+    let mut seqs = Vec::new();
+    let mut echo = Vec::new();
+    for p in &prompts {
+        seqs.extend(choices(p, &params, n));
+        let text = if cp.echo == Some(true) { ready.tokenizer.decode(p, true)? } else { String::new() };
+        echo.extend(std::iter::repeat_n(text, n));
+    }
+    let run = Run::submit(&st, seqs).await?;
+    let meta = Meta {
+        id: random_id("cmpl-"),
+        created: now_secs(),
+        model: ready.model_id.clone(),
+        prompt_tokens: prompts.iter().map(Vec::len).sum(),
+        chat: false,
+        logprobs: params.logprobs,
+        include_usage: common.include_usage(),
+        echo,
+    };
+    respond(ready, run, meta, common.stream()).await
+}
+
+fn model_card(ready: &Ready) -> Value {
+    json!({"id": ready.model_id, "object": "model", "created": ready.created, "owned_by": "infer", "max_model_len": ready.max_context})
+}
+
+pub async fn list_models(State(st): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let ready = st.ready()?;
+    Ok(Json(json!({"object": "list", "data": [model_card(&ready)]})))
+}
+
+pub async fn get_model(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let ready = st.ready()?;
+    if id != ready.model_id {
+        return Err(ApiError::model_not_found(&id, &ready.model_id));
+    }
+    Ok(Json(model_card(&ready)))
+}
+
+pub async fn tokenize(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct Req {
+        #[serde(default)]
+        content: Option<String>,
+        #[serde(default)]
+        prompt: Option<String>,
+        #[serde(default)]
+        messages: Option<Vec<crate::openai::Message>>,
+        #[serde(default)]
+        add_special: Option<bool>,
+        #[serde(default)]
+        model: Option<String>,
+    }
+    let ready = st.ready()?;
+    let req: Req = parse(&json_body(body)?)?;
+    ready.check_model(req.model.as_deref())?;
+    let tokens = match (req.content.or(req.prompt), req.messages) {
+        (Some(text), None) => ready.tokenizer.encode(&text, req.add_special.unwrap_or(true))?,
+        (None, Some(messages)) => {
+            let chat = ChatParams { messages, logprobs: None, top_logprobs: None, tools: None, response_format: None };
+            let template =
+                ready.chat_template.as_ref().ok_or_else(|| ApiError::bad_request(Some("messages"), "the model has no chat template"))?;
+            ready.tokenizer.encode(&template.render(&chat.conversation()?, true)?, false)?
+        }
+        _ => return Err(ApiError::bad_request(None, "send one of `content` (or `prompt`) and `messages`")),
+    };
+    Ok(Json(json!({"tokens": tokens, "count": tokens.len(), "max_model_len": ready.max_context})))
+}
+
+pub async fn detokenize(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct Req {
+        tokens: Vec<u32>,
+    }
+    let ready = st.ready()?;
+    let req: Req = parse(&json_body(body)?)?;
+    if let Some(&bad) = req.tokens.iter().find(|&&t| t as usize >= ready.vocab_size) {
+        return Err(ApiError::bad_request(Some("tokens"), format!("token id {bad} is outside the vocabulary (size {})", ready.vocab_size)));
+    }
+    let text = ready.tokenizer.decode(&req.tokens, false)?;
+    Ok(Json(json!({"content": text, "prompt": text})))
+}
+
+pub async fn health(State(st): State<Arc<AppState>>) -> Response {
+    match st.ready() {
+        Ok(_) => Json(json!({"status": "ok"})).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": if st.is_shutting_down() { "shutting down" } else { "loading" }, "error": e.body()["error"]})),
+        )
+            .into_response(),
+    }
+}
+
+pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], st.metrics.render()).into_response()
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint; this server offers /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize, /health and /metrics")
+}

@@ -1,0 +1,113 @@
+//! One request's sequences inside the engine: submission with admission control, the stream of their
+//! tokens, and a guard that cancels whatever is unfinished when the request goes away (a client that
+//! disconnects mid-stream has its sequences cancelled and their KV blocks freed at once).
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use infer_core::{FinishReason, SamplingParams, SeqId, TokenEvent};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::ApiError;
+use crate::worker::{Command, SeqMsg, Submission};
+use crate::AppState;
+
+/// The live sequences of one request; dropping it cancels the unfinished ones.
+pub struct Run {
+    state: Arc<AppState>,
+    rx: mpsc::UnboundedReceiver<SeqMsg>,
+    /// Sequence id → choice index.
+    index: HashMap<SeqId, usize>,
+    unfinished: Vec<SeqId>,
+    slots: usize,
+}
+
+/// One generated token for choice `index`.
+pub struct Step {
+    pub index: usize,
+    pub event: TokenEvent,
+}
+
+/// Everything one choice produced.
+#[derive(Debug, Default, Clone)]
+pub struct ChoiceOutput {
+    pub text: String,
+    pub tokens: Vec<TokenEvent>,
+    pub finish: Option<FinishReason>,
+}
+
+impl Run {
+    /// Queues the sequences (one per choice), or answers 429 when the server is full.
+    pub async fn submit(state: &Arc<AppState>, seqs: Vec<(Vec<u32>, SamplingParams)>) -> Result<Run, ApiError> {
+        let k = seqs.len();
+        let limit = state.cfg.engine.max_seqs + state.cfg.max_queue;
+        let before = state.inflight.fetch_add(k, Ordering::SeqCst);
+        if before + k > limit {
+            state.inflight.fetch_sub(k, Ordering::SeqCst);
+            return Err(ApiError::too_many_requests(format!(
+                "the server is busy: {before} sequences running or queued and this request adds {k} (limit {limit} = --max-seqs {} + --max-queue {}); retry shortly",
+                state.cfg.engine.max_seqs, state.cfg.max_queue
+            )));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (reply, answer) = oneshot::channel();
+        let mut run = Run { state: state.clone(), rx, index: HashMap::new(), unfinished: Vec::new(), slots: k };
+        if state.commands.send(Command::Submit(Submission { seqs, arrived: Instant::now(), events: tx, reply })).is_err() {
+            return Err(ApiError::unavailable("the engine has stopped; the server is shutting down"));
+        }
+        let ids = answer.await.map_err(|_| ApiError::unavailable("the engine has stopped; the server is shutting down"))??;
+        run.index = ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+        run.unfinished = ids;
+        Ok(run)
+    }
+
+    /// How many choices (sequences) this run has.
+    pub fn num_choices(&self) -> usize {
+        self.index.len()
+    }
+
+    /// The next token of any choice; `None` once every choice has finished. An `Err` ends the run.
+    pub async fn next(&mut self) -> Option<Result<Step, String>> {
+        if self.unfinished.is_empty() {
+            return None;
+        }
+        match self.rx.recv().await {
+            Some(SeqMsg::Token(event)) => {
+                if event.finish.is_some() {
+                    self.unfinished.retain(|&id| id != event.seq_id);
+                }
+                let index = *self.index.get(&event.seq_id)?;
+                Some(Ok(Step { index, event }))
+            }
+            Some(SeqMsg::Failed { seq_id, message }) => {
+                self.unfinished.retain(|&id| id != seq_id);
+                Some(Err(message))
+            }
+            None => Some(Err("the engine stopped".into())),
+        }
+    }
+
+    /// Waits for every choice to finish.
+    pub async fn collect(mut self) -> Result<Vec<ChoiceOutput>, ApiError> {
+        let mut out = vec![ChoiceOutput::default(); self.index.len()];
+        while let Some(step) = self.next().await {
+            let Step { index, event } = step.map_err(ApiError::internal)?;
+            let c = &mut out[index];
+            c.text.push_str(&event.text);
+            c.finish = event.finish;
+            c.tokens.push(event);
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if !self.unfinished.is_empty() {
+            let _ = self.state.commands.send(Command::Cancel(std::mem::take(&mut self.unfinished)));
+        }
+        self.state.inflight.fetch_sub(self.slots, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,193 @@
+//! The engine thread: owns the [`Engine`], takes submissions and cancellations from the HTTP handlers,
+//! and steps the engine while there is work. Each step, new sequences join and finished or cancelled
+//! ones leave (continuous batching); tokens go back to each request through its channel.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use infer_core::{Engine, EngineStats, SamplingParams, SeqId, TokenEvent};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::Metrics;
+
+/// What a request's sequences receive.
+#[derive(Debug)]
+pub enum SeqMsg {
+    Token(TokenEvent),
+    /// The sequence was stopped by a server-side failure or shutdown.
+    Failed {
+        seq_id: SeqId,
+        message: String,
+    },
+}
+
+/// New sequences of one request (`n` choices, or one per prompt).
+pub struct Submission {
+    pub seqs: Vec<(Vec<u32>, SamplingParams)>,
+    pub arrived: Instant,
+    pub events: mpsc::UnboundedSender<SeqMsg>,
+    pub reply: oneshot::Sender<Result<Vec<SeqId>, infer_core::Error>>,
+}
+
+pub enum Command {
+    Submit(Submission),
+    /// Drop these sequences now (their client left or the request ended early).
+    Cancel(Vec<SeqId>),
+    /// Stop every sequence, telling each client why.
+    AbortAll(String),
+}
+
+struct Tracked {
+    events: mpsc::UnboundedSender<SeqMsg>,
+    arrived: Instant,
+    last_token: Option<Instant>,
+}
+
+/// Runs until every command sender is gone.
+pub fn run(mut engine: Engine, commands: Receiver<Command>, metrics: Arc<Metrics>) {
+    let mut seqs: HashMap<SeqId, Tracked> = HashMap::new();
+    let mut last_stats = engine.stats();
+    update_gauges(&engine, &metrics, &mut last_stats);
+    loop {
+        if !engine.has_work() {
+            match commands.recv() {
+                Ok(cmd) => handle(cmd, &mut engine, &mut seqs, &metrics),
+                Err(_) => return,
+            }
+        }
+        loop {
+            match commands.try_recv() {
+                Ok(cmd) => handle(cmd, &mut engine, &mut seqs, &metrics),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    fail_all(&mut engine, &mut seqs, "the server is shutting down");
+                    return;
+                }
+            }
+        }
+        if engine.has_work() {
+            match catch_unwind(AssertUnwindSafe(|| engine.step())) {
+                Ok(Ok(events)) => dispatch(events, &mut engine, &mut seqs, &metrics),
+                Ok(Err(e)) => {
+                    tracing::error!("engine step failed: {e}");
+                    let msg = format!("generation failed: {e}");
+                    for id in engine.abort_running() {
+                        fail(&mut seqs, id, &msg);
+                    }
+                }
+                Err(_) => {
+                    tracing::error!("engine step panicked; the running sequences were stopped");
+                    for id in engine.abort_running() {
+                        fail(&mut seqs, id, "internal error while generating; the request was stopped");
+                    }
+                }
+            }
+        }
+        update_gauges(&engine, &metrics, &mut last_stats);
+    }
+}
+
+fn handle(cmd: Command, engine: &mut Engine, seqs: &mut HashMap<SeqId, Tracked>, metrics: &Metrics) {
+    match cmd {
+        Command::Submit(sub) => {
+            let mut ids = Vec::with_capacity(sub.seqs.len());
+            let mut prompt_tokens = 0;
+            for (prompt, params) in sub.seqs {
+                let n = prompt.len();
+                match engine.add_request(prompt, params) {
+                    Ok(id) => {
+                        ids.push(id);
+                        prompt_tokens += n;
+                    }
+                    Err(e) => {
+                        for id in ids {
+                            engine.cancel(id);
+                        }
+                        let _ = sub.reply.send(Err(e));
+                        return;
+                    }
+                }
+            }
+            for &id in &ids {
+                seqs.insert(id, Tracked { events: sub.events.clone(), arrived: sub.arrived, last_token: None });
+            }
+            metrics.prompt_tokens.inc_by(prompt_tokens as u64);
+            if sub.reply.send(Ok(ids.clone())).is_err() {
+                // The client is already gone.
+                for id in ids {
+                    engine.cancel(id);
+                    seqs.remove(&id);
+                }
+            }
+        }
+        Command::Cancel(ids) => {
+            for id in ids {
+                engine.cancel(id);
+                seqs.remove(&id);
+            }
+        }
+        Command::AbortAll(reason) => fail_all(engine, seqs, &reason),
+    }
+}
+
+fn dispatch(events: Vec<TokenEvent>, engine: &mut Engine, seqs: &mut HashMap<SeqId, Tracked>, metrics: &Metrics) {
+    let now = Instant::now();
+    metrics.generation_tokens.inc_by(events.len() as u64);
+    for ev in events {
+        let id = ev.seq_id;
+        let finished = ev.finish.is_some();
+        let Some(t) = seqs.get_mut(&id) else {
+            engine.cancel(id);
+            continue;
+        };
+        match t.last_token {
+            None => metrics.ttft.observe(now.duration_since(t.arrived).as_secs_f64()),
+            Some(prev) => metrics.itl.observe(now.duration_since(prev).as_secs_f64()),
+        }
+        t.last_token = Some(now);
+        let gone = t.events.send(SeqMsg::Token(ev)).is_err();
+        if finished {
+            metrics.e2e.observe(now.duration_since(t.arrived).as_secs_f64());
+            seqs.remove(&id);
+        } else if gone {
+            // The client disconnected: free the sequence's blocks at once.
+            engine.cancel(id);
+            seqs.remove(&id);
+        }
+    }
+}
+
+fn fail(seqs: &mut HashMap<SeqId, Tracked>, id: SeqId, message: &str) {
+    if let Some(t) = seqs.remove(&id) {
+        let _ = t.events.send(SeqMsg::Failed { seq_id: id, message: message.to_string() });
+    }
+}
+
+fn fail_all(engine: &mut Engine, seqs: &mut HashMap<SeqId, Tracked>, message: &str) {
+    let ids: Vec<SeqId> = seqs.keys().copied().collect();
+    for id in ids {
+        engine.cancel(id);
+        fail(seqs, id, message);
+    }
+}
+
+fn update_gauges(engine: &Engine, m: &Metrics, last: &mut EngineStats) {
+    let cache = engine.cache();
+    m.queue_length.set(engine.num_waiting() as i64);
+    m.running.set(engine.num_running() as i64);
+    m.kv_blocks_used.set(cache.num_used_blocks() as i64);
+    m.kv_blocks_free.set(cache.num_free_blocks() as i64);
+    m.kv_blocks_cached.set(cache.num_cached_blocks() as i64);
+    m.kv_blocks_total.set(cache.num_blocks() as i64);
+    let s = engine.stats();
+    m.prefix_lookup_tokens.inc_by((s.prefix_lookup_tokens - last.prefix_lookup_tokens) as u64);
+    m.prefix_hit_tokens.inc_by((s.prefix_hit_tokens - last.prefix_hit_tokens) as u64);
+    m.preemptions.inc_by((s.preemptions - last.preemptions) as u64);
+    if s.prefix_lookup_tokens > 0 {
+        m.prefix_hit_rate.set(s.prefix_hit_tokens as f64 / s.prefix_lookup_tokens as f64);
+    }
+    *last = s;
+}

@@ -1,0 +1,458 @@
+//! HTTP-level tests of `infer serve` on the real SmolLM2-135M-Instruct Q4_1 GGUF, through reqwest:
+//! response shapes, streaming, usage, stop strings, n, seeds, errors, admission control, disconnects,
+//! continuous batching (16 concurrent streams = 16 sequential requests), prefix caching, shutdown.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use infer_core::{EngineConfig, LoadOptions};
+use infer_server::{BackgroundServer, ServerConfig};
+use reqwest::blocking::Client;
+use serde_json::{json, Value};
+
+fn model_path() -> Option<PathBuf> {
+    let path = match std::env::var_os("INFER_TEST_MODEL") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/infer/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    };
+    if path.exists() {
+        return Some(path);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("test model {} is missing: run scripts/fetch-model.sh", path.display());
+    }
+    eprintln!("SKIPPED: test model {} is missing (run scripts/fetch-model.sh)", path.display());
+    None
+}
+
+fn start(cfg: ServerConfig) -> Option<BackgroundServer> {
+    let path = model_path()?;
+    Some(BackgroundServer::start(cfg, move || infer_core::load(path.to_str().unwrap(), LoadOptions::default())).unwrap())
+}
+
+fn config() -> ServerConfig {
+    ServerConfig { engine: EngineConfig { max_context: Some(2048), max_seqs: 16, ..Default::default() }, ..Default::default() }
+}
+
+/// One server shared by the tests that need no special configuration.
+fn shared() -> Option<&'static str> {
+    static SERVER: OnceLock<Option<(BackgroundServer, String)>> = OnceLock::new();
+    SERVER
+        .get_or_init(|| {
+            let s = start(config())?;
+            let url = s.url();
+            wait_ready(&url);
+            Some((s, url))
+        })
+        .as_ref()
+        .map(|(_, url)| url.as_str())
+}
+
+fn client() -> Client {
+    Client::builder().timeout(Duration::from_secs(300)).build().unwrap()
+}
+
+fn wait_ready(url: &str) {
+    let t0 = Instant::now();
+    while client().get(format!("{url}/health")).send().map(|r| r.status().as_u16()).ok() != Some(200) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "server never became ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn post(url: &str, path: &str, body: &Value) -> (u16, Value) {
+    let r = client().post(format!("{url}{path}")).json(body).send().unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")))
+}
+
+/// The `data:` payloads of an SSE body.
+fn sse_events(url: &str, path: &str, body: &Value) -> Vec<String> {
+    let r = client().post(format!("{url}{path}")).json(body).send().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let text = r.text().unwrap();
+    text.split("\n\n").filter(|e| !e.trim().is_empty()).map(|e| e.strip_prefix("data: ").expect("data event").to_string()).collect()
+}
+
+fn metric(url: &str, name: &str) -> f64 {
+    let text = client().get(format!("{url}/metrics")).send().unwrap().text().unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).map(|v| v.parse().unwrap()))
+        .unwrap_or_else(|| panic!("metric {name} missing"))
+}
+
+const FRANCE: &str = "What is the capital of France? Answer in one sentence.";
+
+fn chat_body(q: &str) -> Value {
+    json!({"model": "SmolLM2-135M-Instruct.Q4_1.gguf", "messages": [{"role": "user", "content": q}], "temperature": 0})
+}
+
+#[test]
+fn chat_answer_shape_and_usage() {
+    let Some(url) = shared() else { return };
+    let (status, r) = post(url, "/v1/chat/completions", &chat_body(FRANCE));
+    assert_eq!(status, 200, "{r}");
+    assert!(r["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(r["object"], "chat.completion");
+    assert_eq!(r["model"], "SmolLM2-135M-Instruct.Q4_1.gguf");
+    let c = &r["choices"][0];
+    assert_eq!(c["message"]["role"], "assistant");
+    assert_eq!(c["message"]["content"], "The capital of France is Paris.");
+    assert_eq!(c["finish_reason"], "stop");
+    // 42 prompt tokens (as llama.cpp tokenizes the rendered template); 7 answer tokens + <|im_end|>.
+    assert_eq!(r["usage"]["prompt_tokens"], 42);
+    assert_eq!(r["usage"]["completion_tokens"], 8);
+    assert_eq!(r["usage"]["total_tokens"], 50);
+    // Content parts work like a string.
+    let parts = json!({"messages": [{"role": "user", "content": [{"type": "text", "text": FRANCE}]}], "temperature": 0});
+    let (_, r2) = post(url, "/v1/chat/completions", &parts);
+    assert_eq!(r2["choices"][0]["message"]["content"], "The capital of France is Paris.");
+}
+
+#[test]
+fn chat_streaming_matches_and_follows_the_format() {
+    let Some(url) = shared() else { return };
+    let mut body = chat_body(FRANCE);
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let events = sse_events(url, "/v1/chat/completions", &body);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let id = chunks[0]["id"].as_str().unwrap();
+    assert!(chunks.iter().all(|c| c["id"] == id && c["object"] == "chat.completion.chunk"), "one id throughout");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"].as_array().unwrap().len(), 0);
+    assert_eq!(usage["usage"]["completion_tokens"], 8);
+    assert_eq!(usage["usage"]["prompt_tokens"], 42);
+    let fin = &chunks[chunks.len() - 2]["choices"][0];
+    assert_eq!(fin["finish_reason"], "stop");
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, "The capital of France is Paris.");
+    assert!(chunks[..chunks.len() - 2].iter().all(|c| c["choices"][0]["finish_reason"].is_null()));
+    // Without include_usage there is no usage chunk and no usage field.
+    body["stream_options"] = Value::Null;
+    let events = sse_events(url, "/v1/chat/completions", &body);
+    assert!(events.iter().all(|e| !e.contains("\"usage\"")));
+}
+
+#[test]
+fn completions_prompts_n_logprobs_and_stream() {
+    let Some(url) = shared() else { return };
+    let body = json!({"prompt": ["The quick brown fox", "Once upon a time"], "n": 2, "temperature": 0, "max_tokens": 10, "logprobs": 3});
+    let (status, r) = post(url, "/v1/completions", &body);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["object"], "text_completion");
+    let ch = r["choices"].as_array().unwrap();
+    assert_eq!(ch.len(), 4);
+    for (i, c) in ch.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(c["finish_reason"], "length");
+        let lp = &c["logprobs"];
+        assert_eq!(lp["tokens"].as_array().unwrap().len(), 10);
+        assert_eq!(lp["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect::<String>(), c["text"].as_str().unwrap());
+        for (k, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
+            assert_eq!(top.as_object().unwrap().len(), 3);
+            // Greedy: the chosen token is the most likely one.
+            let best = top.as_object().unwrap().values().map(|v| v.as_f64().unwrap()).fold(f64::MIN, f64::max);
+            assert!((best - lp["token_logprobs"][k].as_f64().unwrap()).abs() < 1e-6);
+        }
+    }
+    assert_eq!(ch[0]["text"], ch[1]["text"], "greedy choices agree");
+    // llama.cpp's greedy continuation (tests/fixtures/smollm2-llamacpp.json).
+    assert_eq!(ch[0]["text"], " with a quick brown bear.\n\nThe original");
+    assert_ne!(ch[0]["text"], ch[2]["text"]);
+    assert_eq!(r["usage"]["prompt_tokens"], 4 + 4);
+    assert_eq!(r["usage"]["completion_tokens"], 40);
+    // Streaming gives the same text, chunk by chunk, with the final chunk's finish_reason.
+    let events = sse_events(url, "/v1/completions", &json!({"prompt": "The quick brown fox", "temperature": 0, "max_tokens": 10, "stream": true}));
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let text: String = chunks.iter().map(|c| c["choices"][0]["text"].as_str().unwrap()).collect();
+    assert_eq!(text, ch[0]["text"].as_str().unwrap());
+    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length");
+    // Default max_tokens for completions is OpenAI's 16; echo prepends the prompt.
+    let (_, r) = post(url, "/v1/completions", &json!({"prompt": "The quick brown fox", "temperature": 0, "echo": true}));
+    assert_eq!(r["usage"]["completion_tokens"], 16);
+    assert!(r["choices"][0]["text"].as_str().unwrap().starts_with("The quick brown fox with a quick"));
+}
+
+#[test]
+fn chat_logprobs() {
+    let Some(url) = shared() else { return };
+    let mut body = chat_body(FRANCE);
+    body["logprobs"] = json!(true);
+    body["top_logprobs"] = json!(2);
+    let (_, r) = post(url, "/v1/chat/completions", &body);
+    let content = r["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 7, "one entry per answer token, not the end token");
+    assert_eq!(content.iter().map(|e| e["token"].as_str().unwrap()).collect::<String>(), "The capital of France is Paris.");
+    for e in content {
+        assert_eq!(e["top_logprobs"].as_array().unwrap().len(), 2);
+        assert_eq!(e["top_logprobs"][0]["token"], e["token"]);
+        assert!(e["logprob"].as_f64().unwrap() <= 0.0);
+    }
+}
+
+#[test]
+fn stop_strings_and_seeds() {
+    let Some(url) = shared() else { return };
+    let mut body = chat_body(FRANCE);
+    body["stop"] = json!([" Paris", "zzz"]);
+    let (_, r) = post(url, "/v1/chat/completions", &body);
+    assert_eq!(r["choices"][0]["message"]["content"], "The capital of France is");
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+    let sample = |seed: i64| {
+        let body = json!({"prompt": "Write a story about a dragon.", "temperature": 1.0, "seed": seed, "max_tokens": 24, "n": 2});
+        let (status, r) = post(url, "/v1/completions", &body);
+        assert_eq!(status, 200, "{r}");
+        (r["choices"][0]["text"].as_str().unwrap().to_string(), r["choices"][1]["text"].as_str().unwrap().to_string())
+    };
+    let a = sample(42);
+    assert_eq!(a, sample(42), "same seed, same texts");
+    assert_ne!(a.0, a.1, "choices of one request differ");
+    assert_ne!(a, sample(43));
+}
+
+#[test]
+fn bad_requests_get_openai_errors() {
+    let Some(url) = shared() else { return };
+    let check = |status: u16, r: &Value, want: u16, param: Option<&str>| {
+        assert_eq!(status, want, "{r}");
+        let e = &r["error"];
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{r}");
+        assert!(e["type"].is_string());
+        assert!(e.as_object().unwrap().contains_key("code") && e.as_object().unwrap().contains_key("param"));
+        if let Some(p) = param {
+            assert_eq!(e["param"], p, "{r}");
+        }
+    };
+    let (s, r) = post(url, "/v1/chat/completions", &json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}));
+    check(s, &r, 404, Some("model"));
+    assert_eq!(r["error"]["code"], "model_not_found");
+    let (s, r) = post(url, "/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "hi"}], "temperature": "warm"}));
+    check(s, &r, 400, Some("temperature"));
+    let (s, r) = post(url, "/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "hi"}], "top_p": 7}));
+    check(s, &r, 400, Some("top_p"));
+    let (s, r) = post(url, "/v1/chat/completions", &json!({"messages": "hi"}));
+    check(s, &r, 400, Some("messages"));
+    let (s, r) = post(url, "/v1/chat/completions", &json!({"messages": []}));
+    check(s, &r, 400, Some("messages"));
+    let (s, r) = post(url, "/v1/completions", &json!({"prompt": "hi", "max_tokens": 0}));
+    check(s, &r, 400, Some("max_tokens"));
+    let (s, r) = post(url, "/v1/completions", &json!({"prompt": "hi", "n": 1000}));
+    check(s, &r, 400, Some("n"));
+    let (s, r) = post(url, "/v1/completions", &json!({"prompt": [1, 2, 999999]}));
+    check(s, &r, 400, Some("prompt"));
+    // A prompt longer than the context (2048 here).
+    let (s, r) = post(url, "/v1/completions", &json!({"prompt": "hello ".repeat(3000)}));
+    check(s, &r, 400, Some("prompt"));
+    assert_eq!(r["error"]["code"], "context_length_exceeded");
+    assert!(r["error"]["message"].as_str().unwrap().contains("context holds 2048"), "{r}");
+    // Not JSON; too large; unknown endpoint.
+    let resp = client().post(format!("{url}/v1/completions")).body("{not json").send().unwrap();
+    let s = resp.status().as_u16();
+    check(s, &resp.json().unwrap(), 400, None);
+    let big = format!("{{\"prompt\": \"{}\"}}", "a".repeat(9 << 20));
+    let resp = client().post(format!("{url}/v1/completions")).body(big).send().unwrap();
+    let s = resp.status().as_u16();
+    check(s, &resp.json().unwrap(), 413, None);
+    let resp = client().get(format!("{url}/v1/nothing")).send().unwrap();
+    let s = resp.status().as_u16();
+    check(s, &resp.json().unwrap(), 404, None);
+    // The server is still fine.
+    assert_eq!(post(url, "/v1/chat/completions", &chat_body(FRANCE)).0, 200);
+}
+
+#[test]
+fn models_tokenize_detokenize() {
+    let Some(url) = shared() else { return };
+    let r: Value = client().get(format!("{url}/v1/models")).send().unwrap().json().unwrap();
+    assert_eq!(r["data"][0]["id"], "SmolLM2-135M-Instruct.Q4_1.gguf");
+    let ok = client().get(format!("{url}/v1/models/SmolLM2-135M-Instruct.Q4_1.gguf")).send().unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    assert_eq!(client().get(format!("{url}/v1/models/other")).send().unwrap().status().as_u16(), 404);
+    let (_, t) = post(url, "/tokenize", &json!({"content": "Hello world"}));
+    assert_eq!(t["tokens"], json!([19556, 905]));
+    let (_, d) = post(url, "/detokenize", &json!({"tokens": [19556, 905]}));
+    assert_eq!(d["content"], "Hello world");
+    let (_, t) = post(url, "/tokenize", &json!({"messages": [{"role": "user", "content": FRANCE}]}));
+    assert_eq!(t["count"], 42);
+    assert_eq!(post(url, "/detokenize", &json!({"tokens": [99999999]})).0, 400);
+}
+
+#[test]
+fn sixteen_concurrent_streams_equal_sixteen_sequential_requests() {
+    let Some(url) = shared() else { return };
+    let topics = [
+        "the sea", "a mountain", "bread", "the moon", "a cat", "winter", "a library", "coffee", "a river", "music", "a garden",
+        "the desert", "a bicycle", "rain", "a castle", "friendship",
+    ];
+    let body = |t: &str| {
+        json!({"messages": [{"role": "user", "content": format!("Write one sentence about {t}.")}], "temperature": 0, "max_tokens": 24, "stream": true})
+    };
+    let collect = |events: Vec<String>| -> String {
+        events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str::<Value>(e).unwrap())
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+            .collect()
+    };
+    let sequential: Vec<String> = topics.iter().map(|t| collect(sse_events(url, "/v1/chat/completions", &body(t)))).collect();
+    // Watch the running-sequences gauge while the 16 streams run.
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (done, url) = (done.clone(), url.to_string());
+        std::thread::spawn(move || {
+            let mut most = 0f64;
+            while !done.load(Ordering::SeqCst) {
+                most = most.max(metric(&url, "infer_running_sequences"));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            most
+        })
+    };
+    let handles: Vec<_> = topics
+        .iter()
+        .map(|t| {
+            let (b, url) = (body(t), url.to_string());
+            std::thread::spawn(move || sse_events(&url, "/v1/chat/completions", &b))
+        })
+        .collect();
+    let concurrent: Vec<String> = handles.into_iter().map(|h| collect(h.join().unwrap())).collect();
+    done.store(true, Ordering::SeqCst);
+    let most = watcher.join().unwrap();
+    assert!(most >= 8.0, "the streams were not batched together (at most {most} running at once)");
+    for (i, (a, b)) in sequential.iter().zip(&concurrent).enumerate() {
+        assert_eq!(a, b, "stream {i} ({}) differs", topics[i]);
+    }
+}
+
+#[test]
+fn prefix_cache_is_hit_and_reported() {
+    let Some(url) = shared() else { return };
+    let system = "You are a meticulous travel guide. You answer questions about cities in Europe with one short, \
+                  accurate sentence, and you never invent facts you are not sure about.";
+    let ask = |q: &str| {
+        let body = json!({"messages": [{"role": "system", "content": system}, {"role": "user", "content": q}], "temperature": 0, "max_tokens": 8});
+        post(url, "/v1/chat/completions", &body).1
+    };
+    let before = metric(url, "infer_prefix_cache_hit_tokens_total");
+    ask("What is Lisbon known for?");
+    let r = ask("What is Vienna known for?");
+    let cached = r["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert!(cached >= 32, "the shared system prompt should come from the cache ({cached} tokens)");
+    assert!(metric(url, "infer_prefix_cache_hit_tokens_total") - before >= cached as f64);
+    assert!(metric(url, "infer_prefix_cache_hit_rate") > 0.0);
+}
+
+#[test]
+fn api_key_is_required() {
+    let Some(s) = start(ServerConfig { api_key: Some("sekret".into()), ..config() }) else { return };
+    let url = s.url();
+    wait_ready(&url);
+    let c = client();
+    let r = c.post(format!("{url}/v1/chat/completions")).json(&chat_body("hi")).send().unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(r.json::<Value>().unwrap()["error"]["code"], "invalid_api_key");
+    let r = c.get(format!("{url}/v1/models")).bearer_auth("wrong").send().unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = c.get(format!("{url}/v1/models")).bearer_auth("sekret").send().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(c.get(format!("{url}/health")).send().unwrap().status().as_u16(), 200, "health needs no key");
+    s.stop().unwrap();
+}
+
+/// Starts a long generation and returns the open response after its first event arrived.
+fn open_stream(url: &str) -> reqwest::blocking::Response {
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": true, "stream": true, "temperature": 0});
+    let mut r = client().post(format!("{url}/v1/completions")).json(&body).send().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let mut buf = [0u8; 64];
+    assert!(r.read(&mut buf).unwrap() > 0);
+    r
+}
+
+fn wait_for(url: &str, name: &str, want: f64) {
+    let t0 = Instant::now();
+    loop {
+        let v = metric(url, name);
+        if v == want {
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "{name} stayed at {v}, expected {want}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn disconnect_frees_blocks_and_full_queue_answers_429() {
+    let Some(s) = start(ServerConfig {
+        engine: EngineConfig { max_context: Some(2048), max_seqs: 1, ..Default::default() },
+        max_queue: 0,
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let url = s.url();
+    wait_ready(&url);
+    let stream = open_stream(&url);
+    assert_eq!(metric(&url, "infer_running_sequences"), 1.0);
+    assert!(metric(&url, "infer_kv_blocks_used") >= 1.0);
+    // The only slot is taken and the queue holds nothing: 429 with Retry-After.
+    let r = client().post(format!("{url}/v1/chat/completions")).json(&chat_body("hi")).send().unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(r.json::<Value>().unwrap()["error"]["code"], "rate_limit_exceeded");
+    // The client leaves mid-stream: its sequence is cancelled and its blocks freed.
+    drop(stream);
+    wait_for(&url, "infer_running_sequences", 0.0);
+    wait_for(&url, "infer_kv_blocks_used", 0.0);
+    assert_eq!(post(&url, "/v1/chat/completions", &chat_body(FRANCE)).0, 200, "the slot is free again");
+    s.stop().unwrap();
+}
+
+#[test]
+fn reaching_the_context_ends_with_length() {
+    let Some(s) = start(ServerConfig { engine: EngineConfig { max_context: Some(48), ..Default::default() }, ..Default::default() }) else {
+        return;
+    };
+    let url = s.url();
+    wait_ready(&url);
+    let (status, r) = post(&url, "/v1/chat/completions", &json!({"messages": [{"role": "user", "content": FRANCE}], "ignore_eos": true, "max_tokens": 500}));
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"][0]["finish_reason"], "length");
+    assert_eq!(r["usage"]["total_tokens"], 48, "max_tokens is capped by the context");
+    s.stop().unwrap();
+}
+
+#[test]
+fn health_is_503_while_loading_and_shutdown_ends_streams() {
+    let Some(path) = model_path() else { return };
+    let cfg = ServerConfig { shutdown_grace: Duration::ZERO, ..config() };
+    let s = BackgroundServer::start(cfg, move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        infer_core::load(path.to_str().unwrap(), LoadOptions::default())
+    })
+    .unwrap();
+    let url = s.url();
+    let r = client().get(format!("{url}/health")).send().unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    let (status, _) = post(&url, "/v1/chat/completions", &chat_body("hi"));
+    assert_eq!(status, 503);
+    wait_ready(&url);
+    // Shut down with a stream in flight: it ends with an error event, and the server exits cleanly.
+    let mut stream = open_stream(&url);
+    let t0 = Instant::now();
+    let stopper = std::thread::spawn(move || s.stop());
+    let mut rest = String::new();
+    stream.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("\"error\"") && rest.contains("shutting down"), "{}", &rest[rest.len().saturating_sub(300)..]);
+    assert!(rest.trim_end().ends_with("data: [DONE]"));
+    stopper.join().unwrap().unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(30));
+}

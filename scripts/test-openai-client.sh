@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Runs the official `openai` Python client (pinned in scripts/requirements-client.txt, installed into
+# a venv under ~/.cache/infer) against `infer serve` on the test model, then stops the server with
+# SIGTERM and checks it exits cleanly. Expects the release binary to be built.
+#
+#   usage: scripts/test-openai-client.sh MODEL.gguf
+set -euo pipefail
+cd "$(dirname "$0")/.."
+model="$1"
+venv="${INFER_PY_CLIENT:-$HOME/.cache/infer/pyclient}"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r scripts/requirements-client.txt
+cargo build --release --quiet -p infer-cli
+bin="${CARGO_TARGET_DIR:-target}/release/infer"
+port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+key="test-key-$RANDOM"
+log="$(mktemp)"
+"$bin" serve "$model" --port "$port" --api-key "$key" > "$log" 2>&1 &
+pid=$!
+trap 'kill $pid 2>/dev/null || true; rm -f "$log"' EXIT
+python3 - "$port" <<'PY'
+import sys, time, urllib.request
+url = f"http://127.0.0.1:{sys.argv[1]}/health"
+for _ in range(600):
+    try:
+        if urllib.request.urlopen(url).status == 200:
+            sys.exit(0)
+    except Exception:
+        pass
+    time.sleep(0.1)
+sys.exit("infer serve did not become ready in 60 s")
+PY
+"$venv/bin/python" tests/clients/openai_client.py "http://127.0.0.1:$port" "$key"
+kill -TERM "$pid"
+status=0
+wait "$pid" || status=$?
+cat "$log"
+[ "$status" -eq 0 ] || { echo "infer serve exited with $status after SIGTERM"; exit 1; }
+echo "openai client: ok (server stopped cleanly on SIGTERM)"

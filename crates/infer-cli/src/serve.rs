@@ -34,8 +34,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE")]
     pub kv_cache_mem: Option<String>,
     /// Most tokens one engine step processes; longer prompts are prefilled in chunks this size,
-    /// interleaved with the other sequences' decode steps.
-    #[arg(long, default_value_t = 512)]
+    /// interleaved with the other sequences' decode steps (smaller: shorter stalls for running streams).
+    #[arg(long, default_value_t = 256)]
     pub max_batch_tokens: usize,
     /// Turn off prefix caching (reuse of the KV blocks of prompt prefixes seen before).
     #[arg(long)]

@@ -456,3 +456,31 @@ fn health_is_503_while_loading_and_shutdown_ends_streams() {
     stopper.join().unwrap().unwrap();
     assert!(t0.elapsed() < Duration::from_secs(30));
 }
+
+#[test]
+fn preemption_when_blocks_run_out_keeps_the_text_right() {
+    // 8 blocks of 16 tokens (SmolLM2: 737280 bytes each): four sequences of ~60 tokens cannot all fit,
+    // so some are preempted mid-generation and recomputed later.
+    let Some(s) = start(ServerConfig {
+        engine: EngineConfig { max_context: Some(2048), max_seqs: 4, kv_cache_bytes: Some(8 * 737_280), ..Default::default() },
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let url = s.url();
+    wait_ready(&url);
+    let prompts = ["Once upon a time", "The history of Rome", "My favourite recipe is", "In the year 3000"];
+    let body = |p: &str| json!({"prompt": p, "max_tokens": 48, "temperature": 0, "ignore_eos": true});
+    let sequential: Vec<Value> = prompts.iter().map(|p| post(&url, "/v1/completions", &body(p)).1["choices"][0]["text"].clone()).collect();
+    let handles: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let (b, url) = (body(p), url.clone());
+            std::thread::spawn(move || post(&url, "/v1/completions", &b).1["choices"][0]["text"].clone())
+        })
+        .collect();
+    let concurrent: Vec<Value> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(metric(&url, "infer_preemptions_total") > 0.0, "the cache was large enough: no preemption happened");
+    assert_eq!(concurrent, sequential);
+    s.stop().unwrap();
+}

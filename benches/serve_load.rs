@@ -7,7 +7,7 @@
 //!
 //! Under `cargo test` (no `--bench` argument) it runs one tiny round as a smoke test.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -164,8 +164,8 @@ async fn round(url: &str, clients: usize, w: Workload) -> Round {
     Round { clients, requests: samples.len(), wall: t0.elapsed().as_secs_f64(), samples }
 }
 
-fn start(model: &PathBuf, max_seqs: usize, prefix_caching: bool) -> BackgroundServer {
-    let path = model.clone();
+fn start(model: &Path, max_seqs: usize, prefix_caching: bool) -> BackgroundServer {
+    let path = model.to_path_buf();
     let cfg = ServerConfig {
         // The same step budget as `infer serve`'s default --max-batch-tokens.
         engine: EngineConfig { max_context: Some(2048), max_seqs, prefix_caching, max_batch_tokens: 256, ..Default::default() },

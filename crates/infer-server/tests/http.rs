@@ -170,7 +170,8 @@ fn completions_prompts_n_logprobs_and_stream() {
     assert_eq!(r["usage"]["prompt_tokens"], 4 + 4);
     assert_eq!(r["usage"]["completion_tokens"], 40);
     // Streaming gives the same text, chunk by chunk, with the final chunk's finish_reason.
-    let events = sse_events(url, "/v1/completions", &json!({"prompt": "The quick brown fox", "temperature": 0, "max_tokens": 10, "stream": true}));
+    let events =
+        sse_events(url, "/v1/completions", &json!({"prompt": "The quick brown fox", "temperature": 0, "max_tokens": 10, "stream": true}));
     let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
     let text: String = chunks.iter().map(|c| c["choices"][0]["text"].as_str().unwrap()).collect();
     assert_eq!(text, ch[0]["text"].as_str().unwrap());
@@ -289,12 +290,24 @@ fn models_tokenize_detokenize() {
 fn sixteen_concurrent_streams_equal_sixteen_sequential_requests() {
     let Some(url) = shared() else { return };
     let topics = [
-        "the sea", "a mountain", "bread", "the moon", "a cat", "winter", "a library", "coffee", "a river", "music", "a garden",
-        "the desert", "a bicycle", "rain", "a castle", "friendship",
+        "the sea",
+        "a mountain",
+        "bread",
+        "the moon",
+        "a cat",
+        "winter",
+        "a library",
+        "coffee",
+        "a river",
+        "music",
+        "a garden",
+        "the desert",
+        "a bicycle",
+        "rain",
+        "a castle",
+        "friendship",
     ];
-    let body = |t: &str| {
-        json!({"messages": [{"role": "user", "content": format!("Write one sentence about {t}.")}], "temperature": 0, "max_tokens": 24, "stream": true})
-    };
+    let body = |t: &str| json!({"messages": [{"role": "user", "content": format!("Write one sentence about {t}.")}], "temperature": 0, "max_tokens": 24, "stream": true});
     let collect = |events: Vec<String>| -> String {
         events[..events.len() - 1]
             .iter()
@@ -338,7 +351,8 @@ fn prefix_cache_is_hit_and_reported() {
     let system = "You are a meticulous travel guide. You answer questions about cities in Europe with one short, \
                   accurate sentence, and you never invent facts you are not sure about.";
     let ask = |q: &str| {
-        let body = json!({"messages": [{"role": "system", "content": system}, {"role": "user", "content": q}], "temperature": 0, "max_tokens": 8});
+        let body =
+            json!({"messages": [{"role": "system", "content": system}, {"role": "user", "content": q}], "temperature": 0, "max_tokens": 8});
         post(url, "/v1/chat/completions", &body).1
     };
     let before = metric(url, "infer_prefix_cache_hit_tokens_total");
@@ -423,7 +437,11 @@ fn reaching_the_context_ends_with_length() {
     };
     let url = s.url();
     wait_ready(&url);
-    let (status, r) = post(&url, "/v1/chat/completions", &json!({"messages": [{"role": "user", "content": FRANCE}], "ignore_eos": true, "max_tokens": 500}));
+    let (status, r) = post(
+        &url,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": FRANCE}], "ignore_eos": true, "max_tokens": 500}),
+    );
     assert_eq!(status, 200, "{r}");
     assert_eq!(r["choices"][0]["finish_reason"], "length");
     assert_eq!(r["usage"]["total_tokens"], 48, "max_tokens is capped by the context");

@@ -365,11 +365,29 @@ fn prefix_cache_is_hit_and_reported() {
 }
 
 #[test]
-fn api_key_is_required() {
-    let Some(s) = start(ServerConfig { api_key: Some("sekret".into()), ..config() }) else { return };
+fn api_key_is_required_and_cors_is_opt_in() {
+    let Some(s) = start(ServerConfig { api_key: Some("sekret".into()), cors_origins: vec!["http://app.example".into()], ..config() })
+    else {
+        return;
+    };
     let url = s.url();
     wait_ready(&url);
     let c = client();
+    // CORS: the listed origin gets a preflight answer (before any key check); without --cors there is none.
+    let pre = c
+        .request(reqwest::Method::OPTIONS, format!("{url}/v1/chat/completions"))
+        .header("Origin", "http://app.example")
+        .header("Access-Control-Request-Method", "POST")
+        .header("Access-Control-Request-Headers", "authorization,content-type")
+        .send()
+        .unwrap();
+    assert_eq!(pre.headers().get("access-control-allow-origin").map(|v| v.to_str().unwrap()), Some("http://app.example"));
+    let other = c.get(format!("{url}/health")).header("Origin", "http://evil.example").send().unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+    if let Some(shared) = shared() {
+        let r = c.get(format!("{shared}/health")).header("Origin", "http://app.example").send().unwrap();
+        assert!(r.headers().get("access-control-allow-origin").is_none(), "CORS is off by default");
+    }
     let r = c.post(format!("{url}/v1/chat/completions")).json(&chat_body("hi")).send().unwrap();
     assert_eq!(r.status().as_u16(), 401);
     assert_eq!(r.json::<Value>().unwrap()["error"]["code"], "invalid_api_key");

@@ -7,27 +7,73 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
+
+use infer_kernels::{QType, QWeight};
 
 use crate::error::{Error, Result};
 
 /// A linear layer `y = x Wᵀ (+ b)` over dense or quantized weights.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: QMatMul,
+    weight: LinearWeight,
     bias: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+enum LinearWeight {
+    /// Dense weights, or quantized formats our kernels do not cover (candle's matmul).
+    Candle(QMatMul),
+    /// GGUF block weights on the CPU, multiplied by infer-kernels' quantized matmul.
+    Cpu(Arc<QWeight>),
+}
+
+/// The infer-kernels block format of a GGUF tensor type, if it has a kernel.
+fn kernel_qtype(t: GgmlDType) -> Option<QType> {
+    match t {
+        GgmlDType::Q4_0 => Some(QType::Q4_0),
+        GgmlDType::Q4_1 => Some(QType::Q4_1),
+        GgmlDType::Q8_0 => Some(QType::Q8_0),
+        _ => None,
+    }
+}
+
+/// `INFER_CANDLE_QMATMUL=1` keeps candle's quantized matmul (for comparisons).
+fn use_candle_qmatmul() -> bool {
+    std::env::var_os("INFER_CANDLE_QMATMUL").is_some_and(|v| v != "0" && !v.is_empty())
 }
 
 impl Linear {
     pub fn new(weight: QMatMul, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self { weight: LinearWeight::Candle(weight), bias }
     }
 
-    /// `x`: `[tokens, in]` → `[tokens, out]`.
+    /// A linear layer over quantized weights run by infer-kernels on the CPU.
+    pub fn from_kernel_weight(weight: QWeight, bias: Option<Tensor>) -> Self {
+        Self { weight: LinearWeight::Cpu(Arc::new(weight)), bias }
+    }
+
+    /// `x`: `[..., in]` → `[..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(x)?;
+        let y = match &self.weight {
+            LinearWeight::Candle(w) => w.forward(x)?,
+            LinearWeight::Cpu(w) => {
+                let dims = x.dims().to_vec();
+                let k = *dims.last().unwrap_or(&0);
+                if k != w.cols() {
+                    return Err(Error::Model(format!("linear layer expects {} inputs, got shape {dims:?}", w.cols())));
+                }
+                let m = x.elem_count() / k.max(1);
+                let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut out = vec![0f32; m * w.rows()];
+                w.matmul(&xv, m, &mut out);
+                let mut odims = dims;
+                *odims.last_mut().expect("at least one dim") = w.rows();
+                Tensor::from_vec(out, odims, x.device())?.to_dtype(x.dtype())?
+            }
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -218,9 +264,14 @@ impl WeightSource {
         let b = if bias { Some(self.tensor(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
         let w = match self {
             Self::Safetensors { .. } => QMatMul::Tensor(self.tensor(&wname, &[out_dim, in_dim])?),
-            Self::Gguf { .. } => {
+            Self::Gguf { device, path, .. } => {
                 let q = self.qtensor(&wname)?;
                 self.check_shape(&gguf_name(&wname), q.shape().dims(), &[out_dim, in_dim])?;
+                if let (true, Some(qt), false) = (device.is_cpu(), kernel_qtype(q.dtype()), use_candle_qmatmul()) {
+                    let data = q.data()?.into_owned();
+                    let kw = QWeight::new(qt, out_dim, in_dim, data).map_err(|e| Error::bad_file(path, format!("tensor `{wname}`: {e}")))?;
+                    return Ok(Linear::from_kernel_weight(kw, b));
+                }
                 QMatMul::from_arc(Arc::new(q))?
             }
         };

@@ -1,2 +1,3 @@
 //! CPU kernels.
 pub mod attention;
+pub mod qmatmul;

@@ -10,6 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use infer::{ChatMessage, DTypeChoice, EngineStats, ModelBuilder, SamplingParams, Session};
 
+mod bench;
 mod serve;
 
 #[derive(Parser)]
@@ -62,6 +63,8 @@ enum Command {
     /// Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
     /// /v1/models, /tokenize, /detokenize, /health, /metrics) with continuous batching and prefix caching.
     Serve(serve::ServeArgs),
+    /// Measure prompt processing (pp) and generation (tg) speed like llama-bench (-p, -n, -t, -r, -o json).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -217,6 +220,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 infer::loader::ModelFiles::Gguf(p) => println!("{}", p.display()),
                 infer::loader::ModelFiles::Hf { config, .. } => println!("{}", config.parent().unwrap_or(&config).display()),
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(args) => {
+            bench::run(args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve(args) => {

@@ -1,0 +1,206 @@
+//! `infer bench`: llama-bench's measurements for infer — prompt processing (`pp N`: one forward pass
+//! over N tokens) and text generation (`tg N`: N single-token decode steps), each repeated, reported
+//! as tokens/s mean ± standard deviation in llama-bench's table, or as JSON records with its field
+//! names (`n_prompt`, `n_gen`, `n_threads`, `avg_ts`, `stddev_ts`, ...) so one script reads both.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use infer::kv_cache::PagedKvCache;
+use infer::models::{BatchInput, LogitsWanted};
+use infer::{DTypeChoice, LoadOptions, LoadedModel};
+use serde_json::json;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// The model (.gguf file, HF folder or Hub id).
+    pub model: String,
+    /// Prompt lengths to process (comma-separated; 0 skips).
+    #[arg(short = 'p', long = "n-prompt", default_value = "512", value_delimiter = ',')]
+    pub n_prompt: Vec<usize>,
+    /// Tokens to generate (comma-separated; 0 skips).
+    #[arg(short = 'n', long = "n-gen", default_value = "128", value_delimiter = ',')]
+    pub n_gen: Vec<usize>,
+    /// Thread counts (comma-separated; default: the cores this process may use).
+    #[arg(short = 't', long = "threads", value_delimiter = ',')]
+    pub threads: Vec<usize>,
+    /// Repetitions of each test.
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    pub repetitions: usize,
+    /// Output: md (table) or json (records with llama-bench's field names).
+    #[arg(short = 'o', long = "output", default_value = "md")]
+    pub output: String,
+    /// Same as `-o json`.
+    #[arg(long)]
+    pub json: bool,
+    /// Which .gguf file to use when MODEL is a Hub repo.
+    #[arg(long)]
+    pub gguf_file: Option<String>,
+    /// Compute dtype for safetensors weights.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+}
+
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 { v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    (mean, var.sqrt())
+}
+
+/// Pseudo-random token ids (llama-bench also feeds random tokens).
+fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % vocab as u64) as u32
+        })
+        .collect()
+}
+
+/// Seconds for one forward pass over `n` prompt tokens (empty cache).
+fn run_pp(m: &LoadedModel, n: usize, seed: u64) -> Result<f64> {
+    let cfg = m.config();
+    let mut cache = PagedKvCache::new(cfg, 16, n.div_ceil(16) + 1)?;
+    let mut table = Vec::new();
+    cache.reserve(&mut table, n)?;
+    let mut batch = BatchInput::default();
+    batch.push_sequence(&tokens(n, cfg.vocab_size, seed), 0, &table, 16, LogitsWanted::Last);
+    let t0 = Instant::now();
+    let logits = m.model.forward(&batch, &mut cache)?;
+    logits.to_vec2::<f32>()?;
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Seconds for `n` single-token decode steps from an empty cache.
+fn run_tg(m: &LoadedModel, n: usize, seed: u64) -> Result<f64> {
+    let cfg = m.config();
+    let mut cache = PagedKvCache::new(cfg, 16, n.div_ceil(16) + 1)?;
+    let mut table = Vec::new();
+    cache.reserve(&mut table, n)?;
+    let toks = tokens(n, cfg.vocab_size, seed);
+    let t0 = Instant::now();
+    for (pos, &t) in toks.iter().enumerate() {
+        let mut batch = BatchInput::default();
+        batch.push_sequence(&[t], pos, &table, 16, LogitsWanted::Last);
+        m.model.forward(&batch, &mut cache)?.to_vec2::<f32>()?;
+    }
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+fn model_bytes(spec: &str) -> u64 {
+    let p = Path::new(spec);
+    if p.is_file() {
+        return p.metadata().map(|m| m.len()).unwrap_or(0);
+    }
+    std::fs::read_dir(p)
+        .map(|d| {
+            d.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "safetensors")).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Parameters from the config (embeddings, attention, MLP, norms, head).
+fn model_params(m: &LoadedModel) -> u64 {
+    let c = m.config();
+    let (h, i, l, v) = (c.hidden_size as u64, c.intermediate_size as u64, c.num_hidden_layers as u64, c.vocab_size as u64);
+    let (q, kv) = ((c.num_attention_heads * c.head_dim) as u64, (c.num_key_value_heads * c.head_dim) as u64);
+    let per_layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h;
+    v * h + l * per_layer + h + if c.tie_word_embeddings { 0 } else { v * h }
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let json_out = args.json || args.output == "json";
+    if !json_out && args.output != "md" {
+        bail!("-o {}: expected md or json", args.output);
+    }
+    if args.repetitions == 0 {
+        bail!("-r must be at least 1");
+    }
+    let threads = if args.threads.is_empty() { vec![std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)] } else { args.threads.clone() };
+    if threads.contains(&0) {
+        bail!("-t: thread counts must be at least 1");
+    }
+    let max_threads = *threads.iter().max().expect("one thread count");
+    // candle sizes its loops from RAYON_NUM_THREADS; the global pool is the largest count.
+    std::env::set_var("RAYON_NUM_THREADS", max_threads.to_string());
+    let dtype: DTypeChoice = args.dtype.parse()?;
+    let opts = LoadOptions { dtype, gguf_file: args.gguf_file.clone(), ..Default::default() };
+    let model = infer::load(&args.model, opts)?;
+    let name = Path::new(&args.model).file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_else(|| args.model.clone());
+    let size = model_bytes(&args.model);
+    let params = model_params(&model);
+    let mut tests: Vec<(usize, usize)> = args.n_prompt.iter().filter(|&&p| p > 0).map(|&p| (p, 0)).collect();
+    tests.extend(args.n_gen.iter().filter(|&&n| n > 0).map(|&n| (0, n)));
+    let max_ctx = model.config().max_position_embeddings;
+    if let Some(&(p, n)) = tests.iter().find(|&&(p, n)| p.max(n) > max_ctx) {
+        bail!("test of {} tokens exceeds the model's context ({max_ctx})", p.max(n));
+    }
+    if !json_out {
+        println!("| model | size | params | backend | threads | test | t/s |");
+        println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
+    }
+    let mut records = Vec::new();
+    for &t in &threads {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().context("starting the thread pool")?;
+        for &(p, n) in &tests {
+            let run = |seed| if p > 0 { run_pp(&model, p, seed) } else { run_tg(&model, n, seed) };
+            // One warm-up run, as llama-bench does.
+            pool.install(|| run(0))?;
+            let mut secs = Vec::with_capacity(args.repetitions);
+            for r in 0..args.repetitions {
+                secs.push(pool.install(|| run(r as u64 + 1))?);
+            }
+            let ts: Vec<f64> = secs.iter().map(|s| (p + n) as f64 / s).collect();
+            let ns: Vec<u64> = secs.iter().map(|s| (s * 1e9) as u64).collect();
+            let (avg_ts, sd_ts) = mean_sd(&ts);
+            let (avg_ns, sd_ns) = mean_sd(&ns.iter().map(|&x| x as f64).collect::<Vec<_>>());
+            let test = if p > 0 { format!("pp{p}") } else { format!("tg{n}") };
+            if json_out {
+                records.push(json!({
+                    "build_commit": env!("CARGO_PKG_VERSION"),
+                    "cpu_info": "",
+                    "backends": "CPU",
+                    "model_filename": args.model,
+                    "model_type": format!("{:?}", model.config().architecture).to_lowercase(),
+                    "model_size": size,
+                    "model_n_params": params,
+                    "n_batch": p.max(1),
+                    "n_ubatch": p.max(1),
+                    "n_threads": t,
+                    "type_k": "f32",
+                    "type_v": "f32",
+                    "n_prompt": p,
+                    "n_gen": n,
+                    "test_time": chrono_now(),
+                    "avg_ns": avg_ns as u64,
+                    "stddev_ns": sd_ns as u64,
+                    "avg_ts": avg_ts,
+                    "stddev_ts": sd_ts,
+                    "samples_ns": ns,
+                    "samples_ts": ts,
+                }));
+            } else {
+                println!(
+                    "| {name} | {:.2} MiB | {:.2} M | CPU | {t} | {test} | {avg_ts:.2} ± {sd_ts:.2} |",
+                    size as f64 / (1 << 20) as f64,
+                    params as f64 / 1e6
+                );
+            }
+        }
+    }
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&records)?);
+    }
+    Ok(())
+}
+
+fn chrono_now() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    format!("{secs}")
+}

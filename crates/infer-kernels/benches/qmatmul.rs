@@ -25,6 +25,8 @@ fn weight(qt: QType, rows: usize, cols: usize) -> QWeight {
 fn bench(c: &mut Criterion) {
     for (qt, rows, cols, what) in [
         (QType::Q4_1, 1536, 576, "mlp_up"),
+        (QType::Q4_1, 64, 576, "l1"),
+        (QType::Q4_1, 4096, 4096, "big"),
         (QType::Q4_1, 576, 1536, "mlp_down"),
         (QType::Q8_0, 49152, 576, "lm_head"),
         (QType::Q4_0, 1536, 576, "mlp_up"),

@@ -91,13 +91,19 @@ pub fn quantize_row_q8(x: &[f32], out: &mut Vec<BlockQ8>) {
     }
 }
 
-/// A weight matrix `[rows, cols]` in a block format, row-major, as stored in GGUF.
+/// A weight matrix `[rows, cols]` from GGUF blocks, repacked once at load for the kernels: rows in
+/// groups of four, and for each (group, block) the four rows' scales and minimums as f32 followed by
+/// their four blocks of quants, so one pass streams a group's weights in order and one activation
+/// block serves four weight rows.
 #[derive(Clone)]
 pub struct QWeight {
     qtype: QType,
     rows: usize,
     cols: usize,
-    data: Vec<u8>,
+    /// Per (group, block): `d[4]` then `m[4]` (Q4_0: `m = -8·d`; Q8_0: 0).
+    scales: Vec<f32>,
+    /// Per (group, block): four rows × `quant_bytes()`.
+    qs: Vec<u8>,
 }
 
 impl std::fmt::Debug for QWeight {
@@ -106,20 +112,54 @@ impl std::fmt::Debug for QWeight {
     }
 }
 
-/// Rows of `x` handled together against each weight block.
-const MR: usize = 4;
+/// Weight rows per group.
+pub const NR: usize = 4;
+/// Activation rows handled together against each group.
+pub const MR: usize = 2;
+
+impl QType {
+    /// Bytes of quants in one block (without its scales).
+    fn quant_bytes(self) -> usize {
+        match self {
+            QType::Q4_0 | QType::Q4_1 => 16,
+            QType::Q8_0 => 32,
+        }
+    }
+}
 
 impl QWeight {
-    /// Wraps GGUF block data; checks the size.
+    /// Repacks GGUF block data `[rows, cols]`; checks the size.
     pub fn new(qtype: QType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, String> {
         if cols % QK != 0 {
             return Err(format!("{qtype:?} weight with {cols} columns: the row length must be a multiple of {QK}"));
         }
-        let want = rows * cols / QK * qtype.block_bytes();
+        let bb = qtype.block_bytes();
+        let want = rows * cols / QK * bb;
         if data.len() != want {
             return Err(format!("{qtype:?} weight [{rows}, {cols}] needs {want} bytes, got {}", data.len()));
         }
-        Ok(Self { qtype, rows, cols, data })
+        let nb = cols / QK;
+        let groups = rows.div_ceil(NR);
+        let qb = qtype.quant_bytes();
+        let mut scales = vec![0f32; groups * nb * 2 * NR];
+        let mut qs = vec![0u8; groups * nb * NR * qb];
+        for row in 0..rows {
+            let (g, r) = (row / NR, row % NR);
+            for b in 0..nb {
+                let blk = &data[(row * nb + b) * bb..(row * nb + b + 1) * bb];
+                let gb = g * nb + b;
+                let d = f16_at(blk, 0);
+                let (m, q) = match qtype {
+                    QType::Q4_0 => (-8.0 * d, &blk[2..18]),
+                    QType::Q4_1 => (f16_at(blk, 2), &blk[4..20]),
+                    QType::Q8_0 => (0.0, &blk[2..34]),
+                };
+                scales[gb * 2 * NR + r] = d;
+                scales[gb * 2 * NR + NR + r] = m;
+                qs[(gb * NR + r) * qb..(gb * NR + r + 1) * qb].copy_from_slice(q);
+            }
+        }
+        Ok(Self { qtype, rows, cols, scales, qs })
     }
 
     pub fn qtype(&self) -> QType {
@@ -130,10 +170,6 @@ impl QWeight {
     }
     pub fn cols(&self) -> usize {
         self.cols
-    }
-
-    fn row_bytes(&self) -> usize {
-        self.cols / QK * self.qtype.block_bytes()
     }
 
     /// `out[m, rows] = x[m, cols] · Wᵀ` with the best instruction set.
@@ -150,49 +186,54 @@ impl QWeight {
         for r in x.chunks_exact(self.cols) {
             quantize_row_q8(r, &mut acts);
         }
-        // Each task computes a run of output rows for all m tokens into a [rows_chunk, m] buffer.
-        let chunk = (self.rows / (rayon::current_num_threads() * 4)).clamp(16, 256);
-        let row_bytes = self.row_bytes();
-        let parts: Vec<(usize, Vec<f32>)> = (0..self.rows.div_ceil(chunk))
+        let groups = self.rows.div_ceil(NR);
+        // Each task computes a run of row groups for all m tokens into a [rows, m] buffer.
+        let chunk = (groups / (rayon::current_num_threads() * 4)).clamp(1, 64);
+        let parts: Vec<(usize, Vec<f32>)> = (0..groups.div_ceil(chunk))
             .into_par_iter()
             .map(|c| {
-                let r0 = c * chunk;
-                let r1 = (r0 + chunk).min(self.rows);
-                let mut buf = vec![0f32; (r1 - r0) * m];
-                for r in r0..r1 {
-                    let w = &self.data[r * row_bytes..(r + 1) * row_bytes];
-                    let dst = &mut buf[(r - r0) * m..(r - r0 + 1) * m];
-                    for (g, d) in dst.chunks_mut(MR).enumerate() {
-                        let a = &acts[g * MR * nb..];
-                        dot_rows(isa, self.qtype, w, a, nb, d);
+                let g0 = c * chunk;
+                let g1 = (g0 + chunk).min(groups);
+                let mut buf = vec![0f32; (g1 - g0) * NR * m];
+                for g in g0..g1 {
+                    let mut t0 = 0;
+                    while t0 < m {
+                        let r = MR.min(m - t0);
+                        let mut o = [[0f32; MR]; NR];
+                        self.tile(isa, g, &acts[t0 * nb..], nb, r, &mut o);
+                        for (wr, orow) in o.iter().enumerate() {
+                            let base = ((g - g0) * NR + wr) * m + t0;
+                            buf[base..base + r].copy_from_slice(&orow[..r]);
+                        }
+                        t0 += r;
                     }
                 }
-                (r0, buf)
+                (g0 * NR, buf)
             })
             .collect();
         for (r0, buf) in parts {
-            let n = buf.len() / m;
-            for i in 0..n {
-                for t in 0..m {
-                    out[t * self.rows + r0 + i] = buf[i * m + t];
+            for (i, row) in buf.chunks_exact(m).enumerate() {
+                let r = r0 + i;
+                if r < self.rows {
+                    for (t, &v) in row.iter().enumerate() {
+                        out[t * self.rows + r] = v;
+                    }
                 }
             }
         }
     }
-}
 
-/// Dots one weight row with `out.len()` (≤ MR) activation rows laid out one after another (`nb`
-/// blocks each) from the start of `a`.
-fn dot_rows(isa: Isa, qt: QType, w: &[u8], a: &[BlockQ8], nb: usize, out: &mut [f32]) {
-    match isa {
-        Isa::Scalar => {
-            for (t, o) in out.iter_mut().enumerate() {
-                *o = scalar::dot(qt, w, &a[t * nb..(t + 1) * nb]);
-            }
+    /// One row group × `r` (≤ MR) activation rows starting at `a` → `o[weight row][token]`.
+    fn tile(&self, isa: Isa, g: usize, a: &[BlockQ8], nb: usize, r: usize, o: &mut [[f32; MR]; NR]) {
+        let qb = self.qtype.quant_bytes();
+        let scales = &self.scales[g * nb * 2 * NR..(g + 1) * nb * 2 * NR];
+        let qs = &self.qs[g * nb * NR * qb..(g + 1) * nb * NR * qb];
+        match isa {
+            Isa::Scalar => scalar::tile(self.qtype, scales, qs, a, nb, r, o),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2, FMA and F16C.
+            Isa::Avx2 => unsafe { avx2::tile(self.qtype, scales, qs, a, nb, r, o) },
         }
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2, FMA and F16C.
-        Isa::Avx2 => unsafe { avx2::dot_rows(qt, w, a, nb, out) },
     }
 }
 
@@ -230,6 +271,25 @@ pub mod scalar {
         sum
     }
 
+    /// The packed-layout tile (see [`QWeight`]): four weight rows × `r` activation rows.
+    pub fn tile(qt: QType, scales: &[f32], qs: &[u8], a: &[BlockQ8], nb: usize, r: usize, o: &mut [[f32; MR]; NR]) {
+        let qb = qt.quant_bytes();
+        for b in 0..nb {
+            let sc = &scales[b * 2 * NR..(b + 1) * 2 * NR];
+            for (wr, orow) in o.iter_mut().enumerate() {
+                let q = &qs[(b * NR + wr) * qb..(b * NR + wr + 1) * qb];
+                for (t, ov) in orow.iter_mut().enumerate().take(r) {
+                    let ab = &a[t * nb + b];
+                    let isum: i32 = match qt {
+                        QType::Q8_0 => q.iter().zip(&ab.qs).map(|(&w, &x)| w as i8 as i32 * x as i32).sum(),
+                        _ => (0..16).map(|j| (q[j] & 0x0F) as i32 * ab.qs[j] as i32 + (q[j] >> 4) as i32 * ab.qs[j + 16] as i32).sum(),
+                    };
+                    *ov += sc[wr] * ab.d * isum as f32 + sc[NR + wr] * ab.s;
+                }
+            }
+        }
+    }
+
     /// Dequantizes a whole row (for references).
     pub fn dequantize_row(qt: QType, w: &[u8], out: &mut Vec<f32>) {
         for blk in w.chunks_exact(qt.block_bytes()) {
@@ -261,24 +321,6 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn f16_to_f32(p: *const u8) -> f32 {
-        let bits = u16::from_le_bytes([*p, *p.add(1)]);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    }
-
-    /// 16 bytes of packed nibbles → 32 unsigned bytes (low nibbles first, then high), GGUF order.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
-        let q = _mm_loadu_si128(p as *const __m128i);
-        let mask = _mm_set1_epi8(0x0F);
-        let lo = _mm_and_si128(q, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-        _mm256_set_m128i(hi, lo)
-    }
-
     /// Σ over 32 lanes of u8 · i8 as 8 i32 lanes converted to f32.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -287,62 +329,68 @@ mod avx2 {
         _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
     }
 
-    pub unsafe fn dot_rows(qt: QType, w: &[u8], a: &[BlockQ8], nb: usize, out: &mut [f32]) {
-        debug_assert!(out.len() <= MR && a.len() >= out.len() * nb && w.len() == nb * qt.block_bytes());
-        match (qt, out.len()) {
-            (QType::Q4_0, 1) => kernel::<1, 0>(w, a, nb, out),
-            (QType::Q4_0, 2) => kernel::<2, 0>(w, a, nb, out),
-            (QType::Q4_0, 3) => kernel::<3, 0>(w, a, nb, out),
-            (QType::Q4_0, _) => kernel::<4, 0>(w, a, nb, out),
-            (QType::Q4_1, 1) => kernel::<1, 1>(w, a, nb, out),
-            (QType::Q4_1, 2) => kernel::<2, 1>(w, a, nb, out),
-            (QType::Q4_1, 3) => kernel::<3, 1>(w, a, nb, out),
-            (QType::Q4_1, _) => kernel::<4, 1>(w, a, nb, out),
-            (QType::Q8_0, 1) => kernel::<1, 2>(w, a, nb, out),
-            (QType::Q8_0, 2) => kernel::<2, 2>(w, a, nb, out),
-            (QType::Q8_0, 3) => kernel::<3, 2>(w, a, nb, out),
-            (QType::Q8_0, _) => kernel::<4, 2>(w, a, nb, out),
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn tile(qt: QType, scales: &[f32], qs: &[u8], a: &[BlockQ8], nb: usize, r: usize, o: &mut [[f32; MR]; NR]) {
+        debug_assert!((1..=MR).contains(&r) && a.len() >= r * nb);
+        debug_assert!(scales.len() == nb * 2 * NR && qs.len() == nb * NR * qt.quant_bytes());
+        match (qt, r) {
+            (QType::Q8_0, 1) => kernel::<1, false>(scales, qs, a, nb, o),
+            (QType::Q8_0, _) => kernel::<2, false>(scales, qs, a, nb, o),
+            (_, 1) => kernel::<1, true>(scales, qs, a, nb, o),
+            (_, _) => kernel::<2, true>(scales, qs, a, nb, o),
         }
     }
 
-    /// `R` activation rows against one weight row of format `Q` (0: Q4_0, 1: Q4_1, 2: Q8_0); the
-    /// accumulators stay in registers (R and Q are constants).
+    /// Four weight rows × `R` activation rows; `Q4`: 4-bit quants (else 8-bit). Accumulators stay
+    /// in registers: `NR·R` vectors plus one 4-lane vector of minimum terms per activation row.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn kernel<const R: usize, const Q: u8>(w: &[u8], a: &[BlockQ8], nb: usize, out: &mut [f32]) {
-        let bb = match Q {
-            0 => 18,
-            1 => 20,
-            _ => 34,
-        };
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut extra = [0f32; R];
-        let wp = w.as_ptr();
+    unsafe fn kernel<const R: usize, const Q4: bool>(scales: &[f32], qs: &[u8], a: &[BlockQ8], nb: usize, o: &mut [[f32; MR]; NR]) {
+        let qb = if Q4 { 16 } else { 32 };
+        let mut acc = [[_mm256_setzero_ps(); R]; NR];
+        let mut macc = [_mm_setzero_ps(); R];
+        let sp = scales.as_ptr();
+        let qp = qs.as_ptr();
         let ap = a.as_ptr();
+        let mask = _mm256_set1_epi8(0x0F);
+        let shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
         for b in 0..nb {
-            let blk = wp.add(b * bb);
-            let d = f16_to_f32(blk);
-            if Q == 2 {
-                let wq = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-                let wabs = _mm256_sign_epi8(wq, wq);
-                for t in 0..R {
-                    let ab = &*ap.add(t * nb + b);
-                    let aq = _mm256_load_si256(ab.qs.as_ptr() as *const __m256i);
-                    let s = _mm256_sign_epi8(aq, wq);
-                    acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), dot_u8_i8(wabs, s), acc[t]);
+            let sc = sp.add(b * 2 * NR);
+            let q = qp.add(b * NR * qb);
+            let mut aq = [_mm256_setzero_si256(); R];
+            let mut da = [_mm256_setzero_ps(); R];
+            for t in 0..R {
+                let ab = &*ap.add(t * nb + b);
+                aq[t] = _mm256_load_si256(ab.qs.as_ptr() as *const __m256i);
+                da[t] = _mm256_set1_ps(ab.d);
+                if Q4 {
+                    macc[t] = _mm_fmadd_ps(_mm_loadu_ps(sc.add(NR)), _mm_set1_ps(ab.s), macc[t]);
                 }
-            } else {
-                let wq = unpack_nibbles(blk.add(if Q == 0 { 2 } else { 4 }));
-                let m = if Q == 0 { -8.0 * d } else { f16_to_f32(blk.add(2)) };
-                for t in 0..R {
-                    let ab = &*ap.add(t * nb + b);
-                    let aq = _mm256_load_si256(ab.qs.as_ptr() as *const __m256i);
-                    acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), dot_u8_i8(wq, aq), acc[t]);
-                    extra[t] += m * ab.s;
+            }
+            for wr in 0..NR {
+                let d = _mm256_broadcast_ss(&*sc.add(wr));
+                if Q4 {
+                    // Low nibbles in the low 128 bits (values 0..16), high nibbles above (16..32).
+                    let raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(q.add(wr * 16) as *const __m128i));
+                    let w = _mm256_and_si256(_mm256_srlv_epi32(raw, shift), mask);
+                    for t in 0..R {
+                        acc[wr][t] = _mm256_fmadd_ps(_mm256_mul_ps(d, da[t]), dot_u8_i8(w, aq[t]), acc[wr][t]);
+                    }
+                } else {
+                    let w = _mm256_loadu_si256(q.add(wr * 32) as *const __m256i);
+                    let wabs = _mm256_sign_epi8(w, w);
+                    for t in 0..R {
+                        let s = _mm256_sign_epi8(aq[t], w);
+                        acc[wr][t] = _mm256_fmadd_ps(_mm256_mul_ps(d, da[t]), dot_u8_i8(wabs, s), acc[wr][t]);
+                    }
                 }
             }
         }
         for t in 0..R {
-            out[t] = hsum(acc[t]) + extra[t];
+            let mut mins = [0f32; NR];
+            _mm_storeu_ps(mins.as_mut_ptr(), macc[t]);
+            for wr in 0..NR {
+                o[wr][t] = hsum(acc[wr][t]) + mins[wr];
+            }
         }
     }
 }
@@ -363,7 +411,7 @@ mod tests {
         }
     }
 
-    fn random_weight(qt: QType, rows: usize, cols: usize, rng: &mut Lcg) -> QWeight {
+    fn random_weight(qt: QType, rows: usize, cols: usize, rng: &mut Lcg) -> (QWeight, Vec<u8>) {
         let mut data = Vec::new();
         for _ in 0..rows * cols / QK {
             let d = f16::from_f32(0.01 + 0.05 * rng.f().abs());
@@ -374,7 +422,7 @@ mod tests {
             let n = if qt == QType::Q8_0 { 32 } else { 16 };
             data.extend((0..n).map(|_| rng.next() as u8));
         }
-        QWeight::new(qt, rows, cols, data).unwrap()
+        (QWeight::new(qt, rows, cols, data.clone()).unwrap(), data)
     }
 
     #[test]
@@ -383,12 +431,13 @@ mod tests {
         for qt in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
             // Odd shapes: rows not a multiple of the chunk or of 4, token counts 1..=9.
             for (rows, cols, m) in [(1, 32, 1), (7, 64, 3), (33, 96, 5), (300, 256, 9), (5, 1024, 4), (17, 32, 2)] {
-                let w = random_weight(qt, rows, cols, &mut rng);
+                let (w, raw) = random_weight(qt, rows, cols, &mut rng);
                 let x: Vec<f32> = (0..m * cols).map(|_| rng.f() * 3.0).collect();
-                // Reference: dequantize W, multiply in f64.
+                // Reference: dequantize W from its GGUF bytes, multiply in f64.
                 let mut wd = Vec::new();
+                let rb = cols / QK * qt.block_bytes();
                 for r in 0..rows {
-                    scalar::dequantize_row(qt, &w.data[r * w.row_bytes()..(r + 1) * w.row_bytes()], &mut wd);
+                    scalar::dequantize_row(qt, &raw[r * rb..(r + 1) * rb], &mut wd);
                 }
                 for isa in Isa::available() {
                     let mut out = vec![0f32; m * rows];
@@ -412,8 +461,19 @@ mod tests {
         let mut rng = Lcg(11);
         for qt in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
             let (rows, cols, m) = (70, 320, 7);
-            let w = random_weight(qt, rows, cols, &mut rng);
+            let (w, raw) = random_weight(qt, rows, cols, &mut rng);
             let x: Vec<f32> = (0..m * cols).map(|_| rng.f()).collect();
+            // The GGUF-layout scalar dot product agrees with the packed kernels.
+            let nb = cols / QK;
+            let mut acts = Vec::new();
+            quantize_row_q8(&x[..cols], &mut acts);
+            let rb = nb * qt.block_bytes();
+            let mut first = vec![0f32; m * rows];
+            w.matmul_with(Isa::Scalar, &x, m, &mut first);
+            for r in 0..rows {
+                let d = scalar::dot(qt, &raw[r * rb..(r + 1) * rb], &acts);
+                assert!((d - first[r]).abs() <= 1e-4 * d.abs().max(1.0), "{qt:?} row {r}: {d} vs {}", first[r]);
+            }
             let mut want = vec![0f32; m * rows];
             w.matmul_with(Isa::Scalar, &x, m, &mut want);
             for isa in Isa::available() {

@@ -51,7 +51,9 @@ pub fn write_kv(k: &[f32], v: &[f32], slots: &[usize], shape: &AttentionShape, k
 
 /// Causal attention of the batch's queries over the paged cache (which must already hold the new
 /// tokens' keys and values, see [`write_kv`]). `q` and `out` are `[num_tokens, num_heads, head_dim]`.
-/// Grouped-query attention: query head `h` reads KV head `h / (num_heads / num_kv_heads)`.
+/// Grouped-query attention: query head `h` reads KV head `h / (num_heads / num_kv_heads)`; the query
+/// heads of a group are processed together so each key and value row is read once per group. Token
+/// rows are spread over the rayon pool.
 pub fn paged_attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], seqs: &[SeqAttention<'_>], shape: &AttentionShape, out: &mut [f32]) {
     let hd = shape.head_dim;
     let q_row = shape.num_heads * hd;
@@ -69,11 +71,7 @@ pub fn paged_attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], seqs: &[SeqA
         }
         let seq = &seqs[s];
         let pos = seq.context_len - seq.q_len + (r - seq.q_start);
-        let mut scores = Vec::with_capacity(pos + 1);
-        for h in 0..shape.num_heads {
-            let qh = &q[r * q_row + h * hd..r * q_row + (h + 1) * hd];
-            attend_one(qh, h, pos, seq.block_table, k_cache, v_cache, shape, &mut scores, &mut out_row[h * hd..(h + 1) * hd]);
-        }
+        attend_row(&q[r * q_row..(r + 1) * q_row], pos, seq.block_table, k_cache, v_cache, shape, out_row);
     };
     // Small problems are not worth the thread hand-off.
     if work < 1 << 16 {
@@ -83,51 +81,65 @@ pub fn paged_attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], seqs: &[SeqA
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn attend_one(
-    qh: &[f32],
-    head: usize,
-    pos: usize,
-    table: &[u32],
-    k_cache: &[f32],
-    v_cache: &[f32],
-    shape: &AttentionShape,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
+/// Calls `f(t, offset)` for every visible token `t` in `first..=pos` with the offset of its row
+/// in the cache, walking the block table block by block (no division per token).
+#[inline]
+fn for_each_slot(first: usize, pos: usize, table: &[u32], shape: &AttentionShape, mut f: impl FnMut(usize, usize)) {
+    let bs = shape.block_size;
+    let kv_row = shape.num_kv_heads * shape.head_dim;
+    let mut t = first;
+    while t <= pos {
+        let bi = t / bs;
+        let end = (pos + 1).min((bi + 1) * bs);
+        let base = table[bi] as usize * bs;
+        for tt in t..end {
+            f(tt, (base + tt - bi * bs) * kv_row);
+        }
+        t = end;
+    }
+}
+
+/// All heads of one query row at position `pos`.
+fn attend_row(q: &[f32], pos: usize, table: &[u32], k_cache: &[f32], v_cache: &[f32], shape: &AttentionShape, out: &mut [f32]) {
     let hd = shape.head_dim;
-    let kv_head = head / (shape.num_heads / shape.num_kv_heads);
-    let kv_row = shape.num_kv_heads * hd;
+    let group = shape.num_heads / shape.num_kv_heads;
     let first = match shape.sliding_window {
         Some(w) if pos + 1 > w => pos + 1 - w,
         _ => 0,
     };
-    let offset_of = |t: usize| {
-        let block = table[t / shape.block_size] as usize;
-        (block * shape.block_size + t % shape.block_size) * kv_row + kv_head * hd
-    };
-    scores.clear();
-    let mut max = f32::NEG_INFINITY;
-    for t in first..=pos {
-        let o = offset_of(t);
-        let k = &k_cache[o..o + hd];
-        let s = dot(qh, k) * shape.scale;
-        max = max.max(s);
-        scores.push(s);
-    }
-    let mut sum = 0.0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    let inv = 1.0 / sum;
-    out.fill(0.0);
-    for (i, t) in (first..=pos).enumerate() {
-        let o = offset_of(t);
-        let w = scores[i] * inv;
-        for (acc, &v) in out.iter_mut().zip(&v_cache[o..o + hd]) {
-            *acc += w * v;
+    let n = pos + 1 - first;
+    let mut scores = vec![0f32; group * n];
+    for g in 0..shape.num_kv_heads {
+        let qg = &q[g * group * hd..(g + 1) * group * hd];
+        let koff = g * hd;
+        for_each_slot(first, pos, table, shape, |t, o| {
+            let k = &k_cache[o + koff..o + koff + hd];
+            for h in 0..group {
+                scores[h * n + t - first] = dot(&qg[h * hd..(h + 1) * hd], k) * shape.scale;
+            }
+        });
+        for h in 0..group {
+            let row = &mut scores[h * n..(h + 1) * n];
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
+            for s in row.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|s| *s *= inv);
         }
+        let og = &mut out[g * group * hd..(g + 1) * group * hd];
+        og.fill(0.0);
+        for_each_slot(first, pos, table, shape, |t, o| {
+            let v = &v_cache[o + koff..o + koff + hd];
+            for h in 0..group {
+                let w = scores[h * n + t - first];
+                for (acc, &x) in og[h * hd..(h + 1) * hd].iter_mut().zip(v) {
+                    *acc += w * x;
+                }
+            }
+        });
     }
 }
 

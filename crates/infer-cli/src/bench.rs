@@ -100,7 +100,11 @@ fn model_bytes(spec: &str) -> u64 {
     }
     std::fs::read_dir(p)
         .map(|d| {
-            d.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "safetensors")).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum()
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
         })
         .unwrap_or(0)
 }
@@ -122,7 +126,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.repetitions == 0 {
         bail!("-r must be at least 1");
     }
-    let threads = if args.threads.is_empty() { vec![std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)] } else { args.threads.clone() };
+    let threads = if args.threads.is_empty() {
+        vec![std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)]
+    } else {
+        args.threads.clone()
+    };
     if threads.contains(&0) {
         bail!("-t: thread counts must be at least 1");
     }

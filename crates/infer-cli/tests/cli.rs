@@ -151,3 +151,24 @@ fn help_documents_the_commands() {
         assert!(text.contains(flag), "{flag} missing from run --help");
     }
 }
+
+#[test]
+fn bench_prints_llama_bench_records() {
+    // The tiny fixture keeps this fast; the fields are llama-bench's.
+    let dir = fixtures().join("tiny-llama");
+    let out = infer(&["bench", dir.to_str().unwrap(), "-p", "8", "-n", "4", "-t", "1", "-r", "2", "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let recs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let recs = recs.as_array().unwrap();
+    assert_eq!(recs.len(), 2);
+    for (r, (p, n)) in recs.iter().zip([(8, 0), (0, 4)]) {
+        assert_eq!((r["n_prompt"].as_u64(), r["n_gen"].as_u64(), r["n_threads"].as_u64()), (Some(p), Some(n), Some(1)));
+        assert!(r["avg_ts"].as_f64().unwrap() > 0.0 && r["stddev_ts"].as_f64().is_some());
+        assert_eq!(r["samples_ts"].as_array().unwrap().len(), 2);
+    }
+    let out = infer(&["bench", dir.to_str().unwrap(), "-p", "8", "-n", "0", "-r", "1"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("| pp8 |") && table.contains("| t/s |"), "{table}");
+    assert_clean_error(&infer(&["bench", dir.to_str().unwrap(), "-r", "0"]), &["-r"]);
+    assert_clean_error(&infer(&["bench", dir.to_str().unwrap(), "-o", "xml"]), &["md or json"]);
+}

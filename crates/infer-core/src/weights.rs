@@ -269,7 +269,8 @@ impl WeightSource {
                 self.check_shape(&gguf_name(&wname), q.shape().dims(), &[out_dim, in_dim])?;
                 if let (true, Some(qt), false) = (device.is_cpu(), kernel_qtype(q.dtype()), use_candle_qmatmul()) {
                     let data = q.data()?.into_owned();
-                    let kw = QWeight::new(qt, out_dim, in_dim, data).map_err(|e| Error::bad_file(path, format!("tensor `{wname}`: {e}")))?;
+                    let kw =
+                        QWeight::new(qt, out_dim, in_dim, data).map_err(|e| Error::bad_file(path, format!("tensor `{wname}`: {e}")))?;
                     return Ok(Linear::from_kernel_weight(kw, b));
                 }
                 QMatMul::from_arc(Arc::new(q))?

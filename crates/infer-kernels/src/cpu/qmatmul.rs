@@ -130,7 +130,7 @@ impl QType {
 impl QWeight {
     /// Repacks GGUF block data `[rows, cols]`; checks the size.
     pub fn new(qtype: QType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, String> {
-        if cols % QK != 0 {
+        if !cols.is_multiple_of(QK) {
             return Err(format!("{qtype:?} weight with {cols} columns: the row length must be a multiple of {QK}"));
         }
         let bb = qtype.block_bytes();
@@ -247,6 +247,7 @@ pub mod scalar {
     use super::*;
 
     /// One weight row (in `qt` blocks) · one quantized activation row.
+    #[allow(clippy::needless_range_loop)]
     pub fn dot(qt: QType, w: &[u8], a: &[BlockQ8]) -> f32 {
         let bb = qt.block_bytes();
         let mut sum = 0f32;
@@ -344,6 +345,7 @@ mod avx2 {
     /// Four weight rows × `R` activation rows; `Q4`: 4-bit quants (else 8-bit). Accumulators stay
     /// in registers: `NR·R` vectors plus one 4-lane vector of minimum terms per activation row.
     #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::needless_range_loop)]
     unsafe fn kernel<const R: usize, const Q4: bool>(scales: &[f32], qs: &[u8], a: &[BlockQ8], nb: usize, o: &mut [[f32; MR]; NR]) {
         let qb = if Q4 { 16 } else { 32 };
         let mut acc = [[_mm256_setzero_ps(); R]; NR];
@@ -448,7 +450,10 @@ mod tests {
                             let scale: f64 = (0..cols).map(|k| (x[t * cols + k] as f64 * wd[r * cols + k] as f64).abs()).sum();
                             let got = out[t * rows + r] as f64;
                             // 8-bit activations: error well under 1% of Σ|x·w|.
-                            assert!((got - exact).abs() <= 0.01 * scale + 1e-5, "{qt:?} {isa:?} [{rows}x{cols}] m={m} t={t} r={r}: {got} vs {exact}");
+                            assert!(
+                                (got - exact).abs() <= 0.01 * scale + 1e-5,
+                                "{qt:?} {isa:?} [{rows}x{cols}] m={m} t={t} r={r}: {got} vs {exact}"
+                            );
                         }
                     }
                 }

@@ -172,6 +172,19 @@ impl Sampler {
         if cand.is_empty() {
             return argmax(l);
         }
+        // Plain temperature sampling (OpenAI's defaults: no top-k, top-p or min-p) needs no sorting.
+        if (p.top_k == 0 || p.top_k >= cand.len()) && p.top_p >= 1.0 && p.min_p <= 0.0 {
+            let max = cand.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.1));
+            let probs: Vec<f32> = cand.iter().map(|c| (c.1 - max).exp()).collect();
+            let mut u = self.rng.random::<f32>() * probs.iter().sum::<f32>();
+            for (c, &pr) in cand.iter().zip(&probs) {
+                u -= pr;
+                if u <= 0.0 {
+                    return c.0;
+                }
+            }
+            return cand[cand.len() - 1].0;
+        }
         // Most likely first; top-k only needs a partial sort.
         let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < cand.len() {
@@ -277,6 +290,22 @@ mod tests {
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
+    }
+
+    #[test]
+    fn plain_temperature_sampling_follows_the_softmax() {
+        let logits = [2.0f32, 1.0, 0.0, -10.0];
+        let mut s = Sampler::new(params(|_| {}), &[]);
+        let mut counts = [0usize; 4];
+        let n = 20000;
+        for _ in 0..n {
+            counts[s.sample(&logits).token as usize] += 1;
+        }
+        let z: f32 = logits.iter().map(|l| l.exp()).sum();
+        for (i, &c) in counts.iter().enumerate() {
+            let want = logits[i].exp() / z;
+            assert!((c as f32 / n as f32 - want).abs() < 0.015, "token {i}: {} vs {want}", c as f32 / n as f32);
+        }
     }
 
     #[test]

@@ -1,12 +1,13 @@
 //! Quantized matrix multiplication on the CPU: `y = x Wᵀ` with `W` in GGUF block formats (Q4_0,
-//! Q4_1, Q8_0) kept as loaded, `x` in f32.
+//! Q4_1, Q8_0), `x` in f32.
 //!
-//! The activations are quantized once per call to 8-bit blocks of 32 (a scale, the integer sum, 32
-//! signed bytes); each output is then a sum over blocks of integer dot products scaled in f32. Rows of
-//! `x` are processed four at a time against each weight block, so a weight block is loaded and
-//! unpacked once for four tokens (prefill and batched decode), and output rows are split across the
-//! rayon pool. The AVX2+FMA path is chosen at run time when the CPU has it; a portable scalar path
-//! is the reference and the fallback.
+//! Weights are repacked once at load (see [`QWeight`]). The activations are quantized once per call
+//! to 8-bit blocks of 32 (a scale, `d·Σq`, 32 signed bytes); each output is a sum over blocks of
+//! integer dot products scaled in f32. A register tile of four weight rows × up to four tokens
+//! streams each weight block once for several tokens (prefill and batched decode); row groups are
+//! split across the rayon pool. The instruction set is chosen at run time: AVX2+FMA with VNNI byte
+//! dot products (`vpdpbusd`) where AVX-512 VL/VNNI exist, AVX2+FMA (`vpmaddubsw`), or the portable
+//! scalar reference.
 
 use half::f16;
 use rayon::prelude::*;
@@ -42,24 +43,32 @@ pub enum Isa {
     Scalar,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// The AVX2 kernels with VNNI byte dot products (`vpdpbusd` on 256-bit registers, AVX-512 VL).
+    #[cfg(target_arch = "x86_64")]
+    Avx2Vnni,
 }
 
 impl Isa {
     /// The best the running CPU supports.
     pub fn detect() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
-            return Isa::Avx2;
-        }
-        Isa::Scalar
+        static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| *Isa::available().last().expect("scalar is always available"))
     }
 
-    /// Every path this CPU can run (for tests).
+    /// Every path this CPU can run, slowest first (tests force each in turn).
     pub fn available() -> Vec<Isa> {
+        #[allow(unused_mut)]
         let mut v = vec![Isa::Scalar];
         #[cfg(target_arch = "x86_64")]
-        if Isa::detect() == Isa::Avx2 {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
             v.push(Isa::Avx2);
+            if std::env::var_os("INFER_NO_VNNI").is_none()
+                && std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("avx512vnni")
+            {
+                v.push(Isa::Avx2Vnni);
+            }
         }
         v
     }
@@ -114,8 +123,8 @@ impl std::fmt::Debug for QWeight {
 
 /// Weight rows per group.
 pub const NR: usize = 4;
-/// Activation rows handled together against each group.
-pub const MR: usize = 2;
+/// Activation rows handled together against each group (at most).
+pub const MR: usize = 4;
 
 impl QType {
     /// Bytes of quants in one block (without its scales).
@@ -233,6 +242,10 @@ impl QWeight {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2, FMA and F16C.
             Isa::Avx2 => unsafe { avx2::tile(self.qtype, scales, qs, a, nb, r, o) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx2Vnni` is only produced when the CPU reports AVX-512 VL and VNNI
+            // besides AVX2, FMA and F16C.
+            Isa::Avx2Vnni => unsafe { avx2::tile_vnni(self.qtype, scales, qs, a, nb, r, o) },
         }
     }
 }
@@ -330,23 +343,62 @@ mod avx2 {
         _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
     }
 
+    /// The same with one VNNI instruction (no 16-bit intermediate).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    unsafe fn dot_u8_i8_vnni(u: __m256i, s: __m256i) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s))
+    }
+
+    /// [`tile`] with VNNI dot products.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn tile_vnni(qt: QType, scales: &[f32], qs: &[u8], a: &[BlockQ8], nb: usize, r: usize, o: &mut [[f32; MR]; NR]) {
+        tile_body::<true>(qt, scales, qs, a, nb, r, o)
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn tile(qt: QType, scales: &[f32], qs: &[u8], a: &[BlockQ8], nb: usize, r: usize, o: &mut [[f32; MR]; NR]) {
+        tile_body::<false>(qt, scales, qs, a, nb, r, o)
+    }
+
+    #[inline(always)]
+    unsafe fn tile_body<const VNNI: bool>(
+        qt: QType,
+        scales: &[f32],
+        qs: &[u8],
+        a: &[BlockQ8],
+        nb: usize,
+        r: usize,
+        o: &mut [[f32; MR]; NR],
+    ) {
         debug_assert!((1..=MR).contains(&r) && a.len() >= r * nb);
         debug_assert!(scales.len() == nb * 2 * NR && qs.len() == nb * NR * qt.quant_bytes());
-        match (qt, r) {
-            (QType::Q8_0, 1) => kernel::<1, false>(scales, qs, a, nb, o),
-            (QType::Q8_0, _) => kernel::<2, false>(scales, qs, a, nb, o),
-            (_, 1) => kernel::<1, true>(scales, qs, a, nb, o),
-            (_, _) => kernel::<2, true>(scales, qs, a, nb, o),
+        // Two tokens at a time (16 registers hold a 4×2 tile).
+        let mut t0 = 0;
+        while t0 < r {
+            let a = &a[t0 * nb..];
+            match (qt, r - t0) {
+                (QType::Q8_0, 1) => kernel::<1, false, VNNI>(scales, qs, a, nb, o, t0),
+                (QType::Q8_0, _) => kernel::<2, false, VNNI>(scales, qs, a, nb, o, t0),
+                (_, 1) => kernel::<1, true, VNNI>(scales, qs, a, nb, o, t0),
+                (_, _) => kernel::<2, true, VNNI>(scales, qs, a, nb, o, t0),
+            }
+            t0 += 2;
         }
     }
 
     /// Four weight rows × `R` activation rows; `Q4`: 4-bit quants (else 8-bit). Accumulators stay
     /// in registers: `NR·R` vectors plus one 4-lane vector of minimum terms per activation row.
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline(always)]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn kernel<const R: usize, const Q4: bool>(scales: &[f32], qs: &[u8], a: &[BlockQ8], nb: usize, o: &mut [[f32; MR]; NR]) {
+    unsafe fn kernel<const R: usize, const Q4: bool, const VNNI: bool>(
+        scales: &[f32],
+        qs: &[u8],
+        a: &[BlockQ8],
+        nb: usize,
+        o: &mut [[f32; MR]; NR],
+        col0: usize,
+    ) {
         let qb = if Q4 { 16 } else { 32 };
         let mut acc = [[_mm256_setzero_ps(); R]; NR];
         let mut macc = [_mm_setzero_ps(); R];
@@ -375,14 +427,16 @@ mod avx2 {
                     let raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(q.add(wr * 16) as *const __m128i));
                     let w = _mm256_and_si256(_mm256_srlv_epi32(raw, shift), mask);
                     for t in 0..R {
-                        acc[wr][t] = _mm256_fmadd_ps(_mm256_mul_ps(d, da[t]), dot_u8_i8(w, aq[t]), acc[wr][t]);
+                        let p = if VNNI { dot_u8_i8_vnni(w, aq[t]) } else { dot_u8_i8(w, aq[t]) };
+                        acc[wr][t] = _mm256_fmadd_ps(_mm256_mul_ps(d, da[t]), p, acc[wr][t]);
                     }
                 } else {
                     let w = _mm256_loadu_si256(q.add(wr * 32) as *const __m256i);
                     let wabs = _mm256_sign_epi8(w, w);
                     for t in 0..R {
                         let s = _mm256_sign_epi8(aq[t], w);
-                        acc[wr][t] = _mm256_fmadd_ps(_mm256_mul_ps(d, da[t]), dot_u8_i8(wabs, s), acc[wr][t]);
+                        let p = if VNNI { dot_u8_i8_vnni(wabs, s) } else { dot_u8_i8(wabs, s) };
+                        acc[wr][t] = _mm256_fmadd_ps(_mm256_mul_ps(d, da[t]), p, acc[wr][t]);
                     }
                 }
             }
@@ -391,7 +445,7 @@ mod avx2 {
             let mut mins = [0f32; NR];
             _mm_storeu_ps(mins.as_mut_ptr(), macc[t]);
             for wr in 0..NR {
-                o[wr][t] = hsum(acc[wr][t]) + mins[wr];
+                o[wr][col0 + t] = hsum(acc[wr][t]) + mins[wr];
             }
         }
     }

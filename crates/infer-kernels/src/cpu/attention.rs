@@ -10,6 +10,8 @@
 
 use rayon::prelude::*;
 
+use crate::cpu::qmatmul::Isa;
+
 /// The head geometry of one attention layer.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionShape {
@@ -55,6 +57,19 @@ pub fn write_kv(k: &[f32], v: &[f32], slots: &[usize], shape: &AttentionShape, k
 /// heads of a group are processed together so each key and value row is read once per group. Token
 /// rows are spread over the rayon pool.
 pub fn paged_attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], seqs: &[SeqAttention<'_>], shape: &AttentionShape, out: &mut [f32]) {
+    paged_attention_with(Isa::detect(), q, k_cache, v_cache, seqs, shape, out)
+}
+
+/// [`paged_attention`] with a chosen instruction set (which the CPU must support).
+pub fn paged_attention_with(
+    isa: Isa,
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    seqs: &[SeqAttention<'_>],
+    shape: &AttentionShape,
+    out: &mut [f32],
+) {
     let hd = shape.head_dim;
     let q_row = shape.num_heads * hd;
     // Which sequence each token row belongs to.
@@ -71,7 +86,7 @@ pub fn paged_attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], seqs: &[SeqA
         }
         let seq = &seqs[s];
         let pos = seq.context_len - seq.q_len + (r - seq.q_start);
-        attend_row(&q[r * q_row..(r + 1) * q_row], pos, seq.block_table, k_cache, v_cache, shape, out_row);
+        attend_row(isa, &q[r * q_row..(r + 1) * q_row], pos, seq.block_table, k_cache, v_cache, shape, out_row);
     };
     // Small problems are not worth the thread hand-off.
     if work < 1 << 16 {
@@ -99,8 +114,27 @@ fn for_each_slot(first: usize, pos: usize, table: &[u32], shape: &AttentionShape
     }
 }
 
-/// All heads of one query row at position `pos`.
-fn attend_row(q: &[f32], pos: usize, table: &[u32], k_cache: &[f32], v_cache: &[f32], shape: &AttentionShape, out: &mut [f32]) {
+/// All heads of one query row at position `pos`: the AVX2 kernel for the usual head sizes, else
+/// the portable loop.
+#[allow(clippy::too_many_arguments)]
+fn attend_row(isa: Isa, q: &[f32], pos: usize, table: &[u32], k_cache: &[f32], v_cache: &[f32], shape: &AttentionShape, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Scalar {
+        // SAFETY: every non-scalar Isa implies AVX2 and FMA.
+        unsafe {
+            let a = (q, pos, table, k_cache, v_cache, shape);
+            match shape.head_dim {
+                32 => return avx2::attend_row::<4>(a.0, a.1, a.2, a.3, a.4, a.5, out),
+                64 => return avx2::attend_row::<8>(a.0, a.1, a.2, a.3, a.4, a.5, out),
+                80 => return avx2::attend_row::<10>(a.0, a.1, a.2, a.3, a.4, a.5, out),
+                96 => return avx2::attend_row::<12>(a.0, a.1, a.2, a.3, a.4, a.5, out),
+                128 => return avx2::attend_row::<16>(a.0, a.1, a.2, a.3, a.4, a.5, out),
+                256 => return avx2::attend_row::<32>(a.0, a.1, a.2, a.3, a.4, a.5, out),
+                _ => {}
+            }
+        }
+    }
+    let _ = isa;
     let hd = shape.head_dim;
     let group = shape.num_heads / shape.num_kv_heads;
     let first = match shape.sliding_window {
@@ -160,6 +194,108 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// All heads of one query row; `HD8 = head_dim / 8`. Each query head lives in registers (scaled
+    /// once) while its keys stream by; the output head accumulates in registers over the values.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::needless_range_loop)]
+    pub unsafe fn attend_row<const HD8: usize>(
+        q: &[f32],
+        pos: usize,
+        table: &[u32],
+        k_cache: &[f32],
+        v_cache: &[f32],
+        shape: &AttentionShape,
+        out: &mut [f32],
+    ) {
+        let hd = HD8 * 8;
+        debug_assert_eq!(hd, shape.head_dim);
+        let group = shape.num_heads / shape.num_kv_heads;
+        let first = match shape.sliding_window {
+            Some(w) if pos + 1 > w => pos + 1 - w,
+            _ => 0,
+        };
+        let n = pos + 1 - first;
+        let bs = shape.block_size;
+        let kv_row = shape.num_kv_heads * hd;
+        let mut scores = vec![0f32; n];
+        let kp = k_cache.as_ptr();
+        let vp = v_cache.as_ptr();
+        for head in 0..shape.num_heads {
+            let koff = (head / group) * hd;
+            let qh = q.as_ptr().add(head * hd);
+            let scale = _mm256_set1_ps(shape.scale);
+            let mut qv = [_mm256_setzero_ps(); HD8];
+            for c in 0..HD8 {
+                qv[c] = _mm256_mul_ps(_mm256_loadu_ps(qh.add(c * 8)), scale);
+            }
+            let mut max = f32::NEG_INFINITY;
+            let mut t = first;
+            while t <= pos {
+                let bi = t / bs;
+                let end = (pos + 1).min((bi + 1) * bs);
+                let base = table[bi] as usize * bs;
+                for tt in t..end {
+                    let k = kp.add((base + tt - bi * bs) * kv_row + koff);
+                    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                    let mut c = 0;
+                    while c + 1 < HD8 {
+                        a0 = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(k.add(c * 8)), a0);
+                        a1 = _mm256_fmadd_ps(qv[c + 1], _mm256_loadu_ps(k.add(c * 8 + 8)), a1);
+                        c += 2;
+                    }
+                    if c < HD8 {
+                        a0 = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(k.add(c * 8)), a0);
+                    }
+                    let s = hsum(_mm256_add_ps(a0, a1));
+                    scores[tt - first] = s;
+                    max = max.max(s);
+                }
+                t = end;
+            }
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let mut acc = [_mm256_setzero_ps(); HD8];
+            let mut t = first;
+            while t <= pos {
+                let bi = t / bs;
+                let end = (pos + 1).min((bi + 1) * bs);
+                let base = table[bi] as usize * bs;
+                for tt in t..end {
+                    let v = vp.add((base + tt - bi * bs) * kv_row + koff);
+                    let w = _mm256_set1_ps(scores[tt - first]);
+                    for c in 0..HD8 {
+                        acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v.add(c * 8)), acc[c]);
+                    }
+                }
+                t = end;
+            }
+            let inv = _mm256_set1_ps(1.0 / sum);
+            let oh = out.as_mut_ptr().add(head * hd);
+            for c in 0..HD8 {
+                _mm256_storeu_ps(oh.add(c * 8), _mm256_mul_ps(acc[c], inv));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,8 +347,11 @@ mod tests {
 
     #[test]
     fn paged_matches_dense_ragged_gqa_and_window() {
-        for window in [None, Some(3)] {
-            let sh = AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 8, block_size: 4, scale: 0.35, sliding_window: window };
+        for (window, head_dim, isa) in [None, Some(3)]
+            .into_iter()
+            .flat_map(|w| [8, 64, 72].into_iter().flat_map(move |hd| Isa::available().into_iter().map(move |isa| (w, hd, isa))))
+        {
+            let sh = AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim, block_size: 4, scale: 0.35, sliding_window: window };
             let kv_row = sh.num_kv_heads * sh.head_dim;
             let num_blocks = 16;
             let mut kc = vec![0.0; num_blocks * sh.block_size * kv_row];
@@ -242,13 +381,13 @@ mod tests {
                 SeqAttention { q_start: 1, q_len: 9, context_len: 9, block_table: &tables[1] },
             ];
             let mut out = vec![f32::NAN; q.len()];
-            paged_attention(&q, &kc, &vc, &seqs, &sh, &mut out);
+            paged_attention_with(isa, &q, &kc, &vc, &seqs, &sh, &mut out);
             let qr = sh.num_heads * sh.head_dim;
             let r0 = reference(&q[..qr], &full[0].0, &full[0].1, new[0], ctx[0], &sh);
             let r1 = reference(&q[qr..], &full[1].0, &full[1].1, new[1], ctx[1], &sh);
             let expect: Vec<f32> = r0.into_iter().chain(r1).collect();
             for (a, b) in out.iter().zip(&expect) {
-                assert!((a - b).abs() < 1e-5, "window {window:?}: {a} vs {b}");
+                assert!((a - b).abs() < 1e-5, "window {window:?} head_dim {head_dim} {isa:?}: {a} vs {b}");
             }
         }
     }

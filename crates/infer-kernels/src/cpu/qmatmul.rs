@@ -86,19 +86,31 @@ pub struct BlockQ8 {
 /// Quantizes `x` (length a multiple of 32) to 8-bit blocks, appending to `out`.
 pub fn quantize_row_q8(x: &[f32], out: &mut Vec<BlockQ8>) {
     debug_assert_eq!(x.len() % QK, 0);
-    for chunk in x.chunks_exact(QK) {
-        let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut qs = [0i8; QK];
-        let mut isum = 0i32;
-        for (q, &v) in qs.iter_mut().zip(chunk) {
-            *q = (v * id).round() as i8;
-            isum += *q as i32;
-        }
-        out.push(BlockQ8 { qs, d, s: d * isum as f32 });
-    }
+    out.extend(x.chunks_exact(QK).map(quantize_block));
 }
+
+/// One block of 32 values (round to nearest, ties to even: adding and subtracting 1.5·2²³ rounds
+/// any |v| ≤ 127 exactly, and vectorizes where `round()` is a library call).
+#[inline]
+fn quantize_block(chunk: &[f32]) -> BlockQ8 {
+    const MAGIC: f32 = 12_582_912.0;
+    let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut qs = [0i8; QK];
+    for (q, &v) in qs.iter_mut().zip(chunk) {
+        *q = ((v * id + MAGIC) - MAGIC) as i8;
+    }
+    let isum: i32 = qs.iter().map(|&q| q as i32).sum();
+    BlockQ8 { qs, d, s: d * isum as f32 }
+}
+
+/// Shares the output matrix between the tasks of one matmul; each task writes only its own rows.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (their own row groups) and the matmul waits for all of them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
 
 /// A weight matrix `[rows, cols]` from GGUF blocks, repacked once at load for the kernels: rows in
 /// groups of four, and for each (group, block) the four rows' scales and minimums as f32 followed by
@@ -191,45 +203,36 @@ impl QWeight {
         assert_eq!(x.len(), m * self.cols, "x must be [m, cols]");
         assert_eq!(out.len(), m * self.rows, "out must be [m, rows]");
         let nb = self.cols / QK;
-        let mut acts = Vec::with_capacity(m * nb);
-        for r in x.chunks_exact(self.cols) {
-            quantize_row_q8(r, &mut acts);
-        }
+        let acts: Vec<BlockQ8> =
+            if m >= 16 { x.par_chunks_exact(QK).map(quantize_block).collect() } else { x.chunks_exact(QK).map(quantize_block).collect() };
         let groups = self.rows.div_ceil(NR);
-        // Each task computes a run of row groups for all m tokens into a [rows, m] buffer.
+        let rows = self.rows;
+        // Each task computes a run of row groups for all m tokens, writing its rows of `out`.
         let chunk = (groups / (rayon::current_num_threads() * 4)).clamp(1, 64);
-        let parts: Vec<(usize, Vec<f32>)> = (0..groups.div_ceil(chunk))
-            .into_par_iter()
-            .map(|c| {
-                let g0 = c * chunk;
-                let g1 = (g0 + chunk).min(groups);
-                let mut buf = vec![0f32; (g1 - g0) * NR * m];
-                for g in g0..g1 {
-                    let mut t0 = 0;
-                    while t0 < m {
-                        let r = MR.min(m - t0);
-                        let mut o = [[0f32; MR]; NR];
-                        self.tile(isa, g, &acts[t0 * nb..], nb, r, &mut o);
-                        for (wr, orow) in o.iter().enumerate() {
-                            let base = ((g - g0) * NR + wr) * m + t0;
-                            buf[base..base + r].copy_from_slice(&orow[..r]);
+        let dst = OutPtr(out.as_mut_ptr());
+        (0..groups.div_ceil(chunk)).into_par_iter().for_each(|c| {
+            let dst = dst;
+            let g0 = c * chunk;
+            let g1 = (g0 + chunk).min(groups);
+            for g in g0..g1 {
+                let mut t0 = 0;
+                while t0 < m {
+                    let r = MR.min(m - t0);
+                    let mut o = [[0f32; MR]; NR];
+                    self.tile(isa, g, &acts[t0 * nb..], nb, r, &mut o);
+                    for (wr, orow) in o.iter().enumerate() {
+                        let row = g * NR + wr;
+                        if row < rows {
+                            for (t, &v) in orow[..r].iter().enumerate() {
+                                // SAFETY: in bounds (t0 + t < m, row < rows); row belongs to this task only.
+                                unsafe { *dst.0.add((t0 + t) * rows + row) = v };
+                            }
                         }
-                        t0 += r;
                     }
-                }
-                (g0 * NR, buf)
-            })
-            .collect();
-        for (r0, buf) in parts {
-            for (i, row) in buf.chunks_exact(m).enumerate() {
-                let r = r0 + i;
-                if r < self.rows {
-                    for (t, &v) in row.iter().enumerate() {
-                        out[t * self.rows + r] = v;
-                    }
+                    t0 += r;
                 }
             }
-        }
+        });
     }
 
     /// One row group × `r` (≤ MR) activation rows starting at `a` → `o[weight row][token]`.

@@ -112,6 +112,17 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// The element at `i` (a method, so closures capture the whole `Send` wrapper).
+    ///
+    /// # Safety
+    /// `i` must be in bounds of the output and written by one task only.
+    #[inline]
+    unsafe fn at(self, i: usize) -> *mut f32 {
+        self.0.add(i)
+    }
+}
+
 /// A weight matrix `[rows, cols]` from GGUF blocks, repacked once at load for the kernels: rows in
 /// groups of four, and for each (group, block) the four rows' scales and minimums as f32 followed by
 /// their four blocks of quants, so one pass streams a group's weights in order and one activation
@@ -211,7 +222,6 @@ impl QWeight {
         let chunk = (groups / (rayon::current_num_threads() * 4)).clamp(1, 64);
         let dst = OutPtr(out.as_mut_ptr());
         (0..groups.div_ceil(chunk)).into_par_iter().for_each(|c| {
-            let dst = dst;
             let g0 = c * chunk;
             let g1 = (g0 + chunk).min(groups);
             for g in g0..g1 {
@@ -225,7 +235,7 @@ impl QWeight {
                         if row < rows {
                             for (t, &v) in orow[..r].iter().enumerate() {
                                 // SAFETY: in bounds (t0 + t < m, row < rows); row belongs to this task only.
-                                unsafe { *dst.0.add((t0 + t) * rows + row) = v };
+                                unsafe { *dst.at((t0 + t) * rows + row) = v };
                             }
                         }
                     }

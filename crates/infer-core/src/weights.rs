@@ -36,6 +36,9 @@ fn kernel_qtype(t: GgmlDType) -> Option<QType> {
         GgmlDType::Q4_0 => Some(QType::Q4_0),
         GgmlDType::Q4_1 => Some(QType::Q4_1),
         GgmlDType::Q8_0 => Some(QType::Q8_0),
+        GgmlDType::Q4K => Some(QType::Q4K),
+        GgmlDType::Q5_0 => Some(QType::Q5_0),
+        GgmlDType::Q5_1 => Some(QType::Q5_1),
         _ => None,
     }
 }

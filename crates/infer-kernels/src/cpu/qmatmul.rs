@@ -24,15 +24,39 @@ pub enum QType {
     Q4_1,
     /// `d: f16, qs: [i8; 32]`, value = d · q.
     Q8_0,
+    /// `d: f16, qh: u32, qs: [u8; 16]`, value = d · (q5 − 16). Repacked exactly into 8-bit form.
+    Q5_0,
+    /// `d, m: f16, qh: u32, qs: [u8; 16]`, value = d · q5 + m. Repacked exactly into 8-bit form.
+    Q5_1,
+    /// K-quant super-blocks of 256: `d, dmin: f16, scales: [u8; 12]` (6-bit scale and minimum of
+    /// each 32-value sub-block), `qs: [u8; 128]`; value = d·sc·q − dmin·m. Repacked exactly into
+    /// the Q4_1 form (per-sub-block f32 scale and minimum).
+    Q4K,
 }
 
 impl QType {
-    /// Bytes of one block of 32 values.
+    /// Bytes of one block (of [`block_values`](Self::block_values) values).
     pub fn block_bytes(self) -> usize {
         match self {
             QType::Q4_0 => 18,
             QType::Q4_1 => 20,
             QType::Q8_0 => 34,
+            QType::Q5_0 => 22,
+            QType::Q5_1 => 24,
+            QType::Q4K => 144,
+        }
+    }
+
+    /// Whether the repacked form holds one signed byte per value (else two 4-bit values per byte).
+    fn byte_quants(self) -> bool {
+        matches!(self, QType::Q8_0 | QType::Q5_0 | QType::Q5_1)
+    }
+
+    /// Values per block: 32, or 256 for K-quants.
+    pub fn block_values(self) -> usize {
+        match self {
+            QType::Q4K => 256,
+            _ => QK,
         }
     }
 }
@@ -153,8 +177,8 @@ impl QType {
     /// Bytes of quants in one block (without its scales).
     fn quant_bytes(self) -> usize {
         match self {
-            QType::Q4_0 | QType::Q4_1 => 16,
-            QType::Q8_0 => 32,
+            QType::Q4_0 | QType::Q4_1 | QType::Q4K => 16,
+            QType::Q8_0 | QType::Q5_0 | QType::Q5_1 => 32,
         }
     }
 }
@@ -162,11 +186,12 @@ impl QType {
 impl QWeight {
     /// Repacks GGUF block data `[rows, cols]`; checks the size.
     pub fn new(qtype: QType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, String> {
-        if !cols.is_multiple_of(QK) {
-            return Err(format!("{qtype:?} weight with {cols} columns: the row length must be a multiple of {QK}"));
+        let bv = qtype.block_values();
+        if !cols.is_multiple_of(bv) {
+            return Err(format!("{qtype:?} weight with {cols} columns: the row length must be a multiple of {bv}"));
         }
         let bb = qtype.block_bytes();
-        let want = rows * cols / QK * bb;
+        let want = rows * cols / bv * bb;
         if data.len() != want {
             return Err(format!("{qtype:?} weight [{rows}, {cols}] needs {want} bytes, got {}", data.len()));
         }
@@ -178,17 +203,41 @@ impl QWeight {
         for row in 0..rows {
             let (g, r) = (row / NR, row % NR);
             for b in 0..nb {
-                let blk = &data[(row * nb + b) * bb..(row * nb + b + 1) * bb];
                 let gb = g * nb + b;
-                let d = f16_at(blk, 0);
-                let (m, q) = match qtype {
-                    QType::Q4_0 => (-8.0 * d, &blk[2..18]),
-                    QType::Q4_1 => (f16_at(blk, 2), &blk[4..20]),
-                    QType::Q8_0 => (0.0, &blk[2..34]),
+                let dst = &mut qs[(gb * NR + r) * qb..(gb * NR + r + 1) * qb];
+                let (d, m) = if qtype == QType::Q4K {
+                    unpack_q4k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
+                } else {
+                    let blk = &data[(row * nb + b) * bb..(row * nb + b + 1) * bb];
+                    let d = f16_at(blk, 0);
+                    match qtype {
+                        QType::Q5_0 | QType::Q5_1 => {
+                            // 5-bit values q in 0..32, stored as q − 16 (a signed byte).
+                            let off = if qtype == QType::Q5_0 { 2 } else { 4 };
+                            let qh = u32::from_le_bytes([blk[off], blk[off + 1], blk[off + 2], blk[off + 3]]);
+                            let ql = &blk[off + 4..off + 20];
+                            for j in 0..16 {
+                                let lo = (ql[j] & 0x0F) | ((((qh >> j) << 4) & 0x10) as u8);
+                                let hi = (ql[j] >> 4) | (((qh >> (j + 12)) & 0x10) as u8);
+                                dst[j] = (lo as i8 - 16) as u8;
+                                dst[j + 16] = (hi as i8 - 16) as u8;
+                            }
+                            let m = if qtype == QType::Q5_0 { 0.0 } else { f16_at(blk, 2) + 16.0 * d };
+                            (d, m)
+                        }
+                        _ => {
+                            let (m, q) = match qtype {
+                                QType::Q4_0 => (-8.0 * d, &blk[2..18]),
+                                QType::Q4_1 => (f16_at(blk, 2), &blk[4..20]),
+                                _ => (0.0, &blk[2..34]),
+                            };
+                            dst.copy_from_slice(q);
+                            (d, m)
+                        }
+                    }
                 };
                 scales[gb * 2 * NR + r] = d;
                 scales[gb * 2 * NR + NR + r] = m;
-                qs[(gb * NR + r) * qb..(gb * NR + r + 1) * qb].copy_from_slice(q);
             }
         }
         Ok(Self { qtype, rows, cols, scales, qs })
@@ -268,11 +317,30 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
+/// Sub-block `j` (0..8) of a Q4_K super-block: writes its 32 quants in the Q4_1 nibble order
+/// (byte i: value i low, value i+16 high) and returns its (scale, minimum) as value = d·q + m.
+fn unpack_q4k_sub_block(blk: &[u8], j: usize, dst: &mut [u8]) -> (f32, f32) {
+    let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+    let sc = &blk[4..16];
+    let (s, m) = if j < 4 {
+        (sc[j] & 63, sc[j + 4] & 63)
+    } else {
+        ((sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4), (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4))
+    };
+    let q = &blk[16 + 32 * (j / 2)..16 + 32 * (j / 2) + 32];
+    let v = |l: usize| if j % 2 == 0 { q[l] & 0x0F } else { q[l] >> 4 };
+    for (i, byte) in dst.iter_mut().enumerate() {
+        *byte = v(i) | (v(i + 16) << 4);
+    }
+    (d * s as f32, -dmin * m as f32)
+}
+
 /// The portable reference kernels.
 pub mod scalar {
     use super::*;
 
-    /// One weight row (in `qt` blocks) · one quantized activation row.
+    /// One weight row (in `qt` blocks, GGUF layout) · one quantized activation row (test reference).
+    #[cfg(test)]
     #[allow(clippy::needless_range_loop)]
     pub fn dot(qt: QType, w: &[u8], a: &[BlockQ8]) -> f32 {
         let bb = qt.block_bytes();
@@ -293,6 +361,7 @@ pub mod scalar {
                     let isum: i32 = blk[2..34].iter().zip(&ab.qs).map(|(&q, &x)| q as i8 as i32 * x as i32).sum();
                     sum += d * ab.d * isum as f32;
                 }
+                QType::Q4K | QType::Q5_0 | QType::Q5_1 => unreachable!("the GGUF-layout reference covers Q4_0, Q4_1, Q8_0"),
             }
         }
         sum
@@ -307,9 +376,10 @@ pub mod scalar {
                 let q = &qs[(b * NR + wr) * qb..(b * NR + wr + 1) * qb];
                 for (t, ov) in orow.iter_mut().enumerate().take(r) {
                     let ab = &a[t * nb + b];
-                    let isum: i32 = match qt {
-                        QType::Q8_0 => q.iter().zip(&ab.qs).map(|(&w, &x)| w as i8 as i32 * x as i32).sum(),
-                        _ => (0..16).map(|j| (q[j] & 0x0F) as i32 * ab.qs[j] as i32 + (q[j] >> 4) as i32 * ab.qs[j + 16] as i32).sum(),
+                    let isum: i32 = if qt.byte_quants() {
+                        q.iter().zip(&ab.qs).map(|(&w, &x)| w as i8 as i32 * x as i32).sum()
+                    } else {
+                        (0..16).map(|j| (q[j] & 0x0F) as i32 * ab.qs[j] as i32 + (q[j] >> 4) as i32 * ab.qs[j + 16] as i32).sum()
                     };
                     *ov += sc[wr] * ab.d * isum as f32 + sc[NR + wr] * ab.s;
                 }
@@ -317,7 +387,8 @@ pub mod scalar {
         }
     }
 
-    /// Dequantizes a whole row (for references).
+    /// Dequantizes a whole row (test reference).
+    #[cfg(test)]
     pub fn dequantize_row(qt: QType, w: &[u8], out: &mut Vec<f32>) {
         for blk in w.chunks_exact(qt.block_bytes()) {
             let d = f16_at(blk, 0);
@@ -328,6 +399,7 @@ pub mod scalar {
                     out.extend(qs.iter().map(|&q| d * (q >> 4) as f32 + m));
                 }
                 QType::Q8_0 => out.extend(blk[2..34].iter().map(|&q| d * q as i8 as f32)),
+                QType::Q4K | QType::Q5_0 | QType::Q5_1 => unreachable!("the GGUF-layout reference covers Q4_0, Q4_1, Q8_0"),
             }
         }
     }
@@ -390,11 +462,11 @@ mod avx2 {
         let mut t0 = 0;
         while t0 < r {
             let a = &a[t0 * nb..];
-            match (qt, r - t0) {
-                (QType::Q8_0, 1) => kernel::<1, false, VNNI>(scales, qs, a, nb, o, t0),
-                (QType::Q8_0, _) => kernel::<2, false, VNNI>(scales, qs, a, nb, o, t0),
-                (_, 1) => kernel::<1, true, VNNI>(scales, qs, a, nb, o, t0),
-                (_, _) => kernel::<2, true, VNNI>(scales, qs, a, nb, o, t0),
+            match (qt.byte_quants(), r - t0) {
+                (true, 1) => kernel::<1, false, VNNI>(scales, qs, a, nb, o, t0),
+                (true, _) => kernel::<2, false, VNNI>(scales, qs, a, nb, o, t0),
+                (false, 1) => kernel::<1, true, VNNI>(scales, qs, a, nb, o, t0),
+                (false, _) => kernel::<2, true, VNNI>(scales, qs, a, nb, o, t0),
             }
             t0 += 2;
         }
@@ -429,9 +501,8 @@ mod avx2 {
                 let ab = &*ap.add(t * nb + b);
                 aq[t] = _mm256_load_si256(ab.qs.as_ptr() as *const __m256i);
                 da[t] = _mm256_set1_ps(ab.d);
-                if Q4 {
-                    macc[t] = _mm_fmadd_ps(_mm_loadu_ps(sc.add(NR)), _mm_set1_ps(ab.s), macc[t]);
-                }
+                // Minimum terms (zero for Q8_0 and Q5_0).
+                macc[t] = _mm_fmadd_ps(_mm_loadu_ps(sc.add(NR)), _mm_set1_ps(ab.s), macc[t]);
             }
             for wr in 0..NR {
                 let d = _mm256_broadcast_ss(&*sc.add(wr));
@@ -553,6 +624,35 @@ mod tests {
                 w.matmul_with(isa, &x, m, &mut got);
                 for (g, e) in got.iter().zip(&want) {
                     assert!((g - e).abs() <= 1e-4 * e.abs().max(1.0), "{qt:?} {isa:?}: {g} vs {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn repacked_formats_match_candles_dequantization() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::{Device, Tensor};
+        let mut rng = Lcg(5);
+        for ((rows, cols, m), (gt, qt)) in [(6, 256, 3), (33, 512, 5)]
+            .into_iter()
+            .flat_map(|s| [(GgmlDType::Q4K, QType::Q4K), (GgmlDType::Q5_0, QType::Q5_0), (GgmlDType::Q5_1, QType::Q5_1)].map(|t| (s, t)))
+        {
+            let w: Vec<f32> = (0..rows * cols).map(|_| rng.f() + 0.3).collect();
+            let q = QTensor::quantize(&Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap(), gt).unwrap();
+            let wd: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let kw = QWeight::new(qt, rows, cols, q.data().unwrap().into_owned()).unwrap();
+            let x: Vec<f32> = (0..m * cols).map(|_| rng.f() * 2.0).collect();
+            for isa in Isa::available() {
+                let mut out = vec![0f32; m * rows];
+                kw.matmul_with(isa, &x, m, &mut out);
+                for t in 0..m {
+                    for r in 0..rows {
+                        let exact: f64 = (0..cols).map(|k| x[t * cols + k] as f64 * wd[r * cols + k] as f64).sum();
+                        let scale: f64 = (0..cols).map(|k| (x[t * cols + k] as f64 * wd[r * cols + k] as f64).abs()).sum();
+                        let got = out[t * rows + r] as f64;
+                        assert!((got - exact).abs() <= 0.01 * scale + 1e-5, "{qt:?} {isa:?} m={m} t={t} r={r}: {got} vs {exact}");
+                    }
                 }
             }
         }

@@ -328,7 +328,7 @@ fn unpack_q4k_sub_block(blk: &[u8], j: usize, dst: &mut [u8]) -> (f32, f32) {
         ((sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4), (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4))
     };
     let q = &blk[16 + 32 * (j / 2)..16 + 32 * (j / 2) + 32];
-    let v = |l: usize| if j % 2 == 0 { q[l] & 0x0F } else { q[l] >> 4 };
+    let v = |l: usize| if j.is_multiple_of(2) { q[l] & 0x0F } else { q[l] >> 4 };
     for (i, byte) in dst.iter_mut().enumerate() {
         *byte = v(i) | (v(i + 16) << 4);
     }

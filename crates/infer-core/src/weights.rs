@@ -37,6 +37,7 @@ fn kernel_qtype(t: GgmlDType) -> Option<QType> {
         GgmlDType::Q4_1 => Some(QType::Q4_1),
         GgmlDType::Q8_0 => Some(QType::Q8_0),
         GgmlDType::Q4K => Some(QType::Q4K),
+        GgmlDType::Q6K => Some(QType::Q6K),
         GgmlDType::Q5_0 => Some(QType::Q5_0),
         GgmlDType::Q5_1 => Some(QType::Q5_1),
         _ => None,

@@ -32,6 +32,10 @@ pub enum QType {
     /// each 32-value sub-block), `qs: [u8; 128]`; value = d·sc·q − dmin·m. Repacked exactly into
     /// the Q4_1 form (per-sub-block f32 scale and minimum).
     Q4K,
+    /// K-quant super-blocks of 256: `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16`;
+    /// value = d·sc·(q6 − 32) with one scale per 16 values. Repacked exactly into 8-bit form with
+    /// two scales per 32-value block.
+    Q6K,
 }
 
 impl QType {
@@ -44,18 +48,25 @@ impl QType {
             QType::Q5_0 => 22,
             QType::Q5_1 => 24,
             QType::Q4K => 144,
+            QType::Q6K => 210,
         }
     }
 
     /// Whether the repacked form holds one signed byte per value (else two 4-bit values per byte).
     fn byte_quants(self) -> bool {
-        matches!(self, QType::Q8_0 | QType::Q5_0 | QType::Q5_1)
+        matches!(self, QType::Q8_0 | QType::Q5_0 | QType::Q5_1 | QType::Q6K)
+    }
+
+    /// Whether each 32-value block has two scales (one per 16 values, kept where the minimums
+    /// would be; such formats have no minimum).
+    fn half_scales(self) -> bool {
+        self == QType::Q6K
     }
 
     /// Values per block: 32, or 256 for K-quants.
     pub fn block_values(self) -> usize {
         match self {
-            QType::Q4K => 256,
+            QType::Q4K | QType::Q6K => 256,
             _ => QK,
         }
     }
@@ -178,7 +189,7 @@ impl QType {
     fn quant_bytes(self) -> usize {
         match self {
             QType::Q4_0 | QType::Q4_1 | QType::Q4K => 16,
-            QType::Q8_0 | QType::Q5_0 | QType::Q5_1 => 32,
+            QType::Q8_0 | QType::Q5_0 | QType::Q5_1 | QType::Q6K => 32,
         }
     }
 }
@@ -207,6 +218,8 @@ impl QWeight {
                 let dst = &mut qs[(gb * NR + r) * qb..(gb * NR + r + 1) * qb];
                 let (d, m) = if qtype == QType::Q4K {
                     unpack_q4k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
+                } else if qtype == QType::Q6K {
+                    unpack_q6k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
                 } else {
                     let blk = &data[(row * nb + b) * bb..(row * nb + b + 1) * bb];
                     let d = f16_at(blk, 0);
@@ -335,6 +348,27 @@ fn unpack_q4k_sub_block(blk: &[u8], j: usize, dst: &mut [u8]) -> (f32, f32) {
     (d * s as f32, -dmin * m as f32)
 }
 
+/// Sub-block `j` (0..8) of a Q6_K super-block: writes its 32 values as signed bytes (q6 − 32) and
+/// returns the scales of its two halves (values 0..16 and 16..32).
+fn unpack_q6k_sub_block(blk: &[u8], j: usize, dst: &mut [u8]) -> (f32, f32) {
+    let (n, k) = (j / 4, j % 4);
+    let ql = &blk[n * 64..n * 64 + 64];
+    let qh = &blk[128 + n * 32..128 + n * 32 + 32];
+    let sc = &blk[192 + n * 8..192 + n * 8 + 8];
+    let d = f16_at(blk, 208);
+    for (l, out) in dst.iter_mut().enumerate() {
+        let low = match k {
+            0 => ql[l] & 0x0F,
+            1 => ql[l + 32] & 0x0F,
+            2 => ql[l] >> 4,
+            _ => ql[l + 32] >> 4,
+        };
+        let high = (qh[l] >> (2 * k)) & 3;
+        *out = ((low | (high << 4)) as i8 - 32) as u8;
+    }
+    (d * sc[2 * k] as i8 as f32, d * sc[2 * k + 1] as i8 as f32)
+}
+
 /// The portable reference kernels.
 pub mod scalar {
     use super::*;
@@ -361,7 +395,7 @@ pub mod scalar {
                     let isum: i32 = blk[2..34].iter().zip(&ab.qs).map(|(&q, &x)| q as i8 as i32 * x as i32).sum();
                     sum += d * ab.d * isum as f32;
                 }
-                QType::Q4K | QType::Q5_0 | QType::Q5_1 => unreachable!("the GGUF-layout reference covers Q4_0, Q4_1, Q8_0"),
+                _ => unreachable!("the GGUF-layout reference covers Q4_0, Q4_1, Q8_0"),
             }
         }
         sum
@@ -376,6 +410,11 @@ pub mod scalar {
                 let q = &qs[(b * NR + wr) * qb..(b * NR + wr + 1) * qb];
                 for (t, ov) in orow.iter_mut().enumerate().take(r) {
                     let ab = &a[t * nb + b];
+                    if qt.half_scales() {
+                        let half = |h: usize| -> i32 { (16 * h..16 * h + 16).map(|i| q[i] as i8 as i32 * ab.qs[i] as i32).sum() };
+                        *ov += sc[wr] * ab.d * half(0) as f32 + sc[NR + wr] * ab.d * half(1) as f32;
+                        continue;
+                    }
                     let isum: i32 = if qt.byte_quants() {
                         q.iter().zip(&ab.qs).map(|(&w, &x)| w as i8 as i32 * x as i32).sum()
                     } else {
@@ -399,7 +438,7 @@ pub mod scalar {
                     out.extend(qs.iter().map(|&q| d * (q >> 4) as f32 + m));
                 }
                 QType::Q8_0 => out.extend(blk[2..34].iter().map(|&q| d * q as i8 as f32)),
-                QType::Q4K | QType::Q5_0 | QType::Q5_1 => unreachable!("the GGUF-layout reference covers Q4_0, Q4_1, Q8_0"),
+                _ => unreachable!("the GGUF-layout reference covers Q4_0, Q4_1, Q8_0"),
             }
         }
     }
@@ -462,11 +501,13 @@ mod avx2 {
         let mut t0 = 0;
         while t0 < r {
             let a = &a[t0 * nb..];
-            match (qt.byte_quants(), r - t0) {
-                (true, 1) => kernel::<1, false, VNNI>(scales, qs, a, nb, o, t0),
-                (true, _) => kernel::<2, false, VNNI>(scales, qs, a, nb, o, t0),
-                (false, 1) => kernel::<1, true, VNNI>(scales, qs, a, nb, o, t0),
-                (false, _) => kernel::<2, true, VNNI>(scales, qs, a, nb, o, t0),
+            match (qt.byte_quants(), qt.half_scales(), r - t0) {
+                (true, false, 1) => kernel::<1, false, VNNI, false>(scales, qs, a, nb, o, t0),
+                (true, false, _) => kernel::<2, false, VNNI, false>(scales, qs, a, nb, o, t0),
+                (true, true, 1) => kernel::<1, false, VNNI, true>(scales, qs, a, nb, o, t0),
+                (true, true, _) => kernel::<2, false, VNNI, true>(scales, qs, a, nb, o, t0),
+                (false, _, 1) => kernel::<1, true, VNNI, false>(scales, qs, a, nb, o, t0),
+                (false, _, _) => kernel::<2, true, VNNI, false>(scales, qs, a, nb, o, t0),
             }
             t0 += 2;
         }
@@ -476,7 +517,7 @@ mod avx2 {
     /// in registers: `NR·R` vectors plus one 4-lane vector of minimum terms per activation row.
     #[inline(always)]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn kernel<const R: usize, const Q4: bool, const VNNI: bool>(
+    unsafe fn kernel<const R: usize, const Q4: bool, const VNNI: bool, const HALF: bool>(
         scales: &[f32],
         qs: &[u8],
         a: &[BlockQ8],
@@ -501,11 +542,18 @@ mod avx2 {
                 let ab = &*ap.add(t * nb + b);
                 aq[t] = _mm256_load_si256(ab.qs.as_ptr() as *const __m256i);
                 da[t] = _mm256_set1_ps(ab.d);
-                // Minimum terms (zero for Q8_0 and Q5_0).
-                macc[t] = _mm_fmadd_ps(_mm_loadu_ps(sc.add(NR)), _mm_set1_ps(ab.s), macc[t]);
+                // Minimum terms (zero for Q8_0 and Q5_0; the slots hold second scales with HALF).
+                if !HALF {
+                    macc[t] = _mm_fmadd_ps(_mm_loadu_ps(sc.add(NR)), _mm_set1_ps(ab.s), macc[t]);
+                }
             }
             for wr in 0..NR {
-                let d = _mm256_broadcast_ss(&*sc.add(wr));
+                // With HALF, lanes 0..4 (values 0..16) take the first scale, lanes 4..8 the second.
+                let d = if HALF {
+                    _mm256_set_m128(_mm_set1_ps(*sc.add(NR + wr)), _mm_set1_ps(*sc.add(wr)))
+                } else {
+                    _mm256_broadcast_ss(&*sc.add(wr))
+                };
                 if Q4 {
                     // Low nibbles in the low 128 bits (values 0..16), high nibbles above (16..32).
                     let raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(q.add(wr * 16) as *const __m128i));
@@ -634,11 +682,12 @@ mod tests {
         use candle_core::quantized::{GgmlDType, QTensor};
         use candle_core::{Device, Tensor};
         let mut rng = Lcg(5);
-        for ((rows, cols, m), (gt, qt)) in [(6, 256, 3), (33, 512, 5)]
-            .into_iter()
-            .flat_map(|s| [(GgmlDType::Q4K, QType::Q4K), (GgmlDType::Q5_0, QType::Q5_0), (GgmlDType::Q5_1, QType::Q5_1)].map(|t| (s, t)))
-        {
-            let w: Vec<f32> = (0..rows * cols).map(|_| rng.f() + 0.3).collect();
+        for ((rows, cols, m), (gt, qt)) in [(6, 256, 3), (33, 512, 5)].into_iter().flat_map(|s| {
+            [(GgmlDType::Q4K, QType::Q4K), (GgmlDType::Q6K, QType::Q6K), (GgmlDType::Q5_0, QType::Q5_0), (GgmlDType::Q5_1, QType::Q5_1)]
+                .map(|t| (s, t))
+        }) {
+            // Magnitudes that change every 16 values, so each (sub-)block scale matters.
+            let w: Vec<f32> = (0..rows * cols).map(|i| (rng.f() + 0.3) * [0.2, 1.0, 4.0][(i / 16) % 3]).collect();
             let q = QTensor::quantize(&Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap(), gt).unwrap();
             let wd: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             let kw = QWeight::new(qt, rows, cols, q.data().unwrap().into_owned()).unwrap();

@@ -96,21 +96,46 @@ pub fn paged_attention_with(
     }
 }
 
-/// Calls `f(t, offset)` for every visible token `t` in `first..=pos` with the offset of its row
-/// in the cache, walking the block table block by block (no division per token).
-#[inline]
-fn for_each_slot(first: usize, pos: usize, table: &[u32], shape: &AttentionShape, mut f: impl FnMut(usize, usize)) {
-    let bs = shape.block_size;
-    let kv_row = shape.num_kv_heads * shape.head_dim;
-    let mut t = first;
-    while t <= pos {
-        let bi = t / bs;
-        let end = (pos + 1).min((bi + 1) * bs);
-        let base = table[bi] as usize * bs;
-        for tt in t..end {
-            f(tt, (base + tt - bi * bs) * kv_row);
+/// The visible tokens `first..=pos` of a sequence with their cache row offsets
+/// (`slot · num_kv_heads · head_dim`), walking the block table block by block (no division per
+/// token). Yields `(i, offset)` with `i = t − first`.
+struct Slots<'a> {
+    table: &'a [u32],
+    block_size: usize,
+    kv_row: usize,
+    first: usize,
+    end: usize,
+    t: usize,
+    /// Offset of token `t` and where its block ends.
+    offset: usize,
+    block_end: usize,
+}
+
+impl<'a> Slots<'a> {
+    #[inline(always)]
+    fn new(first: usize, pos: usize, table: &'a [u32], shape: &AttentionShape) -> Self {
+        let kv_row = shape.num_kv_heads * shape.head_dim;
+        Self { table, block_size: shape.block_size, kv_row, first, end: pos + 1, t: first, offset: 0, block_end: first }
+    }
+}
+
+impl Iterator for Slots<'_> {
+    type Item = (usize, usize);
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<(usize, usize)> {
+        if self.t >= self.end {
+            return None;
         }
-        t = end;
+        if self.t == self.block_end {
+            let bi = self.t / self.block_size;
+            self.block_end = ((bi + 1) * self.block_size).min(self.end);
+            self.offset = (self.table[bi] as usize * self.block_size + self.t % self.block_size) * self.kv_row;
+        }
+        let item = (self.t - self.first, self.offset);
+        self.t += 1;
+        self.offset += self.kv_row;
+        Some(item)
     }
 }
 
@@ -146,12 +171,12 @@ fn attend_row(isa: Isa, q: &[f32], pos: usize, table: &[u32], k_cache: &[f32], v
     for g in 0..shape.num_kv_heads {
         let qg = &q[g * group * hd..(g + 1) * group * hd];
         let koff = g * hd;
-        for_each_slot(first, pos, table, shape, |t, o| {
+        for (i, o) in Slots::new(first, pos, table, shape) {
             let k = &k_cache[o + koff..o + koff + hd];
             for h in 0..group {
-                scores[h * n + t - first] = dot(&qg[h * hd..(h + 1) * hd], k) * shape.scale;
+                scores[h * n + i] = dot(&qg[h * hd..(h + 1) * hd], k) * shape.scale;
             }
-        });
+        }
         for h in 0..group {
             let row = &mut scores[h * n..(h + 1) * n];
             let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -165,15 +190,15 @@ fn attend_row(isa: Isa, q: &[f32], pos: usize, table: &[u32], k_cache: &[f32], v
         }
         let og = &mut out[g * group * hd..(g + 1) * group * hd];
         og.fill(0.0);
-        for_each_slot(first, pos, table, shape, |t, o| {
+        for (i, o) in Slots::new(first, pos, table, shape) {
             let v = &v_cache[o + koff..o + koff + hd];
             for h in 0..group {
-                let w = scores[h * n + t - first];
+                let w = scores[h * n + i];
                 for (acc, &x) in og[h * hd..(h + 1) * hd].iter_mut().zip(v) {
                     *acc += w * x;
                 }
             }
-        });
+        }
     }
 }
 
@@ -230,8 +255,6 @@ mod avx2 {
             _ => 0,
         };
         let n = pos + 1 - first;
-        let bs = shape.block_size;
-        let kv_row = shape.num_kv_heads * hd;
         let mut scores = vec![0f32; n];
         let kp = k_cache.as_ptr();
         let vp = v_cache.as_ptr();
@@ -244,28 +267,21 @@ mod avx2 {
                 qv[c] = _mm256_mul_ps(_mm256_loadu_ps(qh.add(c * 8)), scale);
             }
             let mut max = f32::NEG_INFINITY;
-            let mut t = first;
-            while t <= pos {
-                let bi = t / bs;
-                let end = (pos + 1).min((bi + 1) * bs);
-                let base = table[bi] as usize * bs;
-                for tt in t..end {
-                    let k = kp.add((base + tt - bi * bs) * kv_row + koff);
-                    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                    let mut c = 0;
-                    while c + 1 < HD8 {
-                        a0 = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(k.add(c * 8)), a0);
-                        a1 = _mm256_fmadd_ps(qv[c + 1], _mm256_loadu_ps(k.add(c * 8 + 8)), a1);
-                        c += 2;
-                    }
-                    if c < HD8 {
-                        a0 = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(k.add(c * 8)), a0);
-                    }
-                    let s = hsum(_mm256_add_ps(a0, a1));
-                    scores[tt - first] = s;
-                    max = max.max(s);
+            for (i, o) in Slots::new(first, pos, table, shape) {
+                let k = kp.add(o + koff);
+                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let mut c = 0;
+                while c + 1 < HD8 {
+                    a0 = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(k.add(c * 8)), a0);
+                    a1 = _mm256_fmadd_ps(qv[c + 1], _mm256_loadu_ps(k.add(c * 8 + 8)), a1);
+                    c += 2;
                 }
-                t = end;
+                if c < HD8 {
+                    a0 = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(k.add(c * 8)), a0);
+                }
+                let s = hsum(_mm256_add_ps(a0, a1));
+                scores[i] = s;
+                max = max.max(s);
             }
             let mut sum = 0f32;
             for s in scores.iter_mut() {
@@ -273,19 +289,12 @@ mod avx2 {
                 sum += *s;
             }
             let mut acc = [_mm256_setzero_ps(); HD8];
-            let mut t = first;
-            while t <= pos {
-                let bi = t / bs;
-                let end = (pos + 1).min((bi + 1) * bs);
-                let base = table[bi] as usize * bs;
-                for tt in t..end {
-                    let v = vp.add((base + tt - bi * bs) * kv_row + koff);
-                    let w = _mm256_set1_ps(scores[tt - first]);
-                    for c in 0..HD8 {
-                        acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v.add(c * 8)), acc[c]);
-                    }
+            for (i, o) in Slots::new(first, pos, table, shape) {
+                let v = vp.add(o + koff);
+                let w = _mm256_set1_ps(scores[i]);
+                for c in 0..HD8 {
+                    acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v.add(c * 8)), acc[c]);
                 }
-                t = end;
             }
             let inv = _mm256_set1_ps(1.0 / sum);
             let oh = out.as_mut_ptr().add(head * hd);

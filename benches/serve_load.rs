@@ -201,15 +201,16 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let bench = args.iter().any(|a| a == "--bench");
     let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
-    let model = arg("--model").or_else(|| std::env::var("INFER_TEST_MODEL").ok()).map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/infer/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
+    let model = match arg("--model") {
+        Some(m) => PathBuf::from(m),
+        None => match infer::testing::smollm2() {
+            Some(p) => p,
+            None => return,
+        },
+    };
     if !model.exists() {
-        if std::env::var_os("CI").is_some() {
-            panic!("test model {} is missing: run scripts/fetch-model.sh", model.display());
-        }
-        eprintln!("SKIPPED: model {} is missing (scripts/fetch-model.sh fetches it)", model.display());
-        return;
+        eprintln!("error: model {} not found", model.display());
+        std::process::exit(1);
     }
     if let Some(t) = arg("--threads") {
         std::env::set_var("RAYON_NUM_THREADS", &t);

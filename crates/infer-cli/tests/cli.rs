@@ -12,15 +12,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn smollm2() -> Option<PathBuf> {
-    let p = std::env::var_os("INFER_TEST_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/infer/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(std::env::var_os("CI").is_none(), "test model {} is missing: run scripts/fetch-model.sh", p.display());
-    eprintln!("SKIPPED: test model missing (run scripts/fetch-model.sh)");
-    None
+    infer::testing::smollm2()
 }
 
 fn tmpdir(name: &str) -> PathBuf {

@@ -15,6 +15,8 @@ pub mod loader;
 pub mod models;
 pub mod sampling;
 pub mod stop;
+#[doc(hidden)]
+pub mod testing;
 pub mod tokenizer;
 pub mod weights;
 

@@ -3,26 +3,9 @@
 
 use std::path::PathBuf;
 
-/// The SmolLM2-135M-Instruct Q4_1 GGUF: `$INFER_TEST_MODEL`, else the cache path `scripts/fetch-model.sh`
-/// uses. Under CI the model must be there (the test fails); elsewhere a missing model skips the test.
+/// The SmolLM2-135M-Instruct Q4_1 GGUF (see `infer_core::testing::smollm2`).
 pub fn smollm2() -> Option<PathBuf> {
-    let path = match std::env::var_os("INFER_TEST_MODEL") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let base = std::env::var_os("INFER_MODELS")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/infer/models"));
-            base.join("SmolLM2-135M-Instruct.Q4_1.gguf")
-        }
-    };
-    if path.exists() {
-        return Some(path);
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("test model {} is missing: run scripts/fetch-model.sh", path.display());
-    }
-    eprintln!("SKIPPED: test model {} is missing (run scripts/fetch-model.sh)", path.display());
-    None
+    infer_core::testing::smollm2()
 }
 
 pub fn fixture(name: &str) -> PathBuf {

@@ -14,18 +14,7 @@ use reqwest::blocking::Client;
 use serde_json::{json, Value};
 
 fn model_path() -> Option<PathBuf> {
-    let path = match std::env::var_os("INFER_TEST_MODEL") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/infer/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    };
-    if path.exists() {
-        return Some(path);
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("test model {} is missing: run scripts/fetch-model.sh", path.display());
-    }
-    eprintln!("SKIPPED: test model {} is missing (run scripts/fetch-model.sh)", path.display());
-    None
+    infer_core::testing::smollm2()
 }
 
 fn start(cfg: ServerConfig) -> Option<BackgroundServer> {

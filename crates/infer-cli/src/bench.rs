@@ -41,6 +41,9 @@ pub struct BenchArgs {
     /// Compute dtype for safetensors weights.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
+    /// Quantize safetensors weights at load: q8_0, q4_0 or q4_k.
+    #[arg(long, value_name = "TYPE")]
+    pub quantize: Option<String>,
 }
 
 fn mean_sd(v: &[f64]) -> (f64, f64) {
@@ -138,7 +141,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // candle sizes its loops from RAYON_NUM_THREADS; the global pool is the largest count.
     std::env::set_var("RAYON_NUM_THREADS", max_threads.to_string());
     let dtype: DTypeChoice = args.dtype.parse()?;
-    let opts = LoadOptions { dtype, gguf_file: args.gguf_file.clone(), ..Default::default() };
+    let quantize = args.quantize.as_deref().map(str::parse).transpose()?;
+    let opts = LoadOptions { dtype, gguf_file: args.gguf_file.clone(), quantize, ..Default::default() };
     let model = infer::load(&args.model, opts)?;
     let name = Path::new(&args.model).file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_else(|| args.model.clone());
     let size = model_bytes(&args.model);

@@ -86,6 +86,9 @@ pub(crate) struct ModelArgs {
     /// Context size in tokens (prompt + answer); default: the model's trained context.
     #[arg(short = 'c', long)]
     pub ctx_size: Option<usize>,
+    /// Quantize safetensors weights at load: q8_0, q4_0 or q4_k (CPU).
+    #[arg(long, value_name = "TYPE")]
+    pub quantize: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -273,6 +276,9 @@ fn load(args: &ModelArgs) -> Result<Session> {
         );
     if let Some(g) = &args.gguf_file {
         builder = builder.gguf_file(g);
+    }
+    if let Some(q) = &args.quantize {
+        builder = builder.quantize(q.parse()?);
     }
     if let Some(c) = args.ctx_size {
         if c < 2 {

@@ -102,8 +102,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     let spec = args.model.model.clone();
     let gguf_file = args.model.gguf_file.clone();
+    let quantize = args.model.quantize.as_deref().map(str::parse).transpose()?;
     let load = move || {
-        let opts = LoadOptions { device, dtype, gguf_file, ..Default::default() };
+        let opts = LoadOptions { device, dtype, gguf_file, quantize, ..Default::default() };
         infer::load(&spec, opts)
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")?;

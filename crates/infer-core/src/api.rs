@@ -88,6 +88,11 @@ impl ModelBuilder {
         self.opts.progress = Some(Box::new(f));
         self
     }
+    /// Quantize safetensors linear weights at load (`q8_0`, `q4_0`, `q4_k`) for the CPU kernels.
+    pub fn quantize(mut self, q: crate::weights::Quantize) -> Self {
+        self.opts.quantize = Some(q);
+        self
+    }
     /// Context size: most tokens (prompt + answer) one sequence may hold.
     pub fn ctx_size(mut self, n: usize) -> Self {
         self.engine.max_context = Some(n);

@@ -50,11 +50,13 @@ pub struct LoadOptions {
     pub download_progress: bool,
     /// Called as weights load with (done, total) steps.
     pub progress: Option<Box<dyn FnMut(usize, usize) + Send>>,
+    /// Quantize dense (safetensors) linear weights at load for the CPU kernels.
+    pub quantize: Option<crate::weights::Quantize>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DTypeChoice::Auto, gguf_file: None, download_progress: false, progress: None }
+        Self { device: Device::Cpu, dtype: DTypeChoice::Auto, gguf_file: None, download_progress: false, progress: None, quantize: None }
     }
 }
 
@@ -261,6 +263,12 @@ pub fn load_files(files: &ModelFiles, name: &str, opts: &mut LoadOptions) -> Res
     let mut noop = |_: usize, _: usize| {};
     match files {
         ModelFiles::Gguf(path) => {
+            if opts.quantize.is_some() {
+                return Err(Error::param(
+                    "quantize",
+                    format!("{} is a GGUF file, already quantized; --quantize applies to safetensors weights", path.display()),
+                ));
+            }
             let w = WeightSource::gguf(path, opts.device.clone())?;
             let (content, _) = w.gguf_content().expect("gguf source");
             let md = GgufMeta { md: &content.metadata, path };
@@ -336,7 +344,7 @@ pub fn load_files(files: &ModelFiles, name: &str, opts: &mut LoadOptions) -> Res
             if let Some(id) = tc.eos_token.as_deref().and_then(|t| tok.token_to_id(t)) {
                 eos_ids.insert(id);
             }
-            let w = WeightSource::safetensors(weights.clone(), dtype, opts.device.clone())?;
+            let w = WeightSource::safetensors(weights.clone(), dtype, opts.device.clone())?.with_quantize(opts.quantize)?;
             let progress = opts.progress.as_deref_mut().unwrap_or(&mut noop);
             let model = LlamaModel::load(cfg, &w, progress)?;
             Ok(LoadedModel {

@@ -30,6 +30,16 @@ enum LinearWeight {
     Cpu(Arc<QWeight>),
 }
 
+impl From<Quantize> for QType {
+    fn from(q: Quantize) -> Self {
+        match q {
+            Quantize::Q8_0 => QType::Q8_0,
+            Quantize::Q4_0 => QType::Q4_0,
+            Quantize::Q4K => QType::Q4K,
+        }
+    }
+}
+
 /// The infer-kernels block format of a GGUF tensor type, if it has a kernel.
 fn kernel_qtype(t: GgmlDType) -> Option<QType> {
     match t {
@@ -85,10 +95,41 @@ impl Linear {
     }
 }
 
+/// In-situ quantization of dense (safetensors) linear weights at load, for the CPU kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantize {
+    Q8_0,
+    Q4_0,
+    Q4K,
+}
+
+impl Quantize {
+    fn ggml(self) -> GgmlDType {
+        match self {
+            Quantize::Q8_0 => GgmlDType::Q8_0,
+            Quantize::Q4_0 => GgmlDType::Q4_0,
+            Quantize::Q4K => GgmlDType::Q4K,
+        }
+    }
+}
+
+impl std::str::FromStr for Quantize {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "q8_0" => Ok(Quantize::Q8_0),
+            "q4_0" => Ok(Quantize::Q4_0),
+            "q4_k" | "q4k" => Ok(Quantize::Q4K),
+            _ => Err(Error::param("quantize", format!("`{s}` is not one of q8_0, q4_0, q4_k"))),
+        }
+    }
+}
+
 /// A source of named tensors.
 pub enum WeightSource {
-    /// Safetensors files, memory-mapped; tensors are converted to `dtype` as they are loaded.
-    Safetensors { st: MmapedSafetensors, files: Vec<PathBuf>, dtype: DType, device: Device },
+    /// Safetensors files, memory-mapped; tensors are converted to `dtype` as they are loaded, and
+    /// linear weights quantized when `quantize` is set.
+    Safetensors { st: MmapedSafetensors, files: Vec<PathBuf>, dtype: DType, device: Device, quantize: Option<Quantize> },
     /// A GGUF file: quantized tensors stay quantized.
     Gguf { content: gguf_file::Content, reader: Mutex<BufReader<File>>, path: PathBuf, device: Device },
 }
@@ -144,7 +185,19 @@ impl WeightSource {
                 format!("not a valid safetensors file ({}); it may be truncated or corrupt — download it again", root_cause(&e)),
             )
         })?;
-        Ok(Self::Safetensors { st, files, dtype, device })
+        Ok(Self::Safetensors { st, files, dtype, device, quantize: None })
+    }
+
+    /// Quantizes dense linear weights as they load (CPU only; rows whose length is not a multiple of
+    /// the format's block stay dense).
+    pub fn with_quantize(mut self, q: Option<Quantize>) -> Result<Self> {
+        if let Self::Safetensors { quantize, device, .. } = &mut self {
+            if q.is_some() && !device.is_cpu() {
+                return Err(Error::param("quantize", "in-situ quantization runs on the CPU kernels; drop --quantize for GPU devices"));
+            }
+            *quantize = q;
+        }
+        Ok(self)
     }
 
     /// Opens a GGUF file and checks that it holds every byte its header promises.
@@ -267,6 +320,13 @@ impl WeightSource {
         let wname = format!("{prefix}.weight");
         let b = if bias { Some(self.tensor(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
         let w = match self {
+            Self::Safetensors { quantize: Some(q), .. } if in_dim.is_multiple_of(QType::from(*q).block_values()) => {
+                let t = self.tensor(&wname, &[out_dim, in_dim])?.to_dtype(DType::F32)?;
+                let qt = QTensor::quantize(&t, q.ggml())?;
+                let kw = QWeight::new(QType::from(*q), out_dim, in_dim, qt.data()?.into_owned())
+                    .map_err(|e| Error::Model(format!("quantizing `{wname}`: {e}")))?;
+                return Ok(Linear::from_kernel_weight(kw, b));
+            }
             Self::Safetensors { .. } => QMatMul::Tensor(self.tensor(&wname, &[out_dim, in_dim])?),
             Self::Gguf { device, path, .. } => {
                 let q = self.qtensor(&wname)?;

@@ -11,7 +11,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
 
-use infer_kernels::{QType, QWeight};
+use infer_kernels::{HalfKind, HalfWeight, QType, QWeight};
 
 use crate::error::{Error, Result};
 
@@ -28,6 +28,24 @@ enum LinearWeight {
     Candle(QMatMul),
     /// GGUF block weights on the CPU, multiplied by infer-kernels' quantized matmul.
     Cpu(Arc<QWeight>),
+    /// GGUF F16/BF16 weights on the CPU, kept in 16 bits by infer-kernels' half matmul.
+    Half(Arc<HalfWeight>),
+}
+
+/// `x [..., cols] → [..., rows]` through a CPU kernel `f(x, m, out)`.
+fn cpu_matmul(x: &Tensor, rows: usize, cols: usize, f: impl Fn(&[f32], usize, &mut [f32])) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&0);
+    if k != cols {
+        return Err(Error::Model(format!("linear layer expects {cols} inputs, got shape {dims:?}")));
+    }
+    let m = x.elem_count() / k.max(1);
+    let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; m * rows];
+    f(&xv, m, &mut out);
+    let mut odims = dims;
+    *odims.last_mut().expect("at least one dim") = rows;
+    Ok(Tensor::from_vec(out, odims, x.device())?.to_dtype(x.dtype())?)
 }
 
 impl From<Quantize> for QType {
@@ -73,20 +91,8 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::Candle(w) => w.forward(x)?,
-            LinearWeight::Cpu(w) => {
-                let dims = x.dims().to_vec();
-                let k = *dims.last().unwrap_or(&0);
-                if k != w.cols() {
-                    return Err(Error::Model(format!("linear layer expects {} inputs, got shape {dims:?}", w.cols())));
-                }
-                let m = x.elem_count() / k.max(1);
-                let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let mut out = vec![0f32; m * w.rows()];
-                w.matmul(&xv, m, &mut out);
-                let mut odims = dims;
-                *odims.last_mut().expect("at least one dim") = w.rows();
-                Tensor::from_vec(out, odims, x.device())?.to_dtype(x.dtype())?
-            }
+            LinearWeight::Cpu(w) => cpu_matmul(x, w.rows(), w.cols(), |xv, m, out| w.matmul(xv, m, out))?,
+            LinearWeight::Half(w) => cpu_matmul(x, w.rows(), w.cols(), |xv, m, out| w.matmul(xv, m, out))?,
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -331,6 +337,16 @@ impl WeightSource {
             Self::Gguf { device, path, .. } => {
                 let q = self.qtensor(&wname)?;
                 self.check_shape(&gguf_name(&wname), q.shape().dims(), &[out_dim, in_dim])?;
+                let half = match q.dtype() {
+                    GgmlDType::F16 => Some(HalfKind::F16),
+                    GgmlDType::BF16 => Some(HalfKind::Bf16),
+                    _ => None,
+                };
+                if let (true, Some(kind), false) = (device.is_cpu(), half, use_candle_qmatmul()) {
+                    let hw = HalfWeight::new(kind, out_dim, in_dim, &q.data()?)
+                        .map_err(|e| Error::bad_file(path, format!("tensor `{wname}`: {e}")))?;
+                    return Ok(Linear { weight: LinearWeight::Half(Arc::new(hw)), bias: b });
+                }
                 if let (true, Some(qt), false) = (device.is_cpu(), kernel_qtype(q.dtype()), use_candle_qmatmul()) {
                     let data = q.data()?.into_owned();
                     let kw =

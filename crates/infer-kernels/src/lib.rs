@@ -8,4 +8,5 @@
 pub mod cpu;
 
 pub use cpu::attention::{paged_attention, write_kv, AttentionShape, SeqAttention};
+pub use cpu::halfmatmul::{HalfKind, HalfWeight};
 pub use cpu::qmatmul::{Isa, QType, QWeight};

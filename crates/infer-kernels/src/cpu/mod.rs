@@ -1,3 +1,4 @@
 //! CPU kernels.
 pub mod attention;
+pub mod halfmatmul;
 pub mod qmatmul;

@@ -142,7 +142,7 @@ fn quantize_block(chunk: &[f32]) -> BlockQ8 {
 
 /// Shares the output matrix between the tasks of one matmul; each task writes only its own rows.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 // SAFETY: tasks write disjoint elements (their own row groups) and the matmul waits for all of them.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
@@ -153,7 +153,7 @@ impl OutPtr {
     /// # Safety
     /// `i` must be in bounds of the output and written by one task only.
     #[inline]
-    unsafe fn at(self, i: usize) -> *mut f32 {
+    pub(crate) unsafe fn at(self, i: usize) -> *mut f32 {
         self.0.add(i)
     }
 }
@@ -183,6 +183,8 @@ impl std::fmt::Debug for QWeight {
 pub const NR: usize = 4;
 /// Activation rows handled together against each group (at most).
 pub const MR: usize = 4;
+/// Tokens whose activations are kept hot while a task's row groups pass over them.
+const TOKEN_BLOCK: usize = 32;
 
 impl QType {
     /// Bytes of quants in one block (without its scales).
@@ -286,22 +288,27 @@ impl QWeight {
         (0..groups.div_ceil(chunk)).into_par_iter().for_each(|c| {
             let g0 = c * chunk;
             let g1 = (g0 + chunk).min(groups);
-            for g in g0..g1 {
-                let mut t0 = 0;
-                while t0 < m {
-                    let r = MR.min(m - t0);
-                    let mut o = [[0f32; MR]; NR];
-                    self.tile(isa, g, &acts[t0 * nb..], nb, r, &mut o);
-                    for (wr, orow) in o.iter().enumerate() {
-                        let row = g * NR + wr;
-                        if row < rows {
-                            for (t, &v) in orow[..r].iter().enumerate() {
-                                // SAFETY: in bounds (t0 + t < m, row < rows); row belongs to this task only.
-                                unsafe { *dst.at((t0 + t) * rows + row) = v };
+            // Token blocks outermost: a block's activations stay in cache while every row group of
+            // this task passes over them.
+            for tb in (0..m).step_by(TOKEN_BLOCK) {
+                let tb_end = (tb + TOKEN_BLOCK).min(m);
+                for g in g0..g1 {
+                    let mut t0 = tb;
+                    while t0 < tb_end {
+                        let r = MR.min(tb_end - t0);
+                        let mut o = [[0f32; MR]; NR];
+                        self.tile(isa, g, &acts[t0 * nb..], nb, r, &mut o);
+                        for (wr, orow) in o.iter().enumerate() {
+                            let row = g * NR + wr;
+                            if row < rows {
+                                for (t, &v) in orow[..r].iter().enumerate() {
+                                    // SAFETY: in bounds (t0 + t < m, row < rows); row belongs to this task only.
+                                    unsafe { *dst.at((t0 + t) * rows + row) = v };
+                                }
                             }
                         }
+                        t0 += r;
                     }
-                    t0 += r;
                 }
             }
         });

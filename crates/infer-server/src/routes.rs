@@ -249,7 +249,7 @@ impl Chunker {
 }
 
 fn sse(run: Run, mut chunker: Chunker) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let n = run_choices(&run);
+    let n = run.num_choices();
     let queue = chunker.start(n);
     let events = stream::unfold((run, chunker, queue, false), |(mut run, mut chunker, mut queue, mut done)| async move {
         loop {
@@ -276,10 +276,6 @@ fn sse(run: Run, mut chunker: Chunker) -> Sse<impl Stream<Item = Result<Event, I
         }
     });
     Sse::new(events)
-}
-
-fn run_choices(run: &Run) -> usize {
-    run.num_choices()
 }
 
 async fn respond(ready: Arc<Ready>, run: Run, meta: Meta, stream: bool) -> Result<Response, ApiError> {

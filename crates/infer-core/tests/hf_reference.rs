@@ -104,24 +104,30 @@ fn chunked_prefill_mixed_with_decode_matches_transformers() {
     }
 }
 
+/// Largest |logit − transformers' logit| over every position of prompt 1, prefilled whole.
+fn prompt1_max_diff(model: &LlamaModel, exp: &Expected) -> f32 {
+    let mut cache = PagedKvCache::new(model.config(), 16, 8).unwrap();
+    let mut table = Vec::new();
+    cache.reserve(&mut table, exp.prompts[1].len()).unwrap();
+    let mut batch = BatchInput::default();
+    batch.push_sequence(&exp.prompts[1], 0, &table, 16, LogitsWanted::All);
+    let logits = model.forward(&batch, &mut cache).unwrap().to_vec2::<f32>().unwrap();
+    let mut worst = 0f32;
+    for (row, want) in logits.iter().zip(&exp.prefill_logits[1]) {
+        for (a, b) in row.iter().zip(want) {
+            worst = worst.max((a - b).abs());
+        }
+    }
+    worst
+}
+
 #[test]
 fn half_precision_weights_stay_close() {
     // bf16/f16 compute is lossy: check the logits (spread of a few units) stay near transformers' f32
     // values, within a bound scaled to each format's precision (f16: 11-bit, bf16: 8-bit mantissa).
     for (dtype, tol) in [(DType::F16, 0.05), (DType::BF16, 0.4)] {
         let (model, exp) = load("tiny-llama", dtype);
-        let mut cache = PagedKvCache::new(model.config(), 16, 8).unwrap();
-        let mut table = Vec::new();
-        cache.reserve(&mut table, exp.prompts[1].len()).unwrap();
-        let mut batch = BatchInput::default();
-        batch.push_sequence(&exp.prompts[1], 0, &table, 16, LogitsWanted::All);
-        let logits = model.forward(&batch, &mut cache).unwrap().to_vec2::<f32>().unwrap();
-        let mut worst = 0f32;
-        for (row, want) in logits.iter().zip(&exp.prefill_logits[1]) {
-            for (a, b) in row.iter().zip(want) {
-                worst = worst.max((a - b).abs());
-            }
-        }
+        let worst = prompt1_max_diff(&model, &exp);
         eprintln!("{dtype:?}: max |diff| {worst}");
         assert!(worst < tol, "{dtype:?}: max |diff| {worst} >= {tol}");
     }
@@ -136,18 +142,7 @@ fn in_situ_quantized_weights_stay_close() {
     for name in ARCHS {
         for (q, tol) in [(infer_core::Quantize::Q8_0, 0.4), (infer_core::Quantize::Q4_0, 4.0), (infer_core::Quantize::Q4K, 1e-4)] {
             let (model, exp) = load_quantized(name, DType::F32, Some(q));
-            let mut cache = PagedKvCache::new(model.config(), 16, 8).unwrap();
-            let mut table = Vec::new();
-            cache.reserve(&mut table, exp.prompts[1].len()).unwrap();
-            let mut batch = BatchInput::default();
-            batch.push_sequence(&exp.prompts[1], 0, &table, 16, LogitsWanted::All);
-            let logits = model.forward(&batch, &mut cache).unwrap().to_vec2::<f32>().unwrap();
-            let mut worst = 0f32;
-            for (row, want) in logits.iter().zip(&exp.prefill_logits[1]) {
-                for (a, b) in row.iter().zip(want) {
-                    worst = worst.max((a - b).abs());
-                }
-            }
+            let worst = prompt1_max_diff(&model, &exp);
             eprintln!("{name} {q:?}: max |diff| {worst}");
             assert!(worst < tol, "{name} {q:?}: max |diff| {worst} >= {tol}");
             if q != infer_core::Quantize::Q4K {

@@ -2,3 +2,5 @@
 pub mod attention;
 pub mod halfmatmul;
 pub mod qmatmul;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod simd;

@@ -41,7 +41,7 @@ pub struct BenchArgs {
     /// Compute dtype for safetensors weights.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
-    /// Quantize safetensors weights at load: q8_0, q4_0 or q4_k.
+    /// Quantize safetensors weights at load: q8_0, q4_0, q4_k, q5_k or q6_k.
     #[arg(long, value_name = "TYPE")]
     pub quantize: Option<String>,
 }

@@ -86,7 +86,7 @@ pub(crate) struct ModelArgs {
     /// Context size in tokens (prompt + answer); default: the model's trained context.
     #[arg(short = 'c', long)]
     pub ctx_size: Option<usize>,
-    /// Quantize safetensors weights at load: q8_0, q4_0 or q4_k (CPU).
+    /// Quantize safetensors weights at load: q8_0, q4_0, q4_k, q5_k or q6_k (CPU).
     #[arg(long, value_name = "TYPE")]
     pub quantize: Option<String>,
 }

@@ -115,7 +115,7 @@ fn bad_parameters() {
     assert_clean_error(&infer(&["run", dir, "hi", "--dtype", "f8"]), &["dtype"]);
     assert_clean_error(&infer(&["run", dir, "hi", "--logit-bias", "x"]), &["ID=BIAS"]);
     assert_clean_error(&infer(&["run", dir, "hello world", "--ctx-size", "4"]), &["context holds 4"]);
-    assert_clean_error(&infer(&["run", dir, "hi", "--quantize", "q3"]), &["quantize", "q8_0, q4_0, q4_k"]);
+    assert_clean_error(&infer(&["run", dir, "hi", "--quantize", "q3"]), &["quantize", "q8_0, q4_0, q4_k, q5_k, q6_k"]);
     let out = infer(&["run", dir, "hi", "--raw", "--quantize", "q8_0", "-n", "2"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     if let Some(m) = smollm2() {

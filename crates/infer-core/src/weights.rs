@@ -54,6 +54,8 @@ impl From<Quantize> for QType {
             Quantize::Q8_0 => QType::Q8_0,
             Quantize::Q4_0 => QType::Q4_0,
             Quantize::Q4K => QType::Q4K,
+            Quantize::Q5K => QType::Q5K,
+            Quantize::Q6K => QType::Q6K,
         }
     }
 }
@@ -65,6 +67,7 @@ fn kernel_qtype(t: GgmlDType) -> Option<QType> {
         GgmlDType::Q4_1 => Some(QType::Q4_1),
         GgmlDType::Q8_0 => Some(QType::Q8_0),
         GgmlDType::Q4K => Some(QType::Q4K),
+        GgmlDType::Q5K => Some(QType::Q5K),
         GgmlDType::Q6K => Some(QType::Q6K),
         GgmlDType::Q5_0 => Some(QType::Q5_0),
         GgmlDType::Q5_1 => Some(QType::Q5_1),
@@ -107,6 +110,8 @@ pub enum Quantize {
     Q8_0,
     Q4_0,
     Q4K,
+    Q5K,
+    Q6K,
 }
 
 impl Quantize {
@@ -115,6 +120,8 @@ impl Quantize {
             Quantize::Q8_0 => GgmlDType::Q8_0,
             Quantize::Q4_0 => GgmlDType::Q4_0,
             Quantize::Q4K => GgmlDType::Q4K,
+            Quantize::Q5K => GgmlDType::Q5K,
+            Quantize::Q6K => GgmlDType::Q6K,
         }
     }
 }
@@ -126,7 +133,9 @@ impl std::str::FromStr for Quantize {
             "q8_0" => Ok(Quantize::Q8_0),
             "q4_0" => Ok(Quantize::Q4_0),
             "q4_k" | "q4k" => Ok(Quantize::Q4K),
-            _ => Err(Error::param("quantize", format!("`{s}` is not one of q8_0, q4_0, q4_k"))),
+            "q5_k" | "q5k" => Ok(Quantize::Q5K),
+            "q6_k" | "q6k" => Ok(Quantize::Q6K),
+            _ => Err(Error::param("quantize", format!("`{s}` is not one of q8_0, q4_0, q4_k, q5_k, q6_k"))),
         }
     }
 }

@@ -1,5 +1,5 @@
 //! Quantized matrix multiplication on the CPU: `y = x Wᵀ` with `W` in GGUF block formats (Q4_0,
-//! Q4_1, Q8_0), `x` in f32.
+//! Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), `x` in f32.
 //!
 //! Weights are repacked once at load (see [`QWeight`]). The activations are quantized once per call
 //! to 8-bit blocks of 32 (a scale, `d·Σq`, 32 signed bytes); each output is a sum over blocks of
@@ -32,6 +32,10 @@ pub enum QType {
     /// each 32-value sub-block), `qs: [u8; 128]`; value = d·sc·q − dmin·m. Repacked exactly into
     /// the Q4_1 form (per-sub-block f32 scale and minimum).
     Q4K,
+    /// K-quant super-blocks of 256: `d, dmin: f16, scales: [u8; 12], qh: [u8; 32], qs: [u8; 128]`;
+    /// value = d·sc·q5 − dmin·m (q5 = 4 low bits + 1 high bit). Repacked exactly into the Q5_1
+    /// form (8-bit q5 − 16 with per-sub-block f32 scale and minimum).
+    Q5K,
     /// K-quant super-blocks of 256: `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16`;
     /// value = d·sc·(q6 − 32) with one scale per 16 values. Repacked exactly into 8-bit form with
     /// two scales per 32-value block.
@@ -48,13 +52,14 @@ impl QType {
             QType::Q5_0 => 22,
             QType::Q5_1 => 24,
             QType::Q4K => 144,
+            QType::Q5K => 176,
             QType::Q6K => 210,
         }
     }
 
     /// Whether the repacked form holds one signed byte per value (else two 4-bit values per byte).
     fn byte_quants(self) -> bool {
-        matches!(self, QType::Q8_0 | QType::Q5_0 | QType::Q5_1 | QType::Q6K)
+        matches!(self, QType::Q8_0 | QType::Q5_0 | QType::Q5_1 | QType::Q5K | QType::Q6K)
     }
 
     /// Whether each 32-value block has two scales (one per 16 values, kept where the minimums
@@ -66,7 +71,7 @@ impl QType {
     /// Values per block: 32, or 256 for K-quants.
     pub fn block_values(self) -> usize {
         match self {
-            QType::Q4K | QType::Q6K => 256,
+            QType::Q4K | QType::Q5K | QType::Q6K => 256,
             _ => QK,
         }
     }
@@ -191,7 +196,7 @@ impl QType {
     fn quant_bytes(self) -> usize {
         match self {
             QType::Q4_0 | QType::Q4_1 | QType::Q4K => 16,
-            QType::Q8_0 | QType::Q5_0 | QType::Q5_1 | QType::Q6K => 32,
+            QType::Q8_0 | QType::Q5_0 | QType::Q5_1 | QType::Q5K | QType::Q6K => 32,
         }
     }
 }
@@ -220,6 +225,8 @@ impl QWeight {
                 let dst = &mut qs[(gb * NR + r) * qb..(gb * NR + r + 1) * qb];
                 let (d, m) = if qtype == QType::Q4K {
                     unpack_q4k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
+                } else if qtype == QType::Q5K {
+                    unpack_q5k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
                 } else if qtype == QType::Q6K {
                     unpack_q6k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
                 } else {
@@ -341,18 +348,38 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 /// (byte i: value i low, value i+16 high) and returns its (scale, minimum) as value = d·q + m.
 fn unpack_q4k_sub_block(blk: &[u8], j: usize, dst: &mut [u8]) -> (f32, f32) {
     let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
-    let sc = &blk[4..16];
-    let (s, m) = if j < 4 {
-        (sc[j] & 63, sc[j + 4] & 63)
-    } else {
-        ((sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4), (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4))
-    };
+    let (s, m) = k_scale_min(&blk[4..16], j);
     let q = &blk[16 + 32 * (j / 2)..16 + 32 * (j / 2) + 32];
     let v = |l: usize| if j.is_multiple_of(2) { q[l] & 0x0F } else { q[l] >> 4 };
     for (i, byte) in dst.iter_mut().enumerate() {
         *byte = v(i) | (v(i + 16) << 4);
     }
     (d * s as f32, -dmin * m as f32)
+}
+
+/// The 6-bit scale and minimum of sub-block `j` (0..8) from the 12 packed bytes of Q4_K / Q5_K.
+fn k_scale_min(sc: &[u8], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (sc[j] & 63, sc[j + 4] & 63)
+    } else {
+        ((sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4), (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4))
+    }
+}
+
+/// Sub-block `j` (0..8) of a Q5_K super-block: writes its 32 values as signed bytes (q5 − 16) and
+/// returns (scale, minimum) as value = d·byte + m.
+fn unpack_q5k_sub_block(blk: &[u8], j: usize, dst: &mut [u8]) -> (f32, f32) {
+    let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+    let (s, m) = k_scale_min(&blk[4..16], j);
+    let qh = &blk[16..48];
+    let ql = &blk[48 + 32 * (j / 2)..48 + 32 * (j / 2) + 32];
+    for (l, out) in dst.iter_mut().enumerate() {
+        let low = if j.is_multiple_of(2) { ql[l] & 0x0F } else { ql[l] >> 4 };
+        let high = ((qh[l] >> j) & 1) << 4;
+        *out = ((low | high) as i8 - 16) as u8;
+    }
+    let ds = d * s as f32;
+    (ds, 16.0 * ds - dmin * m as f32)
 }
 
 /// Sub-block `j` (0..8) of a Q6_K super-block: writes its 32 values as signed bytes (q6 − 32) and
@@ -682,8 +709,14 @@ mod tests {
         use candle_core::{Device, Tensor};
         let mut rng = Lcg(5);
         for ((rows, cols, m), (gt, qt)) in [(6, 256, 3), (33, 512, 5)].into_iter().flat_map(|s| {
-            [(GgmlDType::Q4K, QType::Q4K), (GgmlDType::Q6K, QType::Q6K), (GgmlDType::Q5_0, QType::Q5_0), (GgmlDType::Q5_1, QType::Q5_1)]
-                .map(|t| (s, t))
+            [
+                (GgmlDType::Q4K, QType::Q4K),
+                (GgmlDType::Q5K, QType::Q5K),
+                (GgmlDType::Q6K, QType::Q6K),
+                (GgmlDType::Q5_0, QType::Q5_0),
+                (GgmlDType::Q5_1, QType::Q5_1),
+            ]
+            .map(|t| (s, t))
         }) {
             // Magnitudes that change every 16 values, so each (sub-)block scale matters.
             let w: Vec<f32> = (0..rows * cols).map(|i| (rng.f() + 0.3) * [0.2, 1.0, 4.0][(i / 16) % 3]).collect();

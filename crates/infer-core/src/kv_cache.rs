@@ -2,6 +2,7 @@
 //! (the list of its blocks, in order); an allocator hands out blocks within a memory budget and
 //! refuses cleanly when none are left.
 
+use candle_core::{DType, Device, Tensor};
 use infer_kernels::AttentionShape;
 
 use crate::config::ModelConfig;
@@ -153,9 +154,12 @@ impl BlockAllocator {
 
 /// One layer's key and value storage, `[num_blocks, block_size, num_kv_heads, head_dim]` each.
 #[derive(Debug)]
-pub struct LayerKv {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+pub enum LayerKv {
+    /// Host memory in f32, for the CPU kernels (zeroed lazily by the OS: untouched blocks cost no
+    /// resident memory).
+    Host { k: Vec<f32>, v: Vec<f32> },
+    /// Flat device tensors in the model's dtype, for the CUDA kernels.
+    Device { k: Tensor, v: Tensor },
 }
 
 /// The cache of all layers plus its block allocator.
@@ -168,15 +172,55 @@ pub struct PagedKvCache {
     allocator: BlockAllocator,
 }
 
+/// Whether the cache for a model on `device` lives on that device (the CUDA kernels read it there);
+/// otherwise it is host f32 memory.
+pub fn cache_on_device(device: &Device) -> bool {
+    cfg!(feature = "cuda") && device.is_cuda()
+}
+
+/// Share of the device memory still free (after the weights) that a GPU cache takes by default.
+const DEVICE_MEMORY_SHARE: f64 = 0.8;
+
 impl PagedKvCache {
-    /// A cache of `num_blocks` blocks of `block_size` tokens for the model `cfg`.
+    /// The cache the engine makes when no budget is given: `want` blocks on the host; on a GPU at
+    /// most as many as fit in 80% of its free memory (as vLLM's `gpu_memory_utilization` does).
+    pub fn default_for(cfg: &ModelConfig, block_size: usize, want: usize, device: &Device, dtype: DType) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        if cache_on_device(device) {
+            let (free, _) = infer_kernels::cuda::memory_info(device)?;
+            let fit = (free as f64 * DEVICE_MEMORY_SHARE) as usize / Self::bytes_per_block_of(cfg, block_size, dtype);
+            return Self::new_on(cfg, block_size, want.min(fit).max(1), device, dtype);
+        }
+        let _ = DEVICE_MEMORY_SHARE;
+        Self::new_on(cfg, block_size, want, device, dtype)
+    }
+
+    /// A host (f32) cache of `num_blocks` blocks of `block_size` tokens for the model `cfg`.
     pub fn new(cfg: &ModelConfig, block_size: usize, num_blocks: usize) -> Result<Self> {
+        Self::new_on(cfg, block_size, num_blocks, &Device::Cpu, DType::F32)
+    }
+
+    /// The same for a model on `device`: on a CUDA device the blocks are device memory in `dtype`.
+    pub fn new_on(cfg: &ModelConfig, block_size: usize, num_blocks: usize, device: &Device, dtype: DType) -> Result<Self> {
         if block_size == 0 || num_blocks == 0 {
             return Err(Error::param("kv-cache", "block size and block count must be positive"));
         }
         let per_layer = num_blocks * block_size * cfg.num_key_value_heads * cfg.head_dim;
-        // Zeroed allocations are lazy: untouched blocks cost no resident memory.
-        let layers = (0..cfg.num_hidden_layers).map(|_| LayerKv { k: vec![0.0; per_layer], v: vec![0.0; per_layer] }).collect();
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|_| -> Result<LayerKv> {
+                Ok(if cache_on_device(device) {
+                    LayerKv::Device { k: Tensor::zeros(per_layer, dtype, device)?, v: Tensor::zeros(per_layer, dtype, device)? }
+                } else {
+                    LayerKv::Host { k: vec![0.0; per_layer], v: vec![0.0; per_layer] }
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map_err(|e| {
+                Error::param(
+                    "kv-cache",
+                    format!("cannot allocate {num_blocks} KV blocks on {device:?}: {e}; lower --kv-cache-mem, --max-seqs or --ctx-size"),
+                )
+            })?;
         Ok(Self {
             block_size,
             num_kv_heads: cfg.num_key_value_heads,
@@ -186,14 +230,26 @@ impl PagedKvCache {
         })
     }
 
-    /// Bytes one block takes over all layers (keys and values).
-    pub fn bytes_per_block(cfg: &ModelConfig, block_size: usize) -> usize {
-        2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * std::mem::size_of::<f32>()
+    /// Bytes one block takes over all layers (keys and values) in a cache of `dtype` (the host
+    /// cache is f32).
+    pub fn bytes_per_block_of(cfg: &ModelConfig, block_size: usize, dtype: DType) -> usize {
+        2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * dtype.size_in_bytes()
     }
 
-    /// As many blocks as fit in `bytes`.
+    /// Bytes one block takes over all layers (keys and values) in the host cache.
+    pub fn bytes_per_block(cfg: &ModelConfig, block_size: usize) -> usize {
+        Self::bytes_per_block_of(cfg, block_size, DType::F32)
+    }
+
+    /// As many host blocks as fit in `bytes`.
     pub fn with_memory_budget(cfg: &ModelConfig, block_size: usize, bytes: usize) -> Result<Self> {
-        let per = Self::bytes_per_block(cfg, block_size);
+        Self::with_memory_budget_on(cfg, block_size, bytes, &Device::Cpu, DType::F32)
+    }
+
+    /// As many blocks as fit in `bytes`, for a model on `device` (see [`new_on`](Self::new_on)).
+    pub fn with_memory_budget_on(cfg: &ModelConfig, block_size: usize, bytes: usize, device: &Device, dtype: DType) -> Result<Self> {
+        let dtype = if cache_on_device(device) { dtype } else { DType::F32 };
+        let per = Self::bytes_per_block_of(cfg, block_size, dtype);
         let n = bytes / per;
         if n == 0 {
             return Err(Error::param(
@@ -201,7 +257,7 @@ impl PagedKvCache {
                 format!("{bytes} bytes hold no block (one block of {block_size} tokens needs {per} bytes); give the cache more memory"),
             ));
         }
-        Self::new(cfg, block_size, n)
+        Self::new_on(cfg, block_size, n, device, dtype)
     }
 
     pub fn block_size(&self) -> usize {

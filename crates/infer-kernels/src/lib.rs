@@ -1,11 +1,14 @@
 //! # infer-kernels
 //!
-//! The compute kernels under infer's engine: the CPU paged-attention kernel that reads and writes the
-//! paged KV cache (block tables, fixed-size blocks) and the CPU quantized matmul (GGUF Q4_0/Q4_1/Q8_0
-//! weights, 8-bit activations, AVX2 or scalar chosen at run time). The CUDA launchers join these
-//! behind the same functions.
+//! The compute kernels under infer's engine. On the CPU: paged attention over the paged KV cache
+//! (block tables, fixed-size blocks), quantized matmul for GGUF block weights (8-bit activations,
+//! AVX2 / AVX2+VNNI / scalar chosen at run time) and F16/BF16 matmul. With the `cuda` feature, the
+//! [`cuda`] module launches the repository's `kernels/*.cu` (RMSNorm, RoPE, SiLU·mul, paged
+//! attention over the same cache layout, quantized GEMV) as candle custom ops.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 pub use cpu::attention::{paged_attention, write_kv, AttentionShape, SeqAttention};
 pub use cpu::halfmatmul::{HalfKind, HalfWeight};

@@ -10,7 +10,7 @@ use infer_kernels::{paged_attention, write_kv, SeqAttention};
 use super::{BatchInput, CausalLm};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
-use crate::kv_cache::PagedKvCache;
+use crate::kv_cache::{LayerKv, PagedKvCache};
 use crate::weights::{Linear, WeightSource};
 
 #[derive(Debug, Clone)]
@@ -24,8 +24,40 @@ impl RmsNorm {
         Ok(Self { weight: w.tensor(name, &[dim])?, eps: eps as f32 })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return Ok(infer_kernels::cuda::rms_norm(&x.contiguous()?, &self.weight, self.eps)?);
+        }
         Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
     }
+
+    /// `(x + a, norm(x + a))`: the residual add and the norm after it (one kernel on CUDA).
+    fn add_forward(&self, x: &Tensor, a: &Tensor) -> Result<(Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return Ok(infer_kernels::cuda::add_rms_norm(&x.contiguous()?, &a.contiguous()?, &self.weight, self.eps)?);
+        }
+        let x = (x + a)?;
+        let h = self.forward(&x)?;
+        Ok((x, h))
+    }
+}
+
+/// SiLU(gate) · up (one kernel on CUDA).
+fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if gate.device().is_cuda() {
+        return Ok(infer_kernels::cuda::silu_mul(&gate.contiguous()?, &up.contiguous()?)?);
+    }
+    Ok((gate.silu()? * up)?)
+}
+
+/// What the rotary embedding needs for one batch: cos/sin tables, or on CUDA the positions (the
+/// kernel computes the angles).
+enum RopeInput {
+    Tables(Tensor, Tensor),
+    #[cfg(feature = "cuda")]
+    Positions(Tensor),
 }
 
 /// Rotary embedding frequencies; cos/sin are computed per batch for the tokens' positions.
@@ -69,20 +101,36 @@ impl Rotary {
         Ok(Self { inv_freq: Tensor::from_vec(inv, (1, n), device)?, interleaved: cfg.rope_interleaved })
     }
 
-    /// cos and sin, `[tokens, 1, head_dim/2]`, for the given positions.
-    fn cos_sin(&self, positions: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+    /// cos and sin, `[tokens, 1, head_dim/2]`, for the given positions (u32).
+    fn prepare(&self, positions: &Tensor, dtype: DType) -> Result<RopeInput> {
+        #[cfg(feature = "cuda")]
+        if positions.device().is_cuda() {
+            return Ok(RopeInput::Positions(positions.clone()));
+        }
         let freqs = positions.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&self.inv_freq)?;
         let freqs = freqs.unsqueeze(1)?;
-        Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+        Ok(RopeInput::Tables(freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
     }
 
     /// `x`: `[tokens, heads, head_dim]`.
-    fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let (t, h, d) = x.dims3()?;
-        // Each token is its own "batch" so every token gets its own position.
-        let x4 = x.reshape((t, h, 1, d))?;
-        let y = if self.interleaved { candle_nn::rotary_emb::rope_i(&x4, cos, sin)? } else { candle_nn::rotary_emb::rope(&x4, cos, sin)? };
-        Ok(y.reshape((t, h, d))?)
+    fn apply(&self, x: &Tensor, input: &RopeInput) -> Result<Tensor> {
+        match input {
+            RopeInput::Tables(cos, sin) => {
+                let (t, h, d) = x.dims3()?;
+                // Each token is its own "batch" so every token gets its own position.
+                let x4 = x.reshape((t, h, 1, d))?;
+                let y = if self.interleaved {
+                    candle_nn::rotary_emb::rope_i(&x4, cos, sin)?
+                } else {
+                    candle_nn::rotary_emb::rope(&x4, cos, sin)?
+                };
+                Ok(y.reshape((t, h, d))?)
+            }
+            #[cfg(feature = "cuda")]
+            RopeInput::Positions(pos) => {
+                Ok(infer_kernels::cuda::rope(&x.contiguous()?, pos, &self.inv_freq.flatten_all()?, self.interleaved)?)
+            }
+        }
     }
 }
 
@@ -171,52 +219,91 @@ impl LlamaModel {
         Ok(Self { embed, layers, norm, lm_head, rotary, device: w.device().clone(), dtype: w.dtype(), cfg })
     }
 
-    fn attention(
-        &self,
-        layer: usize,
-        x: &Tensor,
-        cos_sin: &(Tensor, Tensor),
-        batch: &BatchInput,
-        cache: &mut PagedKvCache,
-    ) -> Result<Tensor> {
+    fn attention(&self, layer: usize, x: &Tensor, rope: &RopeInput, step: &Step<'_>, cache: &mut PagedKvCache) -> Result<Tensor> {
         let attn = &self.layers[layer].attn;
-        let (cos, sin) = cos_sin;
         let t = x.dim(0)?;
         let q = attn.q.forward(x)?.reshape((t, attn.num_heads, attn.head_dim))?;
         let k = attn.k.forward(x)?.reshape((t, attn.num_kv_heads, attn.head_dim))?;
         let v = attn.v.forward(x)?.reshape((t, attn.num_kv_heads, attn.head_dim))?;
-        let q = self.rotary.apply(&q, cos, sin)?;
-        let k = self.rotary.apply(&k, cos, sin)?;
-        let out = paged_attention_op(layer, attn, &q, &k, &v, batch, cache)?;
+        let q = self.rotary.apply(&q, rope)?;
+        let k = self.rotary.apply(&k, rope)?;
+        let out = paged_attention_op(layer, attn, &q, &k, &v, step, cache)?;
         attn.o.forward(&out.to_dtype(self.dtype)?)
     }
 }
 
-/// Writes this batch's keys/values into the cache and attends over it. The single entry point that
-/// device-specific kernels replace.
+/// What every layer of one forward pass shares.
+struct Step<'a> {
+    batch: &'a BatchInput,
+    /// With a device cache: the batch's slots and attention metadata, uploaded once.
+    #[cfg(feature = "cuda")]
+    gpu: Option<(Tensor, infer_kernels::cuda::AttentionMeta)>,
+}
+
+impl<'a> Step<'a> {
+    fn new(batch: &'a BatchInput, cache: &mut PagedKvCache, device: &Device) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        {
+            let gpu = if matches!(cache.layer_mut(0), LayerKv::Device { .. }) {
+                let slots: Vec<u32> = batch.slots.iter().map(|&s| s as u32).collect();
+                let meta = infer_kernels::cuda::AttentionMeta::new(&seq_attention(batch), device)?;
+                Some((Tensor::new(slots, device)?, meta))
+            } else {
+                None
+            };
+            Ok(Self { batch, gpu })
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (cache, device);
+            Ok(Self { batch })
+        }
+    }
+}
+
+fn seq_attention(batch: &BatchInput) -> Vec<SeqAttention<'_>> {
+    batch
+        .seqs
+        .iter()
+        .map(|s| SeqAttention { q_start: s.q_start, q_len: s.q_len, context_len: s.context_len, block_table: &s.block_table })
+        .collect()
+}
+
+/// Writes this batch's keys/values into the cache and attends over it: the CPU kernels over a host
+/// cache, the CUDA kernels over a device cache.
 fn paged_attention_op(
     layer: usize,
     attn: &Attention,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    batch: &BatchInput,
+    step: &Step<'_>,
     cache: &mut PagedKvCache,
 ) -> Result<Tensor> {
     let (t, nh, hd) = q.dims3()?;
-    let to_vec = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
-    let (qv, kv, vv) = (to_vec(q)?, to_vec(k)?, to_vec(v)?);
     let shape = cache.shape(attn.num_heads, attn.window);
-    let seqs: Vec<SeqAttention<'_>> = batch
-        .seqs
-        .iter()
-        .map(|s| SeqAttention { q_start: s.q_start, q_len: s.q_len, context_len: s.context_len, block_table: &s.block_table })
-        .collect();
-    let lkv = cache.layer_mut(layer);
-    write_kv(&kv, &vv, &batch.slots, &shape, &mut lkv.k, &mut lkv.v);
-    let mut out = vec![0.0f32; t * nh * hd];
-    paged_attention(&qv, &lkv.k, &lkv.v, &seqs, &shape, &mut out);
-    Ok(Tensor::from_vec(out, (t, nh * hd), q.device())?)
+    match cache.layer_mut(layer) {
+        LayerKv::Host { k: kc, v: vc } => {
+            let to_vec = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
+            let (qv, kv, vv) = (to_vec(q)?, to_vec(k)?, to_vec(v)?);
+            write_kv(&kv, &vv, &step.batch.slots, &shape, kc, vc);
+            let mut out = vec![0.0f32; t * nh * hd];
+            paged_attention(&qv, kc, vc, &seq_attention(step.batch), &shape, &mut out);
+            Ok(Tensor::from_vec(out, (t, nh * hd), q.device())?)
+        }
+        #[cfg(feature = "cuda")]
+        LayerKv::Device { k: kc, v: vc } => {
+            use infer_kernels::cuda;
+            let (slots, meta) = step.gpu.as_ref().ok_or_else(|| Error::Model("device KV cache without step metadata".into()))?;
+            let dt = kc.dtype();
+            cuda::write_cache(kc, &k.to_dtype(dt)?, slots)?;
+            cuda::write_cache(vc, &v.to_dtype(dt)?, slots)?;
+            let out = cuda::paged_attention(&q.to_dtype(dt)?, kc, vc, meta, &shape)?;
+            Ok(out.reshape((t, nh * hd))?)
+        }
+        #[cfg(not(feature = "cuda"))]
+        LayerKv::Device { .. } => Err(Error::Model("a device KV cache needs a build with the cuda feature".into())),
+    }
 }
 
 impl CausalLm for LlamaModel {
@@ -230,16 +317,22 @@ impl CausalLm for LlamaModel {
         }
         let ids = Tensor::new(batch.tokens.as_slice(), &self.device)?;
         let positions = Tensor::new(batch.positions.as_slice(), &self.device)?;
-        let cos_sin = self.rotary.cos_sin(&positions, self.dtype)?;
+        let rope = self.rotary.prepare(&positions, self.dtype)?;
+        let step = Step::new(batch, cache, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
+        let mut h = match self.layers.first() {
+            Some(l) => l.input_norm.forward(&x)?,
+            None => x.clone(),
+        };
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = layer.input_norm.forward(&x)?;
-            let a = self.attention(i, &h, &cos_sin, batch, cache)?;
-            x = (x + a)?;
-            let h = layer.post_norm.forward(&x)?;
-            let gate = layer.mlp.gate.forward(&h)?.silu()?;
-            let up = layer.mlp.up.forward(&h)?;
-            x = (x + layer.mlp.down.forward(&(gate * up)?)?)?;
+            let a = self.attention(i, &h, &rope, &step, cache)?;
+            // Residual adds fused with the norm that follows each (one kernel on CUDA).
+            let (x1, h1) = layer.post_norm.add_forward(&x, &a)?;
+            let m = layer.mlp.down.forward(&silu_mul(&layer.mlp.gate.forward(&h1)?, &layer.mlp.up.forward(&h1)?)?)?;
+            match self.layers.get(i + 1) {
+                Some(next) => (x, h) = next.input_norm.add_forward(&x1, &m)?,
+                None => x = (x1 + m)?,
+            }
         }
         if batch.logits_rows.is_empty() {
             // Only prefill chunks that do not reach their sequence's end: no logits wanted.
@@ -253,5 +346,13 @@ impl CausalLm for LlamaModel {
 
     fn config(&self) -> &ModelConfig {
         &self.cfg
+    }
+
+    fn device(&self) -> Device {
+        self.device.clone()
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
     }
 }

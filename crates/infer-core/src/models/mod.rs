@@ -72,4 +72,12 @@ pub trait CausalLm: Send + Sync {
     /// (zero rows when none are wanted).
     fn forward(&self, batch: &BatchInput, cache: &mut crate::kv_cache::PagedKvCache) -> crate::Result<Tensor>;
     fn config(&self) -> &crate::config::ModelConfig;
+    /// Where the model runs (the KV cache is made there).
+    fn device(&self) -> candle_core::Device {
+        candle_core::Device::Cpu
+    }
+    /// The activations' dtype (a device KV cache uses it).
+    fn dtype(&self) -> candle_core::DType {
+        candle_core::DType::F32
+    }
 }

@@ -224,7 +224,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::*;
-    use crate::cpu::simd::hsum;
+    use crate::cpu::simd::{exp256, hsum};
 
     /// All heads of one query row; `HD8 = head_dim / 8`. Each query head lives in registers (scaled
     /// once) while its keys stream by; the output head accumulates in registers over the values.
@@ -276,10 +276,18 @@ mod avx2 {
                 max = max.max(s);
             }
             let mut sum = 0f32;
-            for s in scores.iter_mut() {
+            let (mv, mut sv) = (_mm256_set1_ps(max), _mm256_setzero_ps());
+            let mut chunks = scores.chunks_exact_mut(8);
+            for ch in &mut chunks {
+                let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(ch.as_ptr()), mv));
+                _mm256_storeu_ps(ch.as_mut_ptr(), e);
+                sv = _mm256_add_ps(sv, e);
+            }
+            for s in chunks.into_remainder() {
                 *s = (*s - max).exp();
                 sum += *s;
             }
+            sum += hsum(sv);
             let mut acc = [_mm256_setzero_ps(); HD8];
             for (i, o) in Slots::new(first, pos, table, shape) {
                 let v = vp.add(o + koff);
@@ -348,7 +356,7 @@ mod tests {
 
     #[test]
     fn paged_matches_dense_ragged_gqa_and_window() {
-        for (window, head_dim, isa) in [None, Some(3)]
+        for (window, head_dim, isa) in [None, Some(3), Some(20)]
             .into_iter()
             .flat_map(|w| [8, 64, 72].into_iter().flat_map(move |hd| Isa::available().into_iter().map(move |isa| (w, hd, isa))))
         {
@@ -358,28 +366,29 @@ mod tests {
             let mut kc = vec![0.0; num_blocks * sh.block_size * kv_row];
             let mut vc = kc.clone();
             let mut seed = 7u64;
-            // Two sequences: one already holds 6 tokens and decodes 1; one prefills 9 tokens.
+            // Two sequences: one already holds 6 tokens and decodes 1; one prefills 30 tokens (rows see
+            // up to 30 keys, past the 8-wide vector steps of the softmax).
             // Blocks are deliberately scattered and interleaved between the sequences.
-            let tables: [Vec<u32>; 2] = [vec![9, 2], vec![5, 14, 0]];
-            let ctx = [7usize, 9];
-            let new = [1usize, 9];
+            let tables: [Vec<u32>; 2] = [vec![9, 2], vec![5, 14, 0, 11, 3, 7, 15, 1]];
+            let ctx = [7usize, 30];
+            let new = [1usize, 30];
             let full: Vec<(Vec<f32>, Vec<f32>)> =
                 ctx.iter().map(|&c| (rand_vec(c * kv_row, &mut seed), rand_vec(c * kv_row, &mut seed))).collect();
             // Pre-fill the old tokens of sequence 0.
             let slot = |s: usize, t: usize| tables[s][t / sh.block_size] as usize * sh.block_size + t % sh.block_size;
             let old: Vec<usize> = (0..6).map(|t| slot(0, t)).collect();
             write_kv(&full[0].0[..6 * kv_row], &full[0].1[..6 * kv_row], &old, &sh, &mut kc, &mut vc);
-            // The batch: seq 0's last token, then seq 1's 9 tokens.
+            // The batch: seq 0's last token, then seq 1's 30 tokens.
             let mut kb = full[0].0[6 * kv_row..].to_vec();
             kb.extend_from_slice(&full[1].0);
             let mut vb = full[0].1[6 * kv_row..].to_vec();
             vb.extend_from_slice(&full[1].1);
-            let slots: Vec<usize> = std::iter::once(slot(0, 6)).chain((0..9).map(|t| slot(1, t))).collect();
+            let slots: Vec<usize> = std::iter::once(slot(0, 6)).chain((0..30).map(|t| slot(1, t))).collect();
             write_kv(&kb, &vb, &slots, &sh, &mut kc, &mut vc);
-            let q = rand_vec(10 * sh.num_heads * sh.head_dim, &mut seed);
+            let q = rand_vec(31 * sh.num_heads * sh.head_dim, &mut seed);
             let seqs = [
                 SeqAttention { q_start: 0, q_len: 1, context_len: 7, block_table: &tables[0] },
-                SeqAttention { q_start: 1, q_len: 9, context_len: 9, block_table: &tables[1] },
+                SeqAttention { q_start: 1, q_len: 30, context_len: 30, block_table: &tables[1] },
             ];
             let mut out = vec![f32::NAN; q.len()];
             paged_attention_with(isa, &q, &kc, &vc, &seqs, &sh, &mut out);

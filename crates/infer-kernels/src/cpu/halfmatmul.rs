@@ -1,7 +1,8 @@
 //! Matrix multiplication with 16-bit float weights (GGUF F16 or BF16) on the CPU: `y = x Wᵀ`, the
 //! weights kept in 16 bits (half the memory traffic of f32) and widened in registers. Row chunks are
-//! split over the rayon pool; each row is multiplied with up to four tokens at once so a weight
-//! vector is loaded and converted once per four tokens. AVX2+FMA+F16C at run time, scalar otherwise.
+//! split over the rayon pool; a register tile of three weight rows × four tokens loads and converts
+//! each weight vector once per four tokens and each activation vector once per three rows.
+//! AVX2+FMA+F16C at run time, scalar otherwise.
 
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -30,7 +31,10 @@ impl std::fmt::Debug for HalfWeight {
     }
 }
 
-/// Tokens per pass over a weight row.
+/// Weight rows per register tile.
+const RR: usize = 3;
+/// Tokens per register tile (3 × 4 accumulators plus three weight vectors and one activation
+/// vector fill the 16 AVX2 registers).
 const TR: usize = 4;
 /// Tokens whose activations are kept hot while a task's rows pass over them.
 const TOKEN_BLOCK: usize = 16;
@@ -62,26 +66,29 @@ impl HalfWeight {
         assert_eq!(x.len(), m * self.cols, "x must be [m, cols]");
         assert_eq!(out.len(), m * self.rows, "out must be [m, rows]");
         let (rows, cols) = (self.rows, self.cols);
-        let chunk = (rows / (rayon::current_num_threads() * 4)).clamp(4, 256);
+        let chunk = (rows / (rayon::current_num_threads() * 4)).clamp(RR, 255) / RR * RR;
         let dst = OutPtr(out.as_mut_ptr());
         // Each task computes a run of rows for all m tokens, writing its rows of `out` directly.
         (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
             let r0 = c * chunk;
             let r1 = (r0 + chunk).min(rows);
-            let mut o = [0f32; TR];
+            let mut o = [[0f32; TR]; RR];
             // Token blocks outermost: a block of activations stays in cache while the task's rows
             // pass over it.
             for tb in (0..m).step_by(TOKEN_BLOCK) {
                 let tb_end = (tb + TOKEN_BLOCK).min(m);
-                for r in r0..r1 {
-                    let w = &self.bits[r * cols..(r + 1) * cols];
+                for r in (r0..r1).step_by(RR) {
+                    let nr = RR.min(r1 - r);
+                    let w = &self.bits[r * cols..(r + nr) * cols];
                     let mut t0 = tb;
                     while t0 < tb_end {
                         let n = TR.min(tb_end - t0);
-                        self.dot_rows(isa, w, &x[t0 * cols..], &mut o[..n]);
-                        for (t, &v) in o[..n].iter().enumerate() {
-                            // SAFETY: in bounds (t0 + t < m, r < rows); row r belongs to this task only.
-                            unsafe { *dst.at((t0 + t) * rows + r) = v };
+                        self.tile(isa, w, nr, &x[t0 * cols..], n, &mut o);
+                        for (i, orow) in o[..nr].iter().enumerate() {
+                            for (t, &v) in orow[..n].iter().enumerate() {
+                                // SAFETY: in bounds (t0 + t < m, r + i < rows); the row belongs to this task only.
+                                unsafe { *dst.at((t0 + t) * rows + r + i) = v };
+                            }
                         }
                         t0 += n;
                     }
@@ -90,20 +97,24 @@ impl HalfWeight {
         });
     }
 
-    /// One weight row against `out.len()` (≤ 4) token rows starting at `xs`.
-    fn dot_rows(&self, isa: Isa, w: &[u16], xs: &[f32], out: &mut [f32]) {
+    /// `nr` (≤ 3) weight rows starting at `w` against `n` (≤ 4) token rows starting at `xs`:
+    /// `o[row][token]`.
+    fn tile(&self, isa: Isa, w: &[u16], nr: usize, xs: &[f32], n: usize, o: &mut [[f32; TR]; RR]) {
         match isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: every non-scalar Isa implies AVX2, FMA and F16C.
-            Isa::Avx2 | Isa::Avx2Vnni => unsafe { avx2::dot_rows(self.kind, w, xs, self.cols, out) },
+            Isa::Avx2 | Isa::Avx2Vnni => unsafe { avx2::tile(self.kind, w, nr, xs, n, self.cols, o) },
             _ => {
                 let cols = self.cols;
-                for (t, o) in out.iter_mut().enumerate() {
-                    let xr = &xs[t * cols..(t + 1) * cols];
-                    *o = match self.kind {
-                        HalfKind::F16 => w.iter().zip(xr).map(|(&b, &v)| f16::from_bits(b).to_f32() * v).sum(),
-                        HalfKind::Bf16 => w.iter().zip(xr).map(|(&b, &v)| bf16::from_bits(b).to_f32() * v).sum(),
-                    };
+                for (i, orow) in o[..nr].iter_mut().enumerate() {
+                    let wr = &w[i * cols..(i + 1) * cols];
+                    for (t, ov) in orow[..n].iter_mut().enumerate() {
+                        let xr = &xs[t * cols..(t + 1) * cols];
+                        *ov = match self.kind {
+                            HalfKind::F16 => wr.iter().zip(xr).map(|(&b, &v)| f16::from_bits(b).to_f32() * v).sum(),
+                            HalfKind::Bf16 => wr.iter().zip(xr).map(|(&b, &v)| bf16::from_bits(b).to_f32() * v).sum(),
+                        };
+                    }
                 }
             }
         }
@@ -129,44 +140,66 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_rows(kind: HalfKind, w: &[u16], xs: &[f32], cols: usize, out: &mut [f32]) {
-        match out.len() {
-            1 => kernel::<1>(kind, w, xs, cols, out),
-            2 => kernel::<2>(kind, w, xs, cols, out),
-            3 => kernel::<3>(kind, w, xs, cols, out),
-            _ => kernel::<4>(kind, w, xs, cols, out),
+    pub unsafe fn tile(kind: HalfKind, w: &[u16], nr: usize, xs: &[f32], n: usize, cols: usize, o: &mut [[f32; TR]; RR]) {
+        macro_rules! go {
+            ($($r:literal, $t:literal);*) => {
+                match (nr, n) {
+                    $(($r, $t) => kernel::<$r, $t>(kind, w, xs, cols, o),)*
+                    _ => unreachable!("tile of {nr} rows x {n} tokens"),
+                }
+            };
         }
+        go!(1, 1; 1, 2; 1, 3; 1, 4; 2, 1; 2, 2; 2, 3; 2, 4; 3, 1; 3, 2; 3, 3; 3, 4)
     }
 
+    /// `NRW` weight rows × `R` tokens, 8 columns a step; one accumulator per (row, token), and for
+    /// single-token tiles a second set to hide the FMA latency.
     #[inline(always)]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn kernel<const R: usize>(kind: HalfKind, w: &[u16], xs: &[f32], cols: usize, out: &mut [f32]) {
-        // Two accumulators per token hide the FMA latency.
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    unsafe fn kernel<const NRW: usize, const R: usize>(kind: HalfKind, w: &[u16], xs: &[f32], cols: usize, o: &mut [[f32; TR]; RR]) {
+        let mut acc = [[_mm256_setzero_ps(); R]; NRW];
+        let mut acc2 = [_mm256_setzero_ps(); NRW];
         let wp = w.as_ptr();
         let xp = xs.as_ptr();
-        let full = cols / 16 * 16;
         let mut c = 0;
-        while c < full {
-            let w0 = load8(kind, wp.add(c));
-            let w1 = load8(kind, wp.add(c + 8));
-            for t in 0..R {
-                let x = xp.add(t * cols + c);
-                acc[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x), acc[t][0]);
-                acc[t][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x.add(8)), acc[t][1]);
+        if R == 1 {
+            // Decode: two column steps per iteration into two accumulator sets.
+            while c + 16 <= cols {
+                let x0 = _mm256_loadu_ps(xp.add(c));
+                let x1 = _mm256_loadu_ps(xp.add(c + 8));
+                for i in 0..NRW {
+                    acc[i][0] = _mm256_fmadd_ps(load8(kind, wp.add(i * cols + c)), x0, acc[i][0]);
+                    acc2[i] = _mm256_fmadd_ps(load8(kind, wp.add(i * cols + c + 8)), x1, acc2[i]);
+                }
+                c += 16;
             }
-            c += 16;
         }
-        for t in 0..R {
-            let mut s = hsum(_mm256_add_ps(acc[t][0], acc[t][1]));
-            for k in full..cols {
-                let wv = match kind {
-                    HalfKind::F16 => half::f16::from_bits(w[k]).to_f32(),
-                    HalfKind::Bf16 => half::bf16::from_bits(w[k]).to_f32(),
-                };
-                s += wv * xs[t * cols + k];
+        while c + 8 <= cols {
+            let mut wv = [_mm256_setzero_ps(); NRW];
+            for i in 0..NRW {
+                wv[i] = load8(kind, wp.add(i * cols + c));
             }
-            out[t] = s;
+            for t in 0..R {
+                let x = _mm256_loadu_ps(xp.add(t * cols + c));
+                for i in 0..NRW {
+                    acc[i][t] = _mm256_fmadd_ps(wv[i], x, acc[i][t]);
+                }
+            }
+            c += 8;
+        }
+        for i in 0..NRW {
+            for t in 0..R {
+                let v = if R == 1 { _mm256_add_ps(acc[i][0], acc2[i]) } else { acc[i][t] };
+                let mut s = hsum(v);
+                for k in c..cols {
+                    let wv = match kind {
+                        HalfKind::F16 => half::f16::from_bits(w[i * cols + k]).to_f32(),
+                        HalfKind::Bf16 => half::bf16::from_bits(w[i * cols + k]).to_f32(),
+                    };
+                    s += wv * xs[t * cols + k];
+                }
+                o[i][t] = s;
+            }
         }
     }
 }
@@ -183,7 +216,7 @@ mod tests {
             ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
         };
         for kind in [HalfKind::F16, HalfKind::Bf16] {
-            for (rows, cols, m) in [(1, 8, 1), (7, 40, 3), (300, 96, 6), (33, 17, 5)] {
+            for (rows, cols, m) in [(1, 8, 1), (7, 40, 3), (300, 96, 6), (33, 17, 5), (4, 100, 1), (5, 24, 9)] {
                 let wf: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
                 let bytes: Vec<u8> = wf
                     .iter()

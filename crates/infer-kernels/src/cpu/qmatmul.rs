@@ -24,17 +24,18 @@ pub enum QType {
     Q4_1,
     /// `d: f16, qs: [i8; 32]`, value = d · q.
     Q8_0,
-    /// `d: f16, qh: u32, qs: [u8; 16]`, value = d · (q5 − 16). Repacked exactly into 8-bit form.
+    /// `d: f16, qh: u32, qs: [u8; 16]`, value = d · (q5 − 16). Repacked exactly into the 5-bit
+    /// form (nibbles as Q4_1, then a 32-bit plane of high bits).
     Q5_0,
-    /// `d, m: f16, qh: u32, qs: [u8; 16]`, value = d · q5 + m. Repacked exactly into 8-bit form.
+    /// `d, m: f16, qh: u32, qs: [u8; 16]`, value = d · q5 + m. Repacked exactly into the 5-bit form.
     Q5_1,
     /// K-quant super-blocks of 256: `d, dmin: f16, scales: [u8; 12]` (6-bit scale and minimum of
     /// each 32-value sub-block), `qs: [u8; 128]`; value = d·sc·q − dmin·m. Repacked exactly into
     /// the Q4_1 form (per-sub-block f32 scale and minimum).
     Q4K,
     /// K-quant super-blocks of 256: `d, dmin: f16, scales: [u8; 12], qh: [u8; 32], qs: [u8; 128]`;
-    /// value = d·sc·q5 − dmin·m (q5 = 4 low bits + 1 high bit). Repacked exactly into the Q5_1
-    /// form (8-bit q5 − 16 with per-sub-block f32 scale and minimum).
+    /// value = d·sc·q5 − dmin·m (q5 = 4 low bits + 1 high bit). Repacked exactly into the 5-bit
+    /// form with per-sub-block f32 scale and minimum.
     Q5K,
     /// K-quant super-blocks of 256: `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16`;
     /// value = d·sc·(q6 − 32) with one scale per 16 values. Repacked exactly into 8-bit form with
@@ -59,7 +60,12 @@ impl QType {
 
     /// Whether the repacked form holds one signed byte per value (else two 4-bit values per byte).
     fn byte_quants(self) -> bool {
-        matches!(self, QType::Q8_0 | QType::Q5_0 | QType::Q5_1 | QType::Q5K | QType::Q6K)
+        matches!(self, QType::Q8_0 | QType::Q6K)
+    }
+
+    /// Whether the repacked form holds 4-bit values plus a plane of fifth bits (values 0..32).
+    fn five_bit(self) -> bool {
+        matches!(self, QType::Q5_0 | QType::Q5_1 | QType::Q5K)
     }
 
     /// Whether each 32-value block has two scales (one per 16 values, kept where the minimums
@@ -196,7 +202,8 @@ impl QType {
     fn quant_bytes(self) -> usize {
         match self {
             QType::Q4_0 | QType::Q4_1 | QType::Q4K => 16,
-            QType::Q8_0 | QType::Q5_0 | QType::Q5_1 | QType::Q5K | QType::Q6K => 32,
+            QType::Q5_0 | QType::Q5_1 | QType::Q5K => 20,
+            QType::Q8_0 | QType::Q6K => 32,
         }
     }
 }
@@ -234,17 +241,12 @@ impl QWeight {
                     let d = f16_at(blk, 0);
                     match qtype {
                         QType::Q5_0 | QType::Q5_1 => {
-                            // 5-bit values q in 0..32, stored as q − 16 (a signed byte).
+                            // GGUF's layout is already the 5-bit form: nibbles (value i low, i + 16
+                            // high) and bit j of qh the fifth bit of value j.
                             let off = if qtype == QType::Q5_0 { 2 } else { 4 };
-                            let qh = u32::from_le_bytes([blk[off], blk[off + 1], blk[off + 2], blk[off + 3]]);
-                            let ql = &blk[off + 4..off + 20];
-                            for j in 0..16 {
-                                let lo = (ql[j] & 0x0F) | ((((qh >> j) << 4) & 0x10) as u8);
-                                let hi = (ql[j] >> 4) | (((qh >> (j + 12)) & 0x10) as u8);
-                                dst[j] = (lo as i8 - 16) as u8;
-                                dst[j + 16] = (hi as i8 - 16) as u8;
-                            }
-                            let m = if qtype == QType::Q5_0 { 0.0 } else { f16_at(blk, 2) + 16.0 * d };
+                            dst[..16].copy_from_slice(&blk[off + 4..off + 20]);
+                            dst[16..20].copy_from_slice(&blk[off..off + 4]);
+                            let m = if qtype == QType::Q5_0 { -16.0 * d } else { f16_at(blk, 2) };
                             (d, m)
                         }
                         _ => {
@@ -366,20 +368,21 @@ fn k_scale_min(sc: &[u8], j: usize) -> (u8, u8) {
     }
 }
 
-/// Sub-block `j` (0..8) of a Q5_K super-block: writes its 32 values as signed bytes (q5 − 16) and
-/// returns (scale, minimum) as value = d·byte + m.
+/// Sub-block `j` (0..8) of a Q5_K super-block: writes its 32 values in the 5-bit form (nibbles in
+/// the Q4_1 order, then the fifth bits as a little-endian u32) and returns (scale, minimum) as
+/// value = d·q5 + m.
 fn unpack_q5k_sub_block(blk: &[u8], j: usize, dst: &mut [u8]) -> (f32, f32) {
     let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
     let (s, m) = k_scale_min(&blk[4..16], j);
     let qh = &blk[16..48];
     let ql = &blk[48 + 32 * (j / 2)..48 + 32 * (j / 2) + 32];
-    for (l, out) in dst.iter_mut().enumerate() {
-        let low = if j.is_multiple_of(2) { ql[l] & 0x0F } else { ql[l] >> 4 };
-        let high = ((qh[l] >> j) & 1) << 4;
-        *out = ((low | high) as i8 - 16) as u8;
+    let low = |l: usize| if j.is_multiple_of(2) { ql[l] & 0x0F } else { ql[l] >> 4 };
+    let high = qh.iter().enumerate().fold(0u32, |h, (l, &b)| h | (((b >> j) & 1) as u32) << l);
+    for (i, byte) in dst[..16].iter_mut().enumerate() {
+        *byte = low(i) | (low(i + 16) << 4);
     }
-    let ds = d * s as f32;
-    (ds, 16.0 * ds - dmin * m as f32)
+    dst[16..20].copy_from_slice(&high.to_le_bytes());
+    (d * s as f32, -dmin * m as f32)
 }
 
 /// Sub-block `j` (0..8) of a Q6_K super-block: writes its 32 values as signed bytes (q6 − 32) and
@@ -451,6 +454,13 @@ pub mod scalar {
                     }
                     let isum: i32 = if qt.byte_quants() {
                         q.iter().zip(&ab.qs).map(|(&w, &x)| w as i8 as i32 * x as i32).sum()
+                    } else if qt.five_bit() {
+                        let qh = u32::from_le_bytes([q[16], q[17], q[18], q[19]]);
+                        let v = |i: usize| {
+                            let nib = if i < 16 { q[i] & 0x0F } else { q[i - 16] >> 4 };
+                            (nib as u32 | ((qh >> i) & 1) << 4) as i32
+                        };
+                        (0..32).map(|i| v(i) * ab.qs[i] as i32).sum()
                     } else {
                         (0..16).map(|j| (q[j] & 0x0F) as i32 * ab.qs[j] as i32 + (q[j] >> 4) as i32 * ab.qs[j + 16] as i32).sum()
                     };
@@ -527,23 +537,31 @@ mod avx2 {
         let mut t0 = 0;
         while t0 < r {
             let a = &a[t0 * nb..];
-            match (qt.byte_quants(), qt.half_scales(), r - t0) {
-                (true, false, 1) => kernel::<1, false, VNNI, false>(scales, qs, a, nb, o, t0),
-                (true, false, _) => kernel::<2, false, VNNI, false>(scales, qs, a, nb, o, t0),
-                (true, true, 1) => kernel::<1, false, VNNI, true>(scales, qs, a, nb, o, t0),
-                (true, true, _) => kernel::<2, false, VNNI, true>(scales, qs, a, nb, o, t0),
-                (false, _, 1) => kernel::<1, true, VNNI, false>(scales, qs, a, nb, o, t0),
-                (false, _, _) => kernel::<2, true, VNNI, false>(scales, qs, a, nb, o, t0),
+            let one = r - t0 == 1;
+            match (qt.byte_quants(), qt.half_scales(), qt.five_bit(), one) {
+                (true, false, _, true) => kernel::<1, BYTES, VNNI, false>(scales, qs, a, nb, o, t0),
+                (true, false, _, false) => kernel::<2, BYTES, VNNI, false>(scales, qs, a, nb, o, t0),
+                (true, true, _, true) => kernel::<1, BYTES, VNNI, true>(scales, qs, a, nb, o, t0),
+                (true, true, _, false) => kernel::<2, BYTES, VNNI, true>(scales, qs, a, nb, o, t0),
+                (false, _, true, true) => kernel::<1, FIVE, VNNI, false>(scales, qs, a, nb, o, t0),
+                (false, _, true, false) => kernel::<2, FIVE, VNNI, false>(scales, qs, a, nb, o, t0),
+                (false, _, false, true) => kernel::<1, NIBBLES, VNNI, false>(scales, qs, a, nb, o, t0),
+                (false, _, false, false) => kernel::<2, NIBBLES, VNNI, false>(scales, qs, a, nb, o, t0),
             }
             t0 += 2;
         }
     }
 
-    /// Four weight rows × `R` activation rows; `Q4`: 4-bit quants (else 8-bit). Accumulators stay
-    /// in registers: `NR·R` vectors plus one 4-lane vector of minimum terms per activation row.
+    /// Quant layouts of [`kernel`]: signed bytes, 4-bit values, 4-bit values plus a fifth-bit plane.
+    const BYTES: u8 = 0;
+    const NIBBLES: u8 = 1;
+    const FIVE: u8 = 2;
+
+    /// Four weight rows × `R` activation rows for quant layout `L`. Accumulators stay in registers:
+    /// `NR·R` vectors plus one 4-lane vector of minimum terms per activation row.
     #[inline(always)]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn kernel<const R: usize, const Q4: bool, const VNNI: bool, const HALF: bool>(
+    unsafe fn kernel<const R: usize, const L: u8, const VNNI: bool, const HALF: bool>(
         scales: &[f32],
         qs: &[u8],
         a: &[BlockQ8],
@@ -551,7 +569,11 @@ mod avx2 {
         o: &mut [[f32; MR]; NR],
         col0: usize,
     ) {
-        let qb = if Q4 { 16 } else { 32 };
+        let qb = match L {
+            NIBBLES => 16,
+            FIVE => 20,
+            _ => 32,
+        };
         let mut acc = [[_mm256_setzero_ps(); R]; NR];
         let mut macc = [_mm_setzero_ps(); R];
         let sp = scales.as_ptr();
@@ -559,6 +581,10 @@ mod avx2 {
         let ap = a.as_ptr();
         let mask = _mm256_set1_epi8(0x0F);
         let shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+        // Fifth bits: byte j takes byte j/8 of the 32-bit plane, then tests bit j%8.
+        let spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let sixteen = _mm256_set1_epi8(16);
         for b in 0..nb {
             let sc = sp.add(b * 2 * NR);
             let q = qp.add(b * NR * qb);
@@ -580,10 +606,15 @@ mod avx2 {
                 } else {
                     _mm256_broadcast_ss(&*sc.add(wr))
                 };
-                if Q4 {
+                if L != BYTES {
                     // Low nibbles in the low 128 bits (values 0..16), high nibbles above (16..32).
-                    let raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(q.add(wr * 16) as *const __m128i));
-                    let w = _mm256_and_si256(_mm256_srlv_epi32(raw, shift), mask);
+                    let raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(q.add(wr * qb) as *const __m128i));
+                    let mut w = _mm256_and_si256(_mm256_srlv_epi32(raw, shift), mask);
+                    if L == FIVE {
+                        let plane = _mm256_set1_epi32((q.add(wr * qb + 16) as *const i32).read_unaligned());
+                        let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(plane, spread), bit), bit);
+                        w = _mm256_or_si256(w, _mm256_and_si256(set, sixteen));
+                    }
                     for t in 0..R {
                         let p = if VNNI { dot_u8_i8_vnni(w, aq[t]) } else { dot_u8_i8(w, aq[t]) };
                         acc[wr][t] = _mm256_fmadd_ps(_mm256_mul_ps(d, da[t]), p, acc[wr][t]);

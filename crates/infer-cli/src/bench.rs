@@ -8,9 +8,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use infer::kv_cache::PagedKvCache;
+use infer::kv_cache::{default_cache_dtype, parse_cache_dtype, PagedKvCache};
 use infer::models::{BatchInput, LogitsWanted};
-use infer::{DTypeChoice, LoadOptions, LoadedModel};
+use infer::{DType, DTypeChoice, LoadOptions, LoadedModel};
 use serde_json::json;
 
 #[derive(Args)]
@@ -44,6 +44,13 @@ pub struct BenchArgs {
     /// Quantize safetensors weights at load: q8_0, q4_0, q4_k, q5_k or q6_k.
     #[arg(long, value_name = "TYPE")]
     pub quantize: Option<String>,
+    /// Device: cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// KV cache storage: f32 or f16 (bf16 too on a GPU); default: f32 on the CPU, the model's
+    /// dtype on a GPU.
+    #[arg(long, value_name = "TYPE")]
+    pub kv_cache_dtype: Option<String>,
 }
 
 fn mean_sd(v: &[f64]) -> (f64, f64) {
@@ -67,9 +74,16 @@ fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 }
 
 /// Seconds for one forward pass over `n` prompt tokens (empty cache).
-fn run_pp(m: &LoadedModel, n: usize, seed: u64) -> Result<f64> {
+/// A KV cache for `n` tokens where the model runs.
+fn new_cache(m: &LoadedModel, n: usize, kv: Option<DType>) -> Result<PagedKvCache> {
+    let device = m.model.device();
+    let dtype = kv.unwrap_or_else(|| default_cache_dtype(&device, m.model.dtype()));
+    Ok(PagedKvCache::new_on(m.config(), 16, n.div_ceil(16) + 1, &device, dtype)?)
+}
+
+fn run_pp(m: &LoadedModel, n: usize, kv: Option<DType>, seed: u64) -> Result<f64> {
     let cfg = m.config();
-    let mut cache = PagedKvCache::new(cfg, 16, n.div_ceil(16) + 1)?;
+    let mut cache = new_cache(m, n, kv)?;
     let mut table = Vec::new();
     cache.reserve(&mut table, n)?;
     let mut batch = BatchInput::default();
@@ -81,9 +95,9 @@ fn run_pp(m: &LoadedModel, n: usize, seed: u64) -> Result<f64> {
 }
 
 /// Seconds for `n` single-token decode steps from an empty cache.
-fn run_tg(m: &LoadedModel, n: usize, seed: u64) -> Result<f64> {
+fn run_tg(m: &LoadedModel, n: usize, kv: Option<DType>, seed: u64) -> Result<f64> {
     let cfg = m.config();
-    let mut cache = PagedKvCache::new(cfg, 16, n.div_ceil(16) + 1)?;
+    let mut cache = new_cache(m, n, kv)?;
     let mut table = Vec::new();
     cache.reserve(&mut table, n)?;
     let toks = tokens(n, cfg.vocab_size, seed);
@@ -142,8 +156,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
     std::env::set_var("RAYON_NUM_THREADS", max_threads.to_string());
     let dtype: DTypeChoice = args.dtype.parse()?;
     let quantize = args.quantize.as_deref().map(str::parse).transpose()?;
-    let opts = LoadOptions { dtype, gguf_file: args.gguf_file.clone(), quantize, ..Default::default() };
+    let device = infer::parse_device(&args.device)?;
+    let kv = args.kv_cache_dtype.as_deref().map(parse_cache_dtype).transpose()?;
+    let backend = if device.is_cuda() {
+        "CUDA"
+    } else if device.is_metal() {
+        "Metal"
+    } else {
+        "CPU"
+    };
+    let opts = LoadOptions { device, dtype, gguf_file: args.gguf_file.clone(), quantize, ..Default::default() };
     let model = infer::load(&args.model, opts)?;
+    let kv_name = kv.unwrap_or_else(|| default_cache_dtype(&model.model.device(), model.model.dtype())).as_str();
     let name = Path::new(&args.model).file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_else(|| args.model.clone());
     let size = model_bytes(&args.model);
     let params = model_params(&model);
@@ -161,7 +185,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     for &t in &threads {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().context("starting the thread pool")?;
         for &(p, n) in &tests {
-            let run = |seed| if p > 0 { run_pp(&model, p, seed) } else { run_tg(&model, n, seed) };
+            let run = |seed| if p > 0 { run_pp(&model, p, kv, seed) } else { run_tg(&model, n, kv, seed) };
             // One warm-up run, as llama-bench does.
             pool.install(|| run(0))?;
             let mut secs = Vec::with_capacity(args.repetitions);
@@ -177,7 +201,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 records.push(json!({
                     "build_commit": env!("CARGO_PKG_VERSION"),
                     "cpu_info": "",
-                    "backends": "CPU",
+                    "backends": backend,
                     "model_filename": args.model,
                     "model_type": format!("{:?}", model.config().architecture).to_lowercase(),
                     "model_size": size,
@@ -185,8 +209,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     "n_batch": p.max(1),
                     "n_ubatch": p.max(1),
                     "n_threads": t,
-                    "type_k": "f32",
-                    "type_v": "f32",
+                    "type_k": kv_name,
+                    "type_v": kv_name,
                     "n_prompt": p,
                     "n_gen": n,
                     "test_time": chrono_now(),
@@ -199,7 +223,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 }));
             } else {
                 println!(
-                    "| {name} | {:.2} MiB | {:.2} M | CPU | {t} | {test} | {avg_ts:.2} ± {sd_ts:.2} |",
+                    "| {name} | {:.2} MiB | {:.2} M | {backend} | {t} | {test} | {avg_ts:.2} ± {sd_ts:.2} |",
                     size as f64 / (1 << 20) as f64,
                     params as f64 / 1e6
                 );

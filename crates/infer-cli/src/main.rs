@@ -95,6 +95,10 @@ pub(crate) struct ModelArgs {
     /// Quantize safetensors weights at load: q8_0, q4_0, q4_k, q5_k or q6_k (CPU).
     #[arg(long, value_name = "TYPE")]
     pub quantize: Option<String>,
+    /// KV cache storage: f32 or f16 (half the memory), bf16 too on a GPU (default: f32 on the CPU,
+    /// the model's dtype on a GPU).
+    #[arg(long, value_name = "TYPE")]
+    pub kv_cache_dtype: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -285,6 +289,9 @@ fn load(args: &ModelArgs) -> Result<Session> {
     }
     if let Some(q) = &args.quantize {
         builder = builder.quantize(q.parse()?);
+    }
+    if let Some(d) = &args.kv_cache_dtype {
+        builder = builder.kv_cache_dtype(infer::kv_cache::parse_cache_dtype(d)?);
     }
     if let Some(c) = args.ctx_size {
         if c < 2 {

@@ -83,6 +83,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         }
     }
     let kv_cache_bytes = args.kv_cache_mem.as_deref().map(parse_size).transpose().context("--kv-cache-mem")?;
+    let kv_cache_dtype = args.model.kv_cache_dtype.as_deref().map(infer::kv_cache::parse_cache_dtype).transpose()?;
     let max_body_bytes = parse_size(&args.max_body_size).context("--max-body-size")?;
     let cfg = ServerConfig {
         served_model_name: args.served_model_name.clone(),
@@ -91,6 +92,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             max_context: args.model.ctx_size,
             max_seqs: args.max_seqs,
             kv_cache_bytes,
+            kv_cache_dtype,
             max_batch_tokens: args.max_batch_tokens,
             prefix_caching: !args.no_prefix_caching,
             ..Default::default()

@@ -98,6 +98,11 @@ impl ModelBuilder {
         self.engine.max_context = Some(n);
         self
     }
+    /// How the KV cache stores keys and values: f32 or f16 (bf16 too on a GPU).
+    pub fn kv_cache_dtype(mut self, dtype: candle_core::DType) -> Self {
+        self.engine.kv_cache_dtype = Some(dtype);
+        self
+    }
     /// Engine limits (batch size, KV cache memory...).
     pub fn engine_config(mut self, cfg: EngineConfig) -> Self {
         self.engine = cfg;

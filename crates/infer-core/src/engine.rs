@@ -21,8 +21,12 @@ pub type SeqId = u64;
 pub struct EngineConfig {
     /// Tokens per KV cache block.
     pub block_size: usize,
-    /// KV cache memory in bytes (f32 keys and values); `None`: room for `max_seqs` full contexts.
+    /// KV cache memory in bytes; `None`: room for `max_seqs` full contexts (on a GPU at most 80% of
+    /// its free memory).
     pub kv_cache_bytes: Option<usize>,
+    /// Keys and values stored as f32 or f16 (bf16 too on a GPU); `None`: f32 on the CPU, the
+    /// model's dtype on a GPU.
+    pub kv_cache_dtype: Option<candle_core::DType>,
     /// Most tokens (prompt + generation) one sequence may hold; `None`: the model's trained context.
     pub max_context: Option<usize>,
     /// Most tokens one forward pass processes (long prompts are prefilled in chunks of this size).
@@ -38,6 +42,7 @@ impl Default for EngineConfig {
         Self {
             block_size: DEFAULT_BLOCK_SIZE,
             kv_cache_bytes: None,
+            kv_cache_dtype: None,
             max_context: None,
             max_batch_tokens: 512,
             max_seqs: 16,
@@ -135,7 +140,8 @@ impl Engine {
         if cfg.max_batch_tokens == 0 || cfg.max_seqs == 0 {
             return Err(Error::param("engine", "max_batch_tokens and max_seqs must be positive"));
         }
-        let (device, dtype) = (model.device(), model.dtype());
+        let device = model.device();
+        let dtype = cfg.kv_cache_dtype.unwrap_or_else(|| crate::kv_cache::default_cache_dtype(&device, model.dtype()));
         let cache = match cfg.kv_cache_bytes {
             Some(bytes) => PagedKvCache::with_memory_budget_on(mcfg, cfg.block_size, bytes, &device, dtype)?,
             None => PagedKvCache::default_for(mcfg, cfg.block_size, max_context.div_ceil(cfg.block_size) * cfg.max_seqs, &device, dtype)?,

@@ -158,6 +158,8 @@ pub enum LayerKv {
     /// Host memory in f32, for the CPU kernels (zeroed lazily by the OS: untouched blocks cost no
     /// resident memory).
     Host { k: Vec<f32>, v: Vec<f32> },
+    /// Host memory in f16 (half the memory; the CPU kernels widen it in registers).
+    HostF16 { k: Vec<half::f16>, v: Vec<half::f16> },
     /// Flat device tensors in the model's dtype, for the CUDA kernels.
     Device { k: Tensor, v: Tensor },
 }
@@ -176,6 +178,43 @@ pub struct PagedKvCache {
 /// otherwise it is host f32 memory.
 pub fn cache_on_device(device: &Device) -> bool {
     cfg!(feature = "cuda") && device.is_cuda()
+}
+
+/// The KV cache dtype when none is asked for: the model's on a GPU, f32 on the host.
+pub fn default_cache_dtype(device: &Device, model_dtype: DType) -> DType {
+    if cache_on_device(device) {
+        model_dtype
+    } else {
+        DType::F32
+    }
+}
+
+/// Parses a KV cache dtype name: `f32`, `f16` or `bf16`.
+pub fn parse_cache_dtype(s: &str) -> Result<DType> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        _ => Err(Error::param("kv-cache-dtype", format!("`{s}` is not one of f32, f16, bf16"))),
+    }
+}
+
+/// Checks a cache dtype for `device`: f32/f16/bf16 on a GPU, f32/f16 on the host.
+fn check_cache_dtype(device: &Device, dtype: DType) -> Result<()> {
+    let ok = match dtype {
+        DType::F32 | DType::F16 => true,
+        DType::BF16 => cache_on_device(device),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        let place = if cache_on_device(device) { "a GPU" } else { "the CPU" };
+        Err(Error::param(
+            "kv-cache-dtype",
+            format!("{} is not supported for the KV cache on {place}: use f32 or f16 (bf16 works on a GPU)", dtype.as_str()),
+        ))
+    }
 }
 
 /// Share of the device memory still free (after the weights) that a GPU cache takes by default.
@@ -200,16 +239,20 @@ impl PagedKvCache {
         Self::new_on(cfg, block_size, num_blocks, &Device::Cpu, DType::F32)
     }
 
-    /// The same for a model on `device`: on a CUDA device the blocks are device memory in `dtype`.
+    /// The same for a model on `device` with keys and values stored as `dtype`: on a CUDA device
+    /// the blocks are device memory, else host memory (f32 or f16).
     pub fn new_on(cfg: &ModelConfig, block_size: usize, num_blocks: usize, device: &Device, dtype: DType) -> Result<Self> {
         if block_size == 0 || num_blocks == 0 {
             return Err(Error::param("kv-cache", "block size and block count must be positive"));
         }
+        check_cache_dtype(device, dtype)?;
         let per_layer = num_blocks * block_size * cfg.num_key_value_heads * cfg.head_dim;
         let layers = (0..cfg.num_hidden_layers)
             .map(|_| -> Result<LayerKv> {
                 Ok(if cache_on_device(device) {
                     LayerKv::Device { k: Tensor::zeros(per_layer, dtype, device)?, v: Tensor::zeros(per_layer, dtype, device)? }
+                } else if dtype == DType::F16 {
+                    LayerKv::HostF16 { k: vec![half::f16::ZERO; per_layer], v: vec![half::f16::ZERO; per_layer] }
                 } else {
                     LayerKv::Host { k: vec![0.0; per_layer], v: vec![0.0; per_layer] }
                 })
@@ -248,7 +291,7 @@ impl PagedKvCache {
 
     /// As many blocks as fit in `bytes`, for a model on `device` (see [`new_on`](Self::new_on)).
     pub fn with_memory_budget_on(cfg: &ModelConfig, block_size: usize, bytes: usize, device: &Device, dtype: DType) -> Result<Self> {
-        let dtype = if cache_on_device(device) { dtype } else { DType::F32 };
+        check_cache_dtype(device, dtype)?;
         let per = Self::bytes_per_block_of(cfg, block_size, dtype);
         let n = bytes / per;
         if n == 0 {

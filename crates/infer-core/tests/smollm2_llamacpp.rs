@@ -102,38 +102,45 @@ fn top5_logprobs_match_llamacpp() {
     let Some(s) = session() else { return };
     let refs = common::llamacpp_refs();
     let model = s.model().model.clone();
-    let (mut worst, mut sum, mut count) = (0f32, 0f32, 0usize);
-    for case in refs["top_logprobs"].as_array().unwrap() {
-        let prompt = ids(&case["ids"]);
-        let mut cache = infer_core::kv_cache::PagedKvCache::new(model.config(), 16, 64).unwrap();
-        let mut table = Vec::new();
-        cache.reserve(&mut table, prompt.len()).unwrap();
-        let mut batch = infer_core::models::BatchInput::default();
-        batch.push_sequence(&prompt, 0, &table, 16, infer_core::models::LogitsWanted::All);
-        let logits = model.forward(&batch, &mut cache).unwrap().to_vec2::<f32>().unwrap();
-        let mut positions = vec![(prompt.len() - 1, &case["top5"])];
-        if let Some(all) = case.get("top5_all_positions").and_then(|v| v.as_array()) {
-            positions.extend(all.iter().enumerate());
-        }
-        for (pos, top5) in positions {
-            let row = &logits[pos];
-            let lse = infer_core::sampling::logsumexp(row);
-            for (rank, pair) in top5.as_array().unwrap().iter().enumerate() {
-                let (tok, want) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
-                let got = row[tok] - lse;
-                let d = (got - want).abs();
-                worst = worst.max(d);
-                sum += d;
-                count += 1;
-                assert!(d < LOGPROB_TOL, "{:?} position {pos}: token {tok} (llama.cpp rank {rank}) logprob {got} vs {want}", case["text"]);
+    // llama.cpp keeps its KV cache in f16; ours is f32 by default, f16 on request.
+    for kv in [infer_core::DType::F32, infer_core::DType::F16] {
+        let (mut worst, mut sum, mut count) = (0f32, 0f32, 0usize);
+        for case in refs["top_logprobs"].as_array().unwrap() {
+            let prompt = ids(&case["ids"]);
+            let mut cache = infer_core::kv_cache::PagedKvCache::new_on(model.config(), 16, 64, &infer_core::Device::Cpu, kv).unwrap();
+            let mut table = Vec::new();
+            cache.reserve(&mut table, prompt.len()).unwrap();
+            let mut batch = infer_core::models::BatchInput::default();
+            batch.push_sequence(&prompt, 0, &table, 16, infer_core::models::LogitsWanted::All);
+            let logits = model.forward(&batch, &mut cache).unwrap().to_vec2::<f32>().unwrap();
+            let mut positions = vec![(prompt.len() - 1, &case["top5"])];
+            if let Some(all) = case.get("top5_all_positions").and_then(|v| v.as_array()) {
+                positions.extend(all.iter().enumerate());
             }
-            let best = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
-            assert_eq!(best as u64, top5[0][0].as_u64().unwrap(), "{:?} position {pos}: top token", case["text"]);
+            for (pos, top5) in positions {
+                let row = &logits[pos];
+                let lse = infer_core::sampling::logsumexp(row);
+                for (rank, pair) in top5.as_array().unwrap().iter().enumerate() {
+                    let (tok, want) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
+                    let got = row[tok] - lse;
+                    let d = (got - want).abs();
+                    worst = worst.max(d);
+                    sum += d;
+                    count += 1;
+                    assert!(
+                        d < LOGPROB_TOL,
+                        "{kv:?} cache, {:?} position {pos}: token {tok} (llama.cpp rank {rank}) logprob {got} vs {want}",
+                        case["text"]
+                    );
+                }
+                let best = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+                assert_eq!(best as u64, top5[0][0].as_u64().unwrap(), "{kv:?} cache, {:?} position {pos}: top token", case["text"]);
+            }
         }
+        let mean = sum / count as f32;
+        eprintln!("{kv:?} KV cache: top-5 logprobs vs llama.cpp over {count} values: max |diff| {worst:.3}, mean {mean:.3}");
+        assert!(mean < LOGPROB_MEAN_TOL, "{kv:?} cache: mean |diff| {mean}");
     }
-    let mean = sum / count as f32;
-    eprintln!("top-5 logprobs vs llama.cpp over {count} values: max |diff| {worst:.3}, mean {mean:.3}");
-    assert!(mean < LOGPROB_MEAN_TOL, "mean |diff| {mean}");
 }
 
 #[test]

@@ -10,6 +10,6 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-pub use cpu::attention::{paged_attention, write_kv, AttentionShape, SeqAttention};
+pub use cpu::attention::{paged_attention, write_kv, AttentionShape, KvElem, SeqAttention};
 pub use cpu::halfmatmul::{HalfKind, HalfWeight};
 pub use cpu::qmatmul::{Isa, QType, QWeight};

@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use infer_kernels::{paged_attention, write_kv, SeqAttention};
+use infer_kernels::{paged_attention, write_kv, KvElem, SeqAttention};
 
 use super::{BatchInput, CausalLm};
 use crate::config::{ModelConfig, RopeScaling};
@@ -280,17 +280,10 @@ fn paged_attention_op(
     step: &Step<'_>,
     cache: &mut PagedKvCache,
 ) -> Result<Tensor> {
-    let (t, nh, hd) = q.dims3()?;
     let shape = cache.shape(attn.num_heads, attn.window);
     match cache.layer_mut(layer) {
-        LayerKv::Host { k: kc, v: vc } => {
-            let to_vec = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
-            let (qv, kv, vv) = (to_vec(q)?, to_vec(k)?, to_vec(v)?);
-            write_kv(&kv, &vv, &step.batch.slots, &shape, kc, vc);
-            let mut out = vec![0.0f32; t * nh * hd];
-            paged_attention(&qv, kc, vc, &seq_attention(step.batch), &shape, &mut out);
-            Ok(Tensor::from_vec(out, (t, nh * hd), q.device())?)
-        }
+        LayerKv::Host { k: kc, v: vc } => host_attention(q, k, v, kc, vc, step, &shape),
+        LayerKv::HostF16 { k: kc, v: vc } => host_attention(q, k, v, kc, vc, step, &shape),
         #[cfg(feature = "cuda")]
         LayerKv::Device { k: kc, v: vc } => {
             use infer_kernels::cuda;
@@ -299,11 +292,31 @@ fn paged_attention_op(
             cuda::write_cache(kc, &k.to_dtype(dt)?, slots)?;
             cuda::write_cache(vc, &v.to_dtype(dt)?, slots)?;
             let out = cuda::paged_attention(&q.to_dtype(dt)?, kc, vc, meta, &shape)?;
+            let (t, nh, hd) = q.dims3()?;
             Ok(out.reshape((t, nh * hd))?)
         }
         #[cfg(not(feature = "cuda"))]
         LayerKv::Device { .. } => Err(Error::Model("a device KV cache needs a build with the cuda feature".into())),
     }
+}
+
+/// The CPU kernels over a host cache of f32 or f16.
+fn host_attention<E: KvElem>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    kc: &mut [E],
+    vc: &mut [E],
+    step: &Step<'_>,
+    shape: &infer_kernels::AttentionShape,
+) -> Result<Tensor> {
+    let (t, nh, hd) = q.dims3()?;
+    let to_vec = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
+    let (qv, kv, vv) = (to_vec(q)?, to_vec(k)?, to_vec(v)?);
+    write_kv(&kv, &vv, &step.batch.slots, shape, kc, vc);
+    let mut out = vec![0.0f32; t * nh * hd];
+    paged_attention(&qv, kc, vc, &seq_attention(step.batch), shape, &mut out);
+    Ok(Tensor::from_vec(out, (t, nh * hd), q.device())?)
 }
 
 impl CausalLm for LlamaModel {

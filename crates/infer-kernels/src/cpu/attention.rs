@@ -39,15 +39,51 @@ pub struct SeqAttention<'a> {
     pub block_table: &'a [u32],
 }
 
+/// Element type of the KV cache: f32, or f16 (half the memory; widened to f32 in registers).
+pub trait KvElem: Copy + Send + Sync + Default + 'static {
+    /// Whether the type is f16 (else f32).
+    const HALF: bool;
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl KvElem for f32 {
+    const HALF: bool = false;
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl KvElem for half::f16 {
+    const HALF: bool = true;
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
 /// Writes the new keys and values (`[num_tokens, num_kv_heads, head_dim]`) into their cache slots.
 /// `slots[i]` is the flat slot (`block * block_size + offset`) of token row `i`.
-pub fn write_kv(k: &[f32], v: &[f32], slots: &[usize], shape: &AttentionShape, k_cache: &mut [f32], v_cache: &mut [f32]) {
+pub fn write_kv<E: KvElem>(k: &[f32], v: &[f32], slots: &[usize], shape: &AttentionShape, k_cache: &mut [E], v_cache: &mut [E]) {
     let row = shape.num_kv_heads * shape.head_dim;
     debug_assert_eq!(k.len(), slots.len() * row);
     for (i, &slot) in slots.iter().enumerate() {
         let dst = slot * row..(slot + 1) * row;
-        k_cache[dst.clone()].copy_from_slice(&k[i * row..(i + 1) * row]);
-        v_cache[dst].copy_from_slice(&v[i * row..(i + 1) * row]);
+        for (c, &x) in k_cache[dst.clone()].iter_mut().zip(&k[i * row..(i + 1) * row]) {
+            *c = E::from_f32(x);
+        }
+        for (c, &x) in v_cache[dst].iter_mut().zip(&v[i * row..(i + 1) * row]) {
+            *c = E::from_f32(x);
+        }
     }
 }
 
@@ -56,16 +92,23 @@ pub fn write_kv(k: &[f32], v: &[f32], slots: &[usize], shape: &AttentionShape, k
 /// Grouped-query attention: query head `h` reads KV head `h / (num_heads / num_kv_heads)`; the query
 /// heads of a group are processed together so each key and value row is read once per group. Token
 /// rows are spread over the rayon pool.
-pub fn paged_attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], seqs: &[SeqAttention<'_>], shape: &AttentionShape, out: &mut [f32]) {
+pub fn paged_attention<E: KvElem>(
+    q: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
+    seqs: &[SeqAttention<'_>],
+    shape: &AttentionShape,
+    out: &mut [f32],
+) {
     paged_attention_with(Isa::detect(), q, k_cache, v_cache, seqs, shape, out)
 }
 
 /// [`paged_attention`] with a chosen instruction set (which the CPU must support).
-pub fn paged_attention_with(
+pub fn paged_attention_with<E: KvElem>(
     isa: Isa,
     q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
     seqs: &[SeqAttention<'_>],
     shape: &AttentionShape,
     out: &mut [f32],
@@ -142,19 +185,28 @@ impl Iterator for Slots<'_> {
 /// All heads of one query row at position `pos`: the AVX2 kernel for the usual head sizes, else
 /// the portable loop.
 #[allow(clippy::too_many_arguments)]
-fn attend_row(isa: Isa, q: &[f32], pos: usize, table: &[u32], k_cache: &[f32], v_cache: &[f32], shape: &AttentionShape, out: &mut [f32]) {
+fn attend_row<E: KvElem>(
+    isa: Isa,
+    q: &[f32],
+    pos: usize,
+    table: &[u32],
+    k_cache: &[E],
+    v_cache: &[E],
+    shape: &AttentionShape,
+    out: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Scalar {
-        // SAFETY: every non-scalar Isa implies AVX2 and FMA.
+        // SAFETY: every non-scalar Isa implies AVX2, FMA and F16C.
         unsafe {
             let a = (q, pos, table, k_cache, v_cache, shape);
             match shape.head_dim {
-                32 => return avx2::attend_row::<4>(a.0, a.1, a.2, a.3, a.4, a.5, out),
-                64 => return avx2::attend_row::<8>(a.0, a.1, a.2, a.3, a.4, a.5, out),
-                80 => return avx2::attend_row::<10>(a.0, a.1, a.2, a.3, a.4, a.5, out),
-                96 => return avx2::attend_row::<12>(a.0, a.1, a.2, a.3, a.4, a.5, out),
-                128 => return avx2::attend_row::<16>(a.0, a.1, a.2, a.3, a.4, a.5, out),
-                256 => return avx2::attend_row::<32>(a.0, a.1, a.2, a.3, a.4, a.5, out),
+                32 => return avx2::attend_row::<4, E>(a.0, a.1, a.2, a.3, a.4, a.5, out),
+                64 => return avx2::attend_row::<8, E>(a.0, a.1, a.2, a.3, a.4, a.5, out),
+                80 => return avx2::attend_row::<10, E>(a.0, a.1, a.2, a.3, a.4, a.5, out),
+                96 => return avx2::attend_row::<12, E>(a.0, a.1, a.2, a.3, a.4, a.5, out),
+                128 => return avx2::attend_row::<16, E>(a.0, a.1, a.2, a.3, a.4, a.5, out),
+                256 => return avx2::attend_row::<32, E>(a.0, a.1, a.2, a.3, a.4, a.5, out),
                 _ => {}
             }
         }
@@ -195,7 +247,7 @@ fn attend_row(isa: Isa, q: &[f32], pos: usize, table: &[u32], k_cache: &[f32], v
             for h in 0..group {
                 let w = scores[h * n + i];
                 for (acc, &x) in og[h * hd..(h + 1) * hd].iter_mut().zip(v) {
-                    *acc += w * x;
+                    *acc += w * x.to_f32();
                 }
             }
         }
@@ -203,18 +255,18 @@ fn attend_row(isa: Isa, q: &[f32], pos: usize, table: &[u32], k_cache: &[f32], v
 }
 
 #[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<E: KvElem>(a: &[f32], b: &[E]) -> f32 {
     // Eight independent accumulators let the compiler vectorize the loop.
     let mut acc = [0.0f32; 8];
     let chunks = a.len() / 8;
     for c in 0..chunks {
         for j in 0..8 {
-            acc[j] += a[c * 8 + j] * b[c * 8 + j];
+            acc[j] += a[c * 8 + j] * b[c * 8 + j].to_f32();
         }
     }
     let mut s: f32 = acc.iter().sum();
     for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
+        s += a[i] * b[i].to_f32();
     }
     s
 }
@@ -226,16 +278,27 @@ mod avx2 {
     use super::*;
     use crate::cpu::simd::{exp256, hsum};
 
+    /// Eight cache elements widened to f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8<E: KvElem>(p: *const E) -> __m256 {
+        if E::HALF {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        } else {
+            _mm256_loadu_ps(p as *const f32)
+        }
+    }
+
     /// All heads of one query row; `HD8 = head_dim / 8`. Each query head lives in registers (scaled
     /// once) while its keys stream by; the output head accumulates in registers over the values.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::needless_range_loop)]
-    pub unsafe fn attend_row<const HD8: usize>(
+    pub unsafe fn attend_row<const HD8: usize, E: KvElem>(
         q: &[f32],
         pos: usize,
         table: &[u32],
-        k_cache: &[f32],
-        v_cache: &[f32],
+        k_cache: &[E],
+        v_cache: &[E],
         shape: &AttentionShape,
         out: &mut [f32],
     ) {
@@ -264,12 +327,12 @@ mod avx2 {
                 let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
                 let mut c = 0;
                 while c + 1 < HD8 {
-                    a0 = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(k.add(c * 8)), a0);
-                    a1 = _mm256_fmadd_ps(qv[c + 1], _mm256_loadu_ps(k.add(c * 8 + 8)), a1);
+                    a0 = _mm256_fmadd_ps(qv[c], load8(k.add(c * 8)), a0);
+                    a1 = _mm256_fmadd_ps(qv[c + 1], load8(k.add(c * 8 + 8)), a1);
                     c += 2;
                 }
                 if c < HD8 {
-                    a0 = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(k.add(c * 8)), a0);
+                    a0 = _mm256_fmadd_ps(qv[c], load8(k.add(c * 8)), a0);
                 }
                 let s = hsum(_mm256_add_ps(a0, a1));
                 scores[i] = s;
@@ -293,7 +356,7 @@ mod avx2 {
                 let v = vp.add(o + koff);
                 let w = _mm256_set1_ps(scores[i]);
                 for c in 0..HD8 {
-                    acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v.add(c * 8)), acc[c]);
+                    acc[c] = _mm256_fmadd_ps(w, load8(v.add(c * 8)), acc[c]);
                 }
             }
             let inv = _mm256_set1_ps(1.0 / sum);
@@ -363,8 +426,10 @@ mod tests {
             let sh = AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim, block_size: 4, scale: 0.35, sliding_window: window };
             let kv_row = sh.num_kv_heads * sh.head_dim;
             let num_blocks = 16;
-            let mut kc = vec![0.0; num_blocks * sh.block_size * kv_row];
+            let mut kc = vec![0.0f32; num_blocks * sh.block_size * kv_row];
             let mut vc = kc.clone();
+            let mut kh = vec![half::f16::ZERO; num_blocks * sh.block_size * kv_row];
+            let mut vh = kh.clone();
             let mut seed = 7u64;
             // Two sequences: one already holds 6 tokens and decodes 1; one prefills 30 tokens (rows see
             // up to 30 keys, past the 8-wide vector steps of the softmax).
@@ -378,6 +443,7 @@ mod tests {
             let slot = |s: usize, t: usize| tables[s][t / sh.block_size] as usize * sh.block_size + t % sh.block_size;
             let old: Vec<usize> = (0..6).map(|t| slot(0, t)).collect();
             write_kv(&full[0].0[..6 * kv_row], &full[0].1[..6 * kv_row], &old, &sh, &mut kc, &mut vc);
+            write_kv(&full[0].0[..6 * kv_row], &full[0].1[..6 * kv_row], &old, &sh, &mut kh, &mut vh);
             // The batch: seq 0's last token, then seq 1's 30 tokens.
             let mut kb = full[0].0[6 * kv_row..].to_vec();
             kb.extend_from_slice(&full[1].0);
@@ -385,6 +451,7 @@ mod tests {
             vb.extend_from_slice(&full[1].1);
             let slots: Vec<usize> = std::iter::once(slot(0, 6)).chain((0..30).map(|t| slot(1, t))).collect();
             write_kv(&kb, &vb, &slots, &sh, &mut kc, &mut vc);
+            write_kv(&kb, &vb, &slots, &sh, &mut kh, &mut vh);
             let q = rand_vec(31 * sh.num_heads * sh.head_dim, &mut seed);
             let seqs = [
                 SeqAttention { q_start: 0, q_len: 1, context_len: 7, block_table: &tables[0] },
@@ -398,6 +465,15 @@ mod tests {
             let expect: Vec<f32> = r0.into_iter().chain(r1).collect();
             for (a, b) in out.iter().zip(&expect) {
                 assert!((a - b).abs() < 1e-5, "window {window:?} head_dim {head_dim} {isa:?}: {a} vs {b}");
+            }
+            // An f16 cache gives the reference over f16-rounded keys and values.
+            let round = |x: &[f32]| -> Vec<f32> { x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect() };
+            let mut out = vec![f32::NAN; q.len()];
+            paged_attention_with(isa, &q, &kh, &vh, &seqs, &sh, &mut out);
+            let r0 = reference(&q[..qr], &round(&full[0].0), &round(&full[0].1), new[0], ctx[0], &sh);
+            let r1 = reference(&q[qr..], &round(&full[1].0), &round(&full[1].1), new[1], ctx[1], &sh);
+            for (a, b) in out.iter().zip(r0.iter().chain(&r1)) {
+                assert!((a - b).abs() < 1e-5, "f16 cache, window {window:?} head_dim {head_dim} {isa:?}: {a} vs {b}");
             }
         }
     }

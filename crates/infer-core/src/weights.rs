@@ -104,6 +104,46 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// Several layers over the same input (a layer's q, k and v, or gate and up): when all run on
+    /// infer's quantized CPU kernels, one grouped call (the activations quantized once, one parallel
+    /// region); otherwise one after another.
+    pub fn forward_many<const N: usize>(layers: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
+        let ws: Option<Vec<&QWeight>> = layers
+            .iter()
+            .map(|l| match &l.weight {
+                LinearWeight::Cpu(w) => Some(w.as_ref()),
+                _ => None,
+            })
+            .collect();
+        let ws = match ws {
+            Some(ws) if ws.windows(2).all(|p| p[0].cols() == p[1].cols()) => ws,
+            _ => return Ok(layers.map(|l| l.forward(x)).into_iter().collect::<Result<Vec<_>>>()?.try_into().expect("N results")),
+        };
+        let dims = x.dims().to_vec();
+        let cols = ws[0].cols();
+        if dims.last() != Some(&cols) {
+            return Err(Error::Model(format!("linear layer expects {cols} inputs, got shape {dims:?}")));
+        }
+        let m = x.elem_count() / cols.max(1);
+        let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.rows()]).collect();
+        let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        infer_kernels::matmul_many(&ws, &xv, m, &mut refs);
+        let mut res = Vec::with_capacity(N);
+        for ((out, w), l) in outs.into_iter().zip(&ws).zip(layers) {
+            let mut odims = dims.clone();
+            *odims.last_mut().expect("at least one dim") = w.rows();
+            let y = Tensor::from_vec(out, odims, x.device())?.to_dtype(x.dtype())?;
+            res.push(match &l.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            });
+        }
+        Ok(res.try_into().expect("N results"))
+    }
+}
+
 /// In-situ quantization of dense (safetensors) linear weights at load, for the CPU kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Quantize {

@@ -12,4 +12,4 @@ pub mod cuda;
 
 pub use cpu::attention::{paged_attention, write_kv, AttentionShape, KvElem, SeqAttention};
 pub use cpu::halfmatmul::{HalfKind, HalfWeight};
-pub use cpu::qmatmul::{Isa, QType, QWeight};
+pub use cpu::qmatmul::{matmul_many, Isa, QType, QWeight};

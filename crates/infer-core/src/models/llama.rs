@@ -222,9 +222,10 @@ impl LlamaModel {
     fn attention(&self, layer: usize, x: &Tensor, rope: &RopeInput, step: &Step<'_>, cache: &mut PagedKvCache) -> Result<Tensor> {
         let attn = &self.layers[layer].attn;
         let t = x.dim(0)?;
-        let q = attn.q.forward(x)?.reshape((t, attn.num_heads, attn.head_dim))?;
-        let k = attn.k.forward(x)?.reshape((t, attn.num_kv_heads, attn.head_dim))?;
-        let v = attn.v.forward(x)?.reshape((t, attn.num_kv_heads, attn.head_dim))?;
+        let [q, k, v] = Linear::forward_many([&attn.q, &attn.k, &attn.v], x)?;
+        let q = q.reshape((t, attn.num_heads, attn.head_dim))?;
+        let k = k.reshape((t, attn.num_kv_heads, attn.head_dim))?;
+        let v = v.reshape((t, attn.num_kv_heads, attn.head_dim))?;
         let q = self.rotary.apply(&q, rope)?;
         let k = self.rotary.apply(&k, rope)?;
         let out = paged_attention_op(layer, attn, &q, &k, &v, step, cache)?;
@@ -341,7 +342,8 @@ impl CausalLm for LlamaModel {
             let a = self.attention(i, &h, &rope, &step, cache)?;
             // Residual adds fused with the norm that follows each (one kernel on CUDA).
             let (x1, h1) = layer.post_norm.add_forward(&x, &a)?;
-            let m = layer.mlp.down.forward(&silu_mul(&layer.mlp.gate.forward(&h1)?, &layer.mlp.up.forward(&h1)?)?)?;
+            let [gate, up] = Linear::forward_many([&layer.mlp.gate, &layer.mlp.up], &h1)?;
+            let m = layer.mlp.down.forward(&silu_mul(&gate, &up)?)?;
             match self.layers.get(i + 1) {
                 Some(next) => (x, h) = next.input_norm.add_forward(&x1, &m)?,
                 None => x = (x1 + m)?,

@@ -284,43 +284,37 @@ impl QWeight {
 
     /// The same, with a chosen instruction set (which the CPU must support).
     pub fn matmul_with(&self, isa: Isa, x: &[f32], m: usize, out: &mut [f32]) {
-        assert_eq!(x.len(), m * self.cols, "x must be [m, cols]");
-        assert_eq!(out.len(), m * self.rows, "out must be [m, rows]");
+        matmul_many_with(isa, &[self], x, m, &mut [out]);
+    }
+
+    /// Row groups `g0..g1` for all `m` tokens of the quantized activations `acts`, written to
+    /// `dst` (`[m, rows]`).
+    fn run_groups(&self, isa: Isa, acts: &[BlockQ8], m: usize, g0: usize, g1: usize, dst: OutPtr) {
         let nb = self.cols / QK;
-        let acts: Vec<BlockQ8> =
-            if m >= 16 { x.par_chunks_exact(QK).map(quantize_block).collect() } else { x.chunks_exact(QK).map(quantize_block).collect() };
-        let groups = self.rows.div_ceil(NR);
         let rows = self.rows;
-        // Each task computes a run of row groups for all m tokens, writing its rows of `out`.
-        let chunk = (groups / (rayon::current_num_threads() * 4)).clamp(1, 64);
-        let dst = OutPtr(out.as_mut_ptr());
-        (0..groups.div_ceil(chunk)).into_par_iter().for_each(|c| {
-            let g0 = c * chunk;
-            let g1 = (g0 + chunk).min(groups);
-            // Token blocks outermost: a block's activations stay in cache while every row group of
-            // this task passes over them.
-            for tb in (0..m).step_by(TOKEN_BLOCK) {
-                let tb_end = (tb + TOKEN_BLOCK).min(m);
-                for g in g0..g1 {
-                    let mut t0 = tb;
-                    while t0 < tb_end {
-                        let r = MR.min(tb_end - t0);
-                        let mut o = [[0f32; MR]; NR];
-                        self.tile(isa, g, &acts[t0 * nb..], nb, r, &mut o);
-                        for (wr, orow) in o.iter().enumerate() {
-                            let row = g * NR + wr;
-                            if row < rows {
-                                for (t, &v) in orow[..r].iter().enumerate() {
-                                    // SAFETY: in bounds (t0 + t < m, row < rows); row belongs to this task only.
-                                    unsafe { *dst.at((t0 + t) * rows + row) = v };
-                                }
+        // Token blocks outermost: a block's activations stay in cache while every row group of
+        // this task passes over them.
+        for tb in (0..m).step_by(TOKEN_BLOCK) {
+            let tb_end = (tb + TOKEN_BLOCK).min(m);
+            for g in g0..g1 {
+                let mut t0 = tb;
+                while t0 < tb_end {
+                    let r = MR.min(tb_end - t0);
+                    let mut o = [[0f32; MR]; NR];
+                    self.tile(isa, g, &acts[t0 * nb..], nb, r, &mut o);
+                    for (wr, orow) in o.iter().enumerate() {
+                        let row = g * NR + wr;
+                        if row < rows {
+                            for (t, &v) in orow[..r].iter().enumerate() {
+                                // SAFETY: in bounds (t0 + t < m, row < rows); the row belongs to this task only.
+                                unsafe { *dst.at((t0 + t) * rows + row) = v };
                             }
                         }
-                        t0 += r;
                     }
+                    t0 += r;
                 }
             }
-        });
+        }
     }
 
     /// One row group × `r` (≤ MR) activation rows starting at `a` → `o[weight row][token]`.
@@ -339,6 +333,37 @@ impl QWeight {
             Isa::Avx2Vnni => unsafe { avx2::tile_vnni(self.qtype, scales, qs, a, nb, r, o) },
         }
     }
+}
+
+/// Several weights with the same input size against the same activations (e.g. a layer's q, k
+/// and v projections): `outs[i] = x · wsᵢᵀ`. The activations are quantized once and all row groups
+/// of all weights are spread over one parallel region (one wake-up of the pool instead of one
+/// per weight).
+pub fn matmul_many(ws: &[&QWeight], x: &[f32], m: usize, outs: &mut [&mut [f32]]) {
+    matmul_many_with(Isa::detect(), ws, x, m, outs)
+}
+
+/// [`matmul_many`] with a chosen instruction set (which the CPU must support).
+pub fn matmul_many_with(isa: Isa, ws: &[&QWeight], x: &[f32], m: usize, outs: &mut [&mut [f32]]) {
+    assert_eq!(ws.len(), outs.len(), "one output per weight");
+    let Some(cols) = ws.first().map(|w| w.cols) else { return };
+    assert!(ws.iter().all(|w| w.cols == cols), "weights must share the input size");
+    assert_eq!(x.len(), m * cols, "x must be [m, cols]");
+    for (w, o) in ws.iter().zip(outs.iter()) {
+        assert_eq!(o.len(), m * w.rows, "out must be [m, rows]");
+    }
+    let acts: Vec<BlockQ8> =
+        if m >= 16 { x.par_chunks_exact(QK).map(quantize_block).collect() } else { x.chunks_exact(QK).map(quantize_block).collect() };
+    let total: usize = ws.iter().map(|w| w.rows.div_ceil(NR)).sum();
+    let chunk = (total / (rayon::current_num_threads() * 4)).clamp(1, 64);
+    // Tasks: (weight, first group, end group); each writes only its own rows of its output.
+    let mut tasks = Vec::new();
+    for (i, w) in ws.iter().enumerate() {
+        let groups = w.rows.div_ceil(NR);
+        tasks.extend((0..groups).step_by(chunk).map(|g0| (i, g0, (g0 + chunk).min(groups))));
+    }
+    let dsts: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
+    tasks.into_par_iter().for_each(|(i, g0, g1)| ws[i].run_groups(isa, &acts, m, g0, g1, dsts[i]));
 }
 
 #[inline]
@@ -766,6 +791,25 @@ mod tests {
                         assert!((got - exact).abs() <= 0.01 * scale + 1e-5, "{qt:?} {isa:?} m={m} t={t} r={r}: {got} vs {exact}");
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn grouped_matmul_equals_separate_matmuls() {
+        let mut rng = Lcg(13);
+        let (cols, m) = (256, 5);
+        let parts = [(QType::Q4_1, 36), (QType::Q8_0, 9), (QType::Q4_0, 70)];
+        let ws: Vec<QWeight> = parts.iter().map(|&(qt, rows)| random_weight(qt, rows, cols, &mut rng).0).collect();
+        let x: Vec<f32> = (0..m * cols).map(|_| rng.f()).collect();
+        for isa in Isa::available() {
+            let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; m * w.rows()]).collect();
+            let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+            matmul_many_with(isa, &ws.iter().collect::<Vec<_>>(), &x, m, &mut refs);
+            for (w, got) in ws.iter().zip(&outs) {
+                let mut want = vec![0f32; m * w.rows()];
+                w.matmul_with(isa, &x, m, &mut want);
+                assert_eq!(got, &want, "{:?} {isa:?}", w.qtype());
             }
         }
     }

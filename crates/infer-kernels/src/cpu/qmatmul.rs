@@ -193,7 +193,7 @@ impl std::fmt::Debug for QWeight {
 /// Weight rows per group.
 pub const NR: usize = 4;
 /// Activation rows handled together against each group (at most).
-pub const MR: usize = 4;
+pub const MR: usize = 6;
 /// Tokens whose activations are kept hot while a task's row groups pass over them.
 const TOKEN_BLOCK: usize = 32;
 
@@ -558,22 +558,27 @@ mod avx2 {
     ) {
         debug_assert!((1..=MR).contains(&r) && a.len() >= r * nb);
         debug_assert!(scales.len() == nb * 2 * NR && qs.len() == nb * NR * qt.quant_bytes());
-        // Two tokens at a time (16 registers hold a 4×2 tile).
+        // Two tokens at a time (16 registers hold a 4×2 tile), three for Q8_0, which has no
+        // minimum terms to keep.
+        let step = if qt == QType::Q8_0 { 3 } else { 2 };
         let mut t0 = 0;
         while t0 < r {
             let a = &a[t0 * nb..];
-            let one = r - t0 == 1;
-            match (qt.byte_quants(), qt.half_scales(), qt.five_bit(), one) {
-                (true, false, _, true) => kernel::<1, BYTES, VNNI, false>(scales, qs, a, nb, o, t0),
-                (true, false, _, false) => kernel::<2, BYTES, VNNI, false>(scales, qs, a, nb, o, t0),
-                (true, true, _, true) => kernel::<1, BYTES, VNNI, true>(scales, qs, a, nb, o, t0),
-                (true, true, _, false) => kernel::<2, BYTES, VNNI, true>(scales, qs, a, nb, o, t0),
-                (false, _, true, true) => kernel::<1, FIVE, VNNI, false>(scales, qs, a, nb, o, t0),
-                (false, _, true, false) => kernel::<2, FIVE, VNNI, false>(scales, qs, a, nb, o, t0),
-                (false, _, false, true) => kernel::<1, NIBBLES, VNNI, false>(scales, qs, a, nb, o, t0),
-                (false, _, false, false) => kernel::<2, NIBBLES, VNNI, false>(scales, qs, a, nb, o, t0),
+            let n = step.min(r - t0);
+            match (qt.byte_quants(), qt.half_scales(), qt.five_bit(), n) {
+                (true, false, _, 1) if qt == QType::Q8_0 => kernel::<1, BYTES, VNNI, SCALE>(scales, qs, a, nb, o, t0),
+                (true, false, _, 2) if qt == QType::Q8_0 => kernel::<2, BYTES, VNNI, SCALE>(scales, qs, a, nb, o, t0),
+                (true, false, _, _) if qt == QType::Q8_0 => kernel::<3, BYTES, VNNI, SCALE>(scales, qs, a, nb, o, t0),
+                (true, false, _, 1) => kernel::<1, BYTES, VNNI, SCALE_MIN>(scales, qs, a, nb, o, t0),
+                (true, false, _, _) => kernel::<2, BYTES, VNNI, SCALE_MIN>(scales, qs, a, nb, o, t0),
+                (true, true, _, 1) => kernel::<1, BYTES, VNNI, HALF_SCALES>(scales, qs, a, nb, o, t0),
+                (true, true, _, _) => kernel::<2, BYTES, VNNI, HALF_SCALES>(scales, qs, a, nb, o, t0),
+                (false, _, true, 1) => kernel::<1, FIVE, VNNI, SCALE_MIN>(scales, qs, a, nb, o, t0),
+                (false, _, true, _) => kernel::<2, FIVE, VNNI, SCALE_MIN>(scales, qs, a, nb, o, t0),
+                (false, _, false, 1) => kernel::<1, NIBBLES, VNNI, SCALE_MIN>(scales, qs, a, nb, o, t0),
+                (false, _, false, _) => kernel::<2, NIBBLES, VNNI, SCALE_MIN>(scales, qs, a, nb, o, t0),
             }
-            t0 += 2;
+            t0 += n;
         }
     }
 
@@ -581,12 +586,17 @@ mod avx2 {
     const BYTES: u8 = 0;
     const NIBBLES: u8 = 1;
     const FIVE: u8 = 2;
+    /// Scale modes of [`kernel`]: a scale and a minimum per block, a scale only (Q8_0), or two
+    /// scales per block, one per 16 values (Q6_K).
+    const SCALE_MIN: u8 = 0;
+    const SCALE: u8 = 1;
+    const HALF_SCALES: u8 = 2;
 
     /// Four weight rows × `R` activation rows for quant layout `L`. Accumulators stay in registers:
     /// `NR·R` vectors plus one 4-lane vector of minimum terms per activation row.
     #[inline(always)]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn kernel<const R: usize, const L: u8, const VNNI: bool, const HALF: bool>(
+    unsafe fn kernel<const R: usize, const L: u8, const VNNI: bool, const S: u8>(
         scales: &[f32],
         qs: &[u8],
         a: &[BlockQ8],
@@ -619,14 +629,14 @@ mod avx2 {
                 let ab = &*ap.add(t * nb + b);
                 aq[t] = _mm256_load_si256(ab.qs.as_ptr() as *const __m256i);
                 da[t] = _mm256_set1_ps(ab.d);
-                // Minimum terms (zero for Q8_0 and Q5_0; the slots hold second scales with HALF).
-                if !HALF {
+                // Minimum terms (the slots hold second scales with HALF_SCALES).
+                if S == SCALE_MIN {
                     macc[t] = _mm_fmadd_ps(_mm_loadu_ps(sc.add(NR)), _mm_set1_ps(ab.s), macc[t]);
                 }
             }
             for wr in 0..NR {
-                // With HALF, lanes 0..4 (values 0..16) take the first scale, lanes 4..8 the second.
-                let d = if HALF {
+                // With HALF_SCALES, lanes 0..4 (values 0..16) take the first scale, lanes 4..8 the second.
+                let d = if S == HALF_SCALES {
                     _mm256_set_m128(_mm_set1_ps(*sc.add(NR + wr)), _mm_set1_ps(*sc.add(wr)))
                 } else {
                     _mm256_broadcast_ss(&*sc.add(wr))

@@ -1,11 +1,11 @@
 """Generate tiny random-weight HF transformers reference fixtures for the Rust tests.
 
-Run from the repository root:
+Run from the repository root (optionally naming the fixtures to regenerate, e.g. `tiny-qwen3`):
 
     python -m venv .venv-ref && .venv-ref/bin/pip install torch transformers numpy && .venv-ref/bin/python scripts/make_hf_fixtures.py
 
-(`scripts/requirements-ref.txt` lists the packages.) Writes, for each of tiny-llama, tiny-mistral and
-tiny-qwen2, a folder `tests/fixtures/tiny-<name>/` holding:
+(`scripts/requirements-ref.txt` lists the packages.) Writes, for each of tiny-llama, tiny-mistral,
+tiny-qwen2 and tiny-qwen3, a folder `tests/fixtures/tiny-<name>/` holding:
 
   config.json        HF config (model_type, architectures, ...). Besides the transformers-v5 style
                      `rope_parameters`, the legacy top-level `rope_theta` (and `rope_scaling` for llama)
@@ -37,6 +37,8 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,6 +123,27 @@ MODELS = [
         ),
         legacy={"rope_theta": 1000000.0},
         required={"tie_word_embeddings": True},
+    ),
+    dict(
+        name="tiny-qwen3",
+        seed=4004,
+        config_cls=Qwen3Config,
+        model_cls=Qwen3ForCausalLM,
+        kwargs=dict(
+            COMMON,
+            # head_dim differs from hidden_size / heads (16), as in the real Qwen3 models.
+            head_dim=32,
+            rope_theta=1000000.0,
+            attention_bias=False,
+            use_sliding_window=False,
+            sliding_window=None,
+            max_window_layers=2,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        legacy={"rope_theta": 1000000.0},
+        required={"head_dim": 32},
     ),
 ]
 
@@ -241,7 +264,11 @@ def main():
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, numpy {np.__version__}")
     torch.set_num_threads(1)  # deterministic reductions
     os.makedirs(FIXTURES, exist_ok=True)
+    # `make_hf_fixtures.py tiny-qwen3 ...` regenerates only the named fixtures.
+    only = set(sys.argv[1:])
     for spec in MODELS:
+        if only and spec["name"] not in only:
+            continue
         out_dir = os.path.join(FIXTURES, spec["name"])
         orig = build(spec, out_dir)
         model, expected, stats = reference(out_dir, spec["seed"])

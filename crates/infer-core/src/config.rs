@@ -16,17 +16,20 @@ pub enum Architecture {
     Mistral,
     /// Qwen2 / Qwen2.5 (biases on q/k/v).
     Qwen2,
+    /// Qwen3 dense models (RMSNorm on each query and key head, no q/k/v biases).
+    Qwen3,
 }
 
 impl Architecture {
     /// What `model_type` (HF) / `general.architecture` (GGUF) values are accepted, for error messages.
-    pub const SUPPORTED: &'static str = "llama (Llama 2/3/3.1/3.2, SmolLM2), mistral, qwen2 (Qwen2/2.5)";
+    pub const SUPPORTED: &'static str = "llama (Llama 2/3/3.1/3.2, SmolLM2), mistral, qwen2 (Qwen2/2.5), qwen3";
 
     fn from_name(name: &str) -> Option<Self> {
         match name {
             "llama" | "smollm" | "smollm2" => Some(Self::Llama),
             "mistral" => Some(Self::Mistral),
             "qwen2" => Some(Self::Qwen2),
+            "qwen3" => Some(Self::Qwen3),
             _ => None,
         }
     }
@@ -63,6 +66,8 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// Biases on the q/k/v projections (Qwen2).
     pub attention_bias: bool,
+    /// RMSNorm over each query and key head before the rotary embedding (Qwen3).
+    pub qk_norm: bool,
     /// Sliding attention window, applied to layers `>= sliding_window_from_layer`.
     pub sliding_window: Option<usize>,
     pub sliding_window_from_layer: usize,
@@ -136,8 +141,8 @@ impl ModelConfig {
         };
         let num_attention_heads = raw.num_attention_heads;
         let (sliding_window, sliding_window_from_layer) = match architecture {
-            Architecture::Qwen2 if !raw.use_sliding_window.unwrap_or(false) => (None, 0),
-            Architecture::Qwen2 => (raw.sliding_window, raw.max_window_layers.unwrap_or(0)),
+            Architecture::Qwen2 | Architecture::Qwen3 if !raw.use_sliding_window.unwrap_or(false) => (None, 0),
+            Architecture::Qwen2 | Architecture::Qwen3 => (raw.sliding_window, raw.max_window_layers.unwrap_or(0)),
             _ => (raw.sliding_window, 0),
         };
         Self {
@@ -156,6 +161,7 @@ impl ModelConfig {
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             attention_bias: architecture == Architecture::Qwen2 || raw.attention_bias.unwrap_or(false),
+            qk_norm: architecture == Architecture::Qwen3,
             sliding_window,
             sliding_window_from_layer,
             bos_token_id: raw.bos_token_id,
@@ -164,9 +170,17 @@ impl ModelConfig {
         .validate(path)
     }
 
-    /// Builds the config from GGUF metadata. `tensor_names` tells which optional tensors exist
-    /// (output head, q/k/v biases); `rope_freqs` is the content of `rope_freqs.weight` if present.
-    pub fn from_gguf(md: &GgufMeta<'_>, path: &Path, has_output: bool, has_qkv_bias: bool, rope_freqs: Option<Vec<f32>>) -> Result<Self> {
+    /// Builds the config from GGUF metadata. The flags tell which optional tensors exist (output
+    /// head, q/k/v biases); `rope_freqs` is the content of `rope_freqs.weight` if present;
+    /// `embedding_rows` (the rows of `token_embd.weight`) stands in for a missing `{arch}.vocab_size`.
+    pub fn from_gguf(
+        md: &GgufMeta<'_>,
+        path: &Path,
+        has_output: bool,
+        has_qkv_bias: bool,
+        rope_freqs: Option<Vec<f32>>,
+        embedding_rows: Option<usize>,
+    ) -> Result<Self> {
         let arch_name = md.string("general.architecture")?;
         let architecture = Architecture::from_name(&arch_name).ok_or_else(|| Error::UnsupportedArchitecture {
             arch: arch_name.clone(),
@@ -196,7 +210,7 @@ impl ModelConfig {
         let eos = md.u32_opt("tokenizer.ggml.eos_token_id")?;
         Self {
             architecture,
-            vocab_size: md.usize_opt(&key("vocab_size"))?.unwrap_or(0),
+            vocab_size: md.usize_opt(&key("vocab_size"))?.or(embedding_rows).unwrap_or(0),
             hidden_size,
             intermediate_size: md.usize(&key("feed_forward_length"))?,
             num_hidden_layers: md.usize(&key("block_count"))?,
@@ -210,6 +224,7 @@ impl ModelConfig {
             max_position_embeddings: md.usize_opt(&key("context_length"))?.unwrap_or(4096),
             tie_word_embeddings: !has_output,
             attention_bias: has_qkv_bias,
+            qk_norm: architecture == Architecture::Qwen3,
             sliding_window: None,
             sliding_window_from_layer: 0,
             bos_token_id: md.u32_opt("tokenizer.ggml.bos_token_id")?,

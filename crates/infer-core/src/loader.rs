@@ -278,20 +278,15 @@ pub fn load_files(files: &ModelFiles, name: &str, opts: &mut LoadOptions) -> Res
             } else {
                 None
             };
-            let mut cfg = ModelConfig::from_gguf(
+            let embedding_rows = content.tensor_infos.get("token_embd.weight").map(|i| i.shape.dims()[0]);
+            let cfg = ModelConfig::from_gguf(
                 &md,
                 path,
                 w.contains("output.weight"),
                 w.contains("model.layers.0.self_attn.q_proj.bias"),
                 rope_freqs,
+                embedding_rows,
             )?;
-            if cfg.vocab_size == 0 {
-                cfg.vocab_size = content
-                    .tensor_infos
-                    .get("token_embd.weight")
-                    .map(|i| i.shape.dims()[0])
-                    .ok_or_else(|| Error::bad_file(path, "tensor `token_embd.weight` is missing"))?;
-            }
             let tokenizer = Tokenizer::from_gguf(&md)?;
             let tokens = md.string_array("tokenizer.ggml.tokens")?.unwrap_or_default();
             let tok_str = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned()).unwrap_or_default();

@@ -207,6 +207,8 @@ pub fn gguf_name(hf: &str) -> String {
                 "self_attn.k_proj.bias" => "attn_k.bias",
                 "self_attn.v_proj.bias" => "attn_v.bias",
                 "self_attn.o_proj.weight" => "attn_output.weight",
+                "self_attn.q_norm.weight" => "attn_q_norm.weight",
+                "self_attn.k_norm.weight" => "attn_k_norm.weight",
                 "mlp.gate_proj.weight" => "ffn_gate.weight",
                 "mlp.up_proj.weight" => "ffn_up.weight",
                 "mlp.down_proj.weight" => "ffn_down.weight",
@@ -243,12 +245,13 @@ impl WeightSource {
         Ok(Self::Safetensors { st, files, dtype, device, quantize: None })
     }
 
-    /// Quantizes dense linear weights as they load (CPU only; rows whose length is not a multiple of
-    /// the format's block stay dense).
+    /// Quantizes dense linear weights as they load (rows whose length is not a multiple of the
+    /// format's block stay dense): for infer's kernels on the CPU, for candle's quantized kernels on
+    /// CUDA.
     pub fn with_quantize(mut self, q: Option<Quantize>) -> Result<Self> {
         if let Self::Safetensors { quantize, device, .. } = &mut self {
-            if q.is_some() && !device.is_cpu() {
-                return Err(Error::param("quantize", "in-situ quantization runs on the CPU kernels; drop --quantize for GPU devices"));
+            if q.is_some() && device.is_metal() {
+                return Err(Error::param("quantize", "in-situ quantization is not supported on Metal; drop --quantize"));
             }
             *quantize = q;
         }
@@ -375,9 +378,12 @@ impl WeightSource {
         let wname = format!("{prefix}.weight");
         let b = if bias { Some(self.tensor(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
         let w = match self {
-            Self::Safetensors { quantize: Some(q), .. } if in_dim.is_multiple_of(QType::from(*q).block_values()) => {
+            Self::Safetensors { quantize: Some(q), device, .. } if in_dim.is_multiple_of(QType::from(*q).block_values()) => {
                 let t = self.tensor(&wname, &[out_dim, in_dim])?.to_dtype(DType::F32)?;
                 let qt = QTensor::quantize(&t, q.ggml())?;
+                if !device.is_cpu() {
+                    return Ok(Linear::new(QMatMul::from_qtensor(qt)?, b));
+                }
                 let kw = QWeight::new(QType::from(*q), out_dim, in_dim, qt.data()?.into_owned())
                     .map_err(|e| Error::Model(format!("quantizing `{wname}`: {e}")))?;
                 return Ok(Linear::from_kernel_weight(kw, b));

@@ -19,8 +19,23 @@ struct Expected {
     decode_logits: Vec<Vec<Vec<f32>>>,
 }
 
+/// The device under test: the CPU, or `INFER_TEST_DEVICE=cuda` (the same checks on a GPU).
+fn device() -> Device {
+    match std::env::var("INFER_TEST_DEVICE").as_deref() {
+        Ok("cuda") => Device::new_cuda(0).expect("INFER_TEST_DEVICE=cuda needs a GPU and a cuda build"),
+        _ => Device::Cpu,
+    }
+}
+
+/// A cache on the device under test (f32, as the fixtures' weights).
+fn cache(model: &LlamaModel, block_size: usize, blocks: usize) -> PagedKvCache {
+    PagedKvCache::new_on(model.config(), block_size, blocks, &device(), DType::F32).unwrap()
+}
+
+/// `tests/fixtures/NAME` (`INFER_FIXTURES` points elsewhere, e.g. for a test binary run on another machine).
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+    let dir = std::env::var_os("INFER_FIXTURES").map(PathBuf::from);
+    dir.unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")).join(name)
 }
 
 fn load(name: &str, dtype: DType) -> (LlamaModel, Expected) {
@@ -30,7 +45,7 @@ fn load(name: &str, dtype: DType) -> (LlamaModel, Expected) {
 fn load_quantized(name: &str, dtype: DType, q: Option<infer_core::Quantize>) -> (LlamaModel, Expected) {
     let dir = fixture(name);
     let cfg = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
-    let w = WeightSource::safetensors(vec![dir.join("model.safetensors")], dtype, Device::Cpu).unwrap().with_quantize(q).unwrap();
+    let w = WeightSource::safetensors(vec![dir.join("model.safetensors")], dtype, device()).unwrap().with_quantize(q).unwrap();
     let model = LlamaModel::load(cfg, &w, &mut |_, _| {}).unwrap();
     let exp: Expected = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     (model, exp)
@@ -40,7 +55,18 @@ fn load_quantized(name: &str, dtype: DType, q: Option<infer_core::Quantize>) -> 
 /// tokens this step`, all sequences of a step in one ragged batch, and checks every position's logits.
 fn run_schedule(name: &str, block_size: usize, tol: f32, schedule: &dyn Fn(usize, usize) -> usize) -> usize {
     let (model, exp) = load(name, DType::F32);
-    let mut cache = PagedKvCache::new(model.config(), block_size, 64).unwrap();
+    check_schedule(&model, &exp, name, block_size, tol, schedule)
+}
+
+fn check_schedule(
+    model: &dyn CausalLm,
+    exp: &Expected,
+    name: &str,
+    block_size: usize,
+    tol: f32,
+    schedule: &dyn Fn(usize, usize) -> usize,
+) -> usize {
+    let mut cache = PagedKvCache::new_on(model.config(), block_size, 64, &device(), DType::F32).unwrap();
     let n = exp.prompts.len();
     let full: Vec<Vec<u32>> = (0..n).map(|i| [exp.prompts[i].clone(), exp.continuations[i].clone()].concat()).collect();
     let want: Vec<Vec<Vec<f32>>> = (0..n).map(|i| [exp.prefill_logits[i].clone(), exp.decode_logits[i].clone()].concat()).collect();
@@ -82,7 +108,10 @@ fn run_schedule(name: &str, block_size: usize, tol: f32, schedule: &dyn Fn(usize
     checked
 }
 
-const ARCHS: [&str; 3] = ["tiny-llama", "tiny-mistral", "tiny-qwen2"];
+/// Fixtures that also have a `model-f16.gguf`.
+const GGUF_FIXTURES: &[&str] = &["tiny-qwen3"];
+
+const ARCHS: [&str; 4] = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"];
 
 #[test]
 fn ragged_prefill_then_batched_decode_matches_transformers() {
@@ -90,6 +119,28 @@ fn ragged_prefill_then_batched_decode_matches_transformers() {
         // Step 0: every prompt whole (ragged lengths); then one decode token per sequence per step.
         let positions = run_schedule(name, 4, 1e-4, &|step, _| if step == 0 { usize::MAX } else { 1 });
         assert_eq!(positions, 5 + 11 + 3 + 8 + 4 * 3);
+    }
+}
+
+/// GGUF copies written with llama.cpp's naming (`scripts/make_gguf_fixtures.py`: F16 weights, F32
+/// norms, a byte vocabulary) load through the whole GGUF path and give transformers' logits within
+/// the F16 tolerance.
+#[test]
+fn gguf_files_match_transformers() {
+    for &name in GGUF_FIXTURES {
+        let dir = fixture(name);
+        let opts = infer_core::LoadOptions { device: device(), ..Default::default() };
+        let loaded = infer_core::load(dir.join("model-f16.gguf").to_str().unwrap(), opts).unwrap();
+        let (_, exp) = load(name, DType::F32);
+        let positions = check_schedule(loaded.model.as_ref(), &exp, &format!("{name} (GGUF F16)"), 4, 0.05, &|step, _| {
+            if step == 0 {
+                usize::MAX
+            } else {
+                1
+            }
+        });
+        assert_eq!(positions, 5 + 11 + 3 + 8 + 4 * 3);
+        assert_eq!(loaded.tokenizer.encode("ab", false).unwrap(), vec![97, 98], "byte vocabulary");
     }
 }
 
@@ -106,7 +157,7 @@ fn chunked_prefill_mixed_with_decode_matches_transformers() {
 
 /// Largest |logit − transformers' logit| over every position of prompt 1, prefilled whole.
 fn prompt1_max_diff(model: &LlamaModel, exp: &Expected) -> f32 {
-    let mut cache = PagedKvCache::new(model.config(), 16, 8).unwrap();
+    let mut cache = cache(model, 16, 8);
     let mut table = Vec::new();
     cache.reserve(&mut table, exp.prompts[1].len()).unwrap();
     let mut batch = BatchInput::default();

@@ -1,7 +1,7 @@
-//! The Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, SmolLM2), driven by
+//! The Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, SmolLM2), driven by
 //! [`ModelConfig`]: RMSNorm, rotary embeddings (with Llama 3 / linear scaling), grouped-query
-//! attention over the paged KV cache (optionally windowed, optionally with q/k/v biases), SwiGLU MLP,
-//! tied or separate output head.
+//! attention over the paged KV cache (optionally windowed, optionally with q/k/v biases or per-head
+//! q/k RMSNorm), SwiGLU MLP, tied or separate output head.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -140,6 +140,9 @@ struct Attention {
     k: Linear,
     v: Linear,
     o: Linear,
+    /// Per-head RMSNorm of queries and keys (Qwen3).
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -186,6 +189,9 @@ impl LlamaModel {
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let bias = cfg.attention_bias;
+            let qk_norm = |name: &str| -> Result<Option<RmsNorm>> {
+                Ok(if cfg.qk_norm { Some(RmsNorm::load(w, name, hd, cfg.rms_norm_eps)?) } else { None })
+            };
             layers.push(Layer {
                 input_norm: RmsNorm::load(w, &format!("{p}.input_layernorm.weight"), h, cfg.rms_norm_eps)?,
                 attn: Attention {
@@ -193,6 +199,8 @@ impl LlamaModel {
                     k: w.linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h, bias)?,
                     v: w.linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h, bias)?,
                     o: w.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, false)?,
+                    q_norm: qk_norm(&format!("{p}.self_attn.q_norm.weight"))?,
+                    k_norm: qk_norm(&format!("{p}.self_attn.k_norm.weight"))?,
                     num_heads: nh,
                     num_kv_heads: nkv,
                     head_dim: hd,
@@ -223,8 +231,12 @@ impl LlamaModel {
         let attn = &self.layers[layer].attn;
         let t = x.dim(0)?;
         let [q, k, v] = Linear::forward_many([&attn.q, &attn.k, &attn.v], x)?;
-        let q = q.reshape((t, attn.num_heads, attn.head_dim))?;
-        let k = k.reshape((t, attn.num_kv_heads, attn.head_dim))?;
+        let mut q = q.reshape((t, attn.num_heads, attn.head_dim))?;
+        let mut k = k.reshape((t, attn.num_kv_heads, attn.head_dim))?;
+        if let (Some(qn), Some(kn)) = (&attn.q_norm, &attn.k_norm) {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
         let v = v.reshape((t, attn.num_kv_heads, attn.head_dim))?;
         let q = self.rotary.apply(&q, rope)?;
         let k = self.rotary.apply(&k, rope)?;

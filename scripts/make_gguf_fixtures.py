@@ -1,0 +1,92 @@
+"""Write GGUF copies of tiny HF fixtures with llama.cpp's own naming (gguf-py's TensorNameMap and
+metadata writers), so the GGUF path of each architecture is checked against transformers' logits.
+
+    .venv-ref/bin/python scripts/make_gguf_fixtures.py     # after scripts/make_hf_fixtures.py
+
+For each fixture listed below, writes tests/fixtures/<name>/model-f16.gguf: 2-D weights in F16, norms
+in F32 (as llama.cpp's converter stores them), the architecture's hyperparameters, and a byte-level
+BPE vocabulary (255 single-byte tokens and one merge) so the file loads as a whole model; the
+reference test feeds token ids directly.
+"""
+import json
+import os
+import sys
+
+import gguf
+import numpy as np
+from safetensors.numpy import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+
+# fixture folder -> gguf architecture
+FIXTURES_ARCH = {"tiny-qwen3": gguf.MODEL_ARCH.QWEN3}
+
+
+def byte_tokens():
+    """GPT-2's printable stand-ins for the 256 bytes (what byte-level BPE vocabularies store)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, cs))
+    return [chr(table[b]) for b in range(256)]
+
+
+def convert(name, arch):
+    d = os.path.join(FIXTURES, name)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    tensors = load_file(os.path.join(d, "model.safetensors"))
+    out = os.path.join(d, "model-f16.gguf")
+    w = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[arch])
+    n_layers = cfg["num_hidden_layers"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    w.add_name(name)
+    w.add_block_count(n_layers)
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    rope = cfg.get("rope_parameters") or {}
+    w.add_rope_freq_base(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    # 255 byte tokens plus one merge ("ĠĠ", two spaces) in the last id: BPE files need merges.
+    tokens = byte_tokens()[:255] + ["ĠĠ"]
+    assert cfg["vocab_size"] == len(tokens), "the byte vocabulary needs vocab_size 256"
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.NORMAL] * len(tokens))
+    w.add_token_merges(["Ġ Ġ"])
+    w.add_bos_token_id(cfg.get("bos_token_id", 1))
+    w.add_eos_token_id(cfg.get("eos_token_id", 2))
+    names = gguf.get_tensor_name_map(arch, n_layers)
+    for hf_name, t in sorted(tensors.items()):
+        g = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        assert g is not None, f"{name}: no GGUF name for {hf_name}"
+        data = t.astype(np.float16) if t.ndim == 2 else t.astype(np.float32)
+        w.add_tensor(g, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print(f"{out}: {os.path.getsize(out)} bytes, {len(tensors)} tensors")
+
+
+def main():
+    only = set(sys.argv[1:])
+    for name, arch in FIXTURES_ARCH.items():
+        if not only or name in only:
+            convert(name, arch)
+
+
+if __name__ == "__main__":
+    main()

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 
 # fixture folder -> gguf architecture
-FIXTURES_ARCH = {"tiny-qwen3": gguf.MODEL_ARCH.QWEN3}
+FIXTURES_ARCH = {"tiny-qwen3": gguf.MODEL_ARCH.QWEN3, "tiny-phi3": gguf.MODEL_ARCH.PHI3}
 
 
 def byte_tokens():
@@ -58,6 +58,20 @@ def convert(name, arch):
     rope = cfg.get("rope_parameters") or {}
     w.add_rope_freq_base(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    rot = int(head_dim * partial)
+    if rot != head_dim:
+        w.add_rope_dimension_count(rot)
+    if rope.get("rope_type") == "longrope":
+        # As llama.cpp's Phi-3 converter: the factors as tensors, the original context and the
+        # attention factor as metadata.
+        orig = rope["original_max_position_embeddings"]
+        factor = cfg["max_position_embeddings"] / orig
+        attn = rope.get("attention_factor") or (1.0 if factor <= 1.0 else (1 + np.log(factor) / np.log(orig)) ** 0.5)
+        w.add_rope_scaling_attn_factors(float(attn))
+        w.add_rope_scaling_orig_ctx_len(orig)
+        w.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight", np.array(rope["long_factor"], dtype=np.float32))
+        w.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight", np.array(rope["short_factor"], dtype=np.float32))
     # 255 byte tokens plus one merge ("ĠĠ", two spaces) in the last id: BPE files need merges.
     tokens = byte_tokens()[:255] + ["ĠĠ"]
     assert cfg["vocab_size"] == len(tokens), "the byte vocabulary needs vocab_size 256"

@@ -5,7 +5,7 @@ Run from the repository root (optionally naming the fixtures to regenerate, e.g.
     python -m venv .venv-ref && .venv-ref/bin/pip install torch transformers numpy && .venv-ref/bin/python scripts/make_hf_fixtures.py
 
 (`scripts/requirements-ref.txt` lists the packages.) Writes, for each of tiny-llama, tiny-mistral,
-tiny-qwen2 and tiny-qwen3, a folder `tests/fixtures/tiny-<name>/` holding:
+tiny-qwen2, tiny-qwen3 and tiny-phi3, a folder `tests/fixtures/tiny-<name>/` holding:
 
   config.json        HF config (model_type, architectures, ...). Besides the transformers-v5 style
                      `rope_parameters`, the legacy top-level `rope_theta` (and `rope_scaling` for llama)
@@ -37,6 +37,8 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
 )
@@ -144,6 +146,29 @@ MODELS = [
         ),
         legacy={"rope_theta": 1000000.0},
         required={"head_dim": 32},
+    ),
+    dict(
+        name="tiny-phi3",
+        seed=5005,
+        config_cls=Phi3Config,
+        model_cls=Phi3ForCausalLM,
+        kwargs=dict(
+            COMMON,
+            rope_theta=10000.0,
+            # Half of each 16-wide head rotates (Phi-4-mini style), with LongRoPE factors for those
+            # 8 dimensions; every position of the fixture is below original_max_position_embeddings,
+            # so the short factors apply (and the attention factor sqrt(1 + ln 2 / ln 64)).
+            partial_rotary_factor=0.5,
+            original_max_position_embeddings=64,
+            rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.3, 1.7, 2.5], "long_factor": [2.0, 3.0, 5.0, 8.0]},
+            sliding_window=None,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        legacy={"rope_theta": 10000.0},
+        required={"original_max_position_embeddings": 64},
     ),
 ]
 

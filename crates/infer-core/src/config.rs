@@ -18,11 +18,13 @@ pub enum Architecture {
     Qwen2,
     /// Qwen3 dense models (RMSNorm on each query and key head, no q/k/v biases).
     Qwen3,
+    /// Phi-3 / Phi-3.5 / Phi-4-mini (fused qkv and gate_up projections, LongRoPE, partial rotary).
+    Phi3,
 }
 
 impl Architecture {
     /// What `model_type` (HF) / `general.architecture` (GGUF) values are accepted, for error messages.
-    pub const SUPPORTED: &'static str = "llama (Llama 2/3/3.1/3.2, SmolLM2), mistral, qwen2 (Qwen2/2.5), qwen3";
+    pub const SUPPORTED: &'static str = "llama (Llama 2/3/3.1/3.2, SmolLM2), mistral, qwen2 (Qwen2/2.5), qwen3, phi3 (Phi-3/3.5)";
 
     fn from_name(name: &str) -> Option<Self> {
         match name {
@@ -30,6 +32,7 @@ impl Architecture {
             "mistral" => Some(Self::Mistral),
             "qwen2" => Some(Self::Qwen2),
             "qwen3" => Some(Self::Qwen3),
+            "phi3" => Some(Self::Phi3),
             _ => None,
         }
     }
@@ -44,6 +47,10 @@ pub enum RopeScaling {
     Linear { factor: f64 },
     /// Per-frequency divisors given as a tensor (GGUF's `rope_freqs.weight`).
     FreqFactors(Vec<f32>),
+    /// LongRoPE (Phi-3 "longrope"/"su"): per-frequency divisors `short` for positions below
+    /// `original_max` and `long` from there on (chosen per position, as vLLM does), cos/sin scaled
+    /// by `attention_factor`.
+    LongRope { short: Vec<f64>, long: Vec<f64>, original_max: f64, attention_factor: f64 },
 }
 
 /// The configuration the decoder is built from.
@@ -60,6 +67,9 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: Option<RopeScaling>,
+    /// Leading dimensions of each head that are rotated (`head_dim` unless a partial rotary factor
+    /// says otherwise).
+    pub rotary_dim: usize,
     /// GGUF Llama weights have q/k rows permuted for interleaved (GPT-J style) rotary embedding.
     pub rope_interleaved: bool,
     pub max_position_embeddings: usize,
@@ -105,6 +115,20 @@ impl ModelConfig {
         if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim));
         }
+        if self.rotary_dim == 0 || !self.rotary_dim.is_multiple_of(2) || self.rotary_dim > self.head_dim {
+            return bad(format!("the rotary dimension ({}) must be even and at most head_dim ({})", self.rotary_dim, self.head_dim));
+        }
+        if let Some(RopeScaling::LongRope { short, long, .. }) = &self.rope_scaling {
+            let want = self.rotary_dim / 2;
+            if short.len() != want || long.len() != want {
+                return bad(format!(
+                    "longrope short_factor/long_factor have {}/{} entries; the rotary dimension {} needs {want}",
+                    short.len(),
+                    long.len(),
+                    self.rotary_dim
+                ));
+            }
+        }
         Ok(self)
     }
 
@@ -135,11 +159,19 @@ impl ModelConfig {
         // transformers >= 5 moves the rotary settings into `rope_parameters`.
         let rope = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
         let rope_theta = rope.and_then(|r| r.get("rope_theta")).and_then(|v| v.as_f64()).or(raw.rope_theta).unwrap_or(10_000.0);
+        let max_position_embeddings = raw.max_position_embeddings.unwrap_or(4096);
+        let original_max = rope
+            .and_then(|r| r.get("original_max_position_embeddings"))
+            .and_then(|v| v.as_f64())
+            .or(raw.original_max_position_embeddings.map(|v| v as f64));
         let rope_scaling = match rope {
-            Some(r) => parse_rope_scaling(r, path)?,
+            Some(r) => parse_rope_scaling(r, path, max_position_embeddings as f64, original_max)?,
             None => None,
         };
         let num_attention_heads = raw.num_attention_heads;
+        let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / num_attention_heads.max(1));
+        let partial =
+            rope.and_then(|r| r.get("partial_rotary_factor")).and_then(|v| v.as_f64()).or(raw.partial_rotary_factor).unwrap_or(1.0);
         let (sliding_window, sliding_window_from_layer) = match architecture {
             Architecture::Qwen2 | Architecture::Qwen3 if !raw.use_sliding_window.unwrap_or(false) => (None, 0),
             Architecture::Qwen2 | Architecture::Qwen3 => (raw.sliding_window, raw.max_window_layers.unwrap_or(0)),
@@ -153,12 +185,13 @@ impl ModelConfig {
             num_hidden_layers: raw.num_hidden_layers,
             num_attention_heads,
             num_key_value_heads: raw.num_key_value_heads.unwrap_or(num_attention_heads),
-            head_dim: raw.head_dim.unwrap_or(raw.hidden_size / num_attention_heads.max(1)),
+            head_dim,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
+            rotary_dim: (head_dim as f64 * partial) as usize,
             rope_interleaved: false,
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            max_position_embeddings,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             attention_bias: architecture == Architecture::Qwen2 || raw.attention_bias.unwrap_or(false),
             qk_norm: architecture == Architecture::Qwen3,
@@ -170,17 +203,9 @@ impl ModelConfig {
         .validate(path)
     }
 
-    /// Builds the config from GGUF metadata. The flags tell which optional tensors exist (output
-    /// head, q/k/v biases); `rope_freqs` is the content of `rope_freqs.weight` if present;
-    /// `embedding_rows` (the rows of `token_embd.weight`) stands in for a missing `{arch}.vocab_size`.
-    pub fn from_gguf(
-        md: &GgufMeta<'_>,
-        path: &Path,
-        has_output: bool,
-        has_qkv_bias: bool,
-        rope_freqs: Option<Vec<f32>>,
-        embedding_rows: Option<usize>,
-    ) -> Result<Self> {
+    /// Builds the config from GGUF metadata and what the file's tensors tell (see [`GgufTensors`]).
+    pub fn from_gguf(md: &GgufMeta<'_>, path: &Path, tensors: GgufTensors) -> Result<Self> {
+        let GgufTensors { has_output, has_qkv_bias, rope_freqs, rope_factors, embedding_rows } = tensors;
         let arch_name = md.string("general.architecture")?;
         let architecture = Architecture::from_name(&arch_name).ok_or_else(|| Error::UnsupportedArchitecture {
             arch: arch_name.clone(),
@@ -195,8 +220,21 @@ impl ModelConfig {
             Some(d) => d,
             None => hidden_size / num_attention_heads.max(1),
         };
+        let max_position_embeddings = md.usize_opt(&key("context_length"))?.unwrap_or(4096);
         let rope_scaling = match (rope_freqs, md.string_opt(&key("rope.scaling.type"))?) {
             (Some(f), _) => Some(RopeScaling::FreqFactors(f)),
+            (None, _) if rope_factors.is_some() => {
+                let (long, short) = rope_factors.expect("checked");
+                let original_max = md.usize_opt(&key("rope.scaling.original_context_length"))?.unwrap_or(max_position_embeddings) as f64;
+                let factor = max_position_embeddings as f64 / original_max;
+                let default = if factor <= 1.0 { 1.0 } else { (1.0 + factor.ln() / original_max.ln()).sqrt() };
+                Some(RopeScaling::LongRope {
+                    short: short.into_iter().map(f64::from).collect(),
+                    long: long.into_iter().map(f64::from).collect(),
+                    original_max,
+                    attention_factor: md.f64_opt(&key("rope.scaling.attn_factor"))?.unwrap_or(default),
+                })
+            }
             (None, Some(t)) if t == "linear" => Some(RopeScaling::Linear { factor: md.f64(&key("rope.scaling.factor"))? }),
             (None, Some(t)) if t == "none" => None,
             (None, Some(t)) => {
@@ -220,8 +258,9 @@ impl ModelConfig {
             rms_norm_eps: md.f64_opt(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
             rope_theta: md.f64_opt(&key("rope.freq_base"))?.unwrap_or(10_000.0),
             rope_scaling,
+            rotary_dim: md.usize_opt(&key("rope.dimension_count"))?.unwrap_or(head_dim),
             rope_interleaved: architecture == Architecture::Llama,
-            max_position_embeddings: md.usize_opt(&key("context_length"))?.unwrap_or(4096),
+            max_position_embeddings,
             tie_word_embeddings: !has_output,
             attention_bias: has_qkv_bias,
             qk_norm: architecture == Architecture::Qwen3,
@@ -234,7 +273,22 @@ impl ModelConfig {
     }
 }
 
-fn parse_rope_scaling(r: &serde_json::Value, path: &Path) -> Result<Option<RopeScaling>> {
+/// What a GGUF file's tensors tell about its configuration.
+#[derive(Debug, Default)]
+pub struct GgufTensors {
+    /// A separate output head exists (else it is tied to the embeddings).
+    pub has_output: bool,
+    /// The q/k/v projections have biases.
+    pub has_qkv_bias: bool,
+    /// `rope_freqs.weight` (Llama 3.1 frequency divisors).
+    pub rope_freqs: Option<Vec<f32>>,
+    /// `rope_factors_long.weight` and `rope_factors_short.weight` (LongRoPE).
+    pub rope_factors: Option<(Vec<f32>, Vec<f32>)>,
+    /// Rows of `token_embd.weight`, for files without `{arch}.vocab_size`.
+    pub embedding_rows: Option<usize>,
+}
+
+fn parse_rope_scaling(r: &serde_json::Value, path: &Path, max_pos: f64, original_max: Option<f64>) -> Result<Option<RopeScaling>> {
     let kind = r.get("rope_type").or_else(|| r.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
     let num = |k: &str| {
         r.get(k).and_then(|v| v.as_f64()).ok_or_else(|| Error::bad_file(path, format!("rope scaling `{kind}` needs a numeric `{k}`")))
@@ -242,6 +296,25 @@ fn parse_rope_scaling(r: &serde_json::Value, path: &Path) -> Result<Option<RopeS
     Ok(match kind {
         "default" => None,
         "linear" => Some(RopeScaling::Linear { factor: num("factor")? }),
+        "longrope" | "su" => {
+            let factors = |k: &str| -> Result<Vec<f64>> {
+                r.get(k)
+                    .and_then(|v| v.as_array())
+                    .and_then(|a| a.iter().map(|x| x.as_f64()).collect::<Option<Vec<_>>>())
+                    .ok_or_else(|| Error::bad_file(path, format!("rope scaling `{kind}` needs a numeric array `{k}`")))
+            };
+            let original_max =
+                original_max.ok_or_else(|| Error::bad_file(path, "rope scaling `longrope` needs `original_max_position_embeddings`"))?;
+            // As transformers: the factor defaults to max / original positions, and the cos/sin
+            // scale to sqrt(1 + ln(factor) / ln(original)).
+            let factor = r.get("factor").and_then(|v| v.as_f64()).unwrap_or(max_pos / original_max);
+            let attention_factor = r.get("attention_factor").and_then(|v| v.as_f64()).unwrap_or(if factor <= 1.0 {
+                1.0
+            } else {
+                (1.0 + factor.ln() / original_max.ln()).sqrt()
+            });
+            Some(RopeScaling::LongRope { short: factors("short_factor")?, long: factors("long_factor")?, original_max, attention_factor })
+        }
         "llama3" => Some(RopeScaling::Llama3 {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,
@@ -249,7 +322,10 @@ fn parse_rope_scaling(r: &serde_json::Value, path: &Path) -> Result<Option<RopeS
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         }),
         other => {
-            return Err(Error::bad_file(path, format!("rope scaling type `{other}` is not supported (supported: default, linear, llama3)")))
+            return Err(Error::bad_file(
+                path,
+                format!("rope scaling type `{other}` is not supported (supported: default, linear, llama3, longrope)"),
+            ))
         }
     })
 }
@@ -284,6 +360,8 @@ struct HfConfig {
     rope_theta: Option<f64>,
     rope_scaling: Option<serde_json::Value>,
     rope_parameters: Option<serde_json::Value>,
+    partial_rotary_factor: Option<f64>,
+    original_max_position_embeddings: Option<usize>,
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 
 use crate::chat::ChatTemplate;
-use crate::config::{GenerationConfig, GgufMeta, ModelConfig};
+use crate::config::{GenerationConfig, GgufMeta, GgufTensors, ModelConfig};
 use crate::error::{Error, Result};
 use crate::hub::{HubFetcher, HubId};
 use crate::models::llama::LlamaModel;
@@ -272,21 +272,24 @@ pub fn load_files(files: &ModelFiles, name: &str, opts: &mut LoadOptions) -> Res
             let w = WeightSource::gguf(path, opts.device.clone())?;
             let (content, _) = w.gguf_content().expect("gguf source");
             let md = GgufMeta { md: &content.metadata, path };
-            let rope_freqs = if w.contains("rope_freqs.weight") {
-                let t = w.tensor("rope_freqs.weight", &[content.tensor_infos["rope_freqs.weight"].shape.elem_count()])?;
-                Some(t.to_dtype(DType::F32)?.to_vec1::<f32>()?)
-            } else {
-                None
+            let vector = |name: &str| -> Result<Option<Vec<f32>>> {
+                match content.tensor_infos.get(name) {
+                    Some(info) => Ok(Some(w.tensor(name, &[info.shape.elem_count()])?.to_dtype(DType::F32)?.to_vec1::<f32>()?)),
+                    None => Ok(None),
+                }
             };
-            let embedding_rows = content.tensor_infos.get("token_embd.weight").map(|i| i.shape.dims()[0]);
-            let cfg = ModelConfig::from_gguf(
-                &md,
-                path,
-                w.contains("output.weight"),
-                w.contains("model.layers.0.self_attn.q_proj.bias"),
-                rope_freqs,
-                embedding_rows,
-            )?;
+            let rope_factors = match (vector("rope_factors_long.weight")?, vector("rope_factors_short.weight")?) {
+                (Some(l), Some(s)) => Some((l, s)),
+                _ => None,
+            };
+            let tensors = GgufTensors {
+                has_output: w.contains("output.weight"),
+                has_qkv_bias: w.contains("model.layers.0.self_attn.q_proj.bias"),
+                rope_freqs: vector("rope_freqs.weight")?,
+                rope_factors,
+                embedding_rows: content.tensor_infos.get("token_embd.weight").map(|i| i.shape.dims()[0]),
+            };
+            let cfg = ModelConfig::from_gguf(&md, path, tensors)?;
             let tokenizer = Tokenizer::from_gguf(&md)?;
             let tokens = md.string_array("tokenizer.ggml.tokens")?.unwrap_or_default();
             let tok_str = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned()).unwrap_or_default();

@@ -207,6 +207,8 @@ pub fn gguf_name(hf: &str) -> String {
                 "self_attn.k_proj.bias" => "attn_k.bias",
                 "self_attn.v_proj.bias" => "attn_v.bias",
                 "self_attn.o_proj.weight" => "attn_output.weight",
+                "self_attn.qkv_proj.weight" => "attn_qkv.weight",
+                "mlp.gate_up_proj.weight" => "ffn_up.weight",
                 "self_attn.q_norm.weight" => "attn_q_norm.weight",
                 "self_attn.k_norm.weight" => "attn_k_norm.weight",
                 "mlp.gate_proj.weight" => "ffn_gate.weight",

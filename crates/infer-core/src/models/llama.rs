@@ -7,8 +7,9 @@ use candle_core::{DType, Device, Tensor};
 
 use infer_kernels::{paged_attention, write_kv, KvElem, SeqAttention};
 
+use super::rope::{RopeInput, Rotary};
 use super::{BatchInput, CausalLm};
-use crate::config::{ModelConfig, RopeScaling};
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kv_cache::{LayerKv, PagedKvCache};
 use crate::weights::{Linear, WeightSource};
@@ -52,83 +53,36 @@ fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok((gate.silu()? * up)?)
 }
 
-/// What the rotary embedding needs for one batch: cos/sin tables, or on CUDA the positions (the
-/// kernel computes the angles).
-enum RopeInput {
-    Tables(Tensor, Tensor),
-    #[cfg(feature = "cuda")]
-    Positions(Tensor),
-}
-
-/// Rotary embedding frequencies; cos/sin are computed per batch for the tokens' positions.
+/// The q/k/v projections: three layers, or one fused `[q; k; v]` layer (Phi-3).
 #[derive(Debug, Clone)]
-struct Rotary {
-    inv_freq: Tensor,
-    interleaved: bool,
+enum Qkv {
+    Separate { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
 }
 
-impl Rotary {
-    fn new(cfg: &ModelConfig, device: &Device) -> Result<Self> {
-        let dim = cfg.head_dim;
-        let mut inv: Vec<f32> = (0..dim / 2).map(|i| (1.0 / cfg.rope_theta.powf(2.0 * i as f64 / dim as f64)) as f32).collect();
-        match &cfg.rope_scaling {
-            None => {}
-            Some(RopeScaling::Linear { factor }) => inv.iter_mut().for_each(|f| *f /= *factor as f32),
-            Some(RopeScaling::FreqFactors(ff)) => {
-                if ff.len() != inv.len() {
-                    return Err(Error::Model(format!("rope_freqs has {} entries, expected {}", ff.len(), inv.len())));
-                }
-                inv.iter_mut().zip(ff).for_each(|(f, d)| *f /= d);
-            }
-            Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
-                let low_wavelen = original_max_position_embeddings / low_freq_factor;
-                let high_wavelen = original_max_position_embeddings / high_freq_factor;
-                for f in inv.iter_mut() {
-                    let freq = *f as f64;
-                    let wavelen = 2.0 * std::f64::consts::PI / freq;
-                    let scaled = if wavelen > low_wavelen { freq / factor } else { freq };
-                    let out = if wavelen < high_wavelen || wavelen > low_wavelen {
-                        scaled
-                    } else {
-                        let smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
-                        (1.0 - smooth) * scaled / factor + smooth * scaled
-                    };
-                    *f = out as f32;
-                }
-            }
-        }
-        let n = inv.len();
-        Ok(Self { inv_freq: Tensor::from_vec(inv, (1, n), device)?, interleaved: cfg.rope_interleaved })
-    }
+/// The gate and up projections: two layers, or one fused `[gate; up]` layer (Phi-3).
+#[derive(Debug, Clone)]
+enum GateUp {
+    Separate { gate: Linear, up: Linear },
+    Fused(Linear),
+}
 
-    /// cos and sin, `[tokens, 1, head_dim/2]`, for the given positions (u32).
-    fn prepare(&self, positions: &Tensor, dtype: DType) -> Result<RopeInput> {
-        #[cfg(feature = "cuda")]
-        if positions.device().is_cuda() {
-            return Ok(RopeInput::Positions(positions.clone()));
-        }
-        let freqs = positions.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&self.inv_freq)?;
-        let freqs = freqs.unsqueeze(1)?;
-        Ok(RopeInput::Tables(freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
-    }
-
-    /// `x`: `[tokens, heads, head_dim]`.
-    fn apply(&self, x: &Tensor, input: &RopeInput) -> Result<Tensor> {
-        match input {
-            RopeInput::Tables(cos, sin) => {
-                let (t, h, d) = x.dims3()?;
-                // Each token is its own "batch" so every token gets its own position.
-                let x4 = x.reshape((t, h, 1, d))?;
-                let y = if self.interleaved {
-                    candle_nn::rotary_emb::rope_i(&x4, cos, sin)?
-                } else {
-                    candle_nn::rotary_emb::rope(&x4, cos, sin)?
-                };
-                Ok(y.reshape((t, h, d))?)
+impl GateUp {
+    /// `silu(x·Wgᵀ) · (x·Wuᵀ)`.
+    fn silu_mul(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            GateUp::Separate { gate, up } => {
+                let [g, u] = Linear::forward_many([gate, up], x)?;
+                silu_mul(&g, &u)
             }
-            #[cfg(feature = "cuda")]
-            RopeInput::Positions(pos) => {
-                Ok(infer_kernels::cuda::rope(&x.contiguous()?, pos, &self.inv_freq.flatten_all()?, self.interleaved)?)
+            GateUp::Fused(gu) => {
+                let y = gu.forward(x)?;
+                #[cfg(feature = "cuda")]
+                if y.device().is_cuda() {
+                    return Ok(infer_kernels::cuda::silu_mul_fused(&y.contiguous()?)?);
+                }
+                let n = y.dim(1)? / 2;
+                silu_mul(&y.narrow(1, 0, n)?, &y.narrow(1, n, n)?)
             }
         }
     }
@@ -136,9 +90,7 @@ impl Rotary {
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    qkv: Qkv,
     o: Linear,
     /// Per-head RMSNorm of queries and keys (Qwen3).
     q_norm: Option<RmsNorm>,
@@ -151,8 +103,7 @@ struct Attention {
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate: Linear,
-    up: Linear,
+    gate_up: GateUp,
     down: Linear,
 }
 
@@ -189,15 +140,24 @@ impl LlamaModel {
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let bias = cfg.attention_bias;
+            // Phi-3 stores [q; k; v] and [gate; up] as single matrices (GGUF: attn_qkv, and ffn_up
+            // with both halves).
+            let fused = cfg.architecture == crate::config::Architecture::Phi3;
             let qk_norm = |name: &str| -> Result<Option<RmsNorm>> {
                 Ok(if cfg.qk_norm { Some(RmsNorm::load(w, name, hd, cfg.rms_norm_eps)?) } else { None })
             };
             layers.push(Layer {
                 input_norm: RmsNorm::load(w, &format!("{p}.input_layernorm.weight"), h, cfg.rms_norm_eps)?,
                 attn: Attention {
-                    q: w.linear(&format!("{p}.self_attn.q_proj"), nh * hd, h, bias)?,
-                    k: w.linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h, bias)?,
-                    v: w.linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h, bias)?,
+                    qkv: if fused {
+                        Qkv::Fused(w.linear(&format!("{p}.self_attn.qkv_proj"), (nh + 2 * nkv) * hd, h, bias)?)
+                    } else {
+                        Qkv::Separate {
+                            q: w.linear(&format!("{p}.self_attn.q_proj"), nh * hd, h, bias)?,
+                            k: w.linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h, bias)?,
+                            v: w.linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h, bias)?,
+                        }
+                    },
                     o: w.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, false)?,
                     q_norm: qk_norm(&format!("{p}.self_attn.q_norm.weight"))?,
                     k_norm: qk_norm(&format!("{p}.self_attn.k_norm.weight"))?,
@@ -208,8 +168,14 @@ impl LlamaModel {
                 },
                 post_norm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm.weight"), h, cfg.rms_norm_eps)?,
                 mlp: Mlp {
-                    gate: w.linear(&format!("{p}.mlp.gate_proj"), inter, h, false)?,
-                    up: w.linear(&format!("{p}.mlp.up_proj"), inter, h, false)?,
+                    gate_up: if fused {
+                        GateUp::Fused(w.linear(&format!("{p}.mlp.gate_up_proj"), 2 * inter, h, false)?)
+                    } else {
+                        GateUp::Separate {
+                            gate: w.linear(&format!("{p}.mlp.gate_proj"), inter, h, false)?,
+                            up: w.linear(&format!("{p}.mlp.up_proj"), inter, h, false)?,
+                        }
+                    },
                     down: w.linear(&format!("{p}.mlp.down_proj"), h, inter, false)?,
                 },
             });
@@ -230,7 +196,14 @@ impl LlamaModel {
     fn attention(&self, layer: usize, x: &Tensor, rope: &RopeInput, step: &Step<'_>, cache: &mut PagedKvCache) -> Result<Tensor> {
         let attn = &self.layers[layer].attn;
         let t = x.dim(0)?;
-        let [q, k, v] = Linear::forward_many([&attn.q, &attn.k, &attn.v], x)?;
+        let [q, k, v] = match &attn.qkv {
+            Qkv::Separate { q, k, v } => Linear::forward_many([q, k, v], x)?,
+            Qkv::Fused(qkv) => {
+                let y = qkv.forward(x)?;
+                let (nq, nkv) = (attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim);
+                [y.narrow(1, 0, nq)?.contiguous()?, y.narrow(1, nq, nkv)?.contiguous()?, y.narrow(1, nq + nkv, nkv)?.contiguous()?]
+            }
+        };
         let mut q = q.reshape((t, attn.num_heads, attn.head_dim))?;
         let mut k = k.reshape((t, attn.num_kv_heads, attn.head_dim))?;
         if let (Some(qn), Some(kn)) = (&attn.q_norm, &attn.k_norm) {
@@ -343,7 +316,7 @@ impl CausalLm for LlamaModel {
         }
         let ids = Tensor::new(batch.tokens.as_slice(), &self.device)?;
         let positions = Tensor::new(batch.positions.as_slice(), &self.device)?;
-        let rope = self.rotary.prepare(&positions, self.dtype)?;
+        let rope = self.rotary.prepare(&positions, &batch.positions, self.dtype)?;
         let step = Step::new(batch, cache, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
         let mut h = match self.layers.first() {
@@ -354,8 +327,7 @@ impl CausalLm for LlamaModel {
             let a = self.attention(i, &h, &rope, &step, cache)?;
             // Residual adds fused with the norm that follows each (one kernel on CUDA).
             let (x1, h1) = layer.post_norm.add_forward(&x, &a)?;
-            let [gate, up] = Linear::forward_many([&layer.mlp.gate, &layer.mlp.up], &h1)?;
-            let m = layer.mlp.down.forward(&silu_mul(&gate, &up)?)?;
+            let m = layer.mlp.down.forward(&layer.mlp.gate_up.silu_mul(&h1)?)?;
             match self.layers.get(i + 1) {
                 Some(next) => (x, h) = next.input_norm.add_forward(&x1, &m)?,
                 None => x = (x1 + m)?,

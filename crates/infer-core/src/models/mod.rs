@@ -2,6 +2,7 @@
 //! gets one file here.
 
 pub mod llama;
+mod rope;
 
 use candle_core::Tensor;
 

@@ -35,7 +35,7 @@ template <typename T>
 __device__ void attention_partial(const T* q, const T* kc, const T* vc, const uint32_t* tables,
                                   const uint32_t* row_table, const uint32_t* row_len, float* part_m,
                                   float* part_l, float* part_acc, int num_heads, int num_kv_heads,
-                                  int head_dim, int block_size, float scale, int window, int parts) {
+                                  int head_dim, int block_size, float scale, float softcap, int window, int parts) {
     const int row = blockIdx.x, head = blockIdx.y, part = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int len = row_len[row];
@@ -66,6 +66,7 @@ __device__ void attention_partial(const T* q, const T* kc, const T* vc, const ui
             if (d < head_dim) s += qr[e] * to_f32(kr[d]);
         }
         s = warp_sum(s);
+        if (softcap > 0.0f) s = softcap * tanhf(s / softcap);  // Gemma 2's logit soft-capping
         const float m_new = fmaxf(m, s);
         const float corr = __expf(m - m_new), w = __expf(s - m_new);
         l = l * corr + w;
@@ -130,9 +131,9 @@ __device__ void attention_combine(const float* part_m, const float* part_l, cons
     extern "C" __global__ void __launch_bounds__(WARPS * 32) attention_partial_##SUFFIX(                      \
         const T* q, const T* kc, const T* vc, const uint32_t* tables, const uint32_t* row_table,              \
         const uint32_t* row_len, float* part_m, float* part_l, float* part_acc, int num_heads,                \
-        int num_kv_heads, int head_dim, int block_size, float scale, int window, int parts) {                 \
+        int num_kv_heads, int head_dim, int block_size, float scale, float softcap, int window, int parts) {  \
         attention_partial<T>(q, kc, vc, tables, row_table, row_len, part_m, part_l, part_acc, num_heads,      \
-                             num_kv_heads, head_dim, block_size, scale, window, parts);                       \
+                             num_kv_heads, head_dim, block_size, scale, softcap, window, parts);              \
     }                                                                                                         \
     extern "C" __global__ void attention_combine_##SUFFIX(const float* part_m, const float* part_l,           \
                                                           const float* part_acc, T* o, int num_heads,         \

@@ -20,7 +20,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 
 # fixture folder -> gguf architecture
-FIXTURES_ARCH = {"tiny-qwen3": gguf.MODEL_ARCH.QWEN3, "tiny-phi3": gguf.MODEL_ARCH.PHI3}
+FIXTURES_ARCH = {
+    "tiny-qwen3": gguf.MODEL_ARCH.QWEN3,
+    "tiny-phi3": gguf.MODEL_ARCH.PHI3,
+    "tiny-gemma2": gguf.MODEL_ARCH.GEMMA2,
+    "tiny-gemma3": gguf.MODEL_ARCH.GEMMA3,
+}
+GEMMA = (gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3)
 
 
 def byte_tokens():
@@ -56,7 +62,20 @@ def convert(name, arch):
     w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     rope = cfg.get("rope_parameters") or {}
+    if "full_attention" in rope:
+        # Per layer type (Gemma 3): the file carries the global layers' settings; llama.cpp uses a
+        # base of 10000 for the sliding layers.
+        rope = rope["full_attention"]
     w.add_rope_freq_base(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    if rope.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
+    if arch in GEMMA:
+        w.add_sliding_window(cfg["sliding_window"])
+        if cfg.get("attn_logit_softcapping"):
+            w.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+        if cfg.get("final_logit_softcapping"):
+            w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
     rot = int(head_dim * partial)
@@ -86,6 +105,8 @@ def convert(name, arch):
     for hf_name, t in sorted(tensors.items()):
         g = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert g is not None, f"{name}: no GGUF name for {hf_name}"
+        if arch in GEMMA and hf_name.endswith("norm.weight"):
+            t = t + 1.0  # llama.cpp's converter stores Gemma's RMSNorm weights as 1 + w
         data = t.astype(np.float16) if t.ndim == 2 else t.astype(np.float32)
         w.add_tensor(g, data)
     w.write_header_to_file()

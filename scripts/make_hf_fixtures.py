@@ -5,7 +5,7 @@ Run from the repository root (optionally naming the fixtures to regenerate, e.g.
     python -m venv .venv-ref && .venv-ref/bin/pip install torch transformers numpy && .venv-ref/bin/python scripts/make_hf_fixtures.py
 
 (`scripts/requirements-ref.txt` lists the packages.) Writes, for each of tiny-llama, tiny-mistral,
-tiny-qwen2, tiny-qwen3 and tiny-phi3, a folder `tests/fixtures/tiny-<name>/` holding:
+tiny-qwen2, tiny-qwen3, tiny-phi3, tiny-gemma2 and tiny-gemma3, a folder `tests/fixtures/tiny-<name>/` holding:
 
   config.json        HF config (model_type, architectures, ...). Besides the transformers-v5 style
                      `rope_parameters`, the legacy top-level `rope_theta` (and `rope_scaling` for llama)
@@ -37,6 +37,10 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     Phi3Config,
     Phi3ForCausalLM,
     Qwen3Config,
@@ -170,6 +174,56 @@ MODELS = [
         legacy={"rope_theta": 10000.0},
         required={"original_max_position_embeddings": 64},
     ),
+    dict(
+        name="tiny-gemma2",
+        seed=6006,
+        config_cls=Gemma2Config,
+        model_cls=Gemma2ForCausalLM,
+        kwargs=dict(
+            COMMON,
+            head_dim=16,
+            hidden_activation="gelu_pytorch_tanh",
+            rope_theta=10000.0,
+            # Layer 0 slides over 4 tokens, layer 1 is global; strong soft-caps so they matter.
+            sliding_window=4,
+            attn_logit_softcapping=4.0,
+            final_logit_softcapping=5.0,
+            # = head_dim, as in Gemma 2 2B/9B (what llama.cpp assumes for GGUF files).
+            query_pre_attn_scalar=16,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        legacy={"rope_theta": 10000.0},
+        required={"final_logit_softcapping": 5.0},
+    ),
+    dict(
+        name="tiny-gemma3",
+        seed=7007,
+        config_cls=Gemma3TextConfig,
+        model_cls=Gemma3ForCausalLM,
+        kwargs=dict(
+            COMMON,
+            # Six layers: five sliding (window 4, rotary base 1e4) then one global (base 1e6 with
+            # linear scaling 8), Gemma 3's pattern; a narrower MLP keeps the file small.
+            num_hidden_layers=6,
+            intermediate_size=64,
+            head_dim=16,
+            hidden_activation="gelu_pytorch_tanh",
+            sliding_window=4,
+            query_pre_attn_scalar=16,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        required={"model_type": "gemma3_text"},
+    ),
 ]
 
 
@@ -268,7 +322,7 @@ def reference(model_dir, seed):
         inc = torch.cat(pieces, 0).float()
         max_cache_diff = max(max_cache_diff, (inc - full).abs().max().item())
 
-    assert max_cache_diff < 1e-5, f"cached vs full mismatch: {max_cache_diff}"
+    assert max_cache_diff < 5e-5, f"cached vs full mismatch: {max_cache_diff}"
     stacked = torch.cat(all_full, 0)
     stats = dict(
         std=stacked.std().item(),

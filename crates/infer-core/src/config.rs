@@ -20,11 +20,31 @@ pub enum Architecture {
     Qwen3,
     /// Phi-3 / Phi-3.5 / Phi-4-mini (fused qkv and gate_up projections, LongRoPE, partial rotary).
     Phi3,
+    /// Gemma 2 (logit soft-capping, alternating sliding-window layers, pre/post norms, GELU).
+    Gemma2,
+    /// Gemma 3, text part (local/global layers with their own rotary bases, q/k norms).
+    Gemma3,
+}
+
+impl Architecture {
+    /// The Gemma decoders (models/gemma.rs).
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Self::Gemma2 | Self::Gemma3)
+    }
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// GELU with the tanh approximation (`gelu_pytorch_tanh`).
+    GeluTanh,
 }
 
 impl Architecture {
     /// What `model_type` (HF) / `general.architecture` (GGUF) values are accepted, for error messages.
-    pub const SUPPORTED: &'static str = "llama (Llama 2/3/3.1/3.2, SmolLM2), mistral, qwen2 (Qwen2/2.5), qwen3, phi3 (Phi-3/3.5)";
+    pub const SUPPORTED: &'static str =
+        "llama (Llama 2/3/3.1/3.2, SmolLM2), mistral, qwen2 (Qwen2/2.5), qwen3, phi3 (Phi-3/3.5), gemma2, gemma3_text (GGUF: gemma3)";
 
     fn from_name(name: &str) -> Option<Self> {
         match name {
@@ -33,6 +53,8 @@ impl Architecture {
             "qwen2" => Some(Self::Qwen2),
             "qwen3" => Some(Self::Qwen3),
             "phi3" => Some(Self::Phi3),
+            "gemma2" => Some(Self::Gemma2),
+            "gemma3_text" | "gemma3" => Some(Self::Gemma3),
             _ => None,
         }
     }
@@ -78,9 +100,20 @@ pub struct ModelConfig {
     pub attention_bias: bool,
     /// RMSNorm over each query and key head before the rotary embedding (Qwen3).
     pub qk_norm: bool,
-    /// Sliding attention window, applied to layers `>= sliding_window_from_layer`.
+    /// Sliding attention window, applied to layers `>= sliding_window_from_layer`, or to the layers
+    /// `sliding_layers` marks when it is set.
     pub sliding_window: Option<usize>,
     pub sliding_window_from_layer: usize,
+    pub sliding_layers: Option<Vec<bool>>,
+    pub activation: Activation,
+    /// Attention-logit and final-logit soft-capping (Gemma 2).
+    pub attn_softcap: Option<f64>,
+    pub final_softcap: Option<f64>,
+    /// Queries are scaled by `query_pre_attn_scalar^-1/2` instead of `head_dim^-1/2` (Gemma).
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Rotary base and scaling of the sliding-window layers when they differ (Gemma 3).
+    pub local_rope_theta: Option<f64>,
+    pub local_rope_scaling: Option<RopeScaling>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -88,7 +121,15 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// The sliding window of layer `layer`, if it has one.
     pub fn window_for_layer(&self, layer: usize) -> Option<usize> {
-        self.sliding_window.filter(|_| layer >= self.sliding_window_from_layer)
+        match &self.sliding_layers {
+            Some(s) => self.sliding_window.filter(|_| s.get(layer).copied().unwrap_or(false)),
+            None => self.sliding_window.filter(|_| layer >= self.sliding_window_from_layer),
+        }
+    }
+
+    /// Whether layer `layer` is a sliding-window (local) layer.
+    pub fn is_local_layer(&self, layer: usize) -> bool {
+        self.window_for_layer(layer).is_some()
     }
 
     fn validate(self, path: &Path) -> Result<Self> {
@@ -156,8 +197,13 @@ impl ModelConfig {
             path: path.to_path_buf(),
             supported: Architecture::SUPPORTED.into(),
         })?;
-        // transformers >= 5 moves the rotary settings into `rope_parameters`.
-        let rope = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
+        // transformers >= 5 moves the rotary settings into `rope_parameters`, per layer type where
+        // they differ (Gemma 3: `full_attention` / `sliding_attention`).
+        let rope_all = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
+        let (rope, rope_local) = match rope_all {
+            Some(r) if r.get("full_attention").is_some() => (r.get("full_attention"), r.get("sliding_attention")),
+            _ => (rope_all, None),
+        };
         let rope_theta = rope.and_then(|r| r.get("rope_theta")).and_then(|v| v.as_f64()).or(raw.rope_theta).unwrap_or(10_000.0);
         let max_position_embeddings = raw.max_position_embeddings.unwrap_or(4096);
         let original_max = rope
@@ -172,6 +218,29 @@ impl ModelConfig {
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / num_attention_heads.max(1));
         let partial =
             rope.and_then(|r| r.get("partial_rotary_factor")).and_then(|v| v.as_f64()).or(raw.partial_rotary_factor).unwrap_or(1.0);
+        let local_rope_scaling = match rope_local {
+            Some(r) => parse_rope_scaling(r, path, max_position_embeddings as f64, original_max)?,
+            None => None,
+        };
+        let local_rope_theta = rope_local
+            .and_then(|r| r.get("rope_theta"))
+            .and_then(|v| v.as_f64())
+            .or(raw.rope_local_base_freq)
+            .or(if architecture == Architecture::Gemma3 { Some(10_000.0) } else { None });
+        let sliding_layers = match (&raw.layer_types, architecture) {
+            (Some(t), _) => Some(t.iter().map(|t| t == "sliding_attention").collect()),
+            (None, Architecture::Gemma2) => Some((0..raw.num_hidden_layers).map(|i| i % 2 == 0).collect()),
+            (None, Architecture::Gemma3) => {
+                let p = raw.sliding_window_pattern.unwrap_or(6).max(1);
+                Some((0..raw.num_hidden_layers).map(|i| (i + 1) % p != 0).collect())
+            }
+            _ => None,
+        };
+        let activation = match raw.hidden_activation.as_deref().or(raw.hidden_act.as_deref()) {
+            None | Some("silu") | Some("swish") => Activation::Silu,
+            Some("gelu_pytorch_tanh") | Some("gelu_tanh") | Some("gelu_new") => Activation::GeluTanh,
+            Some(other) => return Err(Error::bad_file(path, format!("activation `{other}` is not supported (silu, gelu_pytorch_tanh)"))),
+        };
         let (sliding_window, sliding_window_from_layer) = match architecture {
             Architecture::Qwen2 | Architecture::Qwen3 if !raw.use_sliding_window.unwrap_or(false) => (None, 0),
             Architecture::Qwen2 | Architecture::Qwen3 => (raw.sliding_window, raw.max_window_layers.unwrap_or(0)),
@@ -192,11 +261,19 @@ impl ModelConfig {
             rotary_dim: (head_dim as f64 * partial) as usize,
             rope_interleaved: false,
             max_position_embeddings,
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            // Gemma configs tie the head to the embeddings unless they say otherwise.
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(architecture.is_gemma()),
             attention_bias: architecture == Architecture::Qwen2 || raw.attention_bias.unwrap_or(false),
-            qk_norm: architecture == Architecture::Qwen3,
+            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Gemma3),
             sliding_window,
             sliding_window_from_layer,
+            sliding_layers,
+            activation,
+            attn_softcap: raw.attn_logit_softcapping,
+            final_softcap: raw.final_logit_softcapping,
+            query_pre_attn_scalar: raw.query_pre_attn_scalar,
+            local_rope_theta,
+            local_rope_scaling,
             bos_token_id: raw.bos_token_id,
             eos_token_ids: raw.eos_token_id.map(|e| e.into_vec()).unwrap_or_default(),
         }
@@ -246,12 +323,25 @@ impl ModelConfig {
             (None, None) => None,
         };
         let eos = md.u32_opt("tokenizer.ggml.eos_token_id")?;
+        let num_hidden_layers = md.usize(&key("block_count"))?;
+        // As llama.cpp: Gemma 2 alternates sliding and global layers (even ones slide), Gemma 3 has
+        // five sliding layers per global one with a rotary base of 10000, and the 27B models scale
+        // queries by (hidden / heads)^-1/2 instead of head_dim^-1/2.
+        let sliding_layers = match architecture {
+            Architecture::Gemma2 => Some((0..num_hidden_layers).map(|i| i % 2 == 0).collect()),
+            Architecture::Gemma3 => Some((0..num_hidden_layers).map(|i| (i + 1) % 6 != 0).collect()),
+            _ => None,
+        };
+        let query_pre_attn_scalar = match (architecture, num_hidden_layers) {
+            (Architecture::Gemma2, 46) | (Architecture::Gemma3, 62) => Some((hidden_size / num_attention_heads.max(1)) as f64),
+            _ => None,
+        };
         Self {
             architecture,
             vocab_size: md.usize_opt(&key("vocab_size"))?.or(embedding_rows).unwrap_or(0),
             hidden_size,
             intermediate_size: md.usize(&key("feed_forward_length"))?,
-            num_hidden_layers: md.usize(&key("block_count"))?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
@@ -263,9 +353,16 @@ impl ModelConfig {
             max_position_embeddings,
             tie_word_embeddings: !has_output,
             attention_bias: has_qkv_bias,
-            qk_norm: architecture == Architecture::Qwen3,
-            sliding_window: None,
+            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Gemma3),
+            sliding_window: md.usize_opt(&key("attention.sliding_window"))?,
             sliding_window_from_layer: 0,
+            sliding_layers,
+            activation: if architecture.is_gemma() { Activation::GeluTanh } else { Activation::Silu },
+            attn_softcap: md.f64_opt(&key("attn_logit_softcapping"))?,
+            final_softcap: md.f64_opt(&key("final_logit_softcapping"))?,
+            query_pre_attn_scalar,
+            local_rope_theta: if architecture == Architecture::Gemma3 { Some(10_000.0) } else { None },
+            local_rope_scaling: None,
             bos_token_id: md.u32_opt("tokenizer.ggml.bos_token_id")?,
             eos_token_ids: eos.into_iter().collect(),
         }
@@ -361,6 +458,15 @@ struct HfConfig {
     rope_scaling: Option<serde_json::Value>,
     rope_parameters: Option<serde_json::Value>,
     partial_rotary_factor: Option<f64>,
+    layer_types: Option<Vec<String>>,
+    #[serde(alias = "_sliding_window_pattern")]
+    sliding_window_pattern: Option<usize>,
+    hidden_activation: Option<String>,
+    hidden_act: Option<String>,
+    attn_logit_softcapping: Option<f64>,
+    final_logit_softcapping: Option<f64>,
+    query_pre_attn_scalar: Option<f64>,
+    rope_local_base_freq: Option<f64>,
     original_max_position_embeddings: Option<usize>,
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
@@ -501,6 +607,23 @@ impl GgufMeta<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gemma3_reads_layer_types_and_per_type_rope() {
+        let text = r#"{"model_type":"gemma3_text","vocab_size":10,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":3,
+            "num_attention_heads":2,"head_dim":4,"sliding_window":512,"query_pre_attn_scalar":24,"final_logit_softcapping":null,
+            "layer_types":["sliding_attention","full_attention","sliding_attention"],"hidden_activation":"gelu_pytorch_tanh",
+            "rope_parameters":{"full_attention":{"rope_type":"linear","factor":8.0,"rope_theta":1000000.0},
+                               "sliding_attention":{"rope_type":"default","rope_theta":10000.0}}}"#;
+        let c = ModelConfig::from_hf_json(text, Path::new("config.json")).unwrap();
+        assert_eq!(c.architecture, Architecture::Gemma3);
+        assert_eq!((c.window_for_layer(0), c.window_for_layer(1), c.window_for_layer(2)), (Some(512), None, Some(512)));
+        assert_eq!((c.rope_theta, c.local_rope_theta), (1e6, Some(1e4)));
+        assert_eq!(c.rope_scaling, Some(RopeScaling::Linear { factor: 8.0 }));
+        assert_eq!(c.local_rope_scaling, None);
+        assert_eq!((c.query_pre_attn_scalar, c.final_softcap), (Some(24.0), None));
+        assert!(c.qk_norm && c.tie_word_embeddings && c.activation == Activation::GeluTanh);
+    }
 
     #[test]
     fn wrong_field_type_names_the_field() {

@@ -369,6 +369,7 @@ impl PagedKvCache {
             block_size: self.block_size,
             scale: 1.0 / (self.head_dim as f32).sqrt(),
             sliding_window,
+            softcap: None,
         }
     }
 

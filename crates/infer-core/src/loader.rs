@@ -11,7 +11,6 @@ use crate::chat::ChatTemplate;
 use crate::config::{GenerationConfig, GgufMeta, GgufTensors, ModelConfig};
 use crate::error::{Error, Result};
 use crate::hub::{HubFetcher, HubId};
-use crate::models::llama::LlamaModel;
 use crate::models::CausalLm;
 use crate::tokenizer::Tokenizer;
 use crate::weights::WeightSource;
@@ -307,10 +306,10 @@ pub fn load_files(files: &ModelFiles, name: &str, opts: &mut LoadOptions) -> Res
                 }
             }
             let progress = opts.progress.as_deref_mut().unwrap_or(&mut noop);
-            let model = LlamaModel::load(cfg, &w, progress)?;
+            let model = crate::models::load(cfg, &w, progress)?;
             Ok(LoadedModel {
                 name: name.to_string(),
-                model: Arc::new(model),
+                model,
                 tokenizer,
                 chat_template,
                 eos_token_ids: eos_ids.into_iter().collect(),
@@ -344,10 +343,10 @@ pub fn load_files(files: &ModelFiles, name: &str, opts: &mut LoadOptions) -> Res
             }
             let w = WeightSource::safetensors(weights.clone(), dtype, opts.device.clone())?.with_quantize(opts.quantize)?;
             let progress = opts.progress.as_deref_mut().unwrap_or(&mut noop);
-            let model = LlamaModel::load(cfg, &w, progress)?;
+            let model = crate::models::load(cfg, &w, progress)?;
             Ok(LoadedModel {
                 name: name.to_string(),
-                model: Arc::new(model),
+                model,
                 tokenizer: tok,
                 chat_template,
                 eos_token_ids: eos_ids.into_iter().collect(),

@@ -288,6 +288,11 @@ impl WeightSource {
         Ok(Self::Gguf { content, reader: Mutex::new(reader), path: path.to_path_buf(), device })
     }
 
+    /// Whether the tensors come from a GGUF file.
+    pub fn is_gguf(&self) -> bool {
+        matches!(self, Self::Gguf { .. })
+    }
+
     pub fn device(&self) -> &Device {
         match self {
             Self::Safetensors { device, .. } | Self::Gguf { device, .. } => device,

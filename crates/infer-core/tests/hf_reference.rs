@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use infer_core::config::ModelConfig;
 use infer_core::kv_cache::PagedKvCache;
-use infer_core::models::llama::LlamaModel;
+use std::sync::Arc;
+
 use infer_core::models::{BatchInput, CausalLm, LogitsWanted};
 use infer_core::weights::WeightSource;
 use infer_core::{DType, Device};
@@ -28,7 +29,7 @@ fn device() -> Device {
 }
 
 /// A cache on the device under test (f32, as the fixtures' weights).
-fn cache(model: &LlamaModel, block_size: usize, blocks: usize) -> PagedKvCache {
+fn cache(model: &dyn CausalLm, block_size: usize, blocks: usize) -> PagedKvCache {
     PagedKvCache::new_on(model.config(), block_size, blocks, &device(), DType::F32).unwrap()
 }
 
@@ -38,15 +39,15 @@ fn fixture(name: &str) -> PathBuf {
     dir.unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")).join(name)
 }
 
-fn load(name: &str, dtype: DType) -> (LlamaModel, Expected) {
+fn load(name: &str, dtype: DType) -> (Arc<dyn CausalLm>, Expected) {
     load_quantized(name, dtype, None)
 }
 
-fn load_quantized(name: &str, dtype: DType, q: Option<infer_core::Quantize>) -> (LlamaModel, Expected) {
+fn load_quantized(name: &str, dtype: DType, q: Option<infer_core::Quantize>) -> (Arc<dyn CausalLm>, Expected) {
     let dir = fixture(name);
     let cfg = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
     let w = WeightSource::safetensors(vec![dir.join("model.safetensors")], dtype, device()).unwrap().with_quantize(q).unwrap();
-    let model = LlamaModel::load(cfg, &w, &mut |_, _| {}).unwrap();
+    let model = infer_core::models::load(cfg, &w, &mut |_, _| {}).unwrap();
     let exp: Expected = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     (model, exp)
 }
@@ -55,7 +56,7 @@ fn load_quantized(name: &str, dtype: DType, q: Option<infer_core::Quantize>) -> 
 /// tokens this step`, all sequences of a step in one ragged batch, and checks every position's logits.
 fn run_schedule(name: &str, block_size: usize, tol: f32, schedule: &dyn Fn(usize, usize) -> usize) -> usize {
     let (model, exp) = load(name, DType::F32);
-    check_schedule(&model, &exp, name, block_size, tol, schedule)
+    check_schedule(model.as_ref(), &exp, name, block_size, tol, schedule)
 }
 
 fn check_schedule(
@@ -109,9 +110,9 @@ fn check_schedule(
 }
 
 /// Fixtures that also have a `model-f16.gguf`.
-const GGUF_FIXTURES: &[&str] = &["tiny-qwen3", "tiny-phi3"];
+const GGUF_FIXTURES: &[&str] = &["tiny-qwen3", "tiny-phi3", "tiny-gemma2", "tiny-gemma3"];
 
-const ARCHS: [&str; 5] = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-phi3"];
+const ARCHS: [&str; 7] = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-phi3", "tiny-gemma2", "tiny-gemma3"];
 
 #[test]
 fn ragged_prefill_then_batched_decode_matches_transformers() {
@@ -156,7 +157,7 @@ fn chunked_prefill_mixed_with_decode_matches_transformers() {
 }
 
 /// Largest |logit − transformers' logit| over every position of prompt 1, prefilled whole.
-fn prompt1_max_diff(model: &LlamaModel, exp: &Expected) -> f32 {
+fn prompt1_max_diff(model: &dyn CausalLm, exp: &Expected) -> f32 {
     let mut cache = cache(model, 16, 8);
     let mut table = Vec::new();
     cache.reserve(&mut table, exp.prompts[1].len()).unwrap();
@@ -178,7 +179,7 @@ fn half_precision_weights_stay_close() {
     // values, within a bound scaled to each format's precision (f16: 11-bit, bf16: 8-bit mantissa).
     for (dtype, tol) in [(DType::F16, 0.05), (DType::BF16, 0.4)] {
         let (model, exp) = load("tiny-llama", dtype);
-        let worst = prompt1_max_diff(&model, &exp);
+        let worst = prompt1_max_diff(model.as_ref(), &exp);
         eprintln!("{dtype:?}: max |diff| {worst}");
         assert!(worst < tol, "{dtype:?}: max |diff| {worst} >= {tol}");
     }
@@ -187,14 +188,18 @@ fn half_precision_weights_stay_close() {
 #[test]
 fn in_situ_quantized_weights_stay_close() {
     // `--quantize`: the tiny models' f32 linear weights quantized at load and run by the CPU kernels.
-    // Bounds measured on these random models: Q8_0 (8-bit weights and activations, like bf16's 8-bit
-    // mantissa) within 0.5 (0.22-0.42 seen; bf16 gives 0.21 on tiny-llama); Q4_0 within 4 (2.2-3.2
-    // seen: 4-bit weights of random networks). Q4_K needs rows of 256 values: these 64-wide models keep their weights dense under it.
+    // Bounds relative to the largest reference logit of the prompt (6-16 on these random models),
+    // measured: Q8_0 (8-bit weights and activations, like bf16's 8-bit mantissa) 3.7-8.8% of it
+    // (bf16 gives 0.21 = 3.7% on tiny-llama), bound 15%; Q4_0 (4-bit weights of random networks)
+    // 36-80% (Gemma 2's final soft-cap keeps its logits small), bound 100%. Q4_K needs rows of 256
+    // values: these 64-wide models keep their weights dense.
     for name in ARCHS {
-        for (q, tol) in [(infer_core::Quantize::Q8_0, 0.5), (infer_core::Quantize::Q4_0, 4.0), (infer_core::Quantize::Q4K, 1e-4)] {
+        for (q, rel) in [(infer_core::Quantize::Q8_0, 0.15), (infer_core::Quantize::Q4_0, 1.0), (infer_core::Quantize::Q4K, 0.0)] {
             let (model, exp) = load_quantized(name, DType::F32, Some(q));
-            let worst = prompt1_max_diff(&model, &exp);
-            eprintln!("{name} {q:?}: max |diff| {worst}");
+            let worst = prompt1_max_diff(model.as_ref(), &exp);
+            let mag = exp.prefill_logits[1].iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+            let tol = if rel > 0.0 { rel * mag } else { 1e-4 };
+            eprintln!("{name} {q:?}: max |diff| {worst} ({:.1}% of the largest logit {mag})", 100.0 * worst / mag);
             assert!(worst < tol, "{name} {q:?}: max |diff| {worst} >= {tol}");
             if q != infer_core::Quantize::Q4K {
                 assert!(worst > 1e-6, "{name} {q:?}: no quantization error at all — were the weights quantized?");

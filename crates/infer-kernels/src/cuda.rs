@@ -506,7 +506,7 @@ impl CustomOp3 for PagedAttention {
         let combine = func(&dev, ptx::ATTENTION, "attention", &kname("attention_combine", q.dtype()))?;
         let (h_i, kvh_i, hd_i, bs_i, parts_i) = (heads as i32, sh.num_kv_heads as i32, hd as i32, sh.block_size as i32, parts as i32);
         let window = sh.sliding_window.map_or(0, |w| w as i32);
-        let scale = sh.scale;
+        let (scale, softcap) = (sh.scale, sh.softcap.unwrap_or(0.0));
         let slice = with_float!(q.dtype(), T => {
             let qs = contiguous(q.as_cuda_slice::<T>()?, ql, "queries")?;
             let kc = contiguous(k.as_cuda_slice::<T>()?, kl, "key cache")?;
@@ -514,7 +514,7 @@ impl CustomOp3 for PagedAttention {
             let mut b = partial.builder();
             b.arg(&qs).arg(&kc).arg(&vc).arg(&tables).arg(&row_table).arg(&row_len);
             b.arg(&part_m).arg(&part_l).arg(&part_acc);
-            b.arg(&h_i).arg(&kvh_i).arg(&hd_i).arg(&bs_i).arg(&scale).arg(&window).arg(&parts_i);
+            b.arg(&h_i).arg(&kvh_i).arg(&hd_i).arg(&bs_i).arg(&scale).arg(&softcap).arg(&window).arg(&parts_i);
             let cfg = LaunchConfig { grid_dim: (rows as u32, heads as u32, parts as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: argument types match the kernel's signature; the tables index the caches.
             unsafe { b.launch(cfg) }.w()?;

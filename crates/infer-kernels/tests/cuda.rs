@@ -131,7 +131,9 @@ fn rope_matches_the_reference_in_both_layouts() {
 fn paged_attention_matches_the_cpu_kernel() {
     let Some(dev) = gpu() else { return };
     // A ragged batch: a long prefill chunk, two decode rows (one past several partitions), a short one.
-    for (num_heads, num_kv_heads, hd, window) in [(8, 2, 64, None), (9, 3, 80, None), (4, 4, 128, Some(37)), (2, 1, 256, None)] {
+    for (num_heads, num_kv_heads, hd, window, softcap) in
+        [(8, 2, 64, None, None), (9, 3, 80, None, None), (4, 4, 128, Some(37), None), (2, 1, 256, None, Some(0.9))]
+    {
         let block_size = 16;
         let lens = [(40usize, 300usize), (1, 700), (1, 5), (3, 3)]; // (q_len, context_len)
         let blocks_per: Vec<usize> = lens.iter().map(|&(_, c)| c.div_ceil(block_size)).collect();
@@ -156,8 +158,15 @@ fn paged_attention_matches_the_cpu_kernel() {
             seqs.push(SeqAttention { q_start, q_len, context_len, block_table: &tables[i] });
             q_start += q_len;
         }
-        let shape =
-            AttentionShape { num_heads, num_kv_heads, head_dim: hd, block_size, scale: 1.0 / (hd as f32).sqrt(), sliding_window: window };
+        let shape = AttentionShape {
+            num_heads,
+            num_kv_heads,
+            head_dim: hd,
+            block_size,
+            scale: 1.0 / (hd as f32).sqrt(),
+            sliding_window: window,
+            softcap,
+        };
         for (dt, tol) in DTYPES {
             let (qr, kr, vr) = (rounded(&q, dt), rounded(&kc, dt), rounded(&vc, dt));
             let mut want = vec![0f32; rows * num_heads * hd];
@@ -177,7 +186,8 @@ fn write_cache_matches_the_cpu_kernel() {
     let row = kvh * hd;
     let slots: Vec<usize> = vec![17, 3, 95, 40];
     let (k, v) = (rand_vec(slots.len() * row, 10), rand_vec(slots.len() * row, 11));
-    let shape = AttentionShape { num_heads: kvh, num_kv_heads: kvh, head_dim: hd, block_size, scale: 1.0, sliding_window: None };
+    let shape =
+        AttentionShape { num_heads: kvh, num_kv_heads: kvh, head_dim: hd, block_size, scale: 1.0, sliding_window: None, softcap: None };
     let (mut kw, mut vw) = (vec![0f32; blocks * block_size * row], vec![0f32; blocks * block_size * row]);
     write_kv(&k, &v, &slots, &shape, &mut kw, &mut vw);
     let kc = Tensor::zeros(blocks * block_size * row, DType::F32, &dev).unwrap();

@@ -1,8 +1,23 @@
 //! Model architectures. One config-driven decoder serves the whole Llama family; each further family
 //! gets one file here.
 
+pub mod gemma;
+mod layers;
 pub mod llama;
 mod rope;
+
+/// Builds the decoder the configuration's architecture calls for.
+pub fn load(
+    cfg: crate::config::ModelConfig,
+    w: &crate::weights::WeightSource,
+    progress: &mut dyn FnMut(usize, usize),
+) -> crate::Result<std::sync::Arc<dyn CausalLm>> {
+    Ok(if cfg.architecture.is_gemma() {
+        std::sync::Arc::new(gemma::GemmaModel::load(cfg, w, progress)?)
+    } else {
+        std::sync::Arc::new(llama::LlamaModel::load(cfg, w, progress)?)
+    })
+}
 
 use candle_core::Tensor;
 

@@ -23,6 +23,17 @@ pub struct AttentionShape {
     pub scale: f32,
     /// Sliding-window size: a query at position `p` sees keys at positions `> p - window`.
     pub sliding_window: Option<usize>,
+    /// Attention-logit soft-capping (Gemma 2): each scaled score `s` becomes `c · tanh(s / c)`.
+    pub softcap: Option<f32>,
+}
+
+/// `c · tanh(s / c)`, or `s` without a cap.
+#[inline(always)]
+fn capped(s: f32, softcap: Option<f32>) -> f32 {
+    match softcap {
+        Some(c) => c * (s / c).tanh(),
+        None => s,
+    }
 }
 
 /// One sequence of a ragged batch.
@@ -226,7 +237,7 @@ fn attend_row<E: KvElem>(
         for (i, o) in Slots::new(first, pos, table, shape) {
             let k = &k_cache[o + koff..o + koff + hd];
             for h in 0..group {
-                scores[h * n + i] = dot(&qg[h * hd..(h + 1) * hd], k) * shape.scale;
+                scores[h * n + i] = capped(dot(&qg[h * hd..(h + 1) * hd], k) * shape.scale, shape.softcap);
             }
         }
         for h in 0..group {
@@ -335,6 +346,7 @@ mod avx2 {
                     a0 = _mm256_fmadd_ps(qv[c], load8(k.add(c * 8)), a0);
                 }
                 let s = hsum(_mm256_add_ps(a0, a1));
+                let s = capped(s, shape.softcap);
                 scores[i] = s;
                 max = max.max(s);
             }
@@ -388,7 +400,11 @@ mod tests {
                             return f64::NEG_INFINITY;
                         }
                         let kv = &k[(t * sh.num_kv_heads + kvh) * hd..][..hd];
-                        qv.iter().zip(kv).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() * sh.scale as f64
+                        let s = qv.iter().zip(kv).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() * sh.scale as f64;
+                        match sh.softcap {
+                            Some(c) => c as f64 * (s / c as f64).tanh(),
+                            None => s,
+                        }
                     })
                     .collect();
                 let m = w.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -419,11 +435,12 @@ mod tests {
 
     #[test]
     fn paged_matches_dense_ragged_gqa_and_window() {
-        for (window, head_dim, isa) in [None, Some(3), Some(20)]
+        for ((window, softcap), head_dim, isa) in [(None, None), (Some(3), None), (Some(20), None), (None, Some(0.8))]
             .into_iter()
             .flat_map(|w| [8, 64, 72].into_iter().flat_map(move |hd| Isa::available().into_iter().map(move |isa| (w, hd, isa))))
         {
-            let sh = AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim, block_size: 4, scale: 0.35, sliding_window: window };
+            let sh =
+                AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim, block_size: 4, scale: 0.35, sliding_window: window, softcap };
             let kv_row = sh.num_kv_heads * sh.head_dim;
             let num_blocks = 16;
             let mut kc = vec![0.0f32; num_blocks * sh.block_size * kv_row];

@@ -1,0 +1,238 @@
+//! The Gemma 2 and Gemma 3 (text) decoders: embeddings scaled by √hidden, RMSNorm with `1 + w`
+//! weights, a norm before and after both attention and MLP, GELU(tanh)-gated MLP, queries scaled by
+//! `query_pre_attn_scalar^-1/2`, sliding-window (local) and global layers, and
+//! - Gemma 2: attention-logit and final-logit soft-capping;
+//! - Gemma 3: RMSNorm on each query and key head, a rotary base of its own for the local layers.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::layers::{paged_attention_op, RmsNorm, Step};
+use super::rope::Rotary;
+use super::{BatchInput, CausalLm};
+use crate::config::{Activation, ModelConfig};
+use crate::error::{Error, Result};
+use crate::kv_cache::PagedKvCache;
+use crate::weights::{Linear, WeightSource};
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    window: Option<usize>,
+    /// Whether the layer uses the local rotary embedding.
+    local: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_attn_norm: RmsNorm,
+    pre_ffn_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    post_ffn_norm: RmsNorm,
+}
+
+/// A Gemma 2 / Gemma 3 text decoder.
+#[derive(Debug)]
+pub struct GemmaModel {
+    cfg: ModelConfig,
+    embed: Tensor,
+    embed_scale: f64,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: Rotary,
+    local_rotary: Rotary,
+    device: Device,
+    dtype: DType,
+}
+
+/// Gemma's RMSNorm multiplies by `1 + w`. GGUF files store `1 + w` already (llama.cpp's converter
+/// adds the 1); safetensors store `w`.
+fn gemma_norm(w: &WeightSource, name: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
+    let mut n = RmsNorm::load(w, name, dim, eps)?;
+    if !w.is_gguf() {
+        n.weight = (n.weight + 1.0)?;
+    }
+    Ok(n)
+}
+
+/// The HF name, or for a GGUF file the given GGUF name.
+fn gguf_or(w: &WeightSource, hf: &str, gguf: &str) -> String {
+    if w.is_gguf() {
+        gguf.to_string()
+    } else {
+        hf.to_string()
+    }
+}
+
+impl GemmaModel {
+    /// Builds the model from `w`; `progress` is called after each layer with (done, total).
+    pub fn load(cfg: ModelConfig, w: &WeightSource, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
+        if !cfg.architecture.is_gemma() {
+            return Err(Error::Model(format!("{:?} is not a Gemma architecture", cfg.architecture)));
+        }
+        let (h, nh, nkv, hd, inter) =
+            (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
+        let eps = cfg.rms_norm_eps;
+        let total = cfg.num_hidden_layers + 2;
+        let embed = w.tensor("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        progress(1, total);
+        let bias = cfg.attention_bias;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let qk_norm = |name: &str| -> Result<Option<RmsNorm>> {
+                Ok(if cfg.qk_norm { Some(gemma_norm(w, &format!("{p}.self_attn.{name}.weight"), hd, eps)?) } else { None })
+            };
+            layers.push(Layer {
+                input_norm: gemma_norm(w, &format!("{p}.input_layernorm.weight"), h, eps)?,
+                attn: Attention {
+                    q: w.linear(&format!("{p}.self_attn.q_proj"), nh * hd, h, bias)?,
+                    k: w.linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h, bias)?,
+                    v: w.linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h, bias)?,
+                    o: w.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, bias)?,
+                    q_norm: qk_norm("q_norm")?,
+                    k_norm: qk_norm("k_norm")?,
+                    window: cfg.window_for_layer(i),
+                    local: cfg.is_local_layer(i),
+                },
+                // In GGUF these two are `post_attention_norm` and `ffn_norm` (the generic mapping
+                // gives Llama's post-attention norm, which is the pre-MLP one, the name `ffn_norm`).
+                post_attn_norm: gemma_norm(
+                    w,
+                    &gguf_or(w, &format!("{p}.post_attention_layernorm.weight"), &format!("blk.{i}.post_attention_norm.weight")),
+                    h,
+                    eps,
+                )?,
+                pre_ffn_norm: gemma_norm(
+                    w,
+                    &gguf_or(w, &format!("{p}.pre_feedforward_layernorm.weight"), &format!("blk.{i}.ffn_norm.weight")),
+                    h,
+                    eps,
+                )?,
+                gate: w.linear(&format!("{p}.mlp.gate_proj"), inter, h, false)?,
+                up: w.linear(&format!("{p}.mlp.up_proj"), inter, h, false)?,
+                down: w.linear(&format!("{p}.mlp.down_proj"), h, inter, false)?,
+                post_ffn_norm: gemma_norm(
+                    w,
+                    &gguf_or(w, &format!("{p}.post_feedforward_layernorm.weight"), &format!("blk.{i}.post_ffw_norm.weight")),
+                    h,
+                    eps,
+                )?,
+            });
+            progress(i + 2, total);
+        }
+        let norm = gemma_norm(w, "model.norm.weight", h, eps)?;
+        let lm_head = if !cfg.tie_word_embeddings && w.contains("lm_head.weight") {
+            w.linear("lm_head", cfg.vocab_size, h, false)?
+        } else {
+            w.linear("model.embed_tokens", cfg.vocab_size, h, false)?
+        };
+        progress(total, total);
+        let rotary = Rotary::new(&cfg, w.device())?;
+        let mut local_cfg = cfg.clone();
+        if let Some(theta) = cfg.local_rope_theta {
+            local_cfg.rope_theta = theta;
+            local_cfg.rope_scaling = cfg.local_rope_scaling.clone();
+        }
+        let local_rotary = Rotary::new(&local_cfg, w.device())?;
+        Ok(Self {
+            embed_scale: (h as f64).sqrt(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rotary,
+            local_rotary,
+            device: w.device().clone(),
+            dtype: w.dtype(),
+            cfg,
+        })
+    }
+
+    fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
+        let [g, u] = Linear::forward_many([&layer.gate, &layer.up], x)?;
+        let g = match self.cfg.activation {
+            Activation::GeluTanh => g.gelu()?,
+            Activation::Silu => g.silu()?,
+        };
+        layer.down.forward(&(g * u)?)
+    }
+}
+
+impl CausalLm for GemmaModel {
+    fn forward(&self, batch: &BatchInput, cache: &mut PagedKvCache) -> Result<Tensor> {
+        let n = batch.tokens.len();
+        if n == 0 {
+            return Err(Error::Model("empty batch".into()));
+        }
+        if let Some(&bad) = batch.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            return Err(Error::Model(format!("token id {bad} is outside the vocabulary (size {})", self.cfg.vocab_size)));
+        }
+        let ids = Tensor::new(batch.tokens.as_slice(), &self.device)?;
+        let positions = Tensor::new(batch.positions.as_slice(), &self.device)?;
+        let rope_global = self.rotary.prepare(&positions, &batch.positions, self.dtype)?;
+        let rope_local = self.local_rotary.prepare(&positions, &batch.positions, self.dtype)?;
+        let step = Step::new(batch, cache, &self.device)?;
+        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
+        let scale = 1.0 / self.cfg.query_pre_attn_scalar.unwrap_or(hd as f64).sqrt();
+        // The embedding scale is rounded to the activations' dtype first, as transformers does.
+        let embed_scale =
+            Tensor::new(self.embed_scale as f32, &self.device)?.to_dtype(self.dtype)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let mut x = (self.embed.index_select(&ids, 0)? * embed_scale)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let a = &layer.attn;
+            let h = layer.input_norm.forward(&x)?;
+            let [q, k, v] = Linear::forward_many([&a.q, &a.k, &a.v], &h)?;
+            let mut q = q.reshape((n, nh, hd))?;
+            let mut k = k.reshape((n, nkv, hd))?;
+            let v = v.reshape((n, nkv, hd))?;
+            if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
+                q = qn.forward(&q)?;
+                k = kn.forward(&k)?;
+            }
+            let (rotary, rope) = if a.local { (&self.local_rotary, &rope_local) } else { (&self.rotary, &rope_global) };
+            let q = rotary.apply(&q, rope)?;
+            let k = rotary.apply(&k, rope)?;
+            let mut shape = cache.shape(nh, a.window);
+            shape.scale = scale as f32;
+            shape.softcap = self.cfg.attn_softcap.map(|c| c as f32);
+            let out = paged_attention_op(i, &shape, &q, &k, &v, &step, cache)?;
+            let out = a.o.forward(&out.to_dtype(self.dtype)?)?;
+            let (x1, h) = layer.pre_ffn_norm.add_forward(&x, &layer.post_attn_norm.forward(&out)?)?;
+            let m = layer.post_ffn_norm.forward(&self.mlp(layer, &h)?)?;
+            x = (x1 + m)?;
+        }
+        if batch.logits_rows.is_empty() {
+            return Ok(Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?);
+        }
+        let rows = Tensor::new(batch.logits_rows.as_slice(), &self.device)?;
+        let x = self.norm.forward(&x.index_select(&rows, 0)?)?;
+        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        let logits = match self.cfg.final_softcap {
+            Some(c) => ((logits / c)?.tanh()? * c)?,
+            None => logits,
+        };
+        Ok(logits.contiguous()?)
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn device(&self) -> Device {
+        self.device.clone()
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+}

@@ -25,6 +25,8 @@ FIXTURES_ARCH = {
     "tiny-phi3": gguf.MODEL_ARCH.PHI3,
     "tiny-gemma2": gguf.MODEL_ARCH.GEMMA2,
     "tiny-gemma3": gguf.MODEL_ARCH.GEMMA3,
+    "tiny-mixtral": gguf.MODEL_ARCH.LLAMA,  # llama.cpp writes Mixtral as `llama` with experts
+    "tiny-qwen3-moe": gguf.MODEL_ARCH.QWEN3MOE,
 }
 GEMMA = (gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3)
 
@@ -41,6 +43,13 @@ def byte_tokens():
             n += 1
     table = dict(zip(bs, cs))
     return [chr(table[b]) for b in range(256)]
+
+
+def permute_llama(w, n_head, n_head_kv=None):
+    """llama.cpp's q/k row permutation for `llama`-arch files (interleaved rotary pairs)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def convert(name, arch):
@@ -101,9 +110,37 @@ def convert(name, arch):
     w.add_token_merges(["Ġ Ġ"])
     w.add_bos_token_id(cfg.get("bos_token_id", 1))
     w.add_eos_token_id(cfg.get("eos_token_id", 2))
+    n_experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
+    if n_experts:
+        w.add_expert_count(n_experts)
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+        if cfg.get("moe_intermediate_size"):
+            w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        # Experts are stacked into one [n_experts, rows, cols] tensor per projection.
+        kinds = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+        for layer in range(n_layers):
+            for hf_kind, kind in kinds.items():
+                keys = [k for k in tensors if k.startswith(f"model.layers.{layer}.") and f".experts.0.{hf_kind}." in k]
+                if not keys:
+                    continue
+                stem = keys[0].split(".experts.0.")[0]
+                stack = np.stack([tensors.pop(f"{stem}.experts.{e}.{hf_kind}.weight") for e in range(n_experts)])
+                w.add_tensor(f"blk.{layer}.ffn_{kind}_exps.weight", stack.astype(np.float16))
+            for router in (f"model.layers.{layer}.block_sparse_moe.gate.weight", f"model.layers.{layer}.mlp.gate.weight"):
+                if router in tensors:
+                    w.add_tensor(f"blk.{layer}.ffn_gate_inp.weight", tensors.pop(router).astype(np.float16))
+    if arch == gguf.MODEL_ARCH.LLAMA:
+        for k in list(tensors):
+            if k.endswith("self_attn.q_proj.weight"):
+                tensors[k] = permute_llama(tensors[k], cfg["num_attention_heads"])
+            elif k.endswith("self_attn.k_proj.weight"):
+                tensors[k] = permute_llama(tensors[k], cfg["num_attention_heads"], cfg["num_key_value_heads"])
     names = gguf.get_tensor_name_map(arch, n_layers)
+    # llama.cpp's qwen3moe has no dense layers; tiny-qwen3-moe's dense layer 1 takes the generic
+    # (llama) names, which infer reads for any layer without a router.
+    generic = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
     for hf_name, t in sorted(tensors.items()):
-        g = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        g = names.get_name(hf_name, try_suffixes=(".weight", ".bias")) or generic.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert g is not None, f"{name}: no GGUF name for {hf_name}"
         if arch in GEMMA and hf_name.endswith("norm.weight"):
             t = t + 1.0  # llama.cpp's converter stores Gemma's RMSNorm weights as 1 + w

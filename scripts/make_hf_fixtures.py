@@ -5,7 +5,8 @@ Run from the repository root (optionally naming the fixtures to regenerate, e.g.
     python -m venv .venv-ref && .venv-ref/bin/pip install torch transformers numpy && .venv-ref/bin/python scripts/make_hf_fixtures.py
 
 (`scripts/requirements-ref.txt` lists the packages.) Writes, for each of tiny-llama, tiny-mistral,
-tiny-qwen2, tiny-qwen3, tiny-phi3, tiny-gemma2 and tiny-gemma3, a folder `tests/fixtures/tiny-<name>/` holding:
+tiny-qwen2, tiny-qwen3, tiny-phi3, tiny-gemma2, tiny-gemma3, tiny-mixtral and tiny-qwen3-moe, a
+folder `tests/fixtures/tiny-<name>/` holding:
 
   config.json        HF config (model_type, architectures, ...). Besides the transformers-v5 style
                      `rope_parameters`, the legacy top-level `rope_theta` (and `rope_scaling` for llama)
@@ -41,8 +42,12 @@ from transformers import (
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    MixtralConfig,
+    MixtralForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
 )
@@ -223,6 +228,53 @@ MODELS = [
             pad_token_id=0,
         ),
         required={"model_type": "gemma3_text"},
+    ),
+    dict(
+        name="tiny-mixtral",
+        seed=8008,
+        config_cls=MixtralConfig,
+        model_cls=MixtralForCausalLM,
+        kwargs=dict(
+            COMMON,
+            # Four SwiGLU experts of 64, two per token.
+            intermediate_size=64,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            head_dim=16,
+            rope_theta=1000000.0,
+            sliding_window=None,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        legacy={"rope_theta": 1000000.0},
+        required={"num_local_experts": 4},
+    ),
+    dict(
+        name="tiny-qwen3-moe",
+        seed=9009,
+        config_cls=Qwen3MoeConfig,
+        model_cls=Qwen3MoeForCausalLM,
+        kwargs=dict(
+            COMMON,
+            # Layer 0: four experts of 32, two per token, weights renormalized; layer 1 dense (64).
+            intermediate_size=64,
+            moe_intermediate_size=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            mlp_only_layers=[1],
+            head_dim=16,
+            rope_theta=1000000.0,
+            use_sliding_window=False,
+            sliding_window=None,
+            max_window_layers=2,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        legacy={"rope_theta": 1000000.0},
+        required={"mlp_only_layers": [1]},
     ),
 ]
 

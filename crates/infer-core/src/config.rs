@@ -20,6 +20,10 @@ pub enum Architecture {
     Qwen3,
     /// Phi-3 / Phi-3.5 / Phi-4-mini (fused qkv and gate_up projections, LongRoPE, partial rotary).
     Phi3,
+    /// Mixtral (Llama/Mistral attention, top-k routed SwiGLU experts).
+    Mixtral,
+    /// Qwen3-MoE (Qwen3 attention, top-k routed experts).
+    Qwen3Moe,
     /// Gemma 2 (logit soft-capping, alternating sliding-window layers, pre/post norms, GELU).
     Gemma2,
     /// Gemma 3, text part (local/global layers with their own rotary bases, q/k norms).
@@ -44,7 +48,7 @@ pub enum Activation {
 impl Architecture {
     /// What `model_type` (HF) / `general.architecture` (GGUF) values are accepted, for error messages.
     pub const SUPPORTED: &'static str =
-        "llama (Llama 2/3/3.1/3.2, SmolLM2), mistral, qwen2 (Qwen2/2.5), qwen3, phi3 (Phi-3/3.5), gemma2, gemma3_text (GGUF: gemma3)";
+        "llama (Llama 2/3/3.1/3.2, SmolLM2), mistral, mixtral, qwen2 (Qwen2/2.5), qwen3, qwen3_moe (GGUF: qwen3moe), phi3 (Phi-3/3.5), gemma2, gemma3_text (GGUF: gemma3)";
 
     fn from_name(name: &str) -> Option<Self> {
         match name {
@@ -53,6 +57,8 @@ impl Architecture {
             "qwen2" => Some(Self::Qwen2),
             "qwen3" => Some(Self::Qwen3),
             "phi3" => Some(Self::Phi3),
+            "mixtral" => Some(Self::Mixtral),
+            "qwen3_moe" | "qwen3moe" => Some(Self::Qwen3Moe),
             "gemma2" => Some(Self::Gemma2),
             "gemma3_text" | "gemma3" => Some(Self::Gemma3),
             _ => None,
@@ -111,6 +117,14 @@ pub struct ModelConfig {
     pub final_softcap: Option<f64>,
     /// Queries are scaled by `query_pre_attn_scalar^-1/2` instead of `head_dim^-1/2` (Gemma).
     pub query_pre_attn_scalar: Option<f64>,
+    /// Mixture of experts: `num_experts` experts of `moe_intermediate_size` (0: dense MLPs), the
+    /// top `num_experts_per_tok` of which each token uses, with their routing weights renormalized
+    /// to sum to 1 when `norm_topk_prob`; layers in `dense_layers` keep a dense MLP.
+    pub num_experts: usize,
+    pub num_experts_per_tok: usize,
+    pub moe_intermediate_size: usize,
+    pub norm_topk_prob: bool,
+    pub dense_layers: Vec<usize>,
     /// Rotary base and scaling of the sliding-window layers when they differ (Gemma 3).
     pub local_rope_theta: Option<f64>,
     pub local_rope_scaling: Option<RopeScaling>,
@@ -241,9 +255,15 @@ impl ModelConfig {
             Some("gelu_pytorch_tanh") | Some("gelu_tanh") | Some("gelu_new") => Activation::GeluTanh,
             Some(other) => return Err(Error::bad_file(path, format!("activation `{other}` is not supported (silu, gelu_pytorch_tanh)"))),
         };
+        let num_experts = raw.num_local_experts.or(raw.num_experts).unwrap_or(0);
+        // Qwen3-MoE: layers listed in mlp_only_layers, and those off the decoder_sparse_step, are dense.
+        let step = raw.decoder_sparse_step.unwrap_or(1).max(1);
+        let dense_layers: Vec<usize> = (0..raw.num_hidden_layers)
+            .filter(|&i| raw.mlp_only_layers.as_ref().is_some_and(|l| l.contains(&i)) || (i + 1) % step != 0)
+            .collect();
         let (sliding_window, sliding_window_from_layer) = match architecture {
-            Architecture::Qwen2 | Architecture::Qwen3 if !raw.use_sliding_window.unwrap_or(false) => (None, 0),
-            Architecture::Qwen2 | Architecture::Qwen3 => (raw.sliding_window, raw.max_window_layers.unwrap_or(0)),
+            Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Qwen3Moe if !raw.use_sliding_window.unwrap_or(false) => (None, 0),
+            Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Qwen3Moe => (raw.sliding_window, raw.max_window_layers.unwrap_or(0)),
             _ => (raw.sliding_window, 0),
         };
         Self {
@@ -264,10 +284,16 @@ impl ModelConfig {
             // Gemma configs tie the head to the embeddings unless they say otherwise.
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(architecture.is_gemma()),
             attention_bias: architecture == Architecture::Qwen2 || raw.attention_bias.unwrap_or(false),
-            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Gemma3),
+            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Qwen3Moe | Architecture::Gemma3),
             sliding_window,
             sliding_window_from_layer,
             sliding_layers,
+            num_experts,
+            num_experts_per_tok: raw.num_experts_per_tok.unwrap_or(if num_experts > 0 { 2 } else { 0 }),
+            moe_intermediate_size: raw.moe_intermediate_size.unwrap_or(raw.intermediate_size),
+            // Mixtral always renormalizes the top-k weights; Qwen3-MoE says so in its config.
+            norm_topk_prob: architecture == Architecture::Mixtral || raw.norm_topk_prob.unwrap_or(false),
+            dense_layers: if num_experts > 0 { dense_layers } else { Vec::new() },
             activation,
             attn_softcap: raw.attn_logit_softcapping,
             final_softcap: raw.final_logit_softcapping,
@@ -332,6 +358,9 @@ impl ModelConfig {
             Architecture::Gemma3 => Some((0..num_hidden_layers).map(|i| (i + 1) % 6 != 0).collect()),
             _ => None,
         };
+        let num_experts = md.usize_opt(&key("expert_count"))?.unwrap_or(0);
+        // llama.cpp stores Mixtral as `llama` with experts.
+        let architecture = if architecture == Architecture::Llama && num_experts > 0 { Architecture::Mixtral } else { architecture };
         let query_pre_attn_scalar = match (architecture, num_hidden_layers) {
             (Architecture::Gemma2, 46) | (Architecture::Gemma3, 62) => Some((hidden_size / num_attention_heads.max(1)) as f64),
             _ => None,
@@ -349,12 +378,23 @@ impl ModelConfig {
             rope_theta: md.f64_opt(&key("rope.freq_base"))?.unwrap_or(10_000.0),
             rope_scaling,
             rotary_dim: md.usize_opt(&key("rope.dimension_count"))?.unwrap_or(head_dim),
-            rope_interleaved: architecture == Architecture::Llama,
+            // llama.cpp permutes q/k rows for interleaved rotary in `llama`-arch files (Mixtral too).
+            rope_interleaved: arch_name == "llama",
             max_position_embeddings,
             tie_word_embeddings: !has_output,
             attention_bias: has_qkv_bias,
-            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Gemma3),
+            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Qwen3Moe | Architecture::Gemma3),
             sliding_window: md.usize_opt(&key("attention.sliding_window"))?,
+            num_experts,
+            num_experts_per_tok: md.usize_opt(&key("expert_used_count"))?.unwrap_or(0),
+            moe_intermediate_size: match md.usize_opt(&key("expert_feed_forward_length"))? {
+                Some(n) => n,
+                None => md.usize(&key("feed_forward_length"))?,
+            },
+            // llama.cpp: Mixtral renormalizes; Qwen3-MoE files carry the flag (`expert_weights_norm`).
+            norm_topk_prob: architecture == Architecture::Mixtral
+                || md.bool_opt(&key("expert_weights_norm"))?.unwrap_or(architecture == Architecture::Qwen3Moe),
+            dense_layers: Vec::new(),
             sliding_window_from_layer: 0,
             sliding_layers,
             activation: if architecture.is_gemma() { Activation::GeluTanh } else { Activation::Silu },
@@ -467,6 +507,13 @@ struct HfConfig {
     final_logit_softcapping: Option<f64>,
     query_pre_attn_scalar: Option<f64>,
     rope_local_base_freq: Option<f64>,
+    num_local_experts: Option<usize>,
+    num_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
+    moe_intermediate_size: Option<usize>,
+    norm_topk_prob: Option<bool>,
+    mlp_only_layers: Option<Vec<usize>>,
+    decoder_sparse_step: Option<usize>,
     original_max_position_embeddings: Option<usize>,
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,

@@ -396,29 +396,55 @@ impl WeightSource {
                 return Ok(Linear::from_kernel_weight(kw, b));
             }
             Self::Safetensors { .. } => QMatMul::Tensor(self.tensor(&wname, &[out_dim, in_dim])?),
-            Self::Gguf { device, path, .. } => {
+            Self::Gguf { .. } => {
                 let q = self.qtensor(&wname)?;
                 self.check_shape(&gguf_name(&wname), q.shape().dims(), &[out_dim, in_dim])?;
-                let half = match q.dtype() {
-                    GgmlDType::F16 => Some(HalfKind::F16),
-                    GgmlDType::BF16 => Some(HalfKind::Bf16),
-                    _ => None,
-                };
-                if let (true, Some(kind), false) = (device.is_cpu(), half, use_candle_qmatmul()) {
-                    let hw = HalfWeight::new(kind, out_dim, in_dim, &q.data()?)
-                        .map_err(|e| Error::bad_file(path, format!("tensor `{wname}`: {e}")))?;
-                    return Ok(Linear { weight: LinearWeight::Half(Arc::new(hw)), bias: b });
-                }
-                if let (true, Some(qt), false) = (device.is_cpu(), kernel_qtype(q.dtype()), use_candle_qmatmul()) {
-                    let data = q.data()?.into_owned();
-                    let kw =
-                        QWeight::new(qt, out_dim, in_dim, data).map_err(|e| Error::bad_file(path, format!("tensor `{wname}`: {e}")))?;
-                    return Ok(Linear::from_kernel_weight(kw, b));
+                if self.device().is_cpu() && !use_candle_qmatmul() {
+                    return self.gguf_linear(&wname, q.dtype(), out_dim, in_dim, q.data()?.into_owned(), b);
                 }
                 QMatMul::from_arc(Arc::new(q))?
             }
         };
         Ok(Linear::new(w, b))
+    }
+
+    /// A linear layer over one GGUF weight's bytes: infer's CPU kernels where they cover the type,
+    /// else candle's quantized matmul.
+    fn gguf_linear(&self, name: &str, dtype: GgmlDType, rows: usize, cols: usize, data: Vec<u8>, b: Option<Tensor>) -> Result<Linear> {
+        let Self::Gguf { path, device, .. } = self else { unreachable!("gguf_linear on a non-GGUF source") };
+        let bad = |e: String| Error::bad_file(path, format!("tensor `{}`: {e}", gguf_name(name)));
+        if device.is_cpu() && !use_candle_qmatmul() {
+            let half = match dtype {
+                GgmlDType::F16 => Some(HalfKind::F16),
+                GgmlDType::BF16 => Some(HalfKind::Bf16),
+                _ => None,
+            };
+            if let Some(kind) = half {
+                let hw = HalfWeight::new(kind, rows, cols, &data).map_err(bad)?;
+                return Ok(Linear { weight: LinearWeight::Half(Arc::new(hw)), bias: b });
+            }
+            if let Some(qt) = kernel_qtype(dtype) {
+                return Ok(Linear::from_kernel_weight(QWeight::new(qt, rows, cols, data).map_err(bad)?, b));
+            }
+        }
+        let storage = candle_core::quantized::QStorage::from_data(std::borrow::Cow::Owned(data), device, dtype)?;
+        Ok(Linear::new(QMatMul::from_qtensor(QTensor::new(storage, (rows, cols))?)?, b))
+    }
+
+    /// The `n` experts `[n, rows, cols]` of a mixture-of-experts layer, one linear layer each: from
+    /// one stacked GGUF tensor (`gguf_name`, e.g. `blk.0.ffn_up_exps.weight`), or from the per-expert
+    /// safetensors `"{hf_prefix}.{e}.{hf_suffix}"`.
+    pub fn expert_linears(&self, gguf: &str, hf_prefix: &str, hf_suffix: &str, n: usize, rows: usize, cols: usize) -> Result<Vec<Linear>> {
+        match self {
+            Self::Safetensors { .. } => (0..n).map(|e| self.linear(&format!("{hf_prefix}.{e}.{hf_suffix}"), rows, cols, false)).collect(),
+            Self::Gguf { .. } => {
+                let q = self.qtensor(gguf)?;
+                self.check_shape(gguf, q.shape().dims(), &[n, rows, cols])?;
+                let data = q.data()?;
+                let per = data.len() / n;
+                (0..n).map(|e| self.gguf_linear(gguf, q.dtype(), rows, cols, data[e * per..(e + 1) * per].to_vec(), None)).collect()
+            }
+        }
     }
 
     /// Names of all tensors, for progress reporting.

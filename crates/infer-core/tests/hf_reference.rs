@@ -110,9 +110,10 @@ fn check_schedule(
 }
 
 /// Fixtures that also have a `model-f16.gguf`.
-const GGUF_FIXTURES: &[&str] = &["tiny-qwen3", "tiny-phi3", "tiny-gemma2", "tiny-gemma3"];
+const GGUF_FIXTURES: &[&str] = &["tiny-qwen3", "tiny-phi3", "tiny-gemma2", "tiny-gemma3", "tiny-mixtral", "tiny-qwen3-moe"];
 
-const ARCHS: [&str; 7] = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-phi3", "tiny-gemma2", "tiny-gemma3"];
+const ARCHS: [&str; 9] =
+    ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-phi3", "tiny-gemma2", "tiny-gemma3", "tiny-mixtral", "tiny-qwen3-moe"];
 
 #[test]
 fn ragged_prefill_then_batched_decode_matches_transformers() {
@@ -193,7 +194,9 @@ fn in_situ_quantized_weights_stay_close() {
     // (bf16 gives 0.21 = 3.7% on tiny-llama), bound 15%; Q4_0 (4-bit weights of random networks)
     // 36-80% (Gemma 2's final soft-cap keeps its logits small), bound 100%. Q4_K needs rows of 256
     // values: these 64-wide models keep their weights dense.
-    for name in ARCHS {
+    // Not the MoE models: quantization error can flip a near-tie in the routing (another expert),
+    // so their logits are not expected to stay close.
+    for name in ARCHS.into_iter().filter(|n| !n.contains("mixtral") && !n.contains("moe")) {
         for (q, rel) in [(infer_core::Quantize::Q8_0, 0.15), (infer_core::Quantize::Q4_0, 1.0), (infer_core::Quantize::Q4K, 0.0)] {
             let (model, exp) = load_quantized(name, DType::F32, Some(q));
             let worst = prompt1_max_diff(model.as_ref(), &exp);

@@ -1,11 +1,13 @@
-//! The Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, SmolLM2), driven by
+//! The Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Mixtral, Qwen2/2.5, Qwen3, Qwen3-MoE,
+//! Phi-3, SmolLM2), driven by
 //! [`ModelConfig`]: RMSNorm, rotary embeddings (with Llama 3 / linear scaling), grouped-query
 //! attention over the paged KV cache (optionally windowed, optionally with q/k/v biases or per-head
-//! q/k RMSNorm), SwiGLU MLP, tied or separate output head.
+//! q/k RMSNorm), SwiGLU MLP or routed SwiGLU experts (models/moe.rs), tied or separate output head.
 
 use candle_core::{DType, Device, Tensor};
 
 use super::layers::{paged_attention_op, silu_mul, RmsNorm, Step};
+use super::moe::Moe;
 use super::rope::{RopeInput, Rotary};
 use super::{BatchInput, CausalLm};
 use crate::config::ModelConfig;
@@ -67,12 +69,19 @@ struct Mlp {
     down: Linear,
 }
 
+/// A layer's feed-forward block: one MLP, or routed experts.
+#[derive(Debug, Clone)]
+enum Ffn {
+    Dense(Mlp),
+    Moe(Moe),
+}
+
 #[derive(Debug, Clone)]
 struct Layer {
     input_norm: RmsNorm,
     attn: Attention,
     post_norm: RmsNorm,
-    mlp: Mlp,
+    ffn: Ffn,
 }
 
 /// The decoder.
@@ -127,16 +136,23 @@ impl LlamaModel {
                     window: cfg.window_for_layer(i),
                 },
                 post_norm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm.weight"), h, cfg.rms_norm_eps)?,
-                mlp: Mlp {
-                    gate_up: if fused {
-                        GateUp::Fused(w.linear(&format!("{p}.mlp.gate_up_proj"), 2 * inter, h, false)?)
-                    } else {
-                        GateUp::Separate {
-                            gate: w.linear(&format!("{p}.mlp.gate_proj"), inter, h, false)?,
-                            up: w.linear(&format!("{p}.mlp.up_proj"), inter, h, false)?,
-                        }
-                    },
-                    down: w.linear(&format!("{p}.mlp.down_proj"), h, inter, false)?,
+                // GGUF files say per layer (a router tensor) which layers have experts.
+                ffn: if cfg.num_experts > 0
+                    && if w.is_gguf() { w.contains(&format!("blk.{i}.ffn_gate_inp.weight")) } else { !cfg.dense_layers.contains(&i) }
+                {
+                    Ffn::Moe(Moe::load(&cfg, w, i)?)
+                } else {
+                    Ffn::Dense(Mlp {
+                        gate_up: if fused {
+                            GateUp::Fused(w.linear(&format!("{p}.mlp.gate_up_proj"), 2 * inter, h, false)?)
+                        } else {
+                            GateUp::Separate {
+                                gate: w.linear(&format!("{p}.mlp.gate_proj"), inter, h, false)?,
+                                up: w.linear(&format!("{p}.mlp.up_proj"), inter, h, false)?,
+                            }
+                        },
+                        down: w.linear(&format!("{p}.mlp.down_proj"), h, inter, false)?,
+                    })
                 },
             });
             progress(i + 2, total);
@@ -201,7 +217,10 @@ impl CausalLm for LlamaModel {
             let a = self.attention(i, &h, &rope, &step, cache)?;
             // Residual adds fused with the norm that follows each (one kernel on CUDA).
             let (x1, h1) = layer.post_norm.add_forward(&x, &a)?;
-            let m = layer.mlp.down.forward(&layer.mlp.gate_up.silu_mul(&h1)?)?;
+            let m = match &layer.ffn {
+                Ffn::Dense(mlp) => mlp.down.forward(&mlp.gate_up.silu_mul(&h1)?)?,
+                Ffn::Moe(moe) => moe.forward(&h1)?,
+            };
             match self.layers.get(i + 1) {
                 Some(next) => (x, h) = next.input_norm.add_forward(&x1, &m)?,
                 None => x = (x1 + m)?,

@@ -4,6 +4,7 @@
 pub mod gemma;
 mod layers;
 pub mod llama;
+mod moe;
 mod rope;
 
 /// Builds the decoder the configuration's architecture calls for.

@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use infer::{ChatMessage, DTypeChoice, EngineStats, ModelBuilder, SamplingParams, Session};
 
 mod bench;
+mod eval;
 mod serve;
 
 /// mimalloc keeps freed memory for reuse: the per-step activation buffers of a forward pass are
@@ -71,6 +72,9 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Measure prompt processing (pp) and generation (tg) speed like llama-bench (-p, -n, -t, -r, -o json).
     Bench(bench::BenchArgs),
+    /// Compare models on your own data: perplexity of a text file (llama.cpp's method), side by side,
+    /// with 95% intervals, speed, peak memory and load time (--json, --csv).
+    Eval(eval::EvalArgs),
 }
 
 #[derive(Args)]
@@ -241,6 +245,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Serve(args) => {
             serve::run(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval(args) => {
+            eval::run(args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::List => {

@@ -170,3 +170,48 @@ fn bench_prints_llama_bench_records() {
     assert_clean_error(&infer(&["bench", dir.to_str().unwrap(), "-r", "0"]), &["-r"]);
     assert_clean_error(&infer(&["bench", dir.to_str().unwrap(), "-o", "xml"]), &["md or json"]);
 }
+
+#[test]
+fn eval_compares_models_by_perplexity() {
+    let Some(model) = smollm2() else { return };
+    let model = model.to_str().unwrap();
+    let text = fixtures().join("eval/python-docs.txt");
+    let dir = tmpdir("eval");
+    let (json, csv) = (dir.join("r.json"), dir.join("r.csv"));
+    let out = infer(&[
+        "eval",
+        "--model",
+        model,
+        "--model",
+        model,
+        "--data",
+        text.to_str().unwrap(),
+        "--ctx",
+        "128",
+        "--limit",
+        "3",
+        "--json",
+        json.to_str().unwrap(),
+        "--csv",
+        csv.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("| model | task | metric | value | 95% CI |"), "{stdout}");
+    let recs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let recs = recs.as_array().unwrap();
+    assert_eq!(recs.len(), 2);
+    let ppl = recs[0]["value"].as_f64().unwrap();
+    assert!(ppl > 1.0 && ppl < 1000.0, "{ppl}");
+    assert_eq!(recs[0]["value"], recs[1]["value"], "the same model twice gives the same perplexity");
+    assert_eq!(recs[0]["windows"], 3);
+    assert_eq!(std::fs::read_to_string(&csv).unwrap().lines().count(), 3);
+    // Bad input: one clear line each.
+    let jsonl = dir.join("items.jsonl");
+    std::fs::write(&jsonl, "{\"prompt\": \"hi\", \"answer\": \"x\"}\n").unwrap();
+    assert_clean_error(&infer(&["eval", "--model", model, "--data", jsonl.to_str().unwrap()]), &["JSON Lines", "not supported"]);
+    let short = dir.join("short.txt");
+    std::fs::write(&short, "too short").unwrap();
+    assert_clean_error(&infer(&["eval", "--model", model, "--data", short.to_str().unwrap()]), &["fewer than one window", "--ctx"]);
+    assert_clean_error(&infer(&["eval", "--model", model, "--data", "/nonexistent.txt"]), &["/nonexistent.txt"]);
+}

@@ -9,6 +9,7 @@ pub mod chat;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod hub;
 pub mod kv_cache;
 pub mod loader;

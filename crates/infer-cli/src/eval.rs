@@ -1,5 +1,6 @@
-//! `infer eval`: compare models on your own data, side by side. This version scores plain-text
-//! files by perplexity (llama.cpp's method); JSONL tasks are refused with a clear message.
+//! `infer eval`: compare models on your own data, side by side: perplexity of a text file
+//! (llama.cpp's method), or JSON Lines tasks — greedy generation scored by exact match / contains /
+//! regex, multiple choice scored by log-likelihood (raw and per character).
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -7,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use infer::eval::{perplexity, PerplexityOptions, PerplexityResult};
+use infer::eval::{load_jsonl, perplexity, run_choice, run_generation, wilson_95, MatchMode, PerplexityOptions, TaskItems};
 use infer::{DTypeChoice, LoadOptions};
 use serde_json::json;
 
@@ -16,12 +17,19 @@ pub struct EvalArgs {
     /// A model to evaluate (repeat for a side-by-side comparison): .gguf file, HF folder or Hub id.
     #[arg(long = "model", required = true, value_name = "MODEL")]
     pub models: Vec<String>,
-    /// The data: a plain-text file (perplexity).
+    /// The data: a plain-text file (perplexity), or JSON Lines of {"prompt" | "messages", "answer"}
+    /// (generation) or {"question", "choices", "answer"} (multiple choice).
     #[arg(long)]
     pub data: PathBuf,
-    /// Task: auto (from the file), perplexity.
+    /// Task: auto (from the file), perplexity, generation, choice.
     #[arg(long, default_value = "auto")]
     pub task: String,
+    /// Generation: how an answer is scored: exact (after trimming), contains (case-insensitive), regex.
+    #[arg(long = "match", default_value = "exact")]
+    pub match_mode: String,
+    /// Generation: most tokens per answer.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
     /// Perplexity window length in tokens.
     #[arg(long, default_value_t = 512)]
     pub ctx: usize,
@@ -49,10 +57,16 @@ pub struct EvalArgs {
     pub dtype: String,
 }
 
-/// One model's row of the comparison.
+/// One row of the comparison: a model and one metric.
 struct Row {
     model: String,
-    result: PerplexityResult,
+    task: &'static str,
+    metric: String,
+    value: f64,
+    ci: (f64, f64),
+    /// Items or tokens the metric is over.
+    n: usize,
+    tokens_per_second: f64,
     load_secs: f64,
     peak_bytes: Option<u64>,
 }
@@ -97,19 +111,31 @@ fn human_bytes(b: u64) -> String {
 
 pub fn run(args: EvalArgs) -> Result<()> {
     crate::set_threads(args.threads)?;
-    let task = match args.task.as_str() {
-        "auto" if looks_like_jsonl(&args.data)? => bail!(
-            "{} is JSON Lines: generation and multiple-choice tasks are not supported by this version of infer eval yet; \
-             give a plain-text file for perplexity",
-            args.data.display()
-        ),
-        "auto" | "perplexity" => "perplexity",
-        other => bail!("--task `{other}` is not one of auto, perplexity"),
-    };
-    let text = std::fs::read_to_string(&args.data).with_context(|| format!("cannot read {} as UTF-8 text", args.data.display()))?;
-    if text.trim().is_empty() {
-        bail!("{} is empty: perplexity needs some text", args.data.display());
+    if !args.data.is_file() {
+        bail!("{}: no such file (--data)", args.data.display());
     }
+    let task = match args.task.as_str() {
+        "auto" if looks_like_jsonl(&args.data)? => "jsonl",
+        "auto" | "perplexity" => "perplexity",
+        "generation" | "choice" => "jsonl",
+        other => bail!("--task `{other}` is not one of auto, perplexity, generation, choice"),
+    };
+    let mode: MatchMode = args.match_mode.parse()?;
+    let (text, items) = if task == "perplexity" {
+        let text = std::fs::read_to_string(&args.data).with_context(|| format!("cannot read {} as UTF-8 text", args.data.display()))?;
+        if text.trim().is_empty() {
+            bail!("{} is empty: perplexity needs some text", args.data.display());
+        }
+        (text, None)
+    } else {
+        let items = load_jsonl(&args.data, args.limit).with_context(|| format!("reading {}", args.data.display()))?;
+        match (&items, args.task.as_str()) {
+            (TaskItems::Generation(_), "choice") => bail!("{} holds generation items, not multiple choice", args.data.display()),
+            (TaskItems::MultipleChoice(_), "generation") => bail!("{} holds multiple-choice items, not generation", args.data.display()),
+            _ => {}
+        }
+        (String::new(), Some(items))
+    };
     let device = infer::parse_device(&args.device)?;
     let dtype: DTypeChoice = args.dtype.parse()?;
     let opts = PerplexityOptions { ctx: args.ctx, stride: args.stride, limit: args.limit, ..Default::default() };
@@ -121,45 +147,104 @@ pub fn run(args: EvalArgs) -> Result<()> {
             .with_context(|| format!("loading {spec}"))?;
         let load_secs = t0.elapsed().as_secs_f64();
         let bar = indicatif::ProgressBar::new(0).with_style(
-            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} windows, {per_sec}, ETA {eta}")
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len}, {per_sec}, ETA {eta}")
                 .expect("valid template")
                 .progress_chars("=> "),
         );
         bar.set_message(model.name.clone());
         let b = bar.clone();
-        let result = perplexity(&model, &text, &opts, &mut |done, total| {
+        let mut progress = move |done: usize, total: usize| {
             b.set_length(total as u64);
             b.set_position(done as u64);
-        })?;
+        };
+        let name = model.name.clone();
+        let row = |task, metric: String, value, ci, n, tps| Row {
+            model: name.clone(),
+            task,
+            metric,
+            value,
+            ci,
+            n,
+            tokens_per_second: tps,
+            load_secs,
+            peak_bytes: None,
+        };
+        let mut new_rows = match &items {
+            None => {
+                let r = perplexity(&model, &text, &opts, &mut progress)?;
+                let ci = (r.perplexity - 1.96 * r.std_error, r.perplexity + 1.96 * r.std_error);
+                vec![row("perplexity", "perplexity".into(), r.perplexity, ci, r.scored_tokens, r.tokens_per_second)]
+            }
+            Some(TaskItems::Generation(g)) => {
+                let r = run_generation(&model, g, mode, args.max_tokens, &mut progress)?;
+                let metric = format!("accuracy ({})", args.match_mode);
+                vec![row(
+                    "generation",
+                    metric,
+                    r.correct as f64 / r.total as f64,
+                    wilson_95(r.correct, r.total),
+                    r.total,
+                    r.tokens_per_second,
+                )]
+            }
+            Some(TaskItems::MultipleChoice(c)) => {
+                let r = run_choice(&model, c, &mut progress)?;
+                let norm = r.correct_norm.unwrap_or(0);
+                vec![
+                    row(
+                        "choice",
+                        "accuracy".into(),
+                        r.correct as f64 / r.total as f64,
+                        wilson_95(r.correct, r.total),
+                        r.total,
+                        r.tokens_per_second,
+                    ),
+                    row(
+                        "choice",
+                        "accuracy (per char)".into(),
+                        norm as f64 / r.total as f64,
+                        wilson_95(norm, r.total),
+                        r.total,
+                        r.tokens_per_second,
+                    ),
+                ]
+            }
+        };
         bar.finish_and_clear();
-        rows.push(Row { model: model.name.clone(), result, load_secs, peak_bytes: peak_rss() });
+        let peak = peak_rss();
+        for r in &mut new_rows {
+            r.peak_bytes = peak;
+        }
+        rows.extend(new_rows);
     }
-    print_table(task, &rows);
+    print_table(&rows);
     if let Some(path) = &args.json {
         let recs: Vec<_> = rows
             .iter()
             .map(|r| {
-                let (lo, hi) = ci95(&r.result);
                 json!({
-                    "model": r.model, "task": task, "metric": "perplexity", "value": r.result.perplexity,
-                    "std_error": r.result.std_error, "ci95": [lo, hi], "scored_tokens": r.result.scored_tokens,
-                    "windows": r.result.windows, "ctx": args.ctx, "stride": args.stride,
-                    "tokens_per_second": r.result.tokens_per_second, "peak_memory_bytes": r.peak_bytes,
-                    "load_seconds": r.load_secs,
+                    "model": r.model, "task": r.task, "metric": r.metric, "value": r.value, "ci95": [r.ci.0, r.ci.1],
+                    "n": r.n, "tokens_per_second": r.tokens_per_second, "peak_memory_bytes": r.peak_bytes,
+                    "load_seconds": r.load_secs, "ctx": args.ctx, "stride": args.stride,
                 })
             })
             .collect();
         std::fs::write(path, serde_json::to_string_pretty(&recs)? + "\n").with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.csv {
-        let mut out = String::from("model,task,metric,value,ci95_low,ci95_high,tokens_per_second,peak_memory_bytes,load_seconds\n");
+        let mut out = String::from("model,task,metric,value,ci95_low,ci95_high,n,tokens_per_second,peak_memory_bytes,load_seconds\n");
+        let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
         for r in &rows {
-            let (lo, hi) = ci95(&r.result);
-            let name = r.model.replace('"', "\"\"");
             out.push_str(&format!(
-                "\"{name}\",{task},perplexity,{},{lo},{hi},{},{},{}\n",
-                r.result.perplexity,
-                r.result.tokens_per_second,
+                "{},{},{},{},{},{},{},{},{},{}\n",
+                q(&r.model),
+                r.task,
+                q(&r.metric),
+                r.value,
+                r.ci.0,
+                r.ci.1,
+                r.n,
+                r.tokens_per_second,
                 r.peak_bytes.map(|b| b.to_string()).unwrap_or_default(),
                 r.load_secs
             ));
@@ -169,22 +254,20 @@ pub fn run(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// 95% confidence interval of the perplexity (± 1.96 standard errors).
-fn ci95(r: &PerplexityResult) -> (f64, f64) {
-    (r.perplexity - 1.96 * r.std_error, r.perplexity + 1.96 * r.std_error)
-}
-
-fn print_table(task: &str, rows: &[Row]) {
-    println!("| model | task | metric | value | 95% CI | tokens/s | peak memory | load time |");
-    println!("| --- | --- | --- | ---: | --- | ---: | ---: | ---: |");
+fn print_table(rows: &[Row]) {
+    println!("| model | task | metric | value | 95% CI | n | tokens/s | peak memory | load time |");
+    println!("| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: |");
     for r in rows {
-        let (lo, hi) = ci95(&r.result);
         println!(
-            "| {} | {task} | perplexity ({} tokens) | {:.4} | [{lo:.4}, {hi:.4}] | {:.1} | {} | {:.2} s |",
+            "| {} | {} | {} | {:.4} | [{:.4}, {:.4}] | {} | {:.1} | {} | {:.2} s |",
             r.model,
-            r.result.scored_tokens,
-            r.result.perplexity,
-            r.result.tokens_per_second,
+            r.task,
+            r.metric,
+            r.value,
+            r.ci.0,
+            r.ci.1,
+            r.n,
+            r.tokens_per_second,
             r.peak_bytes.map(human_bytes).unwrap_or_else(|| "n/a".into()),
             r.load_secs
         );

@@ -204,12 +204,37 @@ fn eval_compares_models_by_perplexity() {
     let ppl = recs[0]["value"].as_f64().unwrap();
     assert!(ppl > 1.0 && ppl < 1000.0, "{ppl}");
     assert_eq!(recs[0]["value"], recs[1]["value"], "the same model twice gives the same perplexity");
-    assert_eq!(recs[0]["windows"], 3);
+    assert_eq!(recs[0]["n"], 3 * 63, "3 windows of 128 score 63 tokens each");
     assert_eq!(std::fs::read_to_string(&csv).unwrap().lines().count(), 3);
+    // JSON Lines: generation (contains) and multiple choice, end to end.
+    let gen = fixtures().join("eval/capitals.jsonl");
+    let out = infer(&[
+        "eval",
+        "--model",
+        model,
+        "--data",
+        gen.to_str().unwrap(),
+        "--match",
+        "contains",
+        "--max-tokens",
+        "24",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let recs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!((recs[0]["task"].as_str(), recs[0]["n"].as_u64()), (Some("generation"), Some(3)));
+    assert!(recs[0]["value"].as_f64().unwrap() >= 1.0 / 3.0, "Paris at least: {recs}");
+    let mc = fixtures().join("eval/choice.jsonl");
+    let out = infer(&["eval", "--model", model, "--data", mc.to_str().unwrap(), "--json", json.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let recs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(recs.as_array().unwrap().len(), 2, "accuracy and accuracy per char");
+    assert!(recs[0]["value"].as_f64().unwrap() >= 0.5, "{recs}");
     // Bad input: one clear line each.
     let jsonl = dir.join("items.jsonl");
-    std::fs::write(&jsonl, "{\"prompt\": \"hi\", \"answer\": \"x\"}\n").unwrap();
-    assert_clean_error(&infer(&["eval", "--model", model, "--data", jsonl.to_str().unwrap()]), &["JSON Lines", "not supported"]);
+    std::fs::write(&jsonl, "{\"prompt\": \"hi\", \"answer\": \"x\"}\n{\"prompt\": 3, \"answer\": \"x\"}\n").unwrap();
+    assert_clean_error(&infer(&["eval", "--model", model, "--data", jsonl.to_str().unwrap()]), &["line 2", "prompt"]);
     let short = dir.join("short.txt");
     std::fs::write(&short, "too short").unwrap();
     assert_clean_error(&infer(&["eval", "--model", model, "--data", short.to_str().unwrap()]), &["fewer than one window", "--ctx"]);

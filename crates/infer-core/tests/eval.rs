@@ -34,3 +34,24 @@ fn perplexity_matches_llamacpp_within_one_percent() {
         assert!((r.std_error / run["std_error"].as_f64().unwrap() - 1.0).abs() < 0.05, "standard error");
     }
 }
+
+#[test]
+fn choice_loglikelihoods_equal_hand_computed_ones_from_transformers_logits() {
+    // tests/fixtures/eval/tiny-llama-choice-ll.json: scripts/make_eval_choice_refs.py sums the log-softmax
+    // of transformers' logits over each choice's tokens after the question.
+    let m = infer_core::load(common::fixture("tiny-llama").to_str().unwrap(), LoadOptions::default()).unwrap();
+    let infer_core::eval::TaskItems::MultipleChoice(items) =
+        infer_core::eval::load_jsonl(&common::fixture("eval/choice.jsonl"), None).unwrap()
+    else {
+        panic!("multiple choice")
+    };
+    let refs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(common::fixture("eval/tiny-llama-choice-ll.json")).unwrap()).unwrap();
+    let got = infer_core::eval::choice_loglikelihoods(&m, &items, &mut |_, _| {}).unwrap();
+    for (i, (g, want)) in got.iter().zip(refs["loglikelihoods"].as_array().unwrap()).enumerate() {
+        for (c, (a, b)) in g.iter().zip(want.as_array().unwrap()).enumerate() {
+            let b = b.as_f64().unwrap();
+            assert!((a - b).abs() < 1e-3, "item {i} choice {c}: {a} vs transformers {b}");
+        }
+    }
+}

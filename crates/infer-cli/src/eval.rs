@@ -46,6 +46,9 @@ pub struct EvalArgs {
     /// Write the results as CSV to FILE.
     #[arg(long, value_name = "FILE")]
     pub csv: Option<PathBuf>,
+    /// Write a self-contained HTML page with bar charts of the metric (with its interval) and the speed.
+    #[arg(long, value_name = "FILE.html")]
+    pub report: Option<PathBuf>,
     /// CPU threads (default: the cores this process may use).
     #[arg(short = 't', long)]
     pub threads: Option<usize>,
@@ -230,6 +233,23 @@ pub fn run(args: EvalArgs) -> Result<()> {
             })
             .collect();
         std::fs::write(path, serde_json::to_string_pretty(&recs)? + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.report {
+        let report: Vec<_> = rows
+            .iter()
+            .map(|r| crate::eval_report::ReportRow {
+                model: &r.model,
+                metric: &r.metric,
+                value: r.value,
+                ci: r.ci,
+                n: r.n,
+                tokens_per_second: r.tokens_per_second,
+                peak: r.peak_bytes.map(human_bytes).unwrap_or_else(|| "n/a".into()),
+                load_secs: r.load_secs,
+            })
+            .collect();
+        let title = format!("infer eval: {}", args.data.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default());
+        std::fs::write(path, crate::eval_report::html(&title, &report)).with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.csv {
         let mut out = String::from("model,task,metric,value,ci95_low,ci95_high,n,tokens_per_second,peak_memory_bytes,load_seconds\n");

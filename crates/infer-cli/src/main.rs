@@ -12,6 +12,7 @@ use infer::{ChatMessage, DTypeChoice, EngineStats, ModelBuilder, SamplingParams,
 
 mod bench;
 mod eval;
+mod eval_report;
 mod serve;
 
 /// mimalloc keeps freed memory for reuse: the per-step activation buffers of a forward pass are

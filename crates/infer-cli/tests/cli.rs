@@ -226,7 +226,21 @@ fn eval_compares_models_by_perplexity() {
     assert_eq!((recs[0]["task"].as_str(), recs[0]["n"].as_u64()), (Some("generation"), Some(3)));
     assert!(recs[0]["value"].as_f64().unwrap() >= 1.0 / 3.0, "Paris at least: {recs}");
     let mc = fixtures().join("eval/choice.jsonl");
-    let out = infer(&["eval", "--model", model, "--data", mc.to_str().unwrap(), "--json", json.to_str().unwrap()]);
+    let report = dir.join("r.html");
+    let out = infer(&[
+        "eval",
+        "--model",
+        model,
+        "--data",
+        mc.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    let html = std::fs::read_to_string(&report).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>") && html.matches("<svg").count() == 3, "two metric charts and the speed chart");
+    assert!(!html.contains("<script") && !html.contains("http://") || html.contains("http://www.w3.org/2000/svg"), "self-contained");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let recs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(recs.as_array().unwrap().len(), 2, "accuracy and accuracy per char");

@@ -8,7 +8,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use infer::eval::{load_jsonl, perplexity, run_choice, run_generation, wilson_95, MatchMode, PerplexityOptions, TaskItems};
+use infer::eval::{
+    choice_loglikelihoods, load_jsonl, perplexity, run_generation, score_choice, score_generation, wilson_95, MatchMode, PerplexityOptions,
+    TaskItems,
+};
+
+use crate::eval_cache::{item_key, model_fingerprint, EvalCache};
 use infer::{DTypeChoice, LoadOptions};
 use serde_json::json;
 
@@ -46,6 +51,9 @@ pub struct EvalArgs {
     /// Write the results as CSV to FILE.
     #[arg(long, value_name = "FILE")]
     pub csv: Option<PathBuf>,
+    /// Do not read or write the results cache (~/.cache/infer/eval, or INFER_EVAL_CACHE).
+    #[arg(long)]
+    pub no_cache: bool,
     /// Write a self-contained HTML page with bar charts of the metric (with its interval) and the speed.
     #[arg(long, value_name = "FILE.html")]
     pub report: Option<PathBuf>,
@@ -160,6 +168,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
             b.set_length(total as u64);
             b.set_position(done as u64);
         };
+        let mut cache = EvalCache::open(&model_fingerprint(spec)?, !args.no_cache)?;
+        let cached_before = cache.len();
         let name = model.name.clone();
         let row = |task, metric: String, value, ci, n, tps| Row {
             model: name.clone(),
@@ -174,45 +184,87 @@ pub fn run(args: EvalArgs) -> Result<()> {
         };
         let mut new_rows = match &items {
             None => {
-                let r = perplexity(&model, &text, &opts, &mut progress)?;
-                let ci = (r.perplexity - 1.96 * r.std_error, r.perplexity + 1.96 * r.std_error);
-                vec![row("perplexity", "perplexity".into(), r.perplexity, ci, r.scored_tokens, r.tokens_per_second)]
+                let key =
+                    item_key(&["perplexity", &text, &args.ctx.to_string(), &format!("{:?}", args.stride), &format!("{:?}", args.limit)]);
+                let (ppl, se, n, tps) = match cache.get(&key) {
+                    Some(v) => (
+                        v["perplexity"].as_f64().unwrap_or(f64::NAN),
+                        v["std_error"].as_f64().unwrap_or(f64::NAN),
+                        v["n"].as_u64().unwrap_or(0) as usize,
+                        f64::NAN,
+                    ),
+                    None => {
+                        let r = perplexity(&model, &text, &opts, &mut progress)?;
+                        cache.put(&key, json!({"perplexity": r.perplexity, "std_error": r.std_error, "n": r.scored_tokens}))?;
+                        (r.perplexity, r.std_error, r.scored_tokens, r.tokens_per_second)
+                    }
+                };
+                vec![row("perplexity", "perplexity".into(), ppl, (ppl - 1.96 * se, ppl + 1.96 * se), n, tps)]
             }
             Some(TaskItems::Generation(g)) => {
-                let r = run_generation(&model, g, mode, args.max_tokens, &mut progress)?;
+                // Answers are cached (scoring them is instant); chunks of 16 run through the engine together.
+                let keys: Vec<String> = g
+                    .iter()
+                    .map(|it| {
+                        let msgs = serde_json::to_string(&it.messages).unwrap_or_default();
+                        item_key(&["generation", &args.max_tokens.to_string(), &msgs, it.raw_prompt.as_deref().unwrap_or("")])
+                    })
+                    .collect();
+                let todo: Vec<usize> = (0..g.len()).filter(|&i| cache.get(&keys[i]).is_none()).collect();
+                let (mut done, mut tokens, mut secs) = (g.len() - todo.len(), 0.0, 0.0);
+                for chunk in todo.chunks(16) {
+                    let items: Vec<_> = chunk.iter().map(|&i| g[i].clone()).collect();
+                    let t0 = Instant::now();
+                    let r = run_generation(&model, &items, mode, args.max_tokens, &mut |_, _| {})?;
+                    let dt = t0.elapsed().as_secs_f64();
+                    tokens += r.tokens_per_second * dt;
+                    secs += dt;
+                    for (&i, out) in chunk.iter().zip(r.outputs) {
+                        cache.put(&keys[i], json!(out))?;
+                    }
+                    done += chunk.len();
+                    progress(done, g.len());
+                }
+                let outputs: Vec<String> =
+                    keys.iter().map(|k| cache.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string()).collect();
+                let correct = score_generation(g, &outputs, mode)?;
                 let metric = format!("accuracy ({})", args.match_mode);
-                vec![row(
-                    "generation",
-                    metric,
-                    r.correct as f64 / r.total as f64,
-                    wilson_95(r.correct, r.total),
-                    r.total,
-                    r.tokens_per_second,
-                )]
+                let tps = if secs > 0.0 { tokens / secs } else { f64::NAN };
+                vec![row("generation", metric, correct as f64 / g.len() as f64, wilson_95(correct, g.len()), g.len(), tps)]
             }
             Some(TaskItems::MultipleChoice(c)) => {
-                let r = run_choice(&model, c, &mut progress)?;
-                let norm = r.correct_norm.unwrap_or(0);
+                let keys: Vec<String> = c.iter().map(|it| item_key(&["choice", &it.question, &it.choices.join("\u{1f}")])).collect();
+                let todo: Vec<usize> = (0..c.len()).filter(|&i| cache.get(&keys[i]).is_none()).collect();
+                let (mut done, mut tokens, mut secs) = (c.len() - todo.len(), 0usize, 0.0);
+                for chunk in todo.chunks(32) {
+                    let items: Vec<_> = chunk.iter().map(|&i| c[i].clone()).collect();
+                    let t0 = Instant::now();
+                    let lls = choice_loglikelihoods(&model, &items, &mut |_, _| {})?;
+                    secs += t0.elapsed().as_secs_f64();
+                    for it in &items {
+                        for ch in &it.choices {
+                            tokens += model.tokenizer.encode(&format!("{} {ch}", it.question), true).map(|t| t.len()).unwrap_or(0);
+                        }
+                    }
+                    for (&i, ll) in chunk.iter().zip(lls) {
+                        cache.put(&keys[i], json!(ll))?;
+                    }
+                    done += chunk.len();
+                    progress(done, c.len());
+                }
+                let lls: Vec<Vec<f64>> =
+                    keys.iter().map(|k| cache.get(k).and_then(|v| serde_json::from_value(v.clone()).ok()).unwrap_or_default()).collect();
+                let (correct, norm, _) = score_choice(c, &lls);
+                let tps = if secs > 0.0 { tokens as f64 / secs } else { f64::NAN };
                 vec![
-                    row(
-                        "choice",
-                        "accuracy".into(),
-                        r.correct as f64 / r.total as f64,
-                        wilson_95(r.correct, r.total),
-                        r.total,
-                        r.tokens_per_second,
-                    ),
-                    row(
-                        "choice",
-                        "accuracy (per char)".into(),
-                        norm as f64 / r.total as f64,
-                        wilson_95(norm, r.total),
-                        r.total,
-                        r.tokens_per_second,
-                    ),
+                    row("choice", "accuracy".into(), correct as f64 / c.len() as f64, wilson_95(correct, c.len()), c.len(), tps),
+                    row("choice", "accuracy (per char)".into(), norm as f64 / c.len() as f64, wilson_95(norm, c.len()), c.len(), tps),
                 ]
             }
         };
+        if cached_before > 0 && !args.no_cache {
+            eprintln!("{}: {cached_before} cached results available", model.name);
+        }
         bar.finish_and_clear();
         let peak = peak_rss();
         for r in &mut new_rows {
@@ -279,7 +331,7 @@ fn print_table(rows: &[Row]) {
     println!("| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: |");
     for r in rows {
         println!(
-            "| {} | {} | {} | {:.4} | [{:.4}, {:.4}] | {} | {:.1} | {} | {:.2} s |",
+            "| {} | {} | {} | {:.4} | [{:.4}, {:.4}] | {} | {} | {} | {:.2} s |",
             r.model,
             r.task,
             r.metric,
@@ -287,7 +339,7 @@ fn print_table(rows: &[Row]) {
             r.ci.0,
             r.ci.1,
             r.n,
-            r.tokens_per_second,
+            if r.tokens_per_second.is_nan() { "cached".to_string() } else { format!("{:.1}", r.tokens_per_second) },
             r.peak_bytes.map(human_bytes).unwrap_or_else(|| "n/a".into()),
             r.load_secs
         );

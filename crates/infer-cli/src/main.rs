@@ -12,6 +12,7 @@ use infer::{ChatMessage, DTypeChoice, EngineStats, ModelBuilder, SamplingParams,
 
 mod bench;
 mod eval;
+mod eval_cache;
 mod eval_report;
 mod serve;
 

@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn infer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_infer")).args(args).env("HF_HUB_OFFLINE", "1").output().unwrap()
+    // A fresh eval cache per test process: cached results from an earlier build must not answer.
+    let cache = std::env::temp_dir().join(format!("infer-cli-{}-eval-cache", std::process::id()));
+    Command::new(env!("CARGO_BIN_EXE_infer")).args(args).env("HF_HUB_OFFLINE", "1").env("INFER_EVAL_CACHE", cache).output().unwrap()
 }
 
 fn fixtures() -> PathBuf {
@@ -245,6 +247,27 @@ fn eval_compares_models_by_perplexity() {
     let recs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(recs.as_array().unwrap().len(), 2, "accuracy and accuracy per char");
     assert!(recs[0]["value"].as_f64().unwrap() >= 0.5, "{recs}");
+    // Results are cached per (model, item): a rerun reuses them; an interrupted run (cache file cut
+    // after its first line) recomputes only the rest, with the same result.
+    let cache = dir.join("cache");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["eval", "--model", model, "--data", mc.to_str().unwrap(), "--json", json.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = Command::new(env!("CARGO_BIN_EXE_infer")).args(&args).env("INFER_EVAL_CACHE", &cache).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let recs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        (recs[0]["value"].as_f64().unwrap(), recs[0]["tokens_per_second"].is_null(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (first, _, _) = run(&[]);
+    let (again, all_cached, stderr) = run(&[]);
+    assert!(all_cached && stderr.contains("4 cached results"), "{stderr}");
+    assert_eq!(first, again);
+    let file = std::fs::read_dir(&cache).unwrap().flatten().next().unwrap().path();
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, format!("{}\n{{\"key\": \"cut", text.lines().next().unwrap())).unwrap();
+    let (resumed, partly_cached, _) = run(&[]);
+    assert!(!partly_cached, "three items ran again");
+    assert_eq!(resumed, first);
     // Bad input: one clear line each.
     let jsonl = dir.join("items.jsonl");
     std::fs::write(&jsonl, "{\"prompt\": \"hi\", \"answer\": \"x\"}\n{\"prompt\": 3, \"answer\": \"x\"}\n").unwrap();

@@ -182,6 +182,22 @@ fn matches(output: &str, answer: &str, mode: MatchMode, re: Option<&regex::Regex
     }
 }
 
+/// How many `outputs` answer their items under `mode`.
+pub fn score_generation(items: &[GenerationItem], outputs: &[String], mode: MatchMode) -> Result<usize> {
+    let mut correct = 0;
+    for (i, (it, out)) in items.iter().zip(outputs).enumerate() {
+        let re = match mode {
+            MatchMode::Regex => Some(
+                regex::Regex::new(&it.answer)
+                    .map_err(|e| Error::param("data", format!("item {}: `answer` is not a valid regex: {e}", i + 1)))?,
+            ),
+            _ => None,
+        };
+        correct += usize::from(matches(out, &it.answer, mode, re.as_ref()));
+    }
+    Ok(correct)
+}
+
 /// Greedy answers to every item through the batched engine (at most `max_tokens` each), scored.
 pub fn run_generation(
     m: &LoadedModel,
@@ -190,7 +206,8 @@ pub fn run_generation(
     max_tokens: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<TaskResult> {
-    let regexes: Vec<Option<regex::Regex>> = items
+    // Check the patterns before generating anything.
+    let _patterns: Vec<Option<regex::Regex>> = items
         .iter()
         .enumerate()
         .map(|(i, it)| match mode {
@@ -231,7 +248,7 @@ pub fn run_generation(
             }
         }
     }
-    let correct = items.iter().zip(&outputs).zip(&regexes).filter(|((it, out), re)| matches(out, &it.answer, mode, re.as_ref())).count();
+    let correct = score_generation(items, &outputs, mode)?;
     Ok(TaskResult {
         correct,
         correct_norm: None,
@@ -342,23 +359,36 @@ fn score_choices(
     Ok((pairs, lls))
 }
 
-/// Scores every choice of every item by its log-likelihood after the question.
-pub fn run_choice(m: &LoadedModel, items: &[ChoiceItem], progress: &mut dyn FnMut(usize, usize)) -> Result<TaskResult> {
-    let t0 = Instant::now();
-    let (pairs, lls) = score_choices(m, items, progress)?;
-    let tokens: usize = pairs.iter().map(|(a, b)| a.len() + b.len()).sum();
-    let (mut correct, mut correct_norm, mut k) = (0, 0, 0);
-    let mut outputs = Vec::new();
-    for it in items {
-        let ll = &lls[k..k + it.choices.len()];
-        k += it.choices.len();
+/// Right answers by the raw log-likelihood and by the log-likelihood per character, and the raw
+/// pick of each item, from the choices' log-likelihoods (`[item][choice]`).
+pub fn score_choice(items: &[ChoiceItem], lls: &[Vec<f64>]) -> (usize, usize, Vec<String>) {
+    let (mut correct, mut correct_norm) = (0, 0);
+    let mut picks = Vec::new();
+    for (it, ll) in items.iter().zip(lls) {
         let best = |score: &dyn Fn(usize) -> f64| (0..ll.len()).max_by(|&a, &b| score(a).total_cmp(&score(b))).unwrap_or(0);
         let raw = best(&|c| ll[c]);
         let norm = best(&|c| ll[c] / (it.choices[c].chars().count().max(1) as f64));
         correct += usize::from(raw == it.answer);
         correct_norm += usize::from(norm == it.answer);
-        outputs.push(raw.to_string());
+        picks.push(raw.to_string());
     }
+    (correct, correct_norm, picks)
+}
+
+/// Scores every choice of every item by its log-likelihood after the question.
+pub fn run_choice(m: &LoadedModel, items: &[ChoiceItem], progress: &mut dyn FnMut(usize, usize)) -> Result<TaskResult> {
+    let t0 = Instant::now();
+    let (pairs, lls) = score_choices(m, items, progress)?;
+    let tokens: usize = pairs.iter().map(|(a, b)| a.len() + b.len()).sum();
+    let mut k = 0;
+    let per_item: Vec<Vec<f64>> = items
+        .iter()
+        .map(|it| {
+            k += it.choices.len();
+            lls[k - it.choices.len()..k].to_vec()
+        })
+        .collect();
+    let (correct, correct_norm, outputs) = score_choice(items, &per_item);
     Ok(TaskResult {
         correct,
         correct_norm: Some(correct_norm),

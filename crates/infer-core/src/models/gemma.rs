@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::layers::{paged_attention_op, RmsNorm, Step};
+use super::layers::{batch_tensors, paged_attention_op, wanted_rows, RmsNorm, Step};
 use super::rope::Rotary;
 use super::{BatchInput, CausalLm};
 use crate::config::{Activation, ModelConfig};
@@ -170,15 +170,8 @@ impl GemmaModel {
 
 impl CausalLm for GemmaModel {
     fn forward(&self, batch: &BatchInput, cache: &mut PagedKvCache) -> Result<Tensor> {
+        let (ids, positions) = batch_tensors(batch, self.cfg.vocab_size, &self.device)?;
         let n = batch.tokens.len();
-        if n == 0 {
-            return Err(Error::Model("empty batch".into()));
-        }
-        if let Some(&bad) = batch.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            return Err(Error::Model(format!("token id {bad} is outside the vocabulary (size {})", self.cfg.vocab_size)));
-        }
-        let ids = Tensor::new(batch.tokens.as_slice(), &self.device)?;
-        let positions = Tensor::new(batch.positions.as_slice(), &self.device)?;
         let rope_global = self.rotary.prepare(&positions, &batch.positions, self.dtype)?;
         let rope_local = self.local_rotary.prepare(&positions, &batch.positions, self.dtype)?;
         let step = Step::new(batch, cache, &self.device)?;
@@ -211,11 +204,10 @@ impl CausalLm for GemmaModel {
             let m = layer.post_ffn_norm.forward(&self.mlp(layer, &h)?)?;
             x = (x1 + m)?;
         }
-        if batch.logits_rows.is_empty() {
+        let Some(x) = wanted_rows(&x, batch)? else {
             return Ok(Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?);
-        }
-        let rows = Tensor::new(batch.logits_rows.as_slice(), &self.device)?;
-        let x = self.norm.forward(&x.index_select(&rows, 0)?)?;
+        };
+        let x = self.norm.forward(&x)?;
         let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         let logits = match self.cfg.final_softcap {
             Some(c) => ((logits / c)?.tanh()? * c)?,

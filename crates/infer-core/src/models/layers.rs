@@ -50,6 +50,27 @@ pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok((gate.silu()? * up)?)
 }
 
+/// The batch's token ids and positions on `device`, after checking the ids against the vocabulary.
+pub(crate) fn batch_tensors(batch: &BatchInput, vocab_size: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    if batch.tokens.is_empty() {
+        return Err(Error::Model("empty batch".into()));
+    }
+    if let Some(&bad) = batch.tokens.iter().find(|&&t| t as usize >= vocab_size) {
+        return Err(Error::Model(format!("token id {bad} is outside the vocabulary (size {vocab_size})")));
+    }
+    Ok((Tensor::new(batch.tokens.as_slice(), device)?, Tensor::new(batch.positions.as_slice(), device)?))
+}
+
+/// The rows of `x` whose logits the batch wants, or `None` when it wants none (prefill chunks that
+/// do not reach their sequence's end).
+pub(crate) fn wanted_rows(x: &Tensor, batch: &BatchInput) -> Result<Option<Tensor>> {
+    if batch.logits_rows.is_empty() {
+        return Ok(None);
+    }
+    let rows = Tensor::new(batch.logits_rows.as_slice(), x.device())?;
+    Ok(Some(x.index_select(&rows, 0)?))
+}
+
 /// What every layer of one forward pass shares.
 pub(crate) struct Step<'a> {
     pub(crate) batch: &'a BatchInput,

@@ -6,12 +6,12 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::layers::{paged_attention_op, silu_mul, RmsNorm, Step};
+use super::layers::{batch_tensors, paged_attention_op, silu_mul, wanted_rows, RmsNorm, Step};
 use super::moe::Moe;
 use super::rope::{RopeInput, Rotary};
 use super::{BatchInput, CausalLm};
 use crate::config::ModelConfig;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::kv_cache::PagedKvCache;
 use crate::weights::{Linear, WeightSource};
 
@@ -197,15 +197,7 @@ impl LlamaModel {
 
 impl CausalLm for LlamaModel {
     fn forward(&self, batch: &BatchInput, cache: &mut PagedKvCache) -> Result<Tensor> {
-        let n = batch.tokens.len();
-        if n == 0 {
-            return Err(Error::Model("empty batch".into()));
-        }
-        if let Some(&bad) = batch.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            return Err(Error::Model(format!("token id {bad} is outside the vocabulary (size {})", self.cfg.vocab_size)));
-        }
-        let ids = Tensor::new(batch.tokens.as_slice(), &self.device)?;
-        let positions = Tensor::new(batch.positions.as_slice(), &self.device)?;
+        let (ids, positions) = batch_tensors(batch, self.cfg.vocab_size, &self.device)?;
         let rope = self.rotary.prepare(&positions, &batch.positions, self.dtype)?;
         let step = Step::new(batch, cache, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
@@ -226,12 +218,9 @@ impl CausalLm for LlamaModel {
                 None => x = (x1 + m)?,
             }
         }
-        if batch.logits_rows.is_empty() {
-            // Only prefill chunks that do not reach their sequence's end: no logits wanted.
+        let Some(x) = wanted_rows(&x, batch)? else {
             return Ok(Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?);
-        }
-        let rows = Tensor::new(batch.logits_rows.as_slice(), &self.device)?;
-        let x = x.index_select(&rows, 0)?;
+        };
         let x = self.norm.forward(&x)?;
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?.contiguous()?)
     }

@@ -23,14 +23,9 @@ def llama(model, threads, extra_bufts):
     from llama_cpp import Llama
 
     if not extra_bufts:
-        default = llama_cpp.llama_cpp.llama_model_default_params
+        from llamacpp_bufts import disable_extra_bufts
 
-        def params():
-            p = default()
-            p.use_extra_bufts = False
-            return p
-
-        llama_cpp.llama_cpp.llama_model_default_params = params
+        disable_extra_bufts()
     return Llama(model_path=model, n_ctx=4096, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
                  verbose=False), llama_cpp.__version__
 

@@ -12,26 +12,12 @@ import sys
 
 import numpy as np
 import llama_cpp
-import llama_cpp.llama_cpp as lib
+
+from llamacpp_bufts import disable_extra_bufts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = os.path.join(ROOT, "tests", "fixtures", "eval", "python-docs.txt")
 OUT = os.path.join(ROOT, "tests", "fixtures", "eval", "smollm2-ppl-llamacpp.json")
-
-# Its AMX repack path crashes in this build (see make_llamacpp_refs.py): plain CPU buffers.
-_default = lib.llama_model_default_params
-
-
-def _params():
-    p = _default()
-    p.use_extra_bufts = False
-    return p
-
-
-lib.llama_model_default_params = _params
-import llama_cpp.llama as _ll  # noqa: E402
-
-_ll.llama_cpp.llama_model_default_params = _params
 
 
 def ppl(llm, tokens, ctx, stride):
@@ -64,6 +50,7 @@ def ppl(llm, tokens, ctx, stride):
 def main():
     model = sys.argv[1] if len(sys.argv) > 1 else os.path.expanduser("~/.cache/infer/models/SmolLM2-135M-Instruct.Q4_1.gguf")
     text = open(TEXT, encoding="utf-8").read()
+    disable_extra_bufts()
     llm = llama_cpp.Llama(model_path=model, n_ctx=256, n_batch=256, logits_all=True, n_threads=2, verbose=False)
     tokens = llm.tokenize(text.encode(), add_bos=True, special=False)
     runs = [ppl(llm, tokens, 256, None), ppl(llm, tokens, 256, 128)]

@@ -28,7 +28,7 @@ import sys
 
 import numpy as np
 import llama_cpp
-import llama_cpp.llama_cpp as llama_cpp_lib
+from llamacpp_bufts import disable_extra_bufts
 from llama_cpp import Llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,16 +128,7 @@ def main():
     model = args.model or default_model_path()
 
     if not args.extra_bufts:
-        # Llama() takes its model parameters from llama_model_default_params() and has no
-        # argument for use_extra_bufts, so switch it off there.
-        default_params = llama_cpp_lib.llama_model_default_params
-
-        def model_params_without_extra_bufts():
-            p = default_params()
-            p.use_extra_bufts = False
-            return p
-
-        llama_cpp_lib.llama_model_default_params = model_params_without_extra_bufts
+        disable_extra_bufts()
 
     llm = Llama(model_path=model, n_ctx=2048, logits_all=True, n_threads=2, seed=0,
                 verbose=False)

@@ -37,6 +37,10 @@ pub enum QType {
     /// value = d·sc·q5 − dmin·m (q5 = 4 low bits + 1 high bit). Repacked exactly into the 5-bit
     /// form with per-sub-block f32 scale and minimum.
     Q5K,
+    /// K-quant super-blocks of 256: `hmask: [u8; 32], qs: [u8; 64], scales: [u8; 12], d: f16`;
+    /// value = d·(sc − 32)·q3 with q3 = 2 low bits − (4 unless the high bit is set) and a 6-bit
+    /// scale per 16 values. Repacked exactly into 8-bit form with two scales per 32-value block.
+    Q3K,
     /// K-quant super-blocks of 256: `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16`;
     /// value = d·sc·(q6 − 32) with one scale per 16 values. Repacked exactly into 8-bit form with
     /// two scales per 32-value block.
@@ -52,6 +56,7 @@ impl QType {
             QType::Q8_0 => 34,
             QType::Q5_0 => 22,
             QType::Q5_1 => 24,
+            QType::Q3K => 110,
             QType::Q4K => 144,
             QType::Q5K => 176,
             QType::Q6K => 210,
@@ -60,7 +65,7 @@ impl QType {
 
     /// Whether the repacked form holds one signed byte per value (else two 4-bit values per byte).
     fn byte_quants(self) -> bool {
-        matches!(self, QType::Q8_0 | QType::Q6K)
+        matches!(self, QType::Q8_0 | QType::Q3K | QType::Q6K)
     }
 
     /// Whether the repacked form holds 4-bit values plus a plane of fifth bits (values 0..32).
@@ -71,13 +76,13 @@ impl QType {
     /// Whether each 32-value block has two scales (one per 16 values, kept where the minimums
     /// would be; such formats have no minimum).
     fn half_scales(self) -> bool {
-        self == QType::Q6K
+        matches!(self, QType::Q3K | QType::Q6K)
     }
 
     /// Values per block: 32, or 256 for K-quants.
     pub fn block_values(self) -> usize {
         match self {
-            QType::Q4K | QType::Q5K | QType::Q6K => 256,
+            QType::Q3K | QType::Q4K | QType::Q5K | QType::Q6K => 256,
             _ => QK,
         }
     }
@@ -203,7 +208,7 @@ impl QType {
         match self {
             QType::Q4_0 | QType::Q4_1 | QType::Q4K => 16,
             QType::Q5_0 | QType::Q5_1 | QType::Q5K => 20,
-            QType::Q8_0 | QType::Q6K => 32,
+            QType::Q8_0 | QType::Q3K | QType::Q6K => 32,
         }
     }
 }
@@ -234,6 +239,8 @@ impl QWeight {
                     unpack_q4k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
                 } else if qtype == QType::Q5K {
                     unpack_q5k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
+                } else if qtype == QType::Q3K {
+                    unpack_q3k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
                 } else if qtype == QType::Q6K {
                     unpack_q6k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
                 } else {
@@ -408,6 +415,28 @@ fn unpack_q5k_sub_block(blk: &[u8], j: usize, dst: &mut [u8]) -> (f32, f32) {
     }
     dst[16..20].copy_from_slice(&high.to_le_bytes());
     (d * s as f32, -dmin * m as f32)
+}
+
+/// Sub-block `b` (0..8) of a Q3_K super-block: writes its 32 values as signed bytes (−4..=3) and
+/// returns the scales of its two halves (values 0..16 and 16..32).
+fn unpack_q3k_sub_block(blk: &[u8], b: usize, dst: &mut [u8]) -> (f32, f32) {
+    let (hmask, qs, sc) = (&blk[0..32], &blk[32..96], &blk[96..108]);
+    let d = f16_at(blk, 108);
+    // 16 six-bit scales: low 4 bits from bytes 0..8 (low nibble for 0..8, high for 8..16), high
+    // 2 bits from bytes 8..12.
+    let scale = |i: usize| -> f32 {
+        let low = if i < 8 { sc[i] & 0x0F } else { sc[i - 8] >> 4 };
+        let high = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
+        ((low | (high << 4)) as i32 - 32) as f32
+    };
+    let (n, j) = (b / 4, b % 4);
+    let q = &qs[32 * n..32 * n + 32];
+    let bit = 1u8 << (4 * n + j);
+    for (l, out) in dst.iter_mut().enumerate() {
+        let low = ((q[l] >> (2 * j)) & 3) as i8;
+        *out = (low - if hmask[l] & bit != 0 { 0 } else { 4 }) as u8;
+    }
+    (d * scale(2 * b), d * scale(2 * b + 1))
 }
 
 /// Sub-block `j` (0..8) of a Q6_K super-block: writes its 32 values as signed bytes (q6 − 32) and
@@ -779,6 +808,7 @@ mod tests {
                 (GgmlDType::Q4K, QType::Q4K),
                 (GgmlDType::Q5K, QType::Q5K),
                 (GgmlDType::Q6K, QType::Q6K),
+                (GgmlDType::Q3K, QType::Q3K),
                 (GgmlDType::Q5_0, QType::Q5_0),
                 (GgmlDType::Q5_1, QType::Q5_1),
             ]

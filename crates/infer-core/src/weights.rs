@@ -66,6 +66,7 @@ fn kernel_qtype(t: GgmlDType) -> Option<QType> {
         GgmlDType::Q4_0 => Some(QType::Q4_0),
         GgmlDType::Q4_1 => Some(QType::Q4_1),
         GgmlDType::Q8_0 => Some(QType::Q8_0),
+        GgmlDType::Q2K => Some(QType::Q2K),
         GgmlDType::Q3K => Some(QType::Q3K),
         GgmlDType::Q4K => Some(QType::Q4K),
         GgmlDType::Q5K => Some(QType::Q5K),

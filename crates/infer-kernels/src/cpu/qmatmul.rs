@@ -37,6 +37,10 @@ pub enum QType {
     /// value = d·sc·q5 − dmin·m (q5 = 4 low bits + 1 high bit). Repacked exactly into the 5-bit
     /// form with per-sub-block f32 scale and minimum.
     Q5K,
+    /// K-quant super-blocks of 256: `scales: [u8; 16]` (4-bit scale and minimum per 16 values),
+    /// `qs: [u8; 64]` (2-bit values), `d, dmin: f16`; value = d·sc·q2 − dmin·m. Repacked exactly into
+    /// 8-bit form with two scales and two minimums per 32-value block.
+    Q2K,
     /// K-quant super-blocks of 256: `hmask: [u8; 32], qs: [u8; 64], scales: [u8; 12], d: f16`;
     /// value = d·(sc − 32)·q3 with q3 = 2 low bits − (4 unless the high bit is set) and a 6-bit
     /// scale per 16 values. Repacked exactly into 8-bit form with two scales per 32-value block.
@@ -56,6 +60,7 @@ impl QType {
             QType::Q8_0 => 34,
             QType::Q5_0 => 22,
             QType::Q5_1 => 24,
+            QType::Q2K => 84,
             QType::Q3K => 110,
             QType::Q4K => 144,
             QType::Q5K => 176,
@@ -65,7 +70,17 @@ impl QType {
 
     /// Whether the repacked form holds one signed byte per value (else two 4-bit values per byte).
     fn byte_quants(self) -> bool {
-        matches!(self, QType::Q8_0 | QType::Q3K | QType::Q6K)
+        matches!(self, QType::Q8_0 | QType::Q2K | QType::Q3K | QType::Q6K)
+    }
+
+    /// f32 numbers kept per row and 32-value block: a scale and a minimum, two scales (per 16
+    /// values), or two scales and two minimums (Q2_K).
+    fn scale_slots(self) -> usize {
+        if self == QType::Q2K {
+            4
+        } else {
+            2
+        }
     }
 
     /// Whether the repacked form holds 4-bit values plus a plane of fifth bits (values 0..32).
@@ -76,13 +91,13 @@ impl QType {
     /// Whether each 32-value block has two scales (one per 16 values, kept where the minimums
     /// would be; such formats have no minimum).
     fn half_scales(self) -> bool {
-        matches!(self, QType::Q3K | QType::Q6K)
+        matches!(self, QType::Q2K | QType::Q3K | QType::Q6K)
     }
 
     /// Values per block: 32, or 256 for K-quants.
     pub fn block_values(self) -> usize {
         match self {
-            QType::Q3K | QType::Q4K | QType::Q5K | QType::Q6K => 256,
+            QType::Q2K | QType::Q3K | QType::Q4K | QType::Q5K | QType::Q6K => 256,
             _ => QK,
         }
     }
@@ -132,6 +147,8 @@ pub struct BlockQ8 {
     pub qs: [i8; QK],
     pub d: f32,
     pub s: f32,
+    /// `d · Σ qs[0..16]` (for formats with a minimum per 16 values).
+    pub s0: f32,
 }
 
 /// Quantizes `x` (length a multiple of 32) to 8-bit blocks, appending to `out`.
@@ -152,8 +169,9 @@ fn quantize_block(chunk: &[f32]) -> BlockQ8 {
     for (q, &v) in qs.iter_mut().zip(chunk) {
         *q = ((v * id + MAGIC) - MAGIC) as i8;
     }
-    let isum: i32 = qs.iter().map(|&q| q as i32).sum();
-    BlockQ8 { qs, d, s: d * isum as f32 }
+    let half: i32 = qs[..16].iter().map(|&q| q as i32).sum();
+    let isum: i32 = half + qs[16..].iter().map(|&q| q as i32).sum::<i32>();
+    BlockQ8 { qs, d, s: d * isum as f32, s0: d * half as f32 }
 }
 
 /// Shares the output matrix between the tasks of one matmul; each task writes only its own rows.
@@ -183,7 +201,8 @@ pub struct QWeight {
     qtype: QType,
     rows: usize,
     cols: usize,
-    /// Per (group, block): `d[4]` then `m[4]` (Q4_0: `m = -8·d`; Q8_0: 0).
+    /// Per (group, block): `d[4]` then `m[4]` (Q4_0: `m = -8·d`; Q8_0: 0; Q3_K/Q6_K: the second
+    /// half-block scales), and for Q2_K then the two half-block minimums `m0[4]`, `m1[4]`.
     scales: Vec<f32>,
     /// Per (group, block): four rows × `quant_bytes()`.
     qs: Vec<u8>,
@@ -208,7 +227,7 @@ impl QType {
         match self {
             QType::Q4_0 | QType::Q4_1 | QType::Q4K => 16,
             QType::Q5_0 | QType::Q5_1 | QType::Q5K => 20,
-            QType::Q8_0 | QType::Q3K | QType::Q6K => 32,
+            QType::Q8_0 | QType::Q2K | QType::Q3K | QType::Q6K => 32,
         }
     }
 }
@@ -228,47 +247,54 @@ impl QWeight {
         let nb = cols / QK;
         let groups = rows.div_ceil(NR);
         let qb = qtype.quant_bytes();
-        let mut scales = vec![0f32; groups * nb * 2 * NR];
+        let slots = qtype.scale_slots();
+        let mut scales = vec![0f32; groups * nb * slots * NR];
         let mut qs = vec![0u8; groups * nb * NR * qb];
         for row in 0..rows {
             let (g, r) = (row / NR, row % NR);
             for b in 0..nb {
                 let gb = g * nb + b;
                 let dst = &mut qs[(gb * NR + r) * qb..(gb * NR + r + 1) * qb];
-                let (d, m) = if qtype == QType::Q4K {
-                    unpack_q4k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
-                } else if qtype == QType::Q5K {
-                    unpack_q5k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
-                } else if qtype == QType::Q3K {
-                    unpack_q3k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
-                } else if qtype == QType::Q6K {
-                    unpack_q6k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
+                let vals: [f32; 4] = if qtype == QType::Q2K {
+                    unpack_q2k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
                 } else {
-                    let blk = &data[(row * nb + b) * bb..(row * nb + b + 1) * bb];
-                    let d = f16_at(blk, 0);
-                    match qtype {
-                        QType::Q5_0 | QType::Q5_1 => {
-                            // GGUF's layout is already the 5-bit form: nibbles (value i low, i + 16
-                            // high) and bit j of qh the fifth bit of value j.
-                            let off = if qtype == QType::Q5_0 { 2 } else { 4 };
-                            dst[..16].copy_from_slice(&blk[off + 4..off + 20]);
-                            dst[16..20].copy_from_slice(&blk[off..off + 4]);
-                            let m = if qtype == QType::Q5_0 { -16.0 * d } else { f16_at(blk, 2) };
-                            (d, m)
+                    let (d, m) = if qtype == QType::Q4K {
+                        unpack_q4k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
+                    } else if qtype == QType::Q5K {
+                        unpack_q5k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
+                    } else if qtype == QType::Q3K {
+                        unpack_q3k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
+                    } else if qtype == QType::Q6K {
+                        unpack_q6k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
+                    } else {
+                        let blk = &data[(row * nb + b) * bb..(row * nb + b + 1) * bb];
+                        let d = f16_at(blk, 0);
+                        match qtype {
+                            QType::Q5_0 | QType::Q5_1 => {
+                                // GGUF's layout is already the 5-bit form: nibbles (value i low, i + 16
+                                // high) and bit j of qh the fifth bit of value j.
+                                let off = if qtype == QType::Q5_0 { 2 } else { 4 };
+                                dst[..16].copy_from_slice(&blk[off + 4..off + 20]);
+                                dst[16..20].copy_from_slice(&blk[off..off + 4]);
+                                let m = if qtype == QType::Q5_0 { -16.0 * d } else { f16_at(blk, 2) };
+                                (d, m)
+                            }
+                            _ => {
+                                let (m, q) = match qtype {
+                                    QType::Q4_0 => (-8.0 * d, &blk[2..18]),
+                                    QType::Q4_1 => (f16_at(blk, 2), &blk[4..20]),
+                                    _ => (0.0, &blk[2..34]),
+                                };
+                                dst.copy_from_slice(q);
+                                (d, m)
+                            }
                         }
-                        _ => {
-                            let (m, q) = match qtype {
-                                QType::Q4_0 => (-8.0 * d, &blk[2..18]),
-                                QType::Q4_1 => (f16_at(blk, 2), &blk[4..20]),
-                                _ => (0.0, &blk[2..34]),
-                            };
-                            dst.copy_from_slice(q);
-                            (d, m)
-                        }
-                    }
+                    };
+                    [d, m, 0.0, 0.0]
                 };
-                scales[gb * 2 * NR + r] = d;
-                scales[gb * 2 * NR + NR + r] = m;
+                for (k, &v) in vals[..slots].iter().enumerate() {
+                    scales[(gb * slots + k) * NR + r] = v;
+                }
             }
         }
         Ok(Self { qtype, rows, cols, scales, qs })
@@ -327,7 +353,8 @@ impl QWeight {
     /// One row group × `r` (≤ MR) activation rows starting at `a` → `o[weight row][token]`.
     fn tile(&self, isa: Isa, g: usize, a: &[BlockQ8], nb: usize, r: usize, o: &mut [[f32; MR]; NR]) {
         let qb = self.qtype.quant_bytes();
-        let scales = &self.scales[g * nb * 2 * NR..(g + 1) * nb * 2 * NR];
+        let sn = self.qtype.scale_slots() * NR;
+        let scales = &self.scales[g * nb * sn..(g + 1) * nb * sn];
         let qs = &self.qs[g * nb * NR * qb..(g + 1) * nb * NR * qb];
         match isa {
             Isa::Scalar => scalar::tile(self.qtype, scales, qs, a, nb, r, o),
@@ -417,6 +444,19 @@ fn unpack_q5k_sub_block(blk: &[u8], j: usize, dst: &mut [u8]) -> (f32, f32) {
     (d * s as f32, -dmin * m as f32)
 }
 
+/// Sub-block `b` (0..8) of a Q2_K super-block: writes its 32 values (0..=3) as bytes and returns
+/// `[scale, scale, minimum, minimum]` of its two halves, as value = scale·q + minimum.
+fn unpack_q2k_sub_block(blk: &[u8], b: usize, dst: &mut [u8]) -> [f32; 4] {
+    let (sc, qs) = (&blk[0..16], &blk[16..80]);
+    let (d, dmin) = (f16_at(blk, 80), f16_at(blk, 82));
+    let (n, j) = (b / 4, b % 4);
+    for (l, out) in dst.iter_mut().enumerate() {
+        *out = (qs[32 * n + l] >> (2 * j)) & 3;
+    }
+    let (s0, s1) = (sc[2 * b], sc[2 * b + 1]);
+    [d * (s0 & 0x0F) as f32, d * (s1 & 0x0F) as f32, -dmin * (s0 >> 4) as f32, -dmin * (s1 >> 4) as f32]
+}
+
 /// Sub-block `b` (0..8) of a Q3_K super-block: writes its 32 values as signed bytes (−4..=3) and
 /// returns the scales of its two halves (values 0..16 and 16..32).
 fn unpack_q3k_sub_block(blk: &[u8], b: usize, dst: &mut [u8]) -> (f32, f32) {
@@ -495,8 +535,9 @@ pub mod scalar {
     /// The packed-layout tile (see [`QWeight`]): four weight rows × `r` activation rows.
     pub fn tile(qt: QType, scales: &[f32], qs: &[u8], a: &[BlockQ8], nb: usize, r: usize, o: &mut [[f32; MR]; NR]) {
         let qb = qt.quant_bytes();
+        let sn = qt.scale_slots() * NR;
         for b in 0..nb {
-            let sc = &scales[b * 2 * NR..(b + 1) * 2 * NR];
+            let sc = &scales[b * sn..(b + 1) * sn];
             for (wr, orow) in o.iter_mut().enumerate() {
                 let q = &qs[(b * NR + wr) * qb..(b * NR + wr + 1) * qb];
                 for (t, ov) in orow.iter_mut().enumerate().take(r) {
@@ -504,6 +545,9 @@ pub mod scalar {
                     if qt.half_scales() {
                         let half = |h: usize| -> i32 { (16 * h..16 * h + 16).map(|i| q[i] as i8 as i32 * ab.qs[i] as i32).sum() };
                         *ov += sc[wr] * ab.d * half(0) as f32 + sc[NR + wr] * ab.d * half(1) as f32;
+                        if sn == 4 * NR {
+                            *ov += sc[2 * NR + wr] * ab.s0 + sc[3 * NR + wr] * (ab.s - ab.s0);
+                        }
                         continue;
                     }
                     let isum: i32 = if qt.byte_quants() {
@@ -586,7 +630,7 @@ mod avx2 {
         o: &mut [[f32; MR]; NR],
     ) {
         debug_assert!((1..=MR).contains(&r) && a.len() >= r * nb);
-        debug_assert!(scales.len() == nb * 2 * NR && qs.len() == nb * NR * qt.quant_bytes());
+        debug_assert!(scales.len() == nb * qt.scale_slots() * NR && qs.len() == nb * NR * qt.quant_bytes());
         // Two tokens at a time (16 registers hold a 4×2 tile), three for Q8_0, which has no
         // minimum terms to keep.
         let step = if qt == QType::Q8_0 { 3 } else { 2 };
@@ -600,6 +644,8 @@ mod avx2 {
                 (true, false, _, _) if qt == QType::Q8_0 => kernel::<3, BYTES, VNNI, SCALE>(scales, qs, a, nb, o, t0),
                 (true, false, _, 1) => kernel::<1, BYTES, VNNI, SCALE_MIN>(scales, qs, a, nb, o, t0),
                 (true, false, _, _) => kernel::<2, BYTES, VNNI, SCALE_MIN>(scales, qs, a, nb, o, t0),
+                (true, true, _, 1) if qt == QType::Q2K => kernel::<1, BYTES, VNNI, HALF_SCALES_MIN>(scales, qs, a, nb, o, t0),
+                (true, true, _, _) if qt == QType::Q2K => kernel::<2, BYTES, VNNI, HALF_SCALES_MIN>(scales, qs, a, nb, o, t0),
                 (true, true, _, 1) => kernel::<1, BYTES, VNNI, HALF_SCALES>(scales, qs, a, nb, o, t0),
                 (true, true, _, _) => kernel::<2, BYTES, VNNI, HALF_SCALES>(scales, qs, a, nb, o, t0),
                 (false, _, true, 1) => kernel::<1, FIVE, VNNI, SCALE_MIN>(scales, qs, a, nb, o, t0),
@@ -620,6 +666,8 @@ mod avx2 {
     const SCALE_MIN: u8 = 0;
     const SCALE: u8 = 1;
     const HALF_SCALES: u8 = 2;
+    /// Two scales and two minimums per block, one of each per 16 values (Q2_K).
+    const HALF_SCALES_MIN: u8 = 3;
 
     /// Four weight rows × `R` activation rows for quant layout `L`. Accumulators stay in registers:
     /// `NR·R` vectors plus one 4-lane vector of minimum terms per activation row.
@@ -650,7 +698,7 @@ mod avx2 {
         let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
         let sixteen = _mm256_set1_epi8(16);
         for b in 0..nb {
-            let sc = sp.add(b * 2 * NR);
+            let sc = sp.add(b * if S == HALF_SCALES_MIN { 4 } else { 2 } * NR);
             let q = qp.add(b * NR * qb);
             let mut aq = [_mm256_setzero_si256(); R];
             let mut da = [_mm256_setzero_ps(); R];
@@ -662,10 +710,14 @@ mod avx2 {
                 if S == SCALE_MIN {
                     macc[t] = _mm_fmadd_ps(_mm_loadu_ps(sc.add(NR)), _mm_set1_ps(ab.s), macc[t]);
                 }
+                if S == HALF_SCALES_MIN {
+                    macc[t] = _mm_fmadd_ps(_mm_loadu_ps(sc.add(2 * NR)), _mm_set1_ps(ab.s0), macc[t]);
+                    macc[t] = _mm_fmadd_ps(_mm_loadu_ps(sc.add(3 * NR)), _mm_set1_ps(ab.s - ab.s0), macc[t]);
+                }
             }
             for wr in 0..NR {
                 // With HALF_SCALES, lanes 0..4 (values 0..16) take the first scale, lanes 4..8 the second.
-                let d = if S == HALF_SCALES {
+                let d = if S == HALF_SCALES || S == HALF_SCALES_MIN {
                     _mm256_set_m128(_mm_set1_ps(*sc.add(NR + wr)), _mm_set1_ps(*sc.add(wr)))
                 } else {
                     _mm256_broadcast_ss(&*sc.add(wr))
@@ -809,6 +861,7 @@ mod tests {
                 (GgmlDType::Q5K, QType::Q5K),
                 (GgmlDType::Q6K, QType::Q6K),
                 (GgmlDType::Q3K, QType::Q3K),
+                (GgmlDType::Q2K, QType::Q2K),
                 (GgmlDType::Q5_0, QType::Q5_0),
                 (GgmlDType::Q5_1, QType::Q5_1),
             ]

@@ -5,7 +5,6 @@
 //! AVX2+FMA+F16C at run time, scalar otherwise.
 
 use half::{bf16, f16};
-use rayon::prelude::*;
 
 use crate::cpu::qmatmul::{Isa, OutPtr};
 
@@ -66,10 +65,11 @@ impl HalfWeight {
         assert_eq!(x.len(), m * self.cols, "x must be [m, cols]");
         assert_eq!(out.len(), m * self.rows, "out must be [m, rows]");
         let (rows, cols) = (self.rows, self.cols);
-        let chunk = (rows / (rayon::current_num_threads() * 4)).clamp(RR, 255) / RR * RR;
+        let pool = crate::cpu::pool::Pool::global();
+        let chunk = (rows / (pool.threads() * 4)).clamp(RR, 255) / RR * RR;
         let dst = OutPtr(out.as_mut_ptr());
         // Each task computes a run of rows for all m tokens, writing its rows of `out` directly.
-        (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+        pool.run(rows.div_ceil(chunk), &|c| {
             let r0 = c * chunk;
             let r1 = (r0 + chunk).min(rows);
             let mut o = [[0f32; TR]; RR];

@@ -1,6 +1,7 @@
 //! CPU kernels.
 pub mod attention;
 pub mod halfmatmul;
+pub mod pool;
 pub mod qmatmul;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod simd;

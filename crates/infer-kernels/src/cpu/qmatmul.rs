@@ -389,7 +389,8 @@ pub fn matmul_many_with(isa: Isa, ws: &[&QWeight], x: &[f32], m: usize, outs: &m
     let acts: Vec<BlockQ8> =
         if m >= 16 { x.par_chunks_exact(QK).map(quantize_block).collect() } else { x.chunks_exact(QK).map(quantize_block).collect() };
     let total: usize = ws.iter().map(|w| w.rows.div_ceil(NR)).sum();
-    let chunk = (total / (rayon::current_num_threads() * 4)).clamp(1, 64);
+    let pool = crate::cpu::pool::Pool::global();
+    let chunk = (total / (pool.threads() * 4)).clamp(1, 64);
     // Tasks: (weight, first group, end group); each writes only its own rows of its output.
     let mut tasks = Vec::new();
     for (i, w) in ws.iter().enumerate() {
@@ -397,7 +398,10 @@ pub fn matmul_many_with(isa: Isa, ws: &[&QWeight], x: &[f32], m: usize, outs: &m
         tasks.extend((0..groups).step_by(chunk).map(|g0| (i, g0, (g0 + chunk).min(groups))));
     }
     let dsts: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
-    tasks.into_par_iter().for_each(|(i, g0, g1)| ws[i].run_groups(isa, &acts, m, g0, g1, dsts[i]));
+    pool.run(tasks.len(), &|k| {
+        let (i, g0, g1) = tasks[k];
+        ws[i].run_groups(isa, &acts, m, g0, g1, dsts[i]);
+    });
 }
 
 #[inline]

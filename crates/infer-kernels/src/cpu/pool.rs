@@ -1,0 +1,181 @@
+//! A small thread pool for the matmul kernels: between two jobs its workers spin for a short while
+//! (then sleep), so the many short parallel regions of a decode step (several per layer) start
+//! without a futex wake-up each, as llama.cpp's thread pool does. The calling thread takes part in
+//! every job. Sized like rayon's global pool (the CLI's `--threads`); jobs are a count of tasks taken
+//! one by one from an atomic counter.
+
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long an idle worker spins before it sleeps.
+const SPIN: Duration = Duration::from_micros(200);
+
+type Task = dyn Fn(usize) + Sync;
+
+struct Shared {
+    /// Bumped for every job; workers wait for it to change.
+    epoch: AtomicU64,
+    /// The current job (valid while `active > 0`; set before `epoch` is bumped).
+    job: UnsafeCell<Option<*const Task>>,
+    next: AtomicUsize,
+    n_tasks: AtomicUsize,
+    /// Workers that have not finished the current job.
+    active: AtomicUsize,
+    panicked: AtomicBool,
+    /// Sleeping workers (guarded), and where they sleep.
+    sleepers: Mutex<usize>,
+    wake: Condvar,
+}
+
+// SAFETY: `job` is written only by the thread running `Pool::run`, before the epoch bump that
+// publishes it (Release/Acquire), and read by workers only between that bump and their decrement of
+// `active`, which `run` waits for before it returns or writes `job` again.
+unsafe impl Sync for Shared {}
+unsafe impl Send for Shared {}
+
+pub struct Pool {
+    shared: Arc<Shared>,
+    workers: usize,
+    /// One job at a time (nested or concurrent callers run their tasks inline).
+    busy: AtomicBool,
+}
+
+impl Shared {
+    fn work(&self, job: &(dyn Fn(usize) + Sync)) {
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            if i >= self.n_tasks.load(Ordering::Relaxed) {
+                break;
+            }
+            job(i);
+        }
+    }
+}
+
+fn worker(shared: Arc<Shared>) {
+    let mut seen = 0;
+    loop {
+        // Wait for the next job: spin, then sleep.
+        let start = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            let e = shared.epoch.load(Ordering::Acquire);
+            if e != seen {
+                seen = e;
+                break;
+            }
+            spins += 1;
+            if !spins.is_multiple_of(64) || start.elapsed() < SPIN {
+                std::hint::spin_loop();
+                continue;
+            }
+            let mut sleepers = shared.sleepers.lock().unwrap_or_else(|p| p.into_inner());
+            if shared.epoch.load(Ordering::Acquire) == seen {
+                *sleepers += 1;
+                sleepers = shared.wake.wait(sleepers).unwrap_or_else(|p| p.into_inner());
+                *sleepers -= 1;
+            }
+        }
+        // SAFETY: see `Shared`: the job stays valid until this worker decrements `active`.
+        let job = unsafe { (*shared.job.get()).map(|j| &*j) };
+        if let Some(job) = job {
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shared.work(job))).is_err() {
+                shared.panicked.store(true, Ordering::Relaxed);
+            }
+        }
+        shared.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Pool {
+    fn new(threads: usize) -> Self {
+        let shared = Arc::new(Shared {
+            epoch: AtomicU64::new(0),
+            job: UnsafeCell::new(None),
+            next: AtomicUsize::new(0),
+            n_tasks: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            sleepers: Mutex::new(0),
+            wake: Condvar::new(),
+        });
+        let workers = threads.saturating_sub(1);
+        for i in 0..workers {
+            let s = shared.clone();
+            std::thread::Builder::new().name(format!("infer-kernel-{i}")).spawn(move || worker(s)).expect("spawning a kernel thread");
+        }
+        Self { shared, workers, busy: AtomicBool::new(false) }
+    }
+
+    /// The pool the kernels use, sized like rayon's global pool when first used.
+    pub fn global() -> &'static Pool {
+        static POOL: OnceLock<Pool> = OnceLock::new();
+        POOL.get_or_init(|| Pool::new(rayon::current_num_threads().max(1)))
+    }
+
+    /// Threads a job runs on (the caller included).
+    pub fn threads(&self) -> usize {
+        self.workers + 1
+    }
+
+    /// Runs `f(0) .. f(n - 1)` over the pool and the calling thread; returns when all are done.
+    pub fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        if n == 0 {
+            return;
+        }
+        if self.workers == 0 || n == 1 || self.busy.swap(true, Ordering::Acquire) {
+            (0..n).for_each(f);
+            return;
+        }
+        let s = &*self.shared;
+        // SAFETY: the lifetime is erased only for the duration of this call, which waits below
+        // until every worker is done with the job.
+        let job: *const Task = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static Task>(f) };
+        unsafe { *s.job.get() = Some(job) };
+        s.next.store(0, Ordering::Relaxed);
+        s.n_tasks.store(n, Ordering::Relaxed);
+        s.active.store(self.workers, Ordering::Relaxed);
+        s.epoch.fetch_add(1, Ordering::Release);
+        {
+            let sleepers = s.sleepers.lock().unwrap_or_else(|p| p.into_inner());
+            if *sleepers > 0 {
+                s.wake.notify_all();
+            }
+        }
+        s.work(f);
+        while s.active.load(Ordering::Acquire) != 0 {
+            std::hint::spin_loop();
+        }
+        unsafe { *s.job.get() = None };
+        self.busy.store(false, Ordering::Release);
+        if s.panicked.swap(false, Ordering::Relaxed) {
+            panic!("a kernel task panicked");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_task_runs_once_across_many_jobs() {
+        let pool = Pool::new(3);
+        for n in [0usize, 1, 2, 7, 100, 1000] {
+            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            pool.run(n, &|i| {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "n = {n}");
+        }
+        // After a pause long enough for the workers to sleep, jobs still run everywhere.
+        std::thread::sleep(Duration::from_millis(5));
+        let sum = AtomicUsize::new(0);
+        pool.run(64, &|i| {
+            sum.fetch_add(i, Ordering::Relaxed);
+        });
+        assert_eq!(sum.load(Ordering::Relaxed), 64 * 63 / 2);
+    }
+}

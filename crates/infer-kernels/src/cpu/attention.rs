@@ -8,7 +8,8 @@
 //! `[num_tokens, num_heads, head_dim]` array; [`SeqAttention`] says which rows belong to which sequence
 //! and where that sequence stands.
 
-use rayon::prelude::*;
+use crate::cpu::pool::Pool;
+use crate::cpu::qmatmul::OutPtr;
 
 use crate::cpu::qmatmul::Isa;
 
@@ -102,7 +103,7 @@ pub fn write_kv<E: KvElem>(k: &[f32], v: &[f32], slots: &[usize], shape: &Attent
 /// tokens' keys and values, see [`write_kv`]). `q` and `out` are `[num_tokens, num_heads, head_dim]`.
 /// Grouped-query attention: query head `h` reads KV head `h / (num_heads / num_kv_heads)`; the query
 /// heads of a group are processed together so each key and value row is read once per group. Token
-/// rows are spread over the rayon pool.
+/// rows are spread over the kernels' thread pool.
 pub fn paged_attention<E: KvElem>(
     q: &[f32],
     k_cache: &[E],
@@ -146,7 +147,13 @@ pub fn paged_attention_with<E: KvElem>(
     if work < 1 << 16 {
         out.chunks_mut(q_row).enumerate().for_each(run_row);
     } else {
-        out.par_chunks_mut(q_row).enumerate().for_each(run_row);
+        let rows = out.len() / q_row;
+        let dst = OutPtr(out.as_mut_ptr());
+        Pool::global().run(rows, &|r| {
+            // SAFETY: row r's slice is in bounds and written by this task only.
+            let out_row = unsafe { std::slice::from_raw_parts_mut(dst.at(r * q_row), q_row) };
+            run_row((r, out_row));
+        });
     }
 }
 

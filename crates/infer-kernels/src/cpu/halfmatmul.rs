@@ -1,6 +1,6 @@
 //! Matrix multiplication with 16-bit float weights (GGUF F16 or BF16) on the CPU: `y = x Wᵀ`, the
 //! weights kept in 16 bits (half the memory traffic of f32) and widened in registers. Row chunks are
-//! split over the rayon pool; a register tile of three weight rows × four tokens loads and converts
+//! split over the kernels' thread pool; a register tile of three weight rows × four tokens loads and converts
 //! each weight vector once per four tokens and each activation vector once per three rows.
 //! AVX2+FMA+F16C at run time, scalar otherwise.
 

@@ -5,12 +5,11 @@
 //! to 8-bit blocks of 32 (a scale, `d·Σq`, 32 signed bytes); each output is a sum over blocks of
 //! integer dot products scaled in f32. A register tile of four weight rows × up to four tokens
 //! streams each weight block once for several tokens (prefill and batched decode); row groups are
-//! split across the rayon pool. The instruction set is chosen at run time: AVX2+FMA with VNNI byte
+//! split across the kernels' thread pool. The instruction set is chosen at run time: AVX2+FMA with VNNI byte
 //! dot products (`vpdpbusd`) where AVX-512 VL/VNNI exist, AVX2+FMA (`vpmaddubsw`), or the portable
 //! scalar reference.
 
 use half::f16;
-use rayon::prelude::*;
 
 /// Values per quantization block (all supported formats).
 pub const QK: usize = 32;
@@ -369,6 +368,36 @@ impl QWeight {
     }
 }
 
+/// [`quantize_row_q8`] of a whole activation matrix, rows of blocks spread over the kernels' pool.
+fn quantize_parallel(x: &[f32]) -> Vec<BlockQ8> {
+    let n = x.len() / QK;
+    let mut out = vec![BlockQ8 { qs: [0; QK], d: 0.0, s: 0.0, s0: 0.0 }; n];
+    let per = 64;
+    let dst = BlockPtr(out.as_mut_ptr());
+    crate::cpu::pool::Pool::global().run(n.div_ceil(per), &|c| {
+        for i in c * per..((c + 1) * per).min(n) {
+            // SAFETY: block i is in bounds and written by this task only.
+            unsafe { *dst.at(i) = quantize_block(&x[i * QK..(i + 1) * QK]) };
+        }
+    });
+    out
+}
+
+/// Shares the activation blocks between the tasks that fill them (each writes its own range).
+#[derive(Clone, Copy)]
+struct BlockPtr(*mut BlockQ8);
+// SAFETY: tasks write disjoint blocks and the caller waits for all of them.
+unsafe impl Send for BlockPtr {}
+unsafe impl Sync for BlockPtr {}
+
+impl BlockPtr {
+    /// # Safety
+    /// `i` must be in bounds and written by one task only.
+    unsafe fn at(self, i: usize) -> *mut BlockQ8 {
+        self.0.add(i)
+    }
+}
+
 /// Several weights with the same input size against the same activations (e.g. a layer's q, k
 /// and v projections): `outs[i] = x · wsᵢᵀ`. The activations are quantized once and all row groups
 /// of all weights are spread over one parallel region (one wake-up of the pool instead of one
@@ -386,8 +415,7 @@ pub fn matmul_many_with(isa: Isa, ws: &[&QWeight], x: &[f32], m: usize, outs: &m
     for (w, o) in ws.iter().zip(outs.iter()) {
         assert_eq!(o.len(), m * w.rows, "out must be [m, rows]");
     }
-    let acts: Vec<BlockQ8> =
-        if m >= 16 { x.par_chunks_exact(QK).map(quantize_block).collect() } else { x.chunks_exact(QK).map(quantize_block).collect() };
+    let acts: Vec<BlockQ8> = if m >= 16 { quantize_parallel(x) } else { x.chunks_exact(QK).map(quantize_block).collect() };
     let total: usize = ws.iter().map(|w| w.rows.div_ceil(NR)).sum();
     let pool = crate::cpu::pool::Pool::global();
     let chunk = (total / (pool.threads() * 4)).clamp(1, 64);

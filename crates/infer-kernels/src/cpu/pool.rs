@@ -144,12 +144,17 @@ impl Pool {
                 s.wake.notify_all();
             }
         }
-        s.work(f);
+        // A panic on this thread must still wait for the workers: they hold a reference to `f`.
+        let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.work(f)));
         while s.active.load(Ordering::Acquire) != 0 {
             std::hint::spin_loop();
         }
+        // SAFETY: every worker is done with the job.
         unsafe { *s.job.get() = None };
         self.busy.store(false, Ordering::Release);
+        if let Err(p) = mine {
+            std::panic::resume_unwind(p);
+        }
         if s.panicked.swap(false, Ordering::Relaxed) {
             panic!("a kernel task panicked");
         }
@@ -170,6 +175,14 @@ mod tests {
             });
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "n = {n}");
         }
+        // A panicking task is reported to the caller, and the pool keeps working.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool.run(8, &|i| assert!(i != 5, "task 5"))));
+        assert!(r.is_err());
+        let ran = AtomicUsize::new(0);
+        pool.run(8, &|_| {
+            ran.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(ran.load(Ordering::Relaxed), 8);
         // After a pause long enough for the workers to sleep, jobs still run everywhere.
         std::thread::sleep(Duration::from_millis(5));
         let sum = AtomicUsize::new(0);

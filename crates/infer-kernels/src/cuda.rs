@@ -87,6 +87,40 @@ macro_rules! with_float {
     };
 }
 
+/// The `cpu_fwd` of a custom op that only runs on CUDA (candle's traits require one): an error
+/// naming the op.
+macro_rules! cuda_only_cpu_fwd {
+    (1) => {
+        fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+            bail!("{} is a CUDA op", <Self as CustomOp1>::name(self))
+        }
+    };
+    (2) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+        ) -> Result<(candle_core::CpuStorage, Shape)> {
+            bail!("{} is a CUDA op", <Self as CustomOp2>::name(self))
+        }
+    };
+    (3) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+        ) -> Result<(candle_core::CpuStorage, Shape)> {
+            bail!("{} is a CUDA op", <Self as CustomOp3>::name(self))
+        }
+    };
+}
+
 fn kname(root: &str, dtype: DType) -> String {
     format!("{root}_{}", dtype.as_str())
 }
@@ -102,15 +136,7 @@ impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
         "infer-rmsnorm"
     }
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        bail!("infer-rmsnorm is a CUDA op")
-    }
+    cuda_only_cpu_fwd!(2);
     fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, w: &CudaStorage, wl: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = x.device().clone();
         let n = xl.dims().last().copied().unwrap_or(1);
@@ -152,15 +178,7 @@ impl CustomOp2 for AddRmsNorm {
     fn name(&self) -> &'static str {
         "infer-add-rmsnorm"
     }
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        bail!("infer-add-rmsnorm is a CUDA op")
-    }
+    cuda_only_cpu_fwd!(2);
     fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, w: &CudaStorage, wl: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = x.device().clone();
         let n = xl.dims().last().copied().unwrap_or(1);
@@ -256,15 +274,7 @@ impl CustomOp2 for SiluMul {
     fn name(&self) -> &'static str {
         "infer-silu-mul"
     }
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        bail!("infer-silu-mul is a CUDA op")
-    }
+    cuda_only_cpu_fwd!(2);
     fn cuda_fwd(&self, g: &CudaStorage, gl: &Layout, u: &CudaStorage, ul: &Layout) -> Result<(CudaStorage, Shape)> {
         if gl.shape() != ul.shape() {
             bail!("silu_mul: gate {:?} and up {:?} differ", gl.shape(), ul.shape())
@@ -277,9 +287,7 @@ impl CustomOp1 for SiluMul {
     fn name(&self) -> &'static str {
         "infer-silu-mul-fused"
     }
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
-        bail!("infer-silu-mul-fused is a CUDA op")
-    }
+    cuda_only_cpu_fwd!(1);
     fn cuda_fwd(&self, g: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
         self.launch(&g.device().clone(), g.dtype(), g, gl, None)
     }
@@ -310,17 +318,7 @@ impl CustomOp3 for Rope {
     fn name(&self) -> &'static str {
         "infer-rope"
     }
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        bail!("infer-rope is a CUDA op")
-    }
+    cuda_only_cpu_fwd!(3);
     fn cuda_fwd(
         &self,
         x: &CudaStorage,
@@ -456,17 +454,7 @@ impl CustomOp3 for PagedAttention {
     fn name(&self) -> &'static str {
         "infer-paged-attention"
     }
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        bail!("infer-paged-attention is a CUDA op")
-    }
+    cuda_only_cpu_fwd!(3);
     fn cuda_fwd(
         &self,
         q: &CudaStorage,
@@ -560,15 +548,7 @@ impl CustomOp2 for QGemv {
     fn name(&self) -> &'static str {
         "infer-qgemv"
     }
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        bail!("infer-qgemv is a CUDA op")
-    }
+    cuda_only_cpu_fwd!(2);
     fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, w: &CudaStorage, wl: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = x.device().clone();
         let (m, cols) = xl.shape().dims2()?;

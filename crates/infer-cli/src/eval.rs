@@ -241,12 +241,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
                     let t0 = Instant::now();
                     let lls = choice_loglikelihoods(&model, &items, &mut |_, _| {})?;
                     secs += t0.elapsed().as_secs_f64();
-                    for it in &items {
-                        for ch in &it.choices {
-                            tokens += model.tokenizer.encode(&format!("{} {ch}", it.question), true).map(|t| t.len()).unwrap_or(0);
-                        }
-                    }
-                    for (&i, ll) in chunk.iter().zip(lls) {
+                    tokens += lls.tokens;
+                    for (&i, ll) in chunk.iter().zip(lls.per_item) {
                         cache.put(&keys[i], json!(ll))?;
                     }
                     done += chunk.len();

@@ -48,7 +48,7 @@ fn choice_loglikelihoods_equal_hand_computed_ones_from_transformers_logits() {
     let refs: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(common::fixture("eval/tiny-llama-choice-ll.json")).unwrap()).unwrap();
     let got = infer_core::eval::choice_loglikelihoods(&m, &items, &mut |_, _| {}).unwrap();
-    for (i, (g, want)) in got.iter().zip(refs["loglikelihoods"].as_array().unwrap()).enumerate() {
+    for (i, (g, want)) in got.per_item.iter().zip(refs["loglikelihoods"].as_array().unwrap()).enumerate() {
         for (c, (a, b)) in g.iter().zip(want.as_array().unwrap()).enumerate() {
             let b = b.as_f64().unwrap();
             assert!((a - b).abs() < 1e-3, "item {i} choice {c}: {a} vs transformers {b}");

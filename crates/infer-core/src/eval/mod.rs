@@ -7,8 +7,8 @@ mod tasks;
 
 pub use perplexity::{perplexity, PerplexityOptions, PerplexityResult};
 pub use tasks::{
-    choice_loglikelihoods, load_jsonl, run_choice, run_generation, score_choice, score_generation, ChoiceItem, GenerationItem, MatchMode,
-    Task, TaskItems, TaskResult,
+    choice_loglikelihoods, load_jsonl, run_choice, run_generation, score_choice, score_generation, ChoiceItem, ChoiceLogLikelihoods,
+    GenerationItem, MatchMode, Task, TaskItems, TaskResult,
 };
 
 /// Wilson score interval at 95% for `k` successes out of `n`.

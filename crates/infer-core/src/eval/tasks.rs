@@ -320,26 +320,21 @@ fn loglikelihoods(
     Ok(out)
 }
 
-/// The log-likelihood of every choice of every item after its question (`[item][choice]`).
-pub fn choice_loglikelihoods(m: &LoadedModel, items: &[ChoiceItem], progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<Vec<f64>>> {
-    let (_, lls) = score_choices(m, items, progress)?;
-    let mut k = 0;
-    Ok(items
-        .iter()
-        .map(|it| {
-            k += it.choices.len();
-            lls[k - it.choices.len()..k].to_vec()
-        })
-        .collect())
+/// The log-likelihoods of every choice of every item after its question.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChoiceLogLikelihoods {
+    /// `[item][choice]`.
+    pub per_item: Vec<Vec<f64>>,
+    /// Tokens run through the model to get them.
+    pub tokens: usize,
 }
 
-/// The (context, continuation) tokens of every choice, and their log-likelihoods.
-#[allow(clippy::type_complexity)]
-fn score_choices(
+/// The log-likelihood of every choice of every item after its question.
+pub fn choice_loglikelihoods(
     m: &LoadedModel,
     items: &[ChoiceItem],
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<(Vec<(Vec<u32>, Vec<u32>)>, Vec<f64>)> {
+) -> Result<ChoiceLogLikelihoods> {
     let mut pairs = Vec::new();
     for it in items {
         let ctx = m.tokenizer.encode(&it.question, true)?;
@@ -356,7 +351,15 @@ fn score_choices(
     }
     let total_pairs = pairs.len();
     let lls = loglikelihoods(m, &pairs, 2048, &mut |done| progress(done, total_pairs))?;
-    Ok((pairs, lls))
+    let mut k = 0;
+    let per_item = items
+        .iter()
+        .map(|it| {
+            k += it.choices.len();
+            lls[k - it.choices.len()..k].to_vec()
+        })
+        .collect();
+    Ok(ChoiceLogLikelihoods { per_item, tokens: pairs.iter().map(|(a, b)| a.len() + b.len()).sum() })
 }
 
 /// Right answers by the raw log-likelihood and by the log-likelihood per character, and the raw
@@ -378,23 +381,14 @@ pub fn score_choice(items: &[ChoiceItem], lls: &[Vec<f64>]) -> (usize, usize, Ve
 /// Scores every choice of every item by its log-likelihood after the question.
 pub fn run_choice(m: &LoadedModel, items: &[ChoiceItem], progress: &mut dyn FnMut(usize, usize)) -> Result<TaskResult> {
     let t0 = Instant::now();
-    let (pairs, lls) = score_choices(m, items, progress)?;
-    let tokens: usize = pairs.iter().map(|(a, b)| a.len() + b.len()).sum();
-    let mut k = 0;
-    let per_item: Vec<Vec<f64>> = items
-        .iter()
-        .map(|it| {
-            k += it.choices.len();
-            lls[k - it.choices.len()..k].to_vec()
-        })
-        .collect();
-    let (correct, correct_norm, outputs) = score_choice(items, &per_item);
+    let ll = choice_loglikelihoods(m, items, progress)?;
+    let (correct, correct_norm, outputs) = score_choice(items, &ll.per_item);
     Ok(TaskResult {
         correct,
         correct_norm: Some(correct_norm),
         total: items.len(),
         outputs,
-        tokens_per_second: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+        tokens_per_second: ll.tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
     })
 }
 

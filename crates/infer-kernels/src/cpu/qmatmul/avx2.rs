@@ -1,0 +1,160 @@
+//! AVX2+FMA kernels (optionally with 256-bit VNNI dot products) over the 4-row layout.
+
+use std::arch::x86_64::*;
+
+use super::*;
+use crate::cpu::simd::hsum;
+
+/// Σ over 32 lanes of u8 · i8 as 8 i32 lanes converted to f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256 {
+    let p16 = _mm256_maddubs_epi16(u, s);
+    _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+}
+
+/// The same with one VNNI instruction (no 16-bit intermediate).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn dot_u8_i8_vnni(u: __m256i, s: __m256i) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s))
+}
+
+/// [`tile`] with VNNI dot products.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+pub(super) unsafe fn tile_vnni(qt: QType, scales: &[f32], qs: &[u8], a: &[BlockQ8], nb: usize, r: usize, o: &mut [[f32; MR]; NR]) {
+    tile_body::<true>(qt, scales, qs, a, nb, r, o)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn tile(qt: QType, scales: &[f32], qs: &[u8], a: &[BlockQ8], nb: usize, r: usize, o: &mut [[f32; MR]; NR]) {
+    tile_body::<false>(qt, scales, qs, a, nb, r, o)
+}
+
+#[inline(always)]
+unsafe fn tile_body<const VNNI: bool>(qt: QType, scales: &[f32], qs: &[u8], a: &[BlockQ8], nb: usize, r: usize, o: &mut [[f32; MR]; NR]) {
+    debug_assert!((1..=MR).contains(&r) && a.len() >= r * nb);
+    debug_assert!(scales.len() == nb * qt.scale_slots() * NR && qs.len() == nb * NR * qt.quant_bytes());
+    // Two tokens at a time (16 registers hold a 4×2 tile), three for Q8_0, which has no
+    // minimum terms to keep.
+    let step = if qt == QType::Q8_0 { 3 } else { 2 };
+    let mut t0 = 0;
+    while t0 < r {
+        let a = &a[t0 * nb..];
+        let n = step.min(r - t0);
+        match (qt.byte_quants(), qt.half_scales(), qt.five_bit(), n) {
+            (true, false, _, 1) if qt == QType::Q8_0 => kernel::<1, BYTES, VNNI, SCALE>(scales, qs, a, nb, o, t0),
+            (true, false, _, 2) if qt == QType::Q8_0 => kernel::<2, BYTES, VNNI, SCALE>(scales, qs, a, nb, o, t0),
+            (true, false, _, _) if qt == QType::Q8_0 => kernel::<3, BYTES, VNNI, SCALE>(scales, qs, a, nb, o, t0),
+            (true, false, _, 1) => kernel::<1, BYTES, VNNI, SCALE_MIN>(scales, qs, a, nb, o, t0),
+            (true, false, _, _) => kernel::<2, BYTES, VNNI, SCALE_MIN>(scales, qs, a, nb, o, t0),
+            (true, true, _, 1) if qt == QType::Q2K => kernel::<1, BYTES, VNNI, HALF_SCALES_MIN>(scales, qs, a, nb, o, t0),
+            (true, true, _, _) if qt == QType::Q2K => kernel::<2, BYTES, VNNI, HALF_SCALES_MIN>(scales, qs, a, nb, o, t0),
+            (true, true, _, 1) => kernel::<1, BYTES, VNNI, HALF_SCALES>(scales, qs, a, nb, o, t0),
+            (true, true, _, _) => kernel::<2, BYTES, VNNI, HALF_SCALES>(scales, qs, a, nb, o, t0),
+            (false, _, true, 1) => kernel::<1, FIVE, VNNI, SCALE_MIN>(scales, qs, a, nb, o, t0),
+            (false, _, true, _) => kernel::<2, FIVE, VNNI, SCALE_MIN>(scales, qs, a, nb, o, t0),
+            (false, _, false, 1) => kernel::<1, NIBBLES, VNNI, SCALE_MIN>(scales, qs, a, nb, o, t0),
+            (false, _, false, _) => kernel::<2, NIBBLES, VNNI, SCALE_MIN>(scales, qs, a, nb, o, t0),
+        }
+        t0 += n;
+    }
+}
+
+/// Quant layouts of [`kernel`]: signed bytes, 4-bit values, 4-bit values plus a fifth-bit plane.
+const BYTES: u8 = 0;
+const NIBBLES: u8 = 1;
+const FIVE: u8 = 2;
+/// Scale modes of [`kernel`]: a scale and a minimum per block, a scale only (Q8_0), or two
+/// scales per block, one per 16 values (Q6_K).
+const SCALE_MIN: u8 = 0;
+const SCALE: u8 = 1;
+const HALF_SCALES: u8 = 2;
+/// Two scales and two minimums per block, one of each per 16 values (Q2_K).
+const HALF_SCALES_MIN: u8 = 3;
+
+/// Four weight rows × `R` activation rows for quant layout `L`. Accumulators stay in registers:
+/// `NR·R` vectors plus one 4-lane vector of minimum terms per activation row.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+unsafe fn kernel<const R: usize, const L: u8, const VNNI: bool, const S: u8>(
+    scales: &[f32],
+    qs: &[u8],
+    a: &[BlockQ8],
+    nb: usize,
+    o: &mut [[f32; MR]; NR],
+    col0: usize,
+) {
+    let qb = match L {
+        NIBBLES => 16,
+        FIVE => 20,
+        _ => 32,
+    };
+    let mut acc = [[_mm256_setzero_ps(); R]; NR];
+    let mut macc = [_mm_setzero_ps(); R];
+    let sp = scales.as_ptr();
+    let qp = qs.as_ptr();
+    let ap = a.as_ptr();
+    let mask = _mm256_set1_epi8(0x0F);
+    let shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+    // Fifth bits: byte j takes byte j/8 of the 32-bit plane, then tests bit j%8.
+    let spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let sixteen = _mm256_set1_epi8(16);
+    for b in 0..nb {
+        let sc = sp.add(b * if S == HALF_SCALES_MIN { 4 } else { 2 } * NR);
+        let q = qp.add(b * NR * qb);
+        let mut aq = [_mm256_setzero_si256(); R];
+        let mut da = [_mm256_setzero_ps(); R];
+        for t in 0..R {
+            let ab = &*ap.add(t * nb + b);
+            aq[t] = _mm256_load_si256(ab.qs.as_ptr() as *const __m256i);
+            da[t] = _mm256_set1_ps(ab.d);
+            // Minimum terms (the slots hold second scales with HALF_SCALES).
+            if S == SCALE_MIN {
+                macc[t] = _mm_fmadd_ps(_mm_loadu_ps(sc.add(NR)), _mm_set1_ps(ab.s), macc[t]);
+            }
+            if S == HALF_SCALES_MIN {
+                macc[t] = _mm_fmadd_ps(_mm_loadu_ps(sc.add(2 * NR)), _mm_set1_ps(ab.s0), macc[t]);
+                macc[t] = _mm_fmadd_ps(_mm_loadu_ps(sc.add(3 * NR)), _mm_set1_ps(ab.s - ab.s0), macc[t]);
+            }
+        }
+        for wr in 0..NR {
+            // With HALF_SCALES, lanes 0..4 (values 0..16) take the first scale, lanes 4..8 the second.
+            let d = if S == HALF_SCALES || S == HALF_SCALES_MIN {
+                _mm256_set_m128(_mm_set1_ps(*sc.add(NR + wr)), _mm_set1_ps(*sc.add(wr)))
+            } else {
+                _mm256_broadcast_ss(&*sc.add(wr))
+            };
+            if L != BYTES {
+                // Low nibbles in the low 128 bits (values 0..16), high nibbles above (16..32).
+                let raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(q.add(wr * qb) as *const __m128i));
+                let mut w = _mm256_and_si256(_mm256_srlv_epi32(raw, shift), mask);
+                if L == FIVE {
+                    let plane = _mm256_set1_epi32((q.add(wr * qb + 16) as *const i32).read_unaligned());
+                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(plane, spread), bit), bit);
+                    w = _mm256_or_si256(w, _mm256_and_si256(set, sixteen));
+                }
+                for t in 0..R {
+                    let p = if VNNI { dot_u8_i8_vnni(w, aq[t]) } else { dot_u8_i8(w, aq[t]) };
+                    acc[wr][t] = _mm256_fmadd_ps(_mm256_mul_ps(d, da[t]), p, acc[wr][t]);
+                }
+            } else {
+                let w = _mm256_loadu_si256(q.add(wr * 32) as *const __m256i);
+                let wabs = _mm256_sign_epi8(w, w);
+                for t in 0..R {
+                    let s = _mm256_sign_epi8(aq[t], w);
+                    let p = if VNNI { dot_u8_i8_vnni(wabs, s) } else { dot_u8_i8(wabs, s) };
+                    acc[wr][t] = _mm256_fmadd_ps(_mm256_mul_ps(d, da[t]), p, acc[wr][t]);
+                }
+            }
+        }
+    }
+    for t in 0..R {
+        let mut mins = [0f32; NR];
+        _mm_storeu_ps(mins.as_mut_ptr(), macc[t]);
+        for wr in 0..NR {
+            o[wr][col0 + t] = hsum(acc[wr][t]) + mins[wr];
+        }
+    }
+}

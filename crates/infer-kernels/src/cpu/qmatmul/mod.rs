@@ -1,0 +1,442 @@
+//! Quantized matrix multiplication on the CPU: `y = x Wᵀ` with `W` in GGUF block formats (Q4_0,
+//! Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), `x` in f32.
+//!
+//! Weights are repacked once at load (see [`QWeight`]). The activations are quantized once per call
+//! to 8-bit blocks of 32 (a scale, `d·Σq`, 32 signed bytes); each output is a sum over blocks of
+//! integer dot products scaled in f32. A register tile of four weight rows × up to four tokens
+//! streams each weight block once for several tokens (prefill and batched decode); row groups are
+//! split across the kernels' thread pool. The instruction set is chosen at run time: AVX2+FMA with VNNI byte
+//! dot products (`vpdpbusd`) where AVX-512 VL/VNNI exist, AVX2+FMA (`vpmaddubsw`), or the portable
+//! scalar reference.
+
+use half::f16;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod pack;
+pub mod scalar;
+#[cfg(test)]
+mod tests;
+
+use pack::*;
+
+/// Values per quantization block (all supported formats).
+pub const QK: usize = 32;
+
+/// Weight block formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QType {
+    /// `d: f16, qs: [u8; 16]`, value = d · (nibble − 8).
+    Q4_0,
+    /// `d: f16, m: f16, qs: [u8; 16]`, value = d · nibble + m.
+    Q4_1,
+    /// `d: f16, qs: [i8; 32]`, value = d · q.
+    Q8_0,
+    /// `d: f16, qh: u32, qs: [u8; 16]`, value = d · (q5 − 16). Repacked exactly into the 5-bit
+    /// form (nibbles as Q4_1, then a 32-bit plane of high bits).
+    Q5_0,
+    /// `d, m: f16, qh: u32, qs: [u8; 16]`, value = d · q5 + m. Repacked exactly into the 5-bit form.
+    Q5_1,
+    /// K-quant super-blocks of 256: `d, dmin: f16, scales: [u8; 12]` (6-bit scale and minimum of
+    /// each 32-value sub-block), `qs: [u8; 128]`; value = d·sc·q − dmin·m. Repacked exactly into
+    /// the Q4_1 form (per-sub-block f32 scale and minimum).
+    Q4K,
+    /// K-quant super-blocks of 256: `d, dmin: f16, scales: [u8; 12], qh: [u8; 32], qs: [u8; 128]`;
+    /// value = d·sc·q5 − dmin·m (q5 = 4 low bits + 1 high bit). Repacked exactly into the 5-bit
+    /// form with per-sub-block f32 scale and minimum.
+    Q5K,
+    /// K-quant super-blocks of 256: `scales: [u8; 16]` (4-bit scale and minimum per 16 values),
+    /// `qs: [u8; 64]` (2-bit values), `d, dmin: f16`; value = d·sc·q2 − dmin·m. Repacked exactly into
+    /// 8-bit form with two scales and two minimums per 32-value block.
+    Q2K,
+    /// K-quant super-blocks of 256: `hmask: [u8; 32], qs: [u8; 64], scales: [u8; 12], d: f16`;
+    /// value = d·(sc − 32)·q3 with q3 = 2 low bits − (4 unless the high bit is set) and a 6-bit
+    /// scale per 16 values. Repacked exactly into 8-bit form with two scales per 32-value block.
+    Q3K,
+    /// K-quant super-blocks of 256: `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16`;
+    /// value = d·sc·(q6 − 32) with one scale per 16 values. Repacked exactly into 8-bit form with
+    /// two scales per 32-value block.
+    Q6K,
+}
+
+impl QType {
+    /// Bytes of one block (of [`block_values`](Self::block_values) values).
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QType::Q4_0 => 18,
+            QType::Q4_1 => 20,
+            QType::Q8_0 => 34,
+            QType::Q5_0 => 22,
+            QType::Q5_1 => 24,
+            QType::Q2K => 84,
+            QType::Q3K => 110,
+            QType::Q4K => 144,
+            QType::Q5K => 176,
+            QType::Q6K => 210,
+        }
+    }
+
+    /// Whether the repacked form holds one signed byte per value (else two 4-bit values per byte).
+    fn byte_quants(self) -> bool {
+        matches!(self, QType::Q8_0 | QType::Q2K | QType::Q3K | QType::Q6K)
+    }
+
+    /// f32 numbers kept per row and 32-value block: a scale and a minimum, two scales (per 16
+    /// values), or two scales and two minimums (Q2_K).
+    fn scale_slots(self) -> usize {
+        if self == QType::Q2K {
+            4
+        } else {
+            2
+        }
+    }
+
+    /// Whether the repacked form holds 4-bit values plus a plane of fifth bits (values 0..32).
+    fn five_bit(self) -> bool {
+        matches!(self, QType::Q5_0 | QType::Q5_1 | QType::Q5K)
+    }
+
+    /// Whether each 32-value block has two scales (one per 16 values, kept where the minimums
+    /// would be; such formats have no minimum).
+    fn half_scales(self) -> bool {
+        matches!(self, QType::Q2K | QType::Q3K | QType::Q6K)
+    }
+
+    /// Values per block: 32, or 256 for K-quants.
+    pub fn block_values(self) -> usize {
+        match self {
+            QType::Q2K | QType::Q3K | QType::Q4K | QType::Q5K | QType::Q6K => 256,
+            _ => QK,
+        }
+    }
+}
+
+/// Which instruction set a kernel call uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// The AVX2 kernels with VNNI byte dot products (`vpdpbusd` on 256-bit registers, AVX-512 VL).
+    #[cfg(target_arch = "x86_64")]
+    Avx2Vnni,
+}
+
+impl Isa {
+    /// The best the running CPU supports.
+    pub fn detect() -> Isa {
+        static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| *Isa::available().last().expect("scalar is always available"))
+    }
+
+    /// Every path this CPU can run, slowest first (tests force each in turn).
+    pub fn available() -> Vec<Isa> {
+        #[allow(unused_mut)]
+        let mut v = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
+            v.push(Isa::Avx2);
+            if std::env::var_os("INFER_NO_VNNI").is_none()
+                && std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("avx512vnni")
+            {
+                v.push(Isa::Avx2Vnni);
+            }
+        }
+        v
+    }
+}
+
+/// One activation block: 32 values as `d · qs`, with `s = d · Σ qs`.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(32))]
+pub struct BlockQ8 {
+    pub qs: [i8; QK],
+    pub d: f32,
+    pub s: f32,
+    /// `d · Σ qs[0..16]` (for formats with a minimum per 16 values).
+    pub s0: f32,
+}
+
+/// Quantizes `x` (length a multiple of 32) to 8-bit blocks, appending to `out`.
+pub fn quantize_row_q8(x: &[f32], out: &mut Vec<BlockQ8>) {
+    debug_assert_eq!(x.len() % QK, 0);
+    out.extend(x.chunks_exact(QK).map(quantize_block));
+}
+
+/// One block of 32 values (round to nearest, ties to even: adding and subtracting 1.5·2²³ rounds
+/// any |v| ≤ 127 exactly, and vectorizes where `round()` is a library call).
+#[inline]
+fn quantize_block(chunk: &[f32]) -> BlockQ8 {
+    const MAGIC: f32 = 12_582_912.0;
+    let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut qs = [0i8; QK];
+    for (q, &v) in qs.iter_mut().zip(chunk) {
+        *q = ((v * id + MAGIC) - MAGIC) as i8;
+    }
+    let half: i32 = qs[..16].iter().map(|&q| q as i32).sum();
+    let isum: i32 = half + qs[16..].iter().map(|&q| q as i32).sum::<i32>();
+    BlockQ8 { qs, d, s: d * isum as f32, s0: d * half as f32 }
+}
+
+/// Shares the output matrix between the tasks of one matmul; each task writes only its own rows.
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtr(pub(crate) *mut f32);
+// SAFETY: tasks write disjoint elements (their own row groups) and the matmul waits for all of them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The element at `i` (a method, so closures capture the whole `Send` wrapper).
+    ///
+    /// # Safety
+    /// `i` must be in bounds of the output and written by one task only.
+    #[inline]
+    pub(crate) unsafe fn at(self, i: usize) -> *mut f32 {
+        self.0.add(i)
+    }
+}
+
+/// A weight matrix `[rows, cols]` from GGUF blocks, repacked once at load for the kernels: rows in
+/// groups of four, and for each (group, block) the four rows' scales and minimums as f32 followed by
+/// their four blocks of quants, so one pass streams a group's weights in order and one activation
+/// block serves four weight rows.
+#[derive(Clone)]
+pub struct QWeight {
+    qtype: QType,
+    rows: usize,
+    cols: usize,
+    /// Per (group, block): `d[4]` then `m[4]` (Q4_0: `m = -8·d`; Q8_0: 0; Q3_K/Q6_K: the second
+    /// half-block scales), and for Q2_K then the two half-block minimums `m0[4]`, `m1[4]`.
+    scales: Vec<f32>,
+    /// Per (group, block): four rows × `quant_bytes()`.
+    qs: Vec<u8>,
+}
+
+impl std::fmt::Debug for QWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QWeight").field("qtype", &self.qtype).field("rows", &self.rows).field("cols", &self.cols).finish()
+    }
+}
+
+/// Weight rows per group.
+pub const NR: usize = 4;
+/// Activation rows handled together against each group (at most).
+pub const MR: usize = 6;
+/// Tokens whose activations are kept hot while a task's row groups pass over them.
+const TOKEN_BLOCK: usize = 32;
+
+impl QType {
+    /// Bytes of quants in one block (without its scales).
+    fn quant_bytes(self) -> usize {
+        match self {
+            QType::Q4_0 | QType::Q4_1 | QType::Q4K => 16,
+            QType::Q5_0 | QType::Q5_1 | QType::Q5K => 20,
+            QType::Q8_0 | QType::Q2K | QType::Q3K | QType::Q6K => 32,
+        }
+    }
+}
+
+impl QWeight {
+    /// Repacks GGUF block data `[rows, cols]`; checks the size.
+    pub fn new(qtype: QType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, String> {
+        let bv = qtype.block_values();
+        if !cols.is_multiple_of(bv) {
+            return Err(format!("{qtype:?} weight with {cols} columns: the row length must be a multiple of {bv}"));
+        }
+        let bb = qtype.block_bytes();
+        let want = rows * cols / bv * bb;
+        if data.len() != want {
+            return Err(format!("{qtype:?} weight [{rows}, {cols}] needs {want} bytes, got {}", data.len()));
+        }
+        let nb = cols / QK;
+        let groups = rows.div_ceil(NR);
+        let qb = qtype.quant_bytes();
+        let slots = qtype.scale_slots();
+        let mut scales = vec![0f32; groups * nb * slots * NR];
+        let mut qs = vec![0u8; groups * nb * NR * qb];
+        for row in 0..rows {
+            let (g, r) = (row / NR, row % NR);
+            for b in 0..nb {
+                let gb = g * nb + b;
+                let dst = &mut qs[(gb * NR + r) * qb..(gb * NR + r + 1) * qb];
+                let vals: [f32; 4] = if qtype == QType::Q2K {
+                    unpack_q2k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
+                } else {
+                    let (d, m) = if qtype == QType::Q4K {
+                        unpack_q4k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
+                    } else if qtype == QType::Q5K {
+                        unpack_q5k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
+                    } else if qtype == QType::Q3K {
+                        unpack_q3k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
+                    } else if qtype == QType::Q6K {
+                        unpack_q6k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
+                    } else {
+                        let blk = &data[(row * nb + b) * bb..(row * nb + b + 1) * bb];
+                        let d = f16_at(blk, 0);
+                        match qtype {
+                            QType::Q5_0 | QType::Q5_1 => {
+                                // GGUF's layout is already the 5-bit form: nibbles (value i low, i + 16
+                                // high) and bit j of qh the fifth bit of value j.
+                                let off = if qtype == QType::Q5_0 { 2 } else { 4 };
+                                dst[..16].copy_from_slice(&blk[off + 4..off + 20]);
+                                dst[16..20].copy_from_slice(&blk[off..off + 4]);
+                                let m = if qtype == QType::Q5_0 { -16.0 * d } else { f16_at(blk, 2) };
+                                (d, m)
+                            }
+                            _ => {
+                                let (m, q) = match qtype {
+                                    QType::Q4_0 => (-8.0 * d, &blk[2..18]),
+                                    QType::Q4_1 => (f16_at(blk, 2), &blk[4..20]),
+                                    _ => (0.0, &blk[2..34]),
+                                };
+                                dst.copy_from_slice(q);
+                                (d, m)
+                            }
+                        }
+                    };
+                    [d, m, 0.0, 0.0]
+                };
+                for (k, &v) in vals[..slots].iter().enumerate() {
+                    scales[(gb * slots + k) * NR + r] = v;
+                }
+            }
+        }
+        Ok(Self { qtype, rows, cols, scales, qs })
+    }
+
+    pub fn qtype(&self) -> QType {
+        self.qtype
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// `out[m, rows] = x[m, cols] · Wᵀ` with the best instruction set.
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        self.matmul_with(Isa::detect(), x, m, out)
+    }
+
+    /// The same, with a chosen instruction set (which the CPU must support).
+    pub fn matmul_with(&self, isa: Isa, x: &[f32], m: usize, out: &mut [f32]) {
+        matmul_many_with(isa, &[self], x, m, &mut [out]);
+    }
+
+    /// Row groups `g0..g1` for all `m` tokens of the quantized activations `acts`, written to
+    /// `dst` (`[m, rows]`).
+    fn run_groups(&self, isa: Isa, acts: &[BlockQ8], m: usize, g0: usize, g1: usize, dst: OutPtr) {
+        let nb = self.cols / QK;
+        let rows = self.rows;
+        // Token blocks outermost: a block's activations stay in cache while every row group of
+        // this task passes over them.
+        for tb in (0..m).step_by(TOKEN_BLOCK) {
+            let tb_end = (tb + TOKEN_BLOCK).min(m);
+            for g in g0..g1 {
+                let mut t0 = tb;
+                while t0 < tb_end {
+                    let r = MR.min(tb_end - t0);
+                    let mut o = [[0f32; MR]; NR];
+                    self.tile(isa, g, &acts[t0 * nb..], nb, r, &mut o);
+                    for (wr, orow) in o.iter().enumerate() {
+                        let row = g * NR + wr;
+                        if row < rows {
+                            for (t, &v) in orow[..r].iter().enumerate() {
+                                // SAFETY: in bounds (t0 + t < m, row < rows); the row belongs to this task only.
+                                unsafe { *dst.at((t0 + t) * rows + row) = v };
+                            }
+                        }
+                    }
+                    t0 += r;
+                }
+            }
+        }
+    }
+
+    /// One row group × `r` (≤ MR) activation rows starting at `a` → `o[weight row][token]`.
+    fn tile(&self, isa: Isa, g: usize, a: &[BlockQ8], nb: usize, r: usize, o: &mut [[f32; MR]; NR]) {
+        let qb = self.qtype.quant_bytes();
+        let sn = self.qtype.scale_slots() * NR;
+        let scales = &self.scales[g * nb * sn..(g + 1) * nb * sn];
+        let qs = &self.qs[g * nb * NR * qb..(g + 1) * nb * NR * qb];
+        match isa {
+            Isa::Scalar => scalar::tile(self.qtype, scales, qs, a, nb, r, o),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2, FMA and F16C.
+            Isa::Avx2 => unsafe { avx2::tile(self.qtype, scales, qs, a, nb, r, o) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx2Vnni` is only produced when the CPU reports AVX-512 VL and VNNI
+            // besides AVX2, FMA and F16C.
+            Isa::Avx2Vnni => unsafe { avx2::tile_vnni(self.qtype, scales, qs, a, nb, r, o) },
+        }
+    }
+}
+
+/// [`quantize_row_q8`] of a whole activation matrix, rows of blocks spread over the kernels' pool.
+fn quantize_parallel(x: &[f32]) -> Vec<BlockQ8> {
+    let n = x.len() / QK;
+    let mut out = vec![BlockQ8 { qs: [0; QK], d: 0.0, s: 0.0, s0: 0.0 }; n];
+    let per = 64;
+    let dst = BlockPtr(out.as_mut_ptr());
+    crate::cpu::pool::Pool::global().run(n.div_ceil(per), &|c| {
+        for i in c * per..((c + 1) * per).min(n) {
+            // SAFETY: block i is in bounds and written by this task only.
+            unsafe { *dst.at(i) = quantize_block(&x[i * QK..(i + 1) * QK]) };
+        }
+    });
+    out
+}
+
+/// Shares the activation blocks between the tasks that fill them (each writes its own range).
+#[derive(Clone, Copy)]
+struct BlockPtr(*mut BlockQ8);
+// SAFETY: tasks write disjoint blocks and the caller waits for all of them.
+unsafe impl Send for BlockPtr {}
+unsafe impl Sync for BlockPtr {}
+
+impl BlockPtr {
+    /// # Safety
+    /// `i` must be in bounds and written by one task only.
+    unsafe fn at(self, i: usize) -> *mut BlockQ8 {
+        self.0.add(i)
+    }
+}
+
+/// Several weights with the same input size against the same activations (e.g. a layer's q, k
+/// and v projections): `outs[i] = x · wsᵢᵀ`. The activations are quantized once and all row groups
+/// of all weights are spread over one parallel region (one wake-up of the pool instead of one
+/// per weight).
+pub fn matmul_many(ws: &[&QWeight], x: &[f32], m: usize, outs: &mut [&mut [f32]]) {
+    matmul_many_with(Isa::detect(), ws, x, m, outs)
+}
+
+/// [`matmul_many`] with a chosen instruction set (which the CPU must support).
+pub fn matmul_many_with(isa: Isa, ws: &[&QWeight], x: &[f32], m: usize, outs: &mut [&mut [f32]]) {
+    assert_eq!(ws.len(), outs.len(), "one output per weight");
+    let Some(cols) = ws.first().map(|w| w.cols) else { return };
+    assert!(ws.iter().all(|w| w.cols == cols), "weights must share the input size");
+    assert_eq!(x.len(), m * cols, "x must be [m, cols]");
+    for (w, o) in ws.iter().zip(outs.iter()) {
+        assert_eq!(o.len(), m * w.rows, "out must be [m, rows]");
+    }
+    let acts: Vec<BlockQ8> = if m >= 16 { quantize_parallel(x) } else { x.chunks_exact(QK).map(quantize_block).collect() };
+    let total: usize = ws.iter().map(|w| w.rows.div_ceil(NR)).sum();
+    let pool = crate::cpu::pool::Pool::global();
+    let chunk = (total / (pool.threads() * 4)).clamp(1, 64);
+    // Tasks: (weight, first group, end group); each writes only its own rows of its output.
+    let mut tasks = Vec::new();
+    for (i, w) in ws.iter().enumerate() {
+        let groups = w.rows.div_ceil(NR);
+        tasks.extend((0..groups).step_by(chunk).map(|g0| (i, g0, (g0 + chunk).min(groups))));
+    }
+    let dsts: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
+    pool.run(tasks.len(), &|k| {
+        let (i, g0, g1) = tasks[k];
+        ws[i].run_groups(isa, &acts, m, g0, g1, dsts[i]);
+    });
+}

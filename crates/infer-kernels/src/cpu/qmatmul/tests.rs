@@ -1,0 +1,146 @@
+use super::*;
+
+/// A deterministic pseudo-random generator (no dependency needed).
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> u32 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 33) as u32
+    }
+    fn f(&mut self) -> f32 {
+        self.next() as f32 / (1u64 << 31) as f32 * 2.0 - 1.0
+    }
+}
+
+fn random_weight(qt: QType, rows: usize, cols: usize, rng: &mut Lcg) -> (QWeight, Vec<u8>) {
+    let mut data = Vec::new();
+    for _ in 0..rows * cols / QK {
+        let d = f16::from_f32(0.01 + 0.05 * rng.f().abs());
+        data.extend(d.to_le_bytes());
+        if qt == QType::Q4_1 {
+            data.extend(f16::from_f32(0.1 * rng.f()).to_le_bytes());
+        }
+        let n = if qt == QType::Q8_0 { 32 } else { 16 };
+        data.extend((0..n).map(|_| rng.next() as u8));
+    }
+    (QWeight::new(qt, rows, cols, data.clone()).unwrap(), data)
+}
+
+/// Every ISA path's `x · wᵀ` against the f64 product with the dequantized weights `wd`: with
+/// 8-bit activations the error stays well under 1% of Σ|x·w|.
+fn assert_every_path_matches(w: &QWeight, wd: &[f32], x: &[f32], m: usize) {
+    let (qt, rows, cols) = (w.qtype(), w.rows(), w.cols());
+    for isa in Isa::available() {
+        let mut out = vec![0f32; m * rows];
+        w.matmul_with(isa, x, m, &mut out);
+        for t in 0..m {
+            for r in 0..rows {
+                let exact: f64 = (0..cols).map(|k| x[t * cols + k] as f64 * wd[r * cols + k] as f64).sum();
+                let scale: f64 = (0..cols).map(|k| (x[t * cols + k] as f64 * wd[r * cols + k] as f64).abs()).sum();
+                let got = out[t * rows + r] as f64;
+                assert!((got - exact).abs() <= 0.01 * scale + 1e-5, "{qt:?} {isa:?} [{rows}x{cols}] m={m} t={t} r={r}: {got} vs {exact}");
+            }
+        }
+    }
+}
+
+#[test]
+fn every_path_matches_the_f32_product_of_dequantized_weights() {
+    let mut rng = Lcg(7);
+    for qt in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
+        // Odd shapes: rows not a multiple of the chunk or of 4, token counts 1..=9.
+        for (rows, cols, m) in [(1, 32, 1), (7, 64, 3), (33, 96, 5), (300, 256, 9), (5, 1024, 4), (17, 32, 2)] {
+            let (w, raw) = random_weight(qt, rows, cols, &mut rng);
+            let x: Vec<f32> = (0..m * cols).map(|_| rng.f() * 3.0).collect();
+            // Reference: dequantize W from its GGUF bytes, multiply in f64.
+            let mut wd = Vec::new();
+            let rb = cols / QK * qt.block_bytes();
+            for r in 0..rows {
+                scalar::dequantize_row(qt, &raw[r * rb..(r + 1) * rb], &mut wd);
+            }
+            assert_every_path_matches(&w, &wd, &x, m);
+        }
+    }
+}
+
+#[test]
+fn simd_paths_equal_the_scalar_path() {
+    let mut rng = Lcg(11);
+    for qt in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
+        let (rows, cols, m) = (70, 320, 7);
+        let (w, raw) = random_weight(qt, rows, cols, &mut rng);
+        let x: Vec<f32> = (0..m * cols).map(|_| rng.f()).collect();
+        // The GGUF-layout scalar dot product agrees with the packed kernels.
+        let nb = cols / QK;
+        let mut acts = Vec::new();
+        quantize_row_q8(&x[..cols], &mut acts);
+        let rb = nb * qt.block_bytes();
+        let mut first = vec![0f32; m * rows];
+        w.matmul_with(Isa::Scalar, &x, m, &mut first);
+        for r in 0..rows {
+            let d = scalar::dot(qt, &raw[r * rb..(r + 1) * rb], &acts);
+            assert!((d - first[r]).abs() <= 1e-4 * d.abs().max(1.0), "{qt:?} row {r}: {d} vs {}", first[r]);
+        }
+        let mut want = vec![0f32; m * rows];
+        w.matmul_with(Isa::Scalar, &x, m, &mut want);
+        for isa in Isa::available() {
+            let mut got = vec![0f32; m * rows];
+            w.matmul_with(isa, &x, m, &mut got);
+            for (g, e) in got.iter().zip(&want) {
+                assert!((g - e).abs() <= 1e-4 * e.abs().max(1.0), "{qt:?} {isa:?}: {g} vs {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn repacked_formats_match_candles_dequantization() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    let mut rng = Lcg(5);
+    for ((rows, cols, m), (gt, qt)) in [(6, 256, 3), (33, 512, 5)].into_iter().flat_map(|s| {
+        [
+            (GgmlDType::Q4K, QType::Q4K),
+            (GgmlDType::Q5K, QType::Q5K),
+            (GgmlDType::Q6K, QType::Q6K),
+            (GgmlDType::Q3K, QType::Q3K),
+            (GgmlDType::Q2K, QType::Q2K),
+            (GgmlDType::Q5_0, QType::Q5_0),
+            (GgmlDType::Q5_1, QType::Q5_1),
+        ]
+        .map(|t| (s, t))
+    }) {
+        // Magnitudes that change every 16 values, so each (sub-)block scale matters.
+        let w: Vec<f32> = (0..rows * cols).map(|i| (rng.f() + 0.3) * [0.2, 1.0, 4.0][(i / 16) % 3]).collect();
+        let q = QTensor::quantize(&Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap(), gt).unwrap();
+        let wd: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let kw = QWeight::new(qt, rows, cols, q.data().unwrap().into_owned()).unwrap();
+        let x: Vec<f32> = (0..m * cols).map(|_| rng.f() * 2.0).collect();
+        assert_every_path_matches(&kw, &wd, &x, m);
+    }
+}
+
+#[test]
+fn grouped_matmul_equals_separate_matmuls() {
+    let mut rng = Lcg(13);
+    let (cols, m) = (256, 5);
+    let parts = [(QType::Q4_1, 36), (QType::Q8_0, 9), (QType::Q4_0, 70)];
+    let ws: Vec<QWeight> = parts.iter().map(|&(qt, rows)| random_weight(qt, rows, cols, &mut rng).0).collect();
+    let x: Vec<f32> = (0..m * cols).map(|_| rng.f()).collect();
+    for isa in Isa::available() {
+        let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; m * w.rows()]).collect();
+        let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        matmul_many_with(isa, &ws.iter().collect::<Vec<_>>(), &x, m, &mut refs);
+        for (w, got) in ws.iter().zip(&outs) {
+            let mut want = vec![0f32; m * w.rows()];
+            w.matmul_with(isa, &x, m, &mut want);
+            assert_eq!(got, &want, "{:?} {isa:?}", w.qtype());
+        }
+    }
+}
+
+#[test]
+fn bad_sizes_are_refused() {
+    assert!(QWeight::new(QType::Q4_1, 2, 30, vec![0; 40]).unwrap_err().contains("multiple of 32"));
+    assert!(QWeight::new(QType::Q8_0, 2, 32, vec![0; 10]).unwrap_err().contains("needs 68 bytes"));
+}

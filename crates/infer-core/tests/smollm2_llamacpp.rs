@@ -76,15 +76,71 @@ fn chat_template_and_greedy_answer_match_llamacpp() {
     assert_eq!(chunks.last().unwrap().finish, Some(FinishReason::Stop));
 }
 
+/// Two engines whose logits differ by ~0.1 nats (8-bit activation rounding, summation order, f16
+/// vs f32 attention) can break a near tie either way: infer's own instruction-set paths (scalar,
+/// AVX2, AVX-512) differ from each other by up to 0.14 nats on these prompts (measured 2026-11-23),
+/// and the third step of the raw continuation below is a 0.05-nat tie under AVX-512. Where our top
+/// token is not llama.cpp's, llama.cpp's must be within `TIE` nats of ours; a wrong kernel moves
+/// logits by whole nats.
+const TIE: f32 = 0.25;
+
+/// All-position logits of `ids` in one prefill (f32 KV cache).
+fn prefill_logits(s: &Session, ids: &[u32]) -> Vec<Vec<f32>> {
+    let model = s.model().model.clone();
+    let mut cache =
+        infer_core::kv_cache::PagedKvCache::new_on(model.config(), 16, 64, &infer_core::Device::Cpu, infer_core::DType::F32).unwrap();
+    let mut table = Vec::new();
+    cache.reserve(&mut table, ids.len()).unwrap();
+    let mut batch = infer_core::models::BatchInput::default();
+    batch.push_sequence(ids, 0, &table, 16, infer_core::models::LogitsWanted::All);
+    model.forward(&batch, &mut cache).unwrap().to_vec2::<f32>().unwrap()
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0
+}
+
+/// Our top-two margin at `row`, in nats.
+fn margin(row: &[f32]) -> f32 {
+    let best = argmax(row);
+    let second = row.iter().enumerate().filter(|&(i, _)| i != best).map(|(_, &v)| v).fold(f32::NEG_INFINITY, f32::max);
+    row[best] - second
+}
+
 #[test]
 fn raw_greedy_continuation_matches_llamacpp() {
     let Some(mut s) = session() else { return };
     let refs = common::llamacpp_refs();
     let r = &refs["raw_continuation"];
+    let text = r["text"].as_str().unwrap();
+    let want = ids(&r["generated_ids"]);
+    // llama.cpp's continuation teacher-forced through our model: its token is our top token at
+    // every step, or within TIE of it.
+    let prompt = s.model().tokenizer.encode(text, false).unwrap();
+    let logits = prefill_logits(&s, &[prompt.clone(), want.clone()].concat());
+    let mut first_tie = want.len();
+    for (i, &t) in want.iter().enumerate() {
+        let row = &logits[prompt.len() - 1 + i];
+        let best = argmax(row);
+        assert!(
+            row[best] - row[t as usize] <= TIE,
+            "step {i}: llama.cpp's token {t} is {} nats below our top token {best}",
+            row[best] - row[t as usize]
+        );
+        if margin(row) < TIE {
+            first_tie = first_tie.min(i);
+        }
+    }
+    // Our own greedy generation (decode steps, not one prefill) gives llama.cpp's tokens up to the
+    // first near tie, and its text when there is none.
     let params = SamplingParams { max_tokens: Some(16), ..SamplingParams::greedy() };
-    let chunks: Vec<_> = s.complete(r["text"].as_str().unwrap(), params).unwrap().collect::<Result<_, _>>().unwrap();
-    assert_eq!(chunks.iter().map(|c| c.token).collect::<Vec<_>>(), ids(&r["generated_ids"]));
-    assert_eq!(chunks.iter().map(|c| c.text.as_str()).collect::<String>(), r["generated_text"].as_str().unwrap());
+    let chunks: Vec<_> = s.complete(text, params).unwrap().collect::<Result<_, _>>().unwrap();
+    let got: Vec<u32> = chunks.iter().map(|c| c.token).collect();
+    assert_eq!(got[..first_tie], want[..first_tie], "greedy tokens before the first near tie (step {first_tie})");
+    if first_tie == want.len() {
+        assert_eq!(chunks.iter().map(|c| c.text.as_str()).collect::<String>(), r["generated_text"].as_str().unwrap());
+    }
+    assert_eq!(chunks.len(), 16);
     assert_eq!(chunks.last().unwrap().finish, Some(FinishReason::Length));
 }
 
@@ -92,8 +148,8 @@ fn raw_greedy_continuation_matches_llamacpp() {
 /// attention in f16; infer keeps f32; HF transformers (f32 on the dequantized weights) differs again.
 /// On these very prompts transformers and llama.cpp differ by up to 0.50 nats per top-5 log-prob
 /// (mean 0.13 over 30 values, measured 2026-11-23), and infer vs llama.cpp by up to 0.50 (mean 0.125
-/// over 40). So: every value within 0.6, the mean within 0.2, and the same top token at every position. A wrong rope, norm or kernel moves
-/// values by whole nats and changes the top token.
+/// over 40). So: every value within 0.6, the mean within 0.2, and at every position llama.cpp's top
+/// token is ours or within `TIE` of it. A wrong rope, norm or kernel moves values by whole nats.
 const LOGPROB_TOL: f32 = 0.6;
 const LOGPROB_MEAN_TOL: f32 = 0.2;
 
@@ -133,8 +189,13 @@ fn top5_logprobs_match_llamacpp() {
                         case["text"]
                     );
                 }
-                let best = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
-                assert_eq!(best as u64, top5[0][0].as_u64().unwrap(), "{kv:?} cache, {:?} position {pos}: top token", case["text"]);
+                let (best, theirs) = (argmax(row), top5[0][0].as_u64().unwrap() as usize);
+                assert!(
+                    row[best] - row[theirs] <= TIE,
+                    "{kv:?} cache, {:?} position {pos}: llama.cpp's top token {theirs} is {} nats below ours ({best})",
+                    case["text"],
+                    row[best] - row[theirs]
+                );
             }
         }
         let mean = sum / count as f32;

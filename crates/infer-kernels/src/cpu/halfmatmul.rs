@@ -103,7 +103,7 @@ impl HalfWeight {
         match isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: every non-scalar Isa implies AVX2, FMA and F16C.
-            Isa::Avx2 | Isa::Avx2Vnni => unsafe { avx2::tile(self.kind, w, nr, xs, n, self.cols, o) },
+            Isa::Avx2 | Isa::Avx2Vnni | Isa::Avx512 | Isa::Amx => unsafe { avx2::tile(self.kind, w, nr, xs, n, self.cols, o) },
             _ => {
                 let cols = self.cols;
                 for (i, orow) in o[..nr].iter_mut().enumerate() {

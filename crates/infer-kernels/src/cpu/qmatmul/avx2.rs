@@ -158,3 +158,43 @@ unsafe fn kernel<const R: usize, const L: u8, const VNNI: bool, const S: u8>(
         }
     }
 }
+
+/// [`quantize_block_scalar`](super::quantize_block_scalar) with AVX2: the same blocks (the
+/// conversion rounds to nearest, ties to even, as the scalar code does).
+///
+/// # Safety
+/// The CPU must have AVX2; `chunk` must hold 32 values.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn quantize_block(chunk: &[f32]) -> BlockQ8 {
+    debug_assert_eq!(chunk.len(), QK);
+    let p = chunk.as_ptr();
+    let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+    let sign = _mm256_set1_ps(-0.0);
+    let mut amax = _mm256_andnot_ps(sign, v[0]);
+    for x in &v[1..] {
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, *x));
+    }
+    let m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+    let d = amax / 127.0;
+    let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+    let q = v.map(|x| _mm256_cvtps_epi32(_mm256_mul_ps(x, id)));
+    // Sums of values 0..16 and 16..32.
+    let lo = _mm256_add_epi32(q[0], q[1]);
+    let hi = _mm256_add_epi32(q[2], q[3]);
+    let hsum = |s: __m256i| {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)))
+    };
+    let (half, rest) = (hsum(lo), hsum(hi));
+    // i32 → i16 → i8 packs work within 128-bit lanes; a final permute restores the order.
+    let w01 = _mm256_packs_epi32(q[0], q[1]);
+    let w23 = _mm256_packs_epi32(q[2], q[3]);
+    let b = _mm256_packs_epi16(w01, w23);
+    let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    let mut out = BlockQ8 { qs: [0; QK], d, s: d * (half + rest) as f32, s0: d * half as f32 };
+    _mm256_store_si256(out.qs.as_mut_ptr() as *mut __m256i, b);
+    out
+}

@@ -12,7 +12,11 @@
 use half::f16;
 
 #[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod pack;
 pub mod scalar;
 #[cfg(test)]
@@ -120,6 +124,21 @@ pub enum Isa {
     /// The AVX2 kernels with VNNI byte dot products (`vpdpbusd` on 256-bit registers, AVX-512 VL).
     #[cfg(target_arch = "x86_64")]
     Avx2Vnni,
+    /// AVX-512 (F, BW, VL, VNNI) over the wide layout: 16 weight rows in the lanes of one register.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    /// [`Isa::Avx512`] with AMX-INT8 tile products for every 16 tokens (prompts, batches).
+    #[cfg(target_arch = "x86_64")]
+    Amx,
+}
+
+/// How a [`QWeight`] is laid out, which follows the instruction set that multiplies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Rows in groups of [`NR`] = 4 (scalar and AVX2 kernels).
+    Narrow,
+    /// Rows in groups of [`NW`] = 16, values as unsigned bytes in AMX's B-tile order (AVX-512, AMX).
+    Wide,
 }
 
 impl Isa {
@@ -129,19 +148,61 @@ impl Isa {
         *BEST.get_or_init(|| *Isa::available().last().expect("scalar is always available"))
     }
 
-    /// Every path this CPU can run, slowest first (tests force each in turn).
+    /// The weight layout this instruction set multiplies.
+    pub fn layout(self) -> Layout {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 | Isa::Amx => Layout::Wide,
+            _ => Layout::Narrow,
+        }
+    }
+
+    /// The name `INFER_ISA` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Vnni => "avx2-vnni",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => "avx512",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => "amx",
+        }
+    }
+
+    /// Every path this CPU can run, slowest first (tests force each in turn). `INFER_ISA=NAME`
+    /// (scalar, avx2, avx2-vnni, avx512, amx) caps the list at that path, for comparisons.
     pub fn available() -> Vec<Isa> {
         #[allow(unused_mut)]
         let mut v = vec![Isa::Scalar];
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
             v.push(Isa::Avx2);
-            if std::env::var_os("INFER_NO_VNNI").is_none()
-                && std::is_x86_feature_detected!("avx512f")
+            if std::is_x86_feature_detected!("avx512f")
                 && std::is_x86_feature_detected!("avx512vl")
                 && std::is_x86_feature_detected!("avx512vnni")
             {
                 v.push(Isa::Avx2Vnni);
+                if std::is_x86_feature_detected!("avx512bw") {
+                    v.push(Isa::Avx512);
+                    if amx::available() {
+                        v.push(Isa::Amx);
+                    }
+                }
+            }
+        }
+        if let Some(cap) = std::env::var_os("INFER_ISA") {
+            match v.iter().position(|i| cap == i.name()) {
+                Some(k) => v.truncate(k + 1),
+                None => {
+                    static WARNED: std::sync::Once = std::sync::Once::new();
+                    let names: Vec<_> = v.iter().map(|i| i.name()).collect();
+                    WARNED.call_once(|| {
+                        eprintln!("warning: INFER_ISA={cap:?} is not a path this CPU has ({}); using all of them", names.join(", "))
+                    });
+                }
             }
         }
         v
@@ -165,10 +226,28 @@ pub fn quantize_row_q8(x: &[f32], out: &mut Vec<BlockQ8>) {
     out.extend(x.chunks_exact(QK).map(quantize_block));
 }
 
+/// One block of 32 values, with SIMD where the CPU has it (the same result either way).
+#[inline]
+fn quantize_block(chunk: &[f32]) -> BlockQ8 {
+    #[cfg(target_arch = "x86_64")]
+    if simd_quantize() {
+        // SAFETY: the CPU has AVX2 (checked once); `chunk` holds 32 values.
+        return unsafe { avx2::quantize_block(chunk) };
+    }
+    quantize_block_scalar(chunk)
+}
+
+/// Whether activations are quantized with AVX2 (any non-scalar instruction set has it).
+#[cfg(target_arch = "x86_64")]
+fn simd_quantize() -> bool {
+    static SIMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SIMD.get_or_init(|| Isa::detect() != Isa::Scalar)
+}
+
 /// One block of 32 values (round to nearest, ties to even: adding and subtracting 1.5·2²³ rounds
 /// any |v| ≤ 127 exactly, and vectorizes where `round()` is a library call).
 #[inline]
-fn quantize_block(chunk: &[f32]) -> BlockQ8 {
+pub(crate) fn quantize_block_scalar(chunk: &[f32]) -> BlockQ8 {
     const MAGIC: f32 = 12_582_912.0;
     let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
@@ -200,19 +279,21 @@ impl OutPtr {
     }
 }
 
-/// A weight matrix `[rows, cols]` from GGUF blocks, repacked once at load for the kernels: rows in
-/// groups of four, and for each (group, block) the four rows' scales and minimums as f32 followed by
-/// their four blocks of quants, so one pass streams a group's weights in order and one activation
-/// block serves four weight rows.
+/// A weight matrix `[rows, cols]` from GGUF blocks, repacked once at load for the kernels of one
+/// instruction set ([`Layout`]). Narrow: rows in groups of four, and for each (group, block) the
+/// four rows' scales and minimums as f32 followed by their four blocks of quants, so one pass
+/// streams a group's weights in order and one activation block serves four weight rows. Wide: the
+/// same for groups of 16 rows, with the values in AMX's B-tile order (see `pack::pack_wide`).
 #[derive(Clone)]
 pub struct QWeight {
     qtype: QType,
     rows: usize,
     cols: usize,
-    /// Per (group, block): `d[4]` then `m[4]` (Q4_0: `m = -8·d`; Q8_0: 0; Q3_K/Q6_K: the second
+    layout: Layout,
+    /// Narrow, per (group, block): `d[4]` then `m[4]` (Q4_0: `m = -8·d`; Q8_0: 0; Q3_K/Q6_K: the second
     /// half-block scales), and for Q2_K then the two half-block minimums `m0[4]`, `m1[4]`.
     scales: Vec<f32>,
-    /// Per (group, block): four rows × `quant_bytes()`.
+    /// Narrow, per (group, block): four rows × `quant_bytes()`.
     qs: Vec<u8>,
 }
 
@@ -222,8 +303,10 @@ impl std::fmt::Debug for QWeight {
     }
 }
 
-/// Weight rows per group.
+/// Weight rows per group (narrow layout).
 pub const NR: usize = 4;
+/// Weight rows per group (wide layout).
+pub const NW: usize = 16;
 /// Activation rows handled together against each group (at most).
 pub const MR: usize = 6;
 /// Tokens whose activations are kept hot while a task's row groups pass over them.
@@ -238,11 +321,36 @@ impl QType {
             QType::Q8_0 | QType::Q2K | QType::Q3K | QType::Q6K => 32,
         }
     }
+
+    /// f32 slots per row and block in the wide layout: `d, m`, or `d0, d1, m0, m1` (half scales).
+    fn wide_slots(self) -> usize {
+        if self.half_scales() {
+            4
+        } else {
+            2
+        }
+    }
+
+    /// Bytes of one wide block (16 rows × 32 values).
+    fn wide_quant_bytes(self) -> usize {
+        if self.byte_quants() {
+            512
+        } else if self.five_bit() {
+            320
+        } else {
+            256
+        }
+    }
 }
 
 impl QWeight {
-    /// Repacks GGUF block data `[rows, cols]`; checks the size.
+    /// Repacks GGUF block data `[rows, cols]` for the best instruction set; checks the size.
     pub fn new(qtype: QType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, String> {
+        Self::new_for(Isa::detect(), qtype, rows, cols, data)
+    }
+
+    /// The same for a chosen instruction set (whose [`Layout`] it takes).
+    pub fn new_for(isa: Isa, qtype: QType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, String> {
         let bv = qtype.block_values();
         if !cols.is_multiple_of(bv) {
             return Err(format!("{qtype:?} weight with {cols} columns: the row length must be a multiple of {bv}"));
@@ -251,6 +359,10 @@ impl QWeight {
         let want = rows * cols / bv * bb;
         if data.len() != want {
             return Err(format!("{qtype:?} weight [{rows}, {cols}] needs {want} bytes, got {}", data.len()));
+        }
+        if isa.layout() == Layout::Wide {
+            let (scales, qs) = pack_wide(qtype, rows, cols, &data);
+            return Ok(Self { qtype, rows, cols, layout: Layout::Wide, scales, qs });
         }
         let nb = cols / QK;
         let groups = rows.div_ceil(NR);
@@ -263,49 +375,13 @@ impl QWeight {
             for b in 0..nb {
                 let gb = g * nb + b;
                 let dst = &mut qs[(gb * NR + r) * qb..(gb * NR + r + 1) * qb];
-                let vals: [f32; 4] = if qtype == QType::Q2K {
-                    unpack_q2k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
-                } else {
-                    let (d, m) = if qtype == QType::Q4K {
-                        unpack_q4k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
-                    } else if qtype == QType::Q5K {
-                        unpack_q5k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
-                    } else if qtype == QType::Q3K {
-                        unpack_q3k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
-                    } else if qtype == QType::Q6K {
-                        unpack_q6k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
-                    } else {
-                        let blk = &data[(row * nb + b) * bb..(row * nb + b + 1) * bb];
-                        let d = f16_at(blk, 0);
-                        match qtype {
-                            QType::Q5_0 | QType::Q5_1 => {
-                                // GGUF's layout is already the 5-bit form: nibbles (value i low, i + 16
-                                // high) and bit j of qh the fifth bit of value j.
-                                let off = if qtype == QType::Q5_0 { 2 } else { 4 };
-                                dst[..16].copy_from_slice(&blk[off + 4..off + 20]);
-                                dst[16..20].copy_from_slice(&blk[off..off + 4]);
-                                let m = if qtype == QType::Q5_0 { -16.0 * d } else { f16_at(blk, 2) };
-                                (d, m)
-                            }
-                            _ => {
-                                let (m, q) = match qtype {
-                                    QType::Q4_0 => (-8.0 * d, &blk[2..18]),
-                                    QType::Q4_1 => (f16_at(blk, 2), &blk[4..20]),
-                                    _ => (0.0, &blk[2..34]),
-                                };
-                                dst.copy_from_slice(q);
-                                (d, m)
-                            }
-                        }
-                    };
-                    [d, m, 0.0, 0.0]
-                };
+                let vals = narrow_block(qtype, &data, cols, row, b, dst);
                 for (k, &v) in vals[..slots].iter().enumerate() {
                     scales[(gb * slots + k) * NR + r] = v;
                 }
             }
         }
-        Ok(Self { qtype, rows, cols, scales, qs })
+        Ok(Self { qtype, rows, cols, layout: Layout::Narrow, scales, qs })
     }
 
     pub fn qtype(&self) -> QType {
@@ -317,13 +393,25 @@ impl QWeight {
     pub fn cols(&self) -> usize {
         self.cols
     }
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Rows per group of the layout.
+    fn group_rows(&self) -> usize {
+        match self.layout {
+            Layout::Narrow => NR,
+            Layout::Wide => NW,
+        }
+    }
 
     /// `out[m, rows] = x[m, cols] · Wᵀ` with the best instruction set.
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
         self.matmul_with(Isa::detect(), x, m, out)
     }
 
-    /// The same, with a chosen instruction set (which the CPU must support).
+    /// The same, with a chosen instruction set (which the CPU must support, and whose layout the
+    /// weight has).
     pub fn matmul_with(&self, isa: Isa, x: &[f32], m: usize, out: &mut [f32]) {
         matmul_many_with(isa, &[self], x, m, &mut [out]);
     }
@@ -331,6 +419,10 @@ impl QWeight {
     /// Row groups `g0..g1` for all `m` tokens of the quantized activations `acts`, written to
     /// `dst` (`[m, rows]`).
     fn run_groups(&self, isa: Isa, acts: &[BlockQ8], m: usize, g0: usize, g1: usize, dst: OutPtr) {
+        if self.layout == Layout::Wide {
+            #[cfg(target_arch = "x86_64")]
+            return self.run_groups_wide(isa, acts, m, g0, g1, dst);
+        }
         let nb = self.cols / QK;
         let rows = self.rows;
         // Token blocks outermost: a block's activations stay in cache while every row group of
@@ -358,6 +450,36 @@ impl QWeight {
         }
     }
 
+    /// [`run_groups`](Self::run_groups) over the wide layout: AMX for each 16 tokens where the
+    /// instruction set has it, AVX-512 register tiles of up to 8 tokens for the rest.
+    #[cfg(target_arch = "x86_64")]
+    fn run_groups_wide(&self, isa: Isa, acts: &[BlockQ8], m: usize, g0: usize, g1: usize, dst: OutPtr) {
+        let nb = self.cols / QK;
+        let (sn, qb) = (self.qtype.wide_slots() * NW * nb, self.qtype.wide_quant_bytes() * nb);
+        let group = |g: usize| (&self.scales[g * sn..(g + 1) * sn], &self.qs[g * qb..(g + 1) * qb], (self.rows - g * NW).min(NW));
+        let mut t0 = 0;
+        if isa == Isa::Amx && m >= amx::TOKENS {
+            t0 = m / amx::TOKENS * amx::TOKENS;
+            // SAFETY: `Isa::Amx` is only produced when the CPU has AMX-INT8 (and AVX-512 F/BW/VL/
+            // VNNI) and the OS granted the tile state; outputs are in bounds (t < m, rows of g).
+            unsafe { amx::run(self.qtype, acts, nb, t0, g0..g1, &group, dst.at(0), self.rows) };
+        }
+        for tb in (t0..m).step_by(TOKEN_BLOCK) {
+            let tb_end = (tb + TOKEN_BLOCK).min(m);
+            for g in g0..g1 {
+                let (sc, qs, nrows) = group(g);
+                let mut t = tb;
+                while t < tb_end {
+                    let r = avx512::TOKENS.min(tb_end - t);
+                    // SAFETY: the wide layout is only made for `Isa::Avx512`/`Isa::Amx`, which imply
+                    // AVX-512 F/BW/VL/VNNI; the tile writes rows g·16.. (nrows of them) of tokens t..t + r.
+                    unsafe { avx512::tile(self.qtype, sc, qs, &acts[t * nb..], nb, r, dst.at(t * self.rows + g * NW), self.rows, nrows) };
+                    t += r;
+                }
+            }
+        }
+    }
+
     /// One row group × `r` (≤ MR) activation rows starting at `a` → `o[weight row][token]`.
     fn tile(&self, isa: Isa, g: usize, a: &[BlockQ8], nb: usize, r: usize, o: &mut [[f32; MR]; NR]) {
         let qb = self.qtype.quant_bytes();
@@ -373,6 +495,8 @@ impl QWeight {
             // SAFETY: `Isa::Avx2Vnni` is only produced when the CPU reports AVX-512 VL and VNNI
             // besides AVX2, FMA and F16C.
             Isa::Avx2Vnni => unsafe { avx2::tile_vnni(self.qtype, scales, qs, a, nb, r, o) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 | Isa::Amx => unreachable!("the wide layout has its own kernels"),
         }
     }
 }
@@ -423,15 +547,16 @@ pub fn matmul_many_with(isa: Isa, ws: &[&QWeight], x: &[f32], m: usize, outs: &m
     assert_eq!(x.len(), m * cols, "x must be [m, cols]");
     for (w, o) in ws.iter().zip(outs.iter()) {
         assert_eq!(o.len(), m * w.rows, "out must be [m, rows]");
+        assert_eq!(w.layout, isa.layout(), "{:?} weight packed for another instruction set than {isa:?}", w.qtype);
     }
     let acts: Vec<BlockQ8> = if m >= 16 { quantize_parallel(x) } else { x.chunks_exact(QK).map(quantize_block).collect() };
-    let total: usize = ws.iter().map(|w| w.rows.div_ceil(NR)).sum();
+    let total: usize = ws.iter().map(|w| w.rows.div_ceil(w.group_rows())).sum();
     let pool = crate::cpu::pool::Pool::global();
     let chunk = (total / (pool.threads() * 4)).clamp(1, 64);
     // Tasks: (weight, first group, end group); each writes only its own rows of its output.
     let mut tasks = Vec::new();
     for (i, w) in ws.iter().enumerate() {
-        let groups = w.rows.div_ceil(NR);
+        let groups = w.rows.div_ceil(w.group_rows());
         tasks.extend((0..groups).step_by(chunk).map(|g0| (i, g0, (g0 + chunk).min(groups))));
     }
     let dsts: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();

@@ -101,3 +101,137 @@ pub(super) fn unpack_q6k_sub_block(blk: &[u8], j: usize, dst: &mut [u8]) -> (f32
     }
     (d * sc[2 * k] as i8 as f32, d * sc[2 * k + 1] as i8 as f32)
 }
+
+/// Block `b` (32 values) of row `row` of GGUF data `[rows, cols]` in the narrow form: writes its
+/// quants to `dst` (`quant_bytes()` bytes) and returns its scale slots (see [`QWeight`]).
+pub(super) fn narrow_block(qtype: QType, data: &[u8], cols: usize, row: usize, b: usize, dst: &mut [u8]) -> [f32; 4] {
+    let bb = qtype.block_bytes();
+    let nb = cols / QK;
+    if qtype == QType::Q2K {
+        unpack_q2k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
+    } else {
+        let (d, m) = if qtype == QType::Q4K {
+            unpack_q4k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
+        } else if qtype == QType::Q5K {
+            unpack_q5k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
+        } else if qtype == QType::Q3K {
+            unpack_q3k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
+        } else if qtype == QType::Q6K {
+            unpack_q6k_sub_block(&data[(row * cols / 256 + b / 8) * bb..][..bb], b % 8, dst)
+        } else {
+            let blk = &data[(row * nb + b) * bb..(row * nb + b + 1) * bb];
+            let d = f16_at(blk, 0);
+            match qtype {
+                QType::Q5_0 | QType::Q5_1 => {
+                    // GGUF's layout is already the 5-bit form: nibbles (value i low, i + 16
+                    // high) and bit j of qh the fifth bit of value j.
+                    let off = if qtype == QType::Q5_0 { 2 } else { 4 };
+                    dst[..16].copy_from_slice(&blk[off + 4..off + 20]);
+                    dst[16..20].copy_from_slice(&blk[off..off + 4]);
+                    let m = if qtype == QType::Q5_0 { -16.0 * d } else { f16_at(blk, 2) };
+                    (d, m)
+                }
+                _ => {
+                    let (m, q) = match qtype {
+                        QType::Q4_0 => (-8.0 * d, &blk[2..18]),
+                        QType::Q4_1 => (f16_at(blk, 2), &blk[4..20]),
+                        _ => (0.0, &blk[2..34]),
+                    };
+                    dst.copy_from_slice(q);
+                    (d, m)
+                }
+            }
+        };
+        [d, m, 0.0, 0.0]
+    }
+}
+
+/// Block `b` of row `row` as 32 unsigned values `q` and `[d0, d1, m0, m1]` with value k =
+/// d_h·q_k + m_h, h = k / 16 (formats with one scale per block give both halves the same).
+/// Signed formats are offset to unsigned (Q8_0 by 128, Q6_K by 32, Q3_K by 4) and the offset moved
+/// into the minimums, so every format multiplies as unsigned weights × signed activations.
+pub(super) fn unsigned_block(qtype: QType, data: &[u8], cols: usize, row: usize, b: usize) -> ([u8; QK], [f32; 4]) {
+    let mut n = [0u8; QK];
+    let v = narrow_block(qtype, data, cols, row, b, &mut n[..qtype.quant_bytes()]);
+    let mut q = [0u8; QK];
+    if qtype.byte_quants() {
+        let off: i16 = match qtype {
+            QType::Q8_0 => 128,
+            QType::Q6K => 32,
+            QType::Q3K => 4,
+            _ => 0,
+        };
+        for (u, &s) in q.iter_mut().zip(&n) {
+            *u = (s as i8 as i16 + off) as u8;
+        }
+        let o = off as f32;
+        let s = match qtype {
+            QType::Q2K => v,
+            QType::Q8_0 => [v[0], v[0], -o * v[0], -o * v[0]],
+            _ => [v[0], v[1], -o * v[0], -o * v[1]],
+        };
+        return (q, s);
+    }
+    for i in 0..16 {
+        q[i] = n[i] & 0x0F;
+        q[i + 16] = n[i] >> 4;
+    }
+    if qtype.five_bit() {
+        let plane = u32::from_le_bytes([n[16], n[17], n[18], n[19]]);
+        for (k, u) in q.iter_mut().enumerate() {
+            *u |= (((plane >> k) & 1) << 4) as u8;
+        }
+    }
+    (q, [v[0], v[0], v[1], v[1]])
+}
+
+/// Position of value `k` (0..32) of row `n` (0..16) of a wide block: the VNNI order of AMX's B tiles
+/// (four consecutive values of a row side by side, the 16 rows across a 64-byte line).
+#[inline]
+pub(super) fn wide_index(n: usize, k: usize) -> usize {
+    (k / 4) * 64 + n * 4 + k % 4
+}
+
+/// Repacks GGUF data `[rows, cols]` (sizes checked) into the wide layout: per (group of 16 rows,
+/// block) the scale slots (`d[16], m[16]`, or `d0, d1, m0, m1` for half-scale formats), and the
+/// 512 values in [`wide_index`] order: as bytes, or as nibbles (byte i holds value i low and value
+/// i + 256 high) followed for 5-bit formats by a 512-bit plane of fifth bits (bit i: value i).
+pub(super) fn pack_wide(qtype: QType, rows: usize, cols: usize, data: &[u8]) -> (Vec<f32>, Vec<u8>) {
+    use rayon::prelude::*;
+    let nb = cols / QK;
+    let groups = rows.div_ceil(NW);
+    let (sn, qb) = (qtype.wide_slots() * NW, qtype.wide_quant_bytes());
+    let mut scales = vec![0f32; groups * nb * sn];
+    let mut qs = vec![0u8; groups * nb * qb];
+    let (bytes, four_slots) = (qtype.byte_quants(), qtype.wide_slots() == 4);
+    // Groups in parallel (load time): each fills its own slices.
+    scales.par_chunks_mut(nb * sn).zip(qs.par_chunks_mut(nb * qb)).enumerate().for_each(|(g, (gsc, gqs))| {
+        for n in 0..NW.min(rows - g * NW) {
+            for b in 0..nb {
+                let (q, s) = unsigned_block(qtype, data, cols, g * NW + n, b);
+                let sc = &mut gsc[b * sn..(b + 1) * sn];
+                if four_slots {
+                    for (k, &v) in s.iter().enumerate() {
+                        sc[k * NW + n] = v;
+                    }
+                } else {
+                    sc[n] = s[0];
+                    sc[NW + n] = s[2];
+                }
+                let dst = &mut gqs[b * qb..(b + 1) * qb];
+                for (k, &v) in q.iter().enumerate() {
+                    let i = wide_index(n, k);
+                    if bytes {
+                        dst[i] = v;
+                    } else {
+                        dst[i % 256] |= (v & 0x0F) << (4 * (i / 256));
+                        if v & 0x10 != 0 {
+                            dst[256 + i / 8] |= 1 << (i % 8);
+                        }
+                    }
+                }
+            }
+        }
+    });
+    (scales, qs)
+}

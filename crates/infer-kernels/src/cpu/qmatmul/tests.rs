@@ -26,11 +26,11 @@ fn random_weight(qt: QType, rows: usize, cols: usize, rng: &mut Lcg) -> (QWeight
     (QWeight::new(qt, rows, cols, data.clone()).unwrap(), data)
 }
 
-/// Every ISA path's `x · wᵀ` against the f64 product with the dequantized weights `wd`: with
-/// 8-bit activations the error stays well under 1% of Σ|x·w|.
-fn assert_every_path_matches(w: &QWeight, wd: &[f32], x: &[f32], m: usize) {
-    let (qt, rows, cols) = (w.qtype(), w.rows(), w.cols());
+/// Every ISA path's `x · wᵀ` (each with the weight `raw` packed for it) against the f64 product
+/// with the dequantized weights `wd`: with 8-bit activations the error stays well under 1% of Σ|x·w|.
+fn assert_every_path_matches(qt: QType, rows: usize, cols: usize, raw: &[u8], wd: &[f32], x: &[f32], m: usize) {
     for isa in Isa::available() {
+        let w = QWeight::new_for(isa, qt, rows, cols, raw.to_vec()).unwrap();
         let mut out = vec![0f32; m * rows];
         w.matmul_with(isa, x, m, &mut out);
         for t in 0..m {
@@ -48,9 +48,12 @@ fn assert_every_path_matches(w: &QWeight, wd: &[f32], x: &[f32], m: usize) {
 fn every_path_matches_the_f32_product_of_dequantized_weights() {
     let mut rng = Lcg(7);
     for qt in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
-        // Odd shapes: rows not a multiple of the chunk or of 4, token counts 1..=9.
-        for (rows, cols, m) in [(1, 32, 1), (7, 64, 3), (33, 96, 5), (300, 256, 9), (5, 1024, 4), (17, 32, 2)] {
-            let (w, raw) = random_weight(qt, rows, cols, &mut rng);
+        // Odd shapes: rows not a multiple of the chunk, of 4 or of 16; token counts 1..=9, and 16,
+        // 19, 35 (tile products of 16 tokens and a rest).
+        for (rows, cols, m) in
+            [(1, 32, 1), (7, 64, 3), (33, 96, 5), (300, 256, 9), (5, 1024, 4), (17, 32, 2), (40, 128, 35), (17, 64, 16), (70, 96, 19)]
+        {
+            let (_, raw) = random_weight(qt, rows, cols, &mut rng);
             let x: Vec<f32> = (0..m * cols).map(|_| rng.f() * 3.0).collect();
             // Reference: dequantize W from its GGUF bytes, multiply in f64.
             let mut wd = Vec::new();
@@ -58,7 +61,7 @@ fn every_path_matches_the_f32_product_of_dequantized_weights() {
             for r in 0..rows {
                 scalar::dequantize_row(qt, &raw[r * rb..(r + 1) * rb], &mut wd);
             }
-            assert_every_path_matches(&w, &wd, &x, m);
+            assert_every_path_matches(qt, rows, cols, &raw, &wd, &x, m);
         }
     }
 }
@@ -67,8 +70,9 @@ fn every_path_matches_the_f32_product_of_dequantized_weights() {
 fn simd_paths_equal_the_scalar_path() {
     let mut rng = Lcg(11);
     for qt in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
-        let (rows, cols, m) = (70, 320, 7);
-        let (w, raw) = random_weight(qt, rows, cols, &mut rng);
+        let (rows, cols, m) = (70, 320, 23);
+        let raw = random_weight(qt, rows, cols, &mut rng).1;
+        let w = QWeight::new_for(Isa::Scalar, qt, rows, cols, raw.clone()).unwrap();
         let x: Vec<f32> = (0..m * cols).map(|_| rng.f()).collect();
         // The GGUF-layout scalar dot product agrees with the packed kernels.
         let nb = cols / QK;
@@ -85,7 +89,7 @@ fn simd_paths_equal_the_scalar_path() {
         w.matmul_with(Isa::Scalar, &x, m, &mut want);
         for isa in Isa::available() {
             let mut got = vec![0f32; m * rows];
-            w.matmul_with(isa, &x, m, &mut got);
+            QWeight::new_for(isa, qt, rows, cols, raw.clone()).unwrap().matmul_with(isa, &x, m, &mut got);
             for (g, e) in got.iter().zip(&want) {
                 assert!((g - e).abs() <= 1e-4 * e.abs().max(1.0), "{qt:?} {isa:?}: {g} vs {e}");
             }
@@ -98,7 +102,7 @@ fn repacked_formats_match_candles_dequantization() {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
     let mut rng = Lcg(5);
-    for ((rows, cols, m), (gt, qt)) in [(6, 256, 3), (33, 512, 5)].into_iter().flat_map(|s| {
+    for ((rows, cols, m), (gt, qt)) in [(6, 256, 3), (33, 512, 5), (20, 256, 18)].into_iter().flat_map(|s| {
         [
             (GgmlDType::Q4K, QType::Q4K),
             (GgmlDType::Q5K, QType::Q5K),
@@ -114,20 +118,22 @@ fn repacked_formats_match_candles_dequantization() {
         let w: Vec<f32> = (0..rows * cols).map(|i| (rng.f() + 0.3) * [0.2, 1.0, 4.0][(i / 16) % 3]).collect();
         let q = QTensor::quantize(&Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap(), gt).unwrap();
         let wd: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let kw = QWeight::new(qt, rows, cols, q.data().unwrap().into_owned()).unwrap();
+        let raw = q.data().unwrap().into_owned();
         let x: Vec<f32> = (0..m * cols).map(|_| rng.f() * 2.0).collect();
-        assert_every_path_matches(&kw, &wd, &x, m);
+        assert_every_path_matches(qt, rows, cols, &raw, &wd, &x, m);
     }
 }
 
 #[test]
 fn grouped_matmul_equals_separate_matmuls() {
     let mut rng = Lcg(13);
-    let (cols, m) = (256, 5);
+    let (cols, m) = (256, 21);
     let parts = [(QType::Q4_1, 36), (QType::Q8_0, 9), (QType::Q4_0, 70)];
-    let ws: Vec<QWeight> = parts.iter().map(|&(qt, rows)| random_weight(qt, rows, cols, &mut rng).0).collect();
+    let raws: Vec<Vec<u8>> = parts.iter().map(|&(qt, rows)| random_weight(qt, rows, cols, &mut rng).1).collect();
     let x: Vec<f32> = (0..m * cols).map(|_| rng.f()).collect();
     for isa in Isa::available() {
+        let ws: Vec<QWeight> =
+            parts.iter().zip(&raws).map(|(&(qt, rows), raw)| QWeight::new_for(isa, qt, rows, cols, raw.clone()).unwrap()).collect();
         let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; m * w.rows()]).collect();
         let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
         matmul_many_with(isa, &ws.iter().collect::<Vec<_>>(), &x, m, &mut refs);
@@ -143,4 +149,19 @@ fn grouped_matmul_equals_separate_matmuls() {
 fn bad_sizes_are_refused() {
     assert!(QWeight::new(QType::Q4_1, 2, 30, vec![0; 40]).unwrap_err().contains("multiple of 32"));
     assert!(QWeight::new(QType::Q8_0, 2, 32, vec![0; 10]).unwrap_err().contains("needs 68 bytes"));
+}
+
+#[test]
+fn simd_activation_quantization_equals_the_scalar_one() {
+    let mut rng = Lcg(17);
+    for k in 0..200 {
+        // Random rows, rows with exact ties (halves of the step), an all-zero row.
+        let x: Vec<f32> = match k % 3 {
+            0 => (0..QK).map(|_| rng.f() * 10.0).collect(),
+            1 => (0..QK).map(|i| if i == 0 { 127.0 } else { (rng.next() % 255) as f32 * 0.5 - 63.5 }).collect(),
+            _ => vec![0.0; QK],
+        };
+        let (want, got) = (quantize_block_scalar(&x), quantize_block(&x));
+        assert_eq!((want.qs, want.d, want.s, want.s0), (got.qs, got.d, got.s, got.s0), "row {k}");
+    }
 }

@@ -1,0 +1,213 @@
+//! AMX-INT8 kernels over the wide layout: for each 32-value block, one tile product multiplies 16
+//! tokens' activation bytes (tile A, signed) by 16 weight rows' values (tile B, unsigned, already
+//! in the VNNI order the wide layout keeps) into 16×16 int32 sums, which AVX-512 then scales into
+//! f32 accumulators. The tile instructions are written as inline assembly (Rust has no stable AMX
+//! intrinsics); Linux hands out the tile state only on request (`arch_prctl`).
+
+use std::arch::asm;
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::avx512::{load_block, BYTES, FIVE, NIBBLES};
+use super::*;
+
+/// Tokens per tile product.
+pub(super) const TOKENS: usize = 16;
+
+/// Whether the CPU has AMX-INT8 and the OS lets this process use the tile registers (asked once).
+pub(super) fn available() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        // CPUID leaf 7: EDX bit 24 AMX-TILE, bit 25 AMX-INT8.
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID leaf 7 exists on every x86-64 CPU with AVX-512 (checked before this call).
+        let edx = unsafe { __cpuid_count(7, 0) }.edx;
+        edx & (3 << 24) == 3 << 24 && request_tile_state()
+    })
+}
+
+/// Asks Linux for the AMX tile data state (process-wide; fails where the kernel or hypervisor does
+/// not enable it).
+#[cfg(target_os = "linux")]
+fn request_tile_state() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: arch_prctl with these arguments only changes the process's permitted state components.
+    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn request_tile_state() -> bool {
+    false
+}
+
+/// The 64-byte tile configuration (palette 1): tmm0/tmm1 the 16×16 int32 sums; for one scale per
+/// block tmm2 = A (16 tokens × 32 bytes) and tmm4 = B (8 × 64 bytes), for two (one per 16 values)
+/// tmm2/tmm3 = A halves (16 × 16 bytes) and tmm4/tmm5 = B halves (4 × 64 bytes).
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+impl TileConfig {
+    fn new(half: bool) -> Self {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let mut set = |t: usize, rows: u8, colsb: u16| {
+            c[16 + 2 * t..18 + 2 * t].copy_from_slice(&colsb.to_le_bytes());
+            c[48 + t] = rows;
+        };
+        set(0, 16, 64);
+        set(1, 16, 64);
+        if half {
+            set(2, 16, 16);
+            set(3, 16, 16);
+            set(4, 4, 64);
+            set(5, 4, 64);
+        } else {
+            set(2, 16, 32);
+            set(4, 8, 64);
+        }
+        Self(c)
+    }
+}
+
+#[repr(C, align(64))]
+struct Scratch {
+    /// One block's unpacked B tile (formats stored as nibbles).
+    b: [u8; 512],
+    /// The int32 sums of one or two tile products.
+    c: [i32; 512],
+}
+
+/// Tokens `0..m` (a multiple of 16) of `acts` (`[m, nb]` blocks) × the row groups `groups` (`group(g)`
+/// gives a group's scales, values and valid rows) into `out` (`[m, ldo]`, the group's rows at g·16).
+///
+/// # Safety
+/// [`available`] must be true and the CPU must have AVX-512 F/BW/VL/VNNI; `out` must be valid for
+/// those writes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn run<'w>(
+    qt: QType,
+    acts: &[BlockQ8],
+    nb: usize,
+    m: usize,
+    groups: Range<usize>,
+    group: &dyn Fn(usize) -> (&'w [f32], &'w [u8], usize),
+    out: *mut f32,
+    ldo: usize,
+) {
+    debug_assert!(m.is_multiple_of(TOKENS) && acts.len() >= m * nb);
+    let cfg = TileConfig::new(qt.half_scales());
+    asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+    let mut scratch = Scratch { b: [0; 512], c: [0; 512] };
+    for t0 in (0..m).step_by(TOKENS) {
+        let a = acts.as_ptr().add(t0 * nb);
+        for g in groups.clone() {
+            let (sc, qs, nrows) = group(g);
+            let mask: __mmask16 = if nrows == NW { 0xFFFF } else { (1u16 << nrows) - 1 };
+            let o = out.add(t0 * ldo + g * NW);
+            let (s, q) = (sc.as_ptr(), qs.as_ptr());
+            match (qt.byte_quants(), qt.half_scales(), qt.five_bit()) {
+                (true, true, _) => tile::<BYTES, true>(s, q, a, nb, o, ldo, mask, &mut scratch),
+                (true, false, _) => tile::<BYTES, false>(s, q, a, nb, o, ldo, mask, &mut scratch),
+                (false, _, true) => tile::<FIVE, false>(s, q, a, nb, o, ldo, mask, &mut scratch),
+                (false, _, false) => tile::<NIBBLES, false>(s, q, a, nb, o, ldo, mask, &mut scratch),
+            }
+        }
+    }
+    asm!("tilerelease", options(nostack, nomem));
+}
+
+/// 16 tokens × one group of 16 rows, over all `nb` blocks.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<const L: u8, const HALF: bool>(
+    scales: *const f32,
+    qs: *const u8,
+    a: *const BlockQ8,
+    nb: usize,
+    out: *mut f32,
+    ldo: usize,
+    mask: __mmask16,
+    scratch: &mut Scratch,
+) {
+    let qb = match L {
+        BYTES => 512,
+        FIVE => 320,
+        _ => 256,
+    };
+    let sn = if HALF { 4 * NW } else { 2 * NW };
+    let astride = nb * std::mem::size_of::<BlockQ8>();
+    let c = scratch.c.as_mut_ptr();
+    let mut acc = [_mm512_setzero_ps(); TOKENS];
+    for b in 0..nb {
+        let q = qs.add(b * qb);
+        let bp = if L == BYTES {
+            q
+        } else {
+            let w = load_block::<L>(q);
+            for (j, v) in w.iter().enumerate() {
+                _mm512_store_si512(scratch.b.as_mut_ptr().add(64 * j) as *mut _, *v);
+            }
+            scratch.b.as_ptr()
+        };
+        let ap = (*a.add(b)).qs.as_ptr();
+        if HALF {
+            asm!(
+                "tileloadd tmm2, [{a} + {sa}*1]",
+                "tileloadd tmm3, [{a1} + {sa}*1]",
+                "tileloadd tmm4, [{b} + {s64}*1]",
+                "tileloadd tmm5, [{b1} + {s64}*1]",
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tdpbsud tmm0, tmm2, tmm4",
+                "tdpbsud tmm1, tmm3, tmm5",
+                "tilestored [{c} + {s64}*1], tmm0",
+                "tilestored [{c1} + {s64}*1], tmm1",
+                a = in(reg) ap,
+                a1 = in(reg) ap.add(16),
+                sa = in(reg) astride,
+                b = in(reg) bp,
+                b1 = in(reg) bp.add(256),
+                s64 = in(reg) 64usize,
+                c = in(reg) c,
+                c1 = in(reg) c.add(256),
+                options(nostack),
+            );
+        } else {
+            asm!(
+                "tileloadd tmm2, [{a} + {sa}*1]",
+                "tileloadd tmm4, [{b} + {s64}*1]",
+                "tilezero tmm0",
+                "tdpbsud tmm0, tmm2, tmm4",
+                "tilestored [{c} + {s64}*1], tmm0",
+                a = in(reg) ap,
+                sa = in(reg) astride,
+                b = in(reg) bp,
+                s64 = in(reg) 64usize,
+                c = in(reg) c,
+                options(nostack),
+            );
+        }
+        let sc = scales.add(b * sn);
+        let d0 = _mm512_loadu_ps(sc);
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let ab = &*a.add(i * nb + b);
+            let da = _mm512_set1_ps(ab.d);
+            let s0 = _mm512_cvtepi32_ps(_mm512_load_si512(c.add(16 * i) as *const _));
+            if HALF {
+                let s1 = _mm512_cvtepi32_ps(_mm512_load_si512(c.add(256 + 16 * i) as *const _));
+                *acc = _mm512_fmadd_ps(s0, _mm512_mul_ps(d0, da), *acc);
+                *acc = _mm512_fmadd_ps(s1, _mm512_mul_ps(_mm512_loadu_ps(sc.add(NW)), da), *acc);
+                *acc = _mm512_fmadd_ps(_mm512_loadu_ps(sc.add(2 * NW)), _mm512_set1_ps(ab.s0), *acc);
+                *acc = _mm512_fmadd_ps(_mm512_loadu_ps(sc.add(3 * NW)), _mm512_set1_ps(ab.s - ab.s0), *acc);
+            } else {
+                *acc = _mm512_fmadd_ps(s0, _mm512_mul_ps(d0, da), *acc);
+                *acc = _mm512_fmadd_ps(_mm512_loadu_ps(sc.add(NW)), _mm512_set1_ps(ab.s), *acc);
+            }
+        }
+    }
+    for (i, acc) in acc.iter().enumerate() {
+        _mm512_mask_storeu_ps(out.add(i * ldo), mask, *acc);
+    }
+}

@@ -2,11 +2,13 @@
 //! weights kept in 16 bits (half the memory traffic of f32) and widened in registers. Row chunks are
 //! split over the kernels' thread pool; a register tile of three weight rows × four tokens loads and converts
 //! each weight vector once per four tokens and each activation vector once per three rows.
-//! AVX2+FMA+F16C at run time, scalar otherwise.
+//! AVX2+FMA+F16C at run time, scalar otherwise. On AVX-512 CPUs the weights are kept in the wide
+//! layout instead (groups of 16 rows, column-major inside a group: one 256-bit load is one column
+//! of 16 rows), so one broadcast activation times one widened column feeds 16 rows' sums at once.
 
 use half::{bf16, f16};
 
-use crate::cpu::qmatmul::{Isa, OutPtr};
+use crate::cpu::qmatmul::{Isa, Layout, OutPtr, NW};
 
 /// The 16-bit float format of the weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +23,8 @@ pub struct HalfWeight {
     kind: HalfKind,
     rows: usize,
     cols: usize,
+    layout: Layout,
+    /// Narrow: row-major `[rows, cols]`. Wide: `[rows / 16 (rounded up), cols, 16]`, padded rows zero.
     bits: Vec<u16>,
 }
 
@@ -39,13 +43,32 @@ const TR: usize = 4;
 const TOKEN_BLOCK: usize = 16;
 
 impl HalfWeight {
-    /// Wraps little-endian 16-bit floats `[rows, cols]`; checks the size.
+    /// Wraps little-endian 16-bit floats `[rows, cols]` for the best instruction set; checks the size.
     pub fn new(kind: HalfKind, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self, String> {
+        Self::new_for(Isa::detect(), kind, rows, cols, bytes)
+    }
+
+    /// The same in the layout of a chosen instruction set.
+    pub fn new_for(isa: Isa, kind: HalfKind, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self, String> {
         if bytes.len() != rows * cols * 2 {
             return Err(format!("{kind:?} weight [{rows}, {cols}] needs {} bytes, got {}", rows * cols * 2, bytes.len()));
         }
-        let bits = bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
-        Ok(Self { kind, rows, cols, bits })
+        let at = |i: usize| u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]);
+        let layout = isa.layout();
+        let bits = match layout {
+            Layout::Narrow => (0..rows * cols).map(at).collect(),
+            Layout::Wide => {
+                let mut bits = vec![0u16; rows.div_ceil(NW) * NW * cols];
+                for r in 0..rows {
+                    let (g, n) = (r / NW, r % NW);
+                    for k in 0..cols {
+                        bits[(g * cols + k) * NW + n] = at(r * cols + k);
+                    }
+                }
+                bits
+            }
+        };
+        Ok(Self { kind, rows, cols, layout, bits })
     }
 
     pub fn rows(&self) -> usize {
@@ -64,8 +87,43 @@ impl HalfWeight {
     pub fn matmul_with(&self, isa: Isa, x: &[f32], m: usize, out: &mut [f32]) {
         assert_eq!(x.len(), m * self.cols, "x must be [m, cols]");
         assert_eq!(out.len(), m * self.rows, "out must be [m, rows]");
+        assert_eq!(self.layout, isa.layout(), "{:?} weight packed for another instruction set than {isa:?}", self.kind);
         let (rows, cols) = (self.rows, self.cols);
         let pool = crate::cpu::pool::Pool::global();
+        #[cfg(target_arch = "x86_64")]
+        if self.layout == Layout::Wide {
+            let groups = rows.div_ceil(NW);
+            let chunk = (groups / (pool.threads() * 4)).clamp(1, 64);
+            let dst = OutPtr(out.as_mut_ptr());
+            pool.run(groups.div_ceil(chunk), &|c| {
+                for tb in (0..m).step_by(TOKEN_BLOCK) {
+                    let tb_end = (tb + TOKEN_BLOCK).min(m);
+                    for g in c * chunk..((c + 1) * chunk).min(groups) {
+                        let w = &self.bits[g * cols * NW..(g + 1) * cols * NW];
+                        let mut t = tb;
+                        while t < tb_end {
+                            let n = avx512::TOKENS.min(tb_end - t);
+                            // SAFETY: the wide layout is only made for instruction sets with AVX-512
+                            // F/BW/VL; the tile writes rows g·16.. (valid ones only) of tokens t..t + n.
+                            unsafe {
+                                avx512::tile(
+                                    self.kind,
+                                    w,
+                                    &x[t * cols..],
+                                    n,
+                                    cols,
+                                    dst.at(t * rows + g * NW),
+                                    rows,
+                                    (rows - g * NW).min(NW),
+                                )
+                            };
+                            t += n;
+                        }
+                    }
+                }
+            });
+            return;
+        }
         let chunk = (rows / (pool.threads() * 4)).clamp(RR, 255) / RR * RR;
         let dst = OutPtr(out.as_mut_ptr());
         // Each task computes a run of rows for all m tokens, writing its rows of `out` directly.
@@ -103,7 +161,7 @@ impl HalfWeight {
         match isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: every non-scalar Isa implies AVX2, FMA and F16C.
-            Isa::Avx2 | Isa::Avx2Vnni | Isa::Avx512 | Isa::Amx => unsafe { avx2::tile(self.kind, w, nr, xs, n, self.cols, o) },
+            Isa::Avx2 | Isa::Avx2Vnni => unsafe { avx2::tile(self.kind, w, nr, xs, n, self.cols, o) },
             _ => {
                 let cols = self.cols;
                 for (i, orow) in o[..nr].iter_mut().enumerate() {
@@ -118,6 +176,90 @@ impl HalfWeight {
                 }
             }
         }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::*;
+
+    /// Tokens of one register tile (at most).
+    pub const TOKENS: usize = 8;
+
+    /// One group of 16 rows (`w`: `[cols, 16]`) × `n` (1..=8) tokens `xs` (`[n, cols]`): writes
+    /// `out[t·ldo + r]` for t < n, r < nrows.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F/BW/VL; `out` must be valid for those writes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile(kind: HalfKind, w: &[u16], xs: &[f32], n: usize, cols: usize, out: *mut f32, ldo: usize, nrows: usize) {
+        debug_assert!(w.len() == cols * NW && xs.len() >= n * cols && (1..=TOKENS).contains(&n));
+        let mask: __mmask16 = if nrows == NW { 0xFFFF } else { (1u16 << nrows) - 1 };
+        let (wp, xp) = (w.as_ptr(), xs.as_ptr());
+        match n {
+            1 => single(kind, wp, xp, cols, out, mask),
+            2 => kernel::<2>(kind, wp, xp, cols, out, ldo, mask),
+            3 => kernel::<3>(kind, wp, xp, cols, out, ldo, mask),
+            4 => kernel::<4>(kind, wp, xp, cols, out, ldo, mask),
+            5 => kernel::<5>(kind, wp, xp, cols, out, ldo, mask),
+            6 => kernel::<6>(kind, wp, xp, cols, out, ldo, mask),
+            7 => kernel::<7>(kind, wp, xp, cols, out, ldo, mask),
+            _ => kernel::<8>(kind, wp, xp, cols, out, ldo, mask),
+        }
+    }
+
+    /// Column `k` of the group: 16 rows widened to f32.
+    #[inline(always)]
+    unsafe fn column(kind: HalfKind, w: *const u16, k: usize) -> __m512 {
+        let raw = _mm256_loadu_si256(w.add(k * NW) as *const __m256i);
+        match kind {
+            HalfKind::F16 => _mm512_cvtph_ps(raw),
+            HalfKind::Bf16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw))),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn kernel<const R: usize>(
+        kind: HalfKind,
+        w: *const u16,
+        x: *const f32,
+        cols: usize,
+        out: *mut f32,
+        ldo: usize,
+        mask: __mmask16,
+    ) {
+        let mut acc = [_mm512_setzero_ps(); R];
+        for k in 0..cols {
+            let wk = column(kind, w, k);
+            for (t, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm512_fmadd_ps(wk, _mm512_set1_ps(*x.add(t * cols + k)), *acc);
+            }
+        }
+        for (t, acc) in acc.iter().enumerate() {
+            _mm512_mask_storeu_ps(out.add(t * ldo), mask, *acc);
+        }
+    }
+
+    /// One token (decode): four accumulators over alternating columns hide the FMA latency.
+    #[inline(always)]
+    unsafe fn single(kind: HalfKind, w: *const u16, x: *const f32, cols: usize, out: *mut f32, mask: __mmask16) {
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut k = 0;
+        while k + 4 <= cols {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm512_fmadd_ps(column(kind, w, k + j), _mm512_set1_ps(*x.add(k + j)), *acc);
+            }
+            k += 4;
+        }
+        while k < cols {
+            acc[0] = _mm512_fmadd_ps(column(kind, w, k), _mm512_set1_ps(*x.add(k)), acc[0]);
+            k += 1;
+        }
+        let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        _mm512_mask_storeu_ps(out, mask, s);
     }
 }
 
@@ -216,7 +358,7 @@ mod tests {
             ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
         };
         for kind in [HalfKind::F16, HalfKind::Bf16] {
-            for (rows, cols, m) in [(1, 8, 1), (7, 40, 3), (300, 96, 6), (33, 17, 5), (4, 100, 1), (5, 24, 9)] {
+            for (rows, cols, m) in [(1, 8, 1), (7, 40, 3), (300, 96, 6), (33, 17, 5), (4, 100, 1), (5, 24, 9), (40, 64, 19)] {
                 let wf: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
                 let bytes: Vec<u8> = wf
                     .iter()
@@ -225,9 +367,9 @@ mod tests {
                         HalfKind::Bf16 => bf16::from_f32(v).to_le_bytes(),
                     })
                     .collect();
-                let w = HalfWeight::new(kind, rows, cols, &bytes).unwrap();
                 let x: Vec<f32> = (0..m * cols).map(|_| rnd()).collect();
                 for isa in Isa::available() {
+                    let w = HalfWeight::new_for(isa, kind, rows, cols, &bytes).unwrap();
                     let mut out = vec![0f32; m * rows];
                     w.matmul_with(isa, &x, m, &mut out);
                     for t in 0..m {

@@ -13,6 +13,9 @@ use crate::cpu::qmatmul::OutPtr;
 
 use crate::cpu::qmatmul::Isa;
 
+/// Rows of one sequence from which a prompt goes to the tiled kernel.
+const TILED_MIN_ROWS: usize = 8;
+
 /// The head geometry of one attention layer.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionShape {
@@ -132,7 +135,33 @@ pub fn paged_attention_with<E: KvElem>(
     for (s, seq) in seqs.iter().enumerate() {
         row_seq[seq.q_start..seq.q_start + seq.q_len].fill(s);
     }
-    let work: usize = seqs.iter().map(|s| s.q_len * s.context_len).sum::<usize>() * q_row;
+    // Prompts (several rows of one sequence) go to the tiled kernel where there is one.
+    #[cfg(target_arch = "x86_64")]
+    let tiled = |s: &SeqAttention<'_>| {
+        matches!(isa, Isa::Avx512 | Isa::Amx) && s.q_len >= TILED_MIN_ROWS && crate::cpu::flash_attention::supports(hd)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let tiled = |_: &SeqAttention<'_>| false;
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::cpu::flash_attention::{unit, ROWS};
+        // Units (sequence, head, first row), the longest (last rows) first.
+        let mut units = Vec::new();
+        for (s, seq) in seqs.iter().enumerate().filter(|(_, s)| tiled(s)) {
+            for i0 in (0..seq.q_len).step_by(ROWS).rev() {
+                units.extend((0..shape.num_heads).map(|h| (s, h, i0)));
+            }
+        }
+        let dst = OutPtr(out.as_mut_ptr());
+        Pool::global().run(units.len(), &|u| {
+            let (s, h, i0) = units[u];
+            let seq = &seqs[s];
+            // SAFETY: `tiled` checked the instruction set (AVX-512 F/BW/VL with FMA and F16C) and
+            // the head size; each unit writes only its own rows' slices of head h.
+            unsafe { unit(q, k_cache, v_cache, seq, shape, h, i0, ROWS.min(seq.q_len - i0), dst.at(0)) };
+        });
+    }
+    let work: usize = seqs.iter().filter(|s| !tiled(s)).map(|s| s.q_len * s.context_len).sum::<usize>() * q_row;
     let run_row = |(r, out_row): (usize, &mut [f32])| {
         let s = row_seq[r];
         if s == usize::MAX {
@@ -140,6 +169,9 @@ pub fn paged_attention_with<E: KvElem>(
             return;
         }
         let seq = &seqs[s];
+        if tiled(seq) {
+            return;
+        }
         let pos = seq.context_len - seq.q_len + (r - seq.q_start);
         attend_row(isa, &q[r * q_row..(r + 1) * q_row], pos, seq.block_table, k_cache, v_cache, shape, out_row);
     };
@@ -498,6 +530,34 @@ mod tests {
             let r1 = reference(&q[qr..], &round(&full[1].0), &round(&full[1].1), new[1], ctx[1], &sh);
             for (a, b) in out.iter().zip(r0.iter().chain(&r1)) {
                 assert!((a - b).abs() < 1e-5, "f16 cache, window {window:?} head_dim {head_dim} {isa:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// A prompt chunk after earlier context (the tiled kernel's rows start past position 0 and
+    /// its key steps cross block boundaries), every path against the dense reference.
+    #[test]
+    fn chunked_prompt_matches_dense() {
+        for (window, softcap, head_dim) in [(None, None, 64), (Some(17), None, 128), (None, Some(1.5), 32), (Some(40), None, 64)] {
+            let sh = AttentionShape { num_heads: 6, num_kv_heads: 2, head_dim, block_size: 8, scale: 0.2, sliding_window: window, softcap };
+            let kv_row = sh.num_kv_heads * head_dim;
+            let (ctx, new) = (53usize, 21usize);
+            let mut seed = 11u64;
+            let (k, v) = (rand_vec(ctx * kv_row, &mut seed), rand_vec(ctx * kv_row, &mut seed));
+            let table: Vec<u32> = (0..ctx.div_ceil(sh.block_size) as u32).rev().collect();
+            let slots: Vec<usize> = (0..ctx).map(|t| table[t / sh.block_size] as usize * sh.block_size + t % sh.block_size).collect();
+            let mut kc = vec![0f32; table.len() * sh.block_size * kv_row];
+            let mut vc = kc.clone();
+            write_kv(&k, &v, &slots, &sh, &mut kc, &mut vc);
+            let q = rand_vec(new * sh.num_heads * head_dim, &mut seed);
+            let seqs = [SeqAttention { q_start: 0, q_len: new, context_len: ctx, block_table: &table }];
+            let want = reference(&q, &k, &v, new, ctx, &sh);
+            for isa in Isa::available() {
+                let mut out = vec![f32::NAN; q.len()];
+                paged_attention_with(isa, &q, &kc, &vc, &seqs, &sh, &mut out);
+                for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                    assert!((a - b).abs() < 1e-5, "window {window:?} softcap {softcap:?} head_dim {head_dim} {isa:?} [{i}]: {a} vs {b}");
+                }
             }
         }
     }

@@ -1,5 +1,7 @@
 //! CPU kernels.
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+mod flash_attention;
 pub mod halfmatmul;
 pub mod pool;
 pub mod qmatmul;

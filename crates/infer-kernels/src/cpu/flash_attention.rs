@@ -1,0 +1,180 @@
+//! Prompt attention on AVX-512, flash-attention-2 style: a unit is 16 consecutive query rows of one
+//! head, one row per register lane. The unit's queries are transposed once (`qt[d]` = dimension d of
+//! all 16 rows), so each step of 16 keys computes its scores as `S_j = Σ_d qt[d] · k_j[d]`, one
+//! fused multiply-add per (dimension, key) with the key element broadcast, and no horizontal sums;
+//! the running maximum, the exponentials and the rescaling are lane-wise (per query row), and the
+//! output accumulates transposed (`ot[d]`) the same way. Keys and values are copied per step into a
+//! small f32 buffer (widened from an f16 cache), so the paged block table is walked once per key.
+
+use std::arch::x86_64::*;
+
+use crate::cpu::attention::{AttentionShape, KvElem, SeqAttention};
+use crate::cpu::simd::exp512;
+
+/// Query rows per unit (one per lane).
+pub(crate) const ROWS: usize = 16;
+/// Keys per step.
+const KEYS: usize = 16;
+
+/// Whether the tiled kernel handles this head size.
+pub(crate) fn supports(head_dim: usize) -> bool {
+    matches!(head_dim, 32 | 64 | 80 | 96 | 128 | 256)
+}
+
+#[repr(C, align(64))]
+struct Scratch<const HD: usize> {
+    qt: [[f32; ROWS]; HD],
+    ot: [[f32; ROWS]; HD],
+    kb: [[f32; HD]; KEYS],
+    vb: [[f32; HD]; KEYS],
+}
+
+/// Query rows `i0 .. i0 + n` (1 ≤ n ≤ 16) of sequence `seq` for query head `head`: writes their
+/// `head` slices of `out` (`[num_tokens, num_heads, head_dim]`, as `q`).
+///
+/// # Safety
+/// The CPU must have AVX-512 F/BW/VL, FMA and F16C; [`supports`] must hold for the head size; `out`
+/// must be valid for those writes; the caches and block table must hold the sequence's tokens.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn unit<E: KvElem>(
+    q: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
+    seq: &SeqAttention<'_>,
+    shape: &AttentionShape,
+    head: usize,
+    i0: usize,
+    n: usize,
+    out: *mut f32,
+) {
+    let a = (q, k_cache, v_cache, seq, shape, head, i0, n, out);
+    match shape.head_dim {
+        32 => unit_hd::<32, E>(a),
+        64 => unit_hd::<64, E>(a),
+        80 => unit_hd::<80, E>(a),
+        96 => unit_hd::<96, E>(a),
+        128 => unit_hd::<128, E>(a),
+        256 => unit_hd::<256, E>(a),
+        d => unreachable!("head size {d} is not tiled"),
+    }
+}
+
+type Args<'a, 'b, E> = (&'a [f32], &'a [E], &'a [E], &'a SeqAttention<'b>, &'a AttentionShape, usize, usize, usize, *mut f32);
+
+/// One cache row of `HD` elements, widened to f32.
+#[inline(always)]
+unsafe fn copy_row<const HD: usize, E: KvElem>(src: *const E, dst: *mut f32) {
+    for c in (0..HD).step_by(16) {
+        let v = if E::HALF {
+            _mm512_cvtph_ps(_mm256_loadu_si256(src.add(c) as *const __m256i))
+        } else {
+            _mm512_loadu_ps(src.add(c) as *const f32)
+        };
+        _mm512_store_ps(dst.add(c), v);
+    }
+}
+
+/// `c · tanh(s / c)` lane-wise, as `c · (1 − 2 / (e^{2s/c} + 1))`.
+#[inline(always)]
+unsafe fn softcap(s: __m512, c: f32) -> __m512 {
+    let e = exp512(_mm512_mul_ps(s, _mm512_set1_ps(2.0 / c)));
+    let t = _mm512_sub_ps(_mm512_set1_ps(1.0), _mm512_div_ps(_mm512_set1_ps(2.0), _mm512_add_ps(e, _mm512_set1_ps(1.0))));
+    _mm512_mul_ps(t, _mm512_set1_ps(c))
+}
+
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+unsafe fn unit_hd<const HD: usize, E: KvElem>((q, k_cache, v_cache, seq, shape, head, i0, n, out): Args<'_, '_, E>) {
+    debug_assert!((1..=ROWS).contains(&n) && i0 + n <= seq.q_len);
+    let group = shape.num_heads / shape.num_kv_heads;
+    let (q_row, kv_row, bs) = (shape.num_heads * HD, shape.num_kv_heads * HD, shape.block_size);
+    let koff = (head / group) * HD;
+    // Positions: lane i is query row i0 + i.
+    let p0 = seq.context_len - seq.q_len + i0;
+    let last = p0 + n - 1;
+    let first = match shape.sliding_window {
+        Some(w) if p0 + 1 > w => p0 + 1 - w,
+        _ => 0,
+    };
+    let lane_pos = _mm512_add_epi32(_mm512_set1_epi32(p0 as i32), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    let lanes: __mmask16 = if n == ROWS { 0xFFFF } else { (1u16 << n) - 1 };
+    let mut sc: Box<Scratch<HD>> = Box::<Scratch<HD>>::new_zeroed().assume_init();
+    for i in 0..n {
+        let qp = q.as_ptr().add((seq.q_start + i0 + i) * q_row + head * HD);
+        for d in 0..HD {
+            sc.qt[d][i] = *qp.add(d) * shape.scale;
+        }
+    }
+    let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut m = neg_inf;
+    let mut l = _mm512_setzero_ps();
+    let mut t0 = first;
+    while t0 <= last {
+        let nk = KEYS.min(last + 1 - t0);
+        for j in 0..nk {
+            let t = t0 + j;
+            let off = (seq.block_table[t / bs] as usize * bs + t % bs) * kv_row + koff;
+            copy_row::<HD, E>(k_cache.as_ptr().add(off), sc.kb[j].as_mut_ptr());
+            copy_row::<HD, E>(v_cache.as_ptr().add(off), sc.vb[j].as_mut_ptr());
+        }
+        // Scores: s[j] lane i = q_i · k_j.
+        let mut s = [_mm512_setzero_ps(); KEYS];
+        for d in 0..HD {
+            let qd = _mm512_load_ps(sc.qt[d].as_ptr());
+            for j in 0..KEYS {
+                s[j] = _mm512_fmadd_ps(qd, _mm512_set1_ps(sc.kb[j][d]), s[j]);
+            }
+        }
+        // Visibility (causal, window, real keys and rows), soft-cap, running maximum.
+        let mut vis = [0 as __mmask16; KEYS];
+        let mut mx = m;
+        for j in 0..nk {
+            let t = (t0 + j) as i32;
+            let mut k = _mm512_cmp_epi32_mask::<_MM_CMPINT_LE>(_mm512_set1_epi32(t), lane_pos) & lanes;
+            if let Some(w) = shape.sliding_window {
+                k &= _mm512_cmp_epi32_mask::<_MM_CMPINT_LT>(lane_pos, _mm512_set1_epi32(t + w as i32));
+            }
+            if let Some(c) = shape.softcap {
+                s[j] = softcap(s[j], c);
+            }
+            s[j] = _mm512_mask_mov_ps(neg_inf, k, s[j]);
+            vis[j] = k;
+            mx = _mm512_max_ps(mx, s[j]);
+        }
+        // A row with no visible key yet keeps a finite reference, so nothing becomes NaN.
+        let ms = _mm512_max_ps(mx, _mm512_set1_ps(-1e30));
+        let alpha = exp512(_mm512_sub_ps(m, ms));
+        let mut psum = _mm512_setzero_ps();
+        for j in 0..KEYS {
+            s[j] = if j < nk { _mm512_maskz_mov_ps(vis[j], exp512(_mm512_sub_ps(s[j], ms))) } else { _mm512_setzero_ps() };
+            psum = _mm512_add_ps(psum, s[j]);
+        }
+        l = _mm512_fmadd_ps(l, alpha, psum);
+        // Output: ot[d] = ot[d]·alpha + Σ_j p_j · v_j[d], eight dimensions at a time (independent chains).
+        for d0 in (0..HD).step_by(8) {
+            let mut o = [_mm512_setzero_ps(); 8];
+            for c in 0..8 {
+                o[c] = _mm512_mul_ps(_mm512_load_ps(sc.ot[d0 + c].as_ptr()), alpha);
+            }
+            for j in 0..nk {
+                for c in 0..8 {
+                    o[c] = _mm512_fmadd_ps(s[j], _mm512_set1_ps(sc.vb[j][d0 + c]), o[c]);
+                }
+            }
+            for c in 0..8 {
+                _mm512_store_ps(sc.ot[d0 + c].as_mut_ptr(), o[c]);
+            }
+        }
+        m = mx;
+        t0 += nk;
+    }
+    let mut inv = [0f32; ROWS];
+    _mm512_storeu_ps(inv.as_mut_ptr(), _mm512_div_ps(_mm512_set1_ps(1.0), l));
+    for i in 0..n {
+        let o = out.add((seq.q_start + i0 + i) * q_row + head * HD);
+        for d in 0..HD {
+            *o.add(d) = sc.ot[d][i] * inv[i];
+        }
+    }
+}

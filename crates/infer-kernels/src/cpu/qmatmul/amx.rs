@@ -70,6 +70,11 @@ impl TileConfig {
     }
 }
 
+/// One 64-byte line (a tile row).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
 #[repr(C, align(64))]
 struct Scratch {
     /// One block's unpacked B tile (formats stored as nibbles).
@@ -100,14 +105,33 @@ pub(super) unsafe fn run<'w>(
     let cfg = TileConfig::new(qt.half_scales());
     asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
     let mut scratch = Scratch { b: [0; 512], c: [0; 512] };
+    // 4- and 5-bit values are spread into bytes once per call when several token tiles reuse them
+    // (else once per tile and block, into `scratch.b`).
+    let spread = !qt.byte_quants() && m >= 2 * TOKENS;
+    let mut bytes: Vec<Line> = Vec::new();
+    if spread {
+        bytes.resize(groups.len() * nb * 8, Line([0; 64]));
+        for (i, g) in groups.clone().enumerate() {
+            let qs = group(g).1.as_ptr();
+            for b in 0..nb {
+                let q = qs.add(b * qt.wide_quant_bytes());
+                let w = if qt.five_bit() { load_block::<FIVE>(q) } else { load_block::<NIBBLES>(q) };
+                for (j, v) in w.iter().enumerate() {
+                    _mm512_store_si512(bytes[(i * nb + b) * 8 + j].0.as_mut_ptr() as *mut _, *v);
+                }
+            }
+        }
+    }
     for t0 in (0..m).step_by(TOKENS) {
         let a = acts.as_ptr().add(t0 * nb);
-        for g in groups.clone() {
+        for (i, g) in groups.clone().enumerate() {
             let (sc, qs, nrows) = group(g);
             let mask: __mmask16 = if nrows == NW { 0xFFFF } else { (1u16 << nrows) - 1 };
             let o = out.add(t0 * ldo + g * NW);
-            let (s, q) = (sc.as_ptr(), qs.as_ptr());
-            match (qt.byte_quants(), qt.half_scales(), qt.five_bit()) {
+            let s = sc.as_ptr();
+            // With the values already in bytes, every format reads its B tiles as BYTES does.
+            let q = if spread { bytes.as_ptr().add(i * nb * 8) as *const u8 } else { qs.as_ptr() };
+            match (qt.byte_quants() || spread, qt.half_scales(), qt.five_bit()) {
                 (true, true, _) => tile::<BYTES, true>(s, q, a, nb, o, ldo, mask, &mut scratch),
                 (true, false, _) => tile::<BYTES, false>(s, q, a, nb, o, ldo, mask, &mut scratch),
                 (false, _, true) => tile::<FIVE, false>(s, q, a, nb, o, ldo, mask, &mut scratch),

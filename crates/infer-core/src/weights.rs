@@ -33,6 +33,38 @@ enum LinearWeight {
 }
 
 /// `x [..., cols] → [..., rows]` through a CPU kernel `f(x, m, out)`.
+/// The elements of a contiguous f32 tensor in host memory, borrowed (no copy) while the guard lives.
+pub(crate) struct HostF32<G> {
+    storage: G,
+    range: std::ops::Range<usize>,
+}
+
+impl<G: std::ops::Deref<Target = candle_core::Storage>> HostF32<G> {
+    pub(crate) fn get(&self) -> &[f32] {
+        match &*self.storage {
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => &v[self.range.clone()],
+            _ => unreachable!("checked by host_f32"),
+        }
+    }
+    pub(crate) fn len(&self) -> usize {
+        self.range.len()
+    }
+}
+
+/// [`HostF32`] of `x`, or `None` for other tensors (other devices or dtypes, strided views), which
+/// take candle's ops.
+pub(crate) fn host_f32(x: &Tensor) -> Option<HostF32<impl std::ops::Deref<Target = candle_core::Storage> + '_>> {
+    if x.dtype() != DType::F32 || !x.device().is_cpu() || !x.is_contiguous() {
+        return None;
+    }
+    let (storage, layout) = x.storage_and_layout();
+    if !matches!(&*storage, candle_core::Storage::Cpu(candle_core::CpuStorage::F32(_))) {
+        return None;
+    }
+    let start = layout.start_offset();
+    Some(HostF32 { storage, range: start..start + x.elem_count() })
+}
+
 fn cpu_matmul(x: &Tensor, rows: usize, cols: usize, f: impl Fn(&[f32], usize, &mut [f32])) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let k = *dims.last().unwrap_or(&0);
@@ -40,9 +72,10 @@ fn cpu_matmul(x: &Tensor, rows: usize, cols: usize, f: impl Fn(&[f32], usize, &m
         return Err(Error::Model(format!("linear layer expects {cols} inputs, got shape {dims:?}")));
     }
     let m = x.elem_count() / k.max(1);
-    let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+    let xv = host_f32(&x32).ok_or_else(|| Error::Model("infer's CPU matmul needs its input in host memory".into()))?;
     let mut out = vec![0f32; m * rows];
-    f(&xv, m, &mut out);
+    f(xv.get(), m, &mut out);
     let mut odims = dims;
     *odims.last_mut().expect("at least one dim") = rows;
     Ok(Tensor::from_vec(out, odims, x.device())?.to_dtype(x.dtype())?)
@@ -128,10 +161,11 @@ impl Linear {
             return Err(Error::Model(format!("linear layer expects {cols} inputs, got shape {dims:?}")));
         }
         let m = x.elem_count() / cols.max(1);
-        let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+        let xv = host_f32(&x32).ok_or_else(|| Error::Model("infer's CPU matmul needs its input in host memory".into()))?;
         let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.rows()]).collect();
         let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-        infer_kernels::matmul_many(&ws, &xv, m, &mut refs);
+        infer_kernels::matmul_many(&ws, xv.get(), m, &mut refs);
         let mut res = Vec::with_capacity(N);
         for ((out, w), l) in outs.into_iter().zip(&ws).zip(layers) {
             let mut odims = dims.clone();

@@ -11,5 +11,6 @@ pub mod cpu;
 pub mod cuda;
 
 pub use cpu::attention::{paged_attention, write_kv, AttentionShape, KvElem, SeqAttention};
+pub use cpu::fused;
 pub use cpu::halfmatmul::{HalfKind, HalfWeight};
 pub use cpu::qmatmul::{matmul_many, Isa, QType, QWeight};

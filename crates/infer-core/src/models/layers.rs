@@ -9,7 +9,7 @@ use infer_kernels::{paged_attention, write_kv, KvElem, SeqAttention};
 use super::BatchInput;
 use crate::error::{Error, Result};
 use crate::kv_cache::{LayerKv, PagedKvCache};
-use crate::weights::WeightSource;
+use crate::weights::{host_f32, WeightSource};
 
 #[derive(Debug, Clone)]
 pub(crate) struct RmsNorm {
@@ -26,6 +26,11 @@ impl RmsNorm {
         if x.device().is_cuda() {
             return Ok(infer_kernels::cuda::rms_norm(&x.contiguous()?, &self.weight, self.eps)?);
         }
+        if let (Some(xv), Some(w)) = (host_f32(x), host_f32(&self.weight)) {
+            let mut out = vec![0f32; xv.len()];
+            infer_kernels::fused::rms_norm(xv.get(), w.get(), self.eps, &mut out);
+            return Ok(Tensor::from_vec(out, x.shape(), x.device())?);
+        }
         Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
     }
 
@@ -34,6 +39,11 @@ impl RmsNorm {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
             return Ok(infer_kernels::cuda::add_rms_norm(&x.contiguous()?, &a.contiguous()?, &self.weight, self.eps)?);
+        }
+        if let (true, Some(xv), Some(av), Some(w)) = (x.shape() == a.shape(), host_f32(x), host_f32(a), host_f32(&self.weight)) {
+            let (mut sum, mut out) = (vec![0f32; xv.len()], vec![0f32; xv.len()]);
+            infer_kernels::fused::add_rms_norm(xv.get(), av.get(), w.get(), self.eps, &mut sum, &mut out);
+            return Ok((Tensor::from_vec(sum, x.shape(), x.device())?, Tensor::from_vec(out, x.shape(), x.device())?));
         }
         let x = (x + a)?;
         let h = self.forward(&x)?;
@@ -47,7 +57,29 @@ pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if gate.device().is_cuda() {
         return Ok(infer_kernels::cuda::silu_mul(&gate.contiguous()?, &up.contiguous()?)?);
     }
+    if let (true, Some(g), Some(u)) = (gate.shape() == up.shape(), host_f32(gate), host_f32(up)) {
+        let mut out = vec![0f32; g.len()];
+        let n = gate.dims().last().copied().unwrap_or(1).max(1);
+        infer_kernels::fused::silu_mul(g.get(), u.get(), n, &mut out);
+        return Ok(Tensor::from_vec(out, gate.shape(), gate.device())?);
+    }
     Ok((gate.silu()? * up)?)
+}
+
+/// SiLU of the first half of each row of `gate_up` (`[rows, 2n]`) times the second half.
+pub(crate) fn silu_mul_fused(gate_up: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if gate_up.device().is_cuda() {
+        return Ok(infer_kernels::cuda::silu_mul_fused(&gate_up.contiguous()?)?);
+    }
+    let (rows, n2) = gate_up.dims2()?;
+    let n = n2 / 2;
+    if let (true, Some(gu)) = (n > 0, host_f32(gate_up)) {
+        let mut out = vec![0f32; rows * n];
+        infer_kernels::fused::silu_mul_fused(gu.get(), n, &mut out);
+        return Ok(Tensor::from_vec(out, (rows, n), gate_up.device())?);
+    }
+    silu_mul(&gate_up.narrow(1, 0, n)?, &gate_up.narrow(1, n, n)?)
 }
 
 /// The batch's token ids and positions on `device`, after checking the ids against the vocabulary.
@@ -149,10 +181,12 @@ fn host_attention<E: KvElem>(
     shape: &infer_kernels::AttentionShape,
 ) -> Result<Tensor> {
     let (t, nh, hd) = q.dims3()?;
-    let to_vec = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
-    let (qv, kv, vv) = (to_vec(q)?, to_vec(k)?, to_vec(v)?);
-    write_kv(&kv, &vv, &step.batch.slots, shape, kc, vc);
+    let (q, k, v) = (q.to_dtype(DType::F32)?.contiguous()?, k.to_dtype(DType::F32)?.contiguous()?, v.to_dtype(DType::F32)?.contiguous()?);
+    let (Some(qv), Some(kv), Some(vv)) = (host_f32(&q), host_f32(&k), host_f32(&v)) else {
+        return Err(Error::Model("attention inputs must be in host memory with a host KV cache".into()));
+    };
+    write_kv(kv.get(), vv.get(), &step.batch.slots, shape, kc, vc);
     let mut out = vec![0.0f32; t * nh * hd];
-    paged_attention(&qv, kc, vc, &seq_attention(step.batch), shape, &mut out);
+    paged_attention(qv.get(), kc, vc, &seq_attention(step.batch), shape, &mut out);
     Ok(Tensor::from_vec(out, (t, nh * hd), q.device())?)
 }

@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::layers::{batch_tensors, paged_attention_op, silu_mul, wanted_rows, RmsNorm, Step};
+use super::layers::{batch_tensors, paged_attention_op, silu_mul, silu_mul_fused, wanted_rows, RmsNorm, Step};
 use super::moe::Moe;
 use super::rope::{RopeInput, Rotary};
 use super::{BatchInput, CausalLm};
@@ -37,15 +37,7 @@ impl GateUp {
                 let [g, u] = Linear::forward_many([gate, up], x)?;
                 silu_mul(&g, &u)
             }
-            GateUp::Fused(gu) => {
-                let y = gu.forward(x)?;
-                #[cfg(feature = "cuda")]
-                if y.device().is_cuda() {
-                    return Ok(infer_kernels::cuda::silu_mul_fused(&y.contiguous()?)?);
-                }
-                let n = y.dim(1)? / 2;
-                silu_mul(&y.narrow(1, 0, n)?, &y.narrow(1, n, n)?)
-            }
+            GateUp::Fused(gu) => silu_mul_fused(&gu.forward(x)?),
         }
     }
 }

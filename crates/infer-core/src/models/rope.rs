@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
+use crate::weights::host_f32;
 
 /// What the rotary embedding needs for one batch: cos/sin tables, or on CUDA the positions (the
 /// kernel computes the angles).
@@ -115,6 +116,11 @@ impl Rotary {
             RopeInput::Tables(cos, sin) => {
                 let (t, h, d) = x.dims3()?;
                 let rot = self.rotary_dim;
+                if let (Some(xv), Some(c), Some(s)) = (host_f32(x), host_f32(cos), host_f32(sin)) {
+                    let mut y = xv.get().to_vec();
+                    infer_kernels::fused::rope(&mut y, h, d, c.get(), s.get(), rot, self.interleaved);
+                    return Ok(Tensor::from_vec(y, (t, h, d), x.device())?);
+                }
                 let xr = if rot < d { x.narrow(2, 0, rot)?.contiguous()? } else { x.clone() };
                 // Each token is its own "batch" so every token gets its own position.
                 let x4 = xr.reshape((t, h, 1, rot))?;

@@ -2,6 +2,7 @@
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
 mod flash_attention;
+pub mod fused;
 pub mod halfmatmul;
 pub mod pool;
 pub mod qmatmul;

@@ -1,12 +1,12 @@
 //! Quantized matmul throughput: weight bytes streamed per second (GB/s; the limit for decode) and
-//! GFLOP/s, for SmolLM2-135M's shapes, decode (1 token) and prefill (64 tokens), each instruction set.
+//! GFLOP/s, for SmolLM2-135M's shapes, decode (1 token) and prefill (64 and 256 tokens), each instruction set.
 //!
 //!   cargo bench -p infer-kernels --bench qmatmul
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use infer_kernels::{Isa, QType, QWeight};
 
-fn weight(qt: QType, rows: usize, cols: usize) -> QWeight {
+fn weight(isa: Isa, qt: QType, rows: usize, cols: usize) -> QWeight {
     let mut data = Vec::with_capacity(rows * cols / 32 * qt.block_bytes());
     let mut x = 1u32;
     for _ in 0..rows * cols / 32 {
@@ -19,7 +19,7 @@ fn weight(qt: QType, rows: usize, cols: usize) -> QWeight {
             data.push((x >> 24) as u8);
         }
     }
-    QWeight::new(qt, rows, cols, data).unwrap()
+    QWeight::new_for(isa, qt, rows, cols, data).unwrap()
 }
 
 fn bench(c: &mut Criterion) {
@@ -30,8 +30,7 @@ fn bench(c: &mut Criterion) {
         (QType::Q8_0, 49152, 576, "lm_head"),
         (QType::Q4_0, 1536, 576, "mlp_up"),
     ] {
-        let w = weight(qt, rows, cols);
-        for m in [1usize, 64] {
+        for m in [1usize, 64, 256] {
             let mut g = c.benchmark_group(format!("{qt:?}/{what}_{rows}x{cols}/m{m}"));
             let x: Vec<f32> = (0..m * cols).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
             let mut out = vec![0f32; m * rows];
@@ -41,6 +40,8 @@ fn bench(c: &mut Criterion) {
                 g.throughput(Throughput::Elements((2 * m * rows * cols) as u64));
             }
             for isa in Isa::available() {
+                // Each instruction set multiplies its own layout.
+                let w = weight(isa, qt, rows, cols);
                 g.bench_with_input(BenchmarkId::from_parameter(format!("{isa:?}")), &isa, |b, &isa| {
                     b.iter(|| w.matmul_with(isa, &x, m, &mut out))
                 });

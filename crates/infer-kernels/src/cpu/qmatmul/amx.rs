@@ -63,8 +63,14 @@ impl TileConfig {
             set(4, 4, 64);
             set(5, 4, 64);
         } else {
+            // Two blocks per step: A and B of the even block in tmm2/tmm4, of the odd one in
+            // tmm3/tmm5; their sums alternate between tmm0/tmm1 and tmm6/tmm7 from step to step.
+            set(6, 16, 64);
+            set(7, 16, 64);
             set(2, 16, 32);
+            set(3, 16, 32);
             set(4, 8, 64);
+            set(5, 8, 64);
         }
         Self(c)
     }
@@ -77,8 +83,8 @@ struct Line([u8; 64]);
 
 #[repr(C, align(64))]
 struct Scratch {
-    /// One block's unpacked B tile (formats stored as nibbles).
-    b: [u8; 512],
+    /// Two blocks' unpacked B tiles (formats stored as nibbles).
+    b: [u8; 1024],
     /// The int32 sums of one or two tile products.
     c: [i32; 512],
 }
@@ -104,7 +110,7 @@ pub(super) unsafe fn run<'w>(
     debug_assert!(m.is_multiple_of(TOKENS) && acts.len() >= m * nb);
     let cfg = TileConfig::new(qt.half_scales());
     asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
-    let mut scratch = Scratch { b: [0; 512], c: [0; 512] };
+    let mut scratch = Scratch { b: [0; 1024], c: [0; 512] };
     // 4- and 5-bit values are spread into bytes once per call when several token tiles reuse them
     // (else once per tile and block, into `scratch.b`).
     let spread = !qt.byte_quants() && m >= 2 * TOKENS;
@@ -164,19 +170,44 @@ unsafe fn tile<const L: u8, const HALF: bool>(
     let astride = nb * std::mem::size_of::<BlockQ8>();
     let c = scratch.c.as_mut_ptr();
     let mut acc = [_mm512_setzero_ps(); TOKENS];
-    for b in 0..nb {
+    // B tile of block b (spread into `scratch.b` at `slot` when stored as nibbles).
+    let b_tile = |scratch: &mut Scratch, b: usize, slot: usize| -> *const u8 {
         let q = qs.add(b * qb);
-        let bp = if L == BYTES {
-            q
-        } else {
-            let w = load_block::<L>(q);
-            for (j, v) in w.iter().enumerate() {
-                _mm512_store_si512(scratch.b.as_mut_ptr().add(64 * j) as *mut _, *v);
+        if L == BYTES {
+            return q;
+        }
+        let w = load_block::<L>(q);
+        let dst = scratch.b.as_mut_ptr().add(512 * slot);
+        for (j, v) in w.iter().enumerate() {
+            _mm512_store_si512(dst.add(64 * j) as *mut _, *v);
+        }
+        dst
+    };
+    // Scales the int32 sums at `c` of block b into the accumulators.
+    let scale = |acc: &mut [__m512; TOKENS], c: *const i32, b: usize| {
+        let sc = scales.add(b * sn);
+        let d0 = _mm512_loadu_ps(sc);
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let ab = &*a.add(i * nb + b);
+            let da = _mm512_set1_ps(ab.d);
+            let s0 = _mm512_cvtepi32_ps(_mm512_load_si512(c.add(16 * i) as *const _));
+            if HALF {
+                let s1 = _mm512_cvtepi32_ps(_mm512_load_si512(c.add(256 + 16 * i) as *const _));
+                *acc = _mm512_fmadd_ps(s0, _mm512_mul_ps(d0, da), *acc);
+                *acc = _mm512_fmadd_ps(s1, _mm512_mul_ps(_mm512_loadu_ps(sc.add(NW)), da), *acc);
+                *acc = _mm512_fmadd_ps(_mm512_loadu_ps(sc.add(2 * NW)), _mm512_set1_ps(ab.s0), *acc);
+                *acc = _mm512_fmadd_ps(_mm512_loadu_ps(sc.add(3 * NW)), _mm512_set1_ps(ab.s - ab.s0), *acc);
+            } else {
+                *acc = _mm512_fmadd_ps(s0, _mm512_mul_ps(d0, da), *acc);
+                *acc = _mm512_fmadd_ps(_mm512_loadu_ps(sc.add(NW)), _mm512_set1_ps(ab.s), *acc);
             }
-            scratch.b.as_ptr()
-        };
-        let ap = (*a.add(b)).qs.as_ptr();
-        if HALF {
+        }
+    };
+    let mut b = 0;
+    if HALF {
+        while b < nb {
+            let bp = b_tile(scratch, b, 0);
+            let ap = (*a.add(b)).qs.as_ptr();
             asm!(
                 "tileloadd tmm2, [{a} + {sa}*1]",
                 "tileloadd tmm3, [{a1} + {sa}*1]",
@@ -198,7 +229,73 @@ unsafe fn tile<const L: u8, const HALF: bool>(
                 c1 = in(reg) c.add(256),
                 options(nostack),
             );
-        } else {
+            scale(&mut acc, c, b);
+            b += 1;
+        }
+    } else {
+        // Two blocks per step, software-pipelined: the products of step p go to one pair of sum
+        // tiles while the sums of step p − 1 (long finished) are stored from the other pair and
+        // scaled, so the tile unit works while the vector unit scales.
+        macro_rules! issue {
+            ($p:expr, $c0:literal, $c1:literal) => {{
+                let b = 2 * $p;
+                let (bp0, bp1) = (b_tile(scratch, b, 0), b_tile(scratch, b + 1, 1));
+                let ap = (*a.add(b)).qs.as_ptr();
+                asm!(
+                    "tileloadd tmm2, [{a} + {sa}*1]",
+                    "tileloadd tmm4, [{b0} + {s64}*1]",
+                    "tileloadd tmm3, [{a1} + {sa}*1]",
+                    "tileloadd tmm5, [{b1} + {s64}*1]",
+                    concat!("tilezero ", $c0),
+                    concat!("tilezero ", $c1),
+                    concat!("tdpbsud ", $c0, ", tmm2, tmm4"),
+                    concat!("tdpbsud ", $c1, ", tmm3, tmm5"),
+                    a = in(reg) ap,
+                    a1 = in(reg) ap.add(std::mem::size_of::<BlockQ8>()),
+                    sa = in(reg) astride,
+                    b0 = in(reg) bp0,
+                    b1 = in(reg) bp1,
+                    s64 = in(reg) 64usize,
+                    options(nostack),
+                );
+            }};
+        }
+        macro_rules! finish {
+            ($p:expr, $c0:literal, $c1:literal) => {{
+                asm!(
+                    concat!("tilestored [{c} + {s64}*1], ", $c0),
+                    concat!("tilestored [{c1} + {s64}*1], ", $c1),
+                    c = in(reg) c,
+                    c1 = in(reg) c.add(256),
+                    s64 = in(reg) 64usize,
+                    options(nostack),
+                );
+                scale(&mut acc, c, 2 * $p);
+                scale(&mut acc, c.add(256), 2 * $p + 1);
+            }};
+        }
+        let pairs = nb / 2;
+        if pairs > 0 {
+            issue!(0, "tmm0", "tmm1");
+            for p in 1..pairs {
+                if p % 2 == 1 {
+                    issue!(p, "tmm6", "tmm7");
+                    finish!(p - 1, "tmm0", "tmm1");
+                } else {
+                    issue!(p, "tmm0", "tmm1");
+                    finish!(p - 1, "tmm6", "tmm7");
+                }
+            }
+            if (pairs - 1).is_multiple_of(2) {
+                finish!(pairs - 1, "tmm0", "tmm1");
+            } else {
+                finish!(pairs - 1, "tmm6", "tmm7");
+            }
+            b = 2 * pairs;
+        }
+        if b < nb {
+            let bp = b_tile(scratch, b, 0);
+            let ap = (*a.add(b)).qs.as_ptr();
             asm!(
                 "tileloadd tmm2, [{a} + {sa}*1]",
                 "tileloadd tmm4, [{b} + {s64}*1]",
@@ -212,23 +309,7 @@ unsafe fn tile<const L: u8, const HALF: bool>(
                 c = in(reg) c,
                 options(nostack),
             );
-        }
-        let sc = scales.add(b * sn);
-        let d0 = _mm512_loadu_ps(sc);
-        for (i, acc) in acc.iter_mut().enumerate() {
-            let ab = &*a.add(i * nb + b);
-            let da = _mm512_set1_ps(ab.d);
-            let s0 = _mm512_cvtepi32_ps(_mm512_load_si512(c.add(16 * i) as *const _));
-            if HALF {
-                let s1 = _mm512_cvtepi32_ps(_mm512_load_si512(c.add(256 + 16 * i) as *const _));
-                *acc = _mm512_fmadd_ps(s0, _mm512_mul_ps(d0, da), *acc);
-                *acc = _mm512_fmadd_ps(s1, _mm512_mul_ps(_mm512_loadu_ps(sc.add(NW)), da), *acc);
-                *acc = _mm512_fmadd_ps(_mm512_loadu_ps(sc.add(2 * NW)), _mm512_set1_ps(ab.s0), *acc);
-                *acc = _mm512_fmadd_ps(_mm512_loadu_ps(sc.add(3 * NW)), _mm512_set1_ps(ab.s - ab.s0), *acc);
-            } else {
-                *acc = _mm512_fmadd_ps(s0, _mm512_mul_ps(d0, da), *acc);
-                *acc = _mm512_fmadd_ps(_mm512_loadu_ps(sc.add(NW)), _mm512_set1_ps(ab.s), *acc);
-            }
+            scale(&mut acc, c, b);
         }
     }
     for (i, acc) in acc.iter().enumerate() {

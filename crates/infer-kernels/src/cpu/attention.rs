@@ -137,18 +137,19 @@ pub fn paged_attention_with<E: KvElem>(
     }
     // Prompts (several rows of one sequence) go to the tiled kernel where there is one.
     #[cfg(target_arch = "x86_64")]
-    let tiled = |s: &SeqAttention<'_>| {
-        matches!(isa, Isa::Avx512 | Isa::Amx) && s.q_len >= TILED_MIN_ROWS && crate::cpu::flash_attention::supports(hd)
-    };
+    let tiled = |s: &SeqAttention<'_>| isa != Isa::Scalar && s.q_len >= TILED_MIN_ROWS && crate::cpu::flash_attention::supports(hd);
     #[cfg(not(target_arch = "x86_64"))]
     let tiled = |_: &SeqAttention<'_>| false;
     #[cfg(target_arch = "x86_64")]
     {
-        use crate::cpu::flash_attention::{unit, ROWS};
+        use crate::cpu::flash_attention as flash;
+        // 16 rows a unit with AVX-512, 8 with AVX2.
+        let wide = matches!(isa, Isa::Avx512 | Isa::Amx);
+        let rows = if wide { flash::ROWS } else { flash::avx2::ROWS };
         // Units (sequence, head, first row), the longest (last rows) first.
         let mut units = Vec::new();
         for (s, seq) in seqs.iter().enumerate().filter(|(_, s)| tiled(s)) {
-            for i0 in (0..seq.q_len).step_by(ROWS).rev() {
+            for i0 in (0..seq.q_len).step_by(rows).rev() {
                 units.extend((0..shape.num_heads).map(|h| (s, h, i0)));
             }
         }
@@ -156,9 +157,16 @@ pub fn paged_attention_with<E: KvElem>(
         Pool::global().run(units.len(), &|u| {
             let (s, h, i0) = units[u];
             let seq = &seqs[s];
-            // SAFETY: `tiled` checked the instruction set (AVX-512 F/BW/VL with FMA and F16C) and
-            // the head size; each unit writes only its own rows' slices of head h.
-            unsafe { unit(q, k_cache, v_cache, seq, shape, h, i0, ROWS.min(seq.q_len - i0), dst.at(0)) };
+            let n = rows.min(seq.q_len - i0);
+            // SAFETY: `tiled` checked the head size and that the instruction set has AVX2, FMA and
+            // F16C (and AVX-512 F/BW/VL when `wide`); each unit writes only its rows' slices of head h.
+            unsafe {
+                if wide {
+                    flash::unit(q, k_cache, v_cache, seq, shape, h, i0, n, dst.at(0))
+                } else {
+                    flash::avx2::unit(q, k_cache, v_cache, seq, shape, h, i0, n, dst.at(0))
+                }
+            }
         });
     }
     let work: usize = seqs.iter().filter(|s| !tiled(s)).map(|s| s.q_len * s.context_len).sum::<usize>() * q_row;

@@ -178,3 +178,165 @@ unsafe fn unit_hd<const HD: usize, E: KvElem>((q, k_cache, v_cache, seq, shape, 
         }
     }
 }
+
+/// The same kernel on AVX2: 8 query rows per unit (one per lane), 8 keys per step.
+pub(crate) mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{AttentionShape, KvElem, SeqAttention};
+    use crate::cpu::simd::exp256;
+
+    /// Query rows per unit.
+    pub(crate) const ROWS: usize = 8;
+    const KEYS: usize = 8;
+
+    #[repr(C, align(32))]
+    struct Scratch<const HD: usize> {
+        qt: [[f32; ROWS]; HD],
+        ot: [[f32; ROWS]; HD],
+        kb: [[f32; HD]; KEYS],
+        vb: [[f32; HD]; KEYS],
+    }
+
+    /// [`super::unit`] for 1 ≤ n ≤ 8 rows.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; otherwise as [`super::unit`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn unit<E: KvElem>(
+        q: &[f32],
+        k_cache: &[E],
+        v_cache: &[E],
+        seq: &SeqAttention<'_>,
+        shape: &AttentionShape,
+        head: usize,
+        i0: usize,
+        n: usize,
+        out: *mut f32,
+    ) {
+        let a = (q, k_cache, v_cache, seq, shape, head, i0, n, out);
+        match shape.head_dim {
+            32 => unit_hd::<32, E>(a),
+            64 => unit_hd::<64, E>(a),
+            80 => unit_hd::<80, E>(a),
+            96 => unit_hd::<96, E>(a),
+            128 => unit_hd::<128, E>(a),
+            256 => unit_hd::<256, E>(a),
+            d => unreachable!("head size {d} is not tiled"),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn copy_row<const HD: usize, E: KvElem>(src: *const E, dst: *mut f32) {
+        for c in (0..HD).step_by(8) {
+            let v = if E::HALF {
+                _mm256_cvtph_ps(_mm_loadu_si128(src.add(c) as *const __m128i))
+            } else {
+                _mm256_loadu_ps(src.add(c) as *const f32)
+            };
+            _mm256_store_ps(dst.add(c), v);
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn softcap(s: __m256, c: f32) -> __m256 {
+        let e = exp256(_mm256_mul_ps(s, _mm256_set1_ps(2.0 / c)));
+        let t = _mm256_sub_ps(_mm256_set1_ps(1.0), _mm256_div_ps(_mm256_set1_ps(2.0), _mm256_add_ps(e, _mm256_set1_ps(1.0))));
+        _mm256_mul_ps(t, _mm256_set1_ps(c))
+    }
+
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn unit_hd<const HD: usize, E: KvElem>((q, k_cache, v_cache, seq, shape, head, i0, n, out): super::Args<'_, '_, E>) {
+        debug_assert!((1..=ROWS).contains(&n) && i0 + n <= seq.q_len);
+        let group = shape.num_heads / shape.num_kv_heads;
+        let (q_row, kv_row, bs) = (shape.num_heads * HD, shape.num_kv_heads * HD, shape.block_size);
+        let koff = (head / group) * HD;
+        let p0 = seq.context_len - seq.q_len + i0;
+        let last = p0 + n - 1;
+        let first = match shape.sliding_window {
+            Some(w) if p0 + 1 > w => p0 + 1 - w,
+            _ => 0,
+        };
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let lane_pos = _mm256_add_epi32(_mm256_set1_epi32(p0 as i32), lane);
+        // Lanes of real rows (all ones) and not (zero).
+        let rows = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane);
+        let mut sc: Box<Scratch<HD>> = Box::<Scratch<HD>>::new_zeroed().assume_init();
+        for i in 0..n {
+            let qp = q.as_ptr().add((seq.q_start + i0 + i) * q_row + head * HD);
+            for d in 0..HD {
+                sc.qt[d][i] = *qp.add(d) * shape.scale;
+            }
+        }
+        let neg_inf = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut m = neg_inf;
+        let mut l = _mm256_setzero_ps();
+        let mut t0 = first;
+        while t0 <= last {
+            let nk = KEYS.min(last + 1 - t0);
+            for j in 0..nk {
+                let t = t0 + j;
+                let off = (seq.block_table[t / bs] as usize * bs + t % bs) * kv_row + koff;
+                copy_row::<HD, E>(k_cache.as_ptr().add(off), sc.kb[j].as_mut_ptr());
+                copy_row::<HD, E>(v_cache.as_ptr().add(off), sc.vb[j].as_mut_ptr());
+            }
+            let mut s = [_mm256_setzero_ps(); KEYS];
+            for d in 0..HD {
+                let qd = _mm256_load_ps(sc.qt[d].as_ptr());
+                for j in 0..KEYS {
+                    s[j] = _mm256_fmadd_ps(qd, _mm256_set1_ps(sc.kb[j][d]), s[j]);
+                }
+            }
+            let mut vis = [_mm256_setzero_ps(); KEYS];
+            let mut mx = m;
+            for j in 0..nk {
+                let t = (t0 + j) as i32;
+                // Visible: t ≤ p (not t > p), inside the window (p < t + w), a real row.
+                let mut k = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(t), lane_pos), rows);
+                if let Some(w) = shape.sliding_window {
+                    k = _mm256_and_si256(k, _mm256_cmpgt_epi32(_mm256_set1_epi32(t + w as i32), lane_pos));
+                }
+                if let Some(c) = shape.softcap {
+                    s[j] = softcap(s[j], c);
+                }
+                vis[j] = _mm256_castsi256_ps(k);
+                s[j] = _mm256_blendv_ps(neg_inf, s[j], vis[j]);
+                mx = _mm256_max_ps(mx, s[j]);
+            }
+            let ms = _mm256_max_ps(mx, _mm256_set1_ps(-1e30));
+            let alpha = exp256(_mm256_sub_ps(m, ms));
+            let mut psum = _mm256_setzero_ps();
+            for j in 0..KEYS {
+                s[j] = if j < nk { _mm256_and_ps(vis[j], exp256(_mm256_sub_ps(s[j], ms))) } else { _mm256_setzero_ps() };
+                psum = _mm256_add_ps(psum, s[j]);
+            }
+            l = _mm256_fmadd_ps(l, alpha, psum);
+            for d0 in (0..HD).step_by(4) {
+                let mut o = [_mm256_setzero_ps(); 4];
+                for c in 0..4 {
+                    o[c] = _mm256_mul_ps(_mm256_load_ps(sc.ot[d0 + c].as_ptr()), alpha);
+                }
+                for j in 0..nk {
+                    for c in 0..4 {
+                        o[c] = _mm256_fmadd_ps(s[j], _mm256_set1_ps(sc.vb[j][d0 + c]), o[c]);
+                    }
+                }
+                for c in 0..4 {
+                    _mm256_store_ps(sc.ot[d0 + c].as_mut_ptr(), o[c]);
+                }
+            }
+            m = mx;
+            t0 += nk;
+        }
+        let mut inv = [0f32; ROWS];
+        _mm256_storeu_ps(inv.as_mut_ptr(), _mm256_div_ps(_mm256_set1_ps(1.0), l));
+        for i in 0..n {
+            let o = out.add((seq.q_start + i0 + i) * q_row + head * HD);
+            for d in 0..HD {
+                *o.add(d) = sc.ot[d][i] * inv[i];
+            }
+        }
+    }
+}

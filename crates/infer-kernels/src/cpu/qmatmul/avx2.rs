@@ -198,3 +198,106 @@ pub(super) unsafe fn quantize_block(chunk: &[f32]) -> BlockQ8 {
     _mm256_store_si256(out.qs.as_mut_ptr() as *mut __m256i, b);
     out
 }
+
+/// Tokens of one register tile over the wide layout (at most).
+pub(super) const WIDE_TOKENS: usize = 4;
+
+/// One group of 16 rows of the wide layout (4- and 5-bit formats) × `r` (1..=4) tokens with AVX2:
+/// each half of a value line (8 rows × 4 values, 32 bytes) multiplies four activation bytes
+/// broadcast to every lane with `vpmaddubsw`; the 16-bit sums of a block add up without overflow
+/// (4-bit values: 8 lines × 2 × 15 × 127; 5-bit: two groups of 4 lines), so one `vpmaddwd` a
+/// block gives 8 rows' dot products at once. Writes `out[t·ldo + n]` for t < r, n < nrows.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; `out` must be valid for those writes.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn wide_tile(
+    qt: QType,
+    scales: &[f32],
+    qs: &[u8],
+    a: &[BlockQ8],
+    nb: usize,
+    r: usize,
+    out: *mut f32,
+    ldo: usize,
+    nrows: usize,
+) {
+    debug_assert!(!qt.byte_quants() && (1..=WIDE_TOKENS).contains(&r) && a.len() >= r * nb && nrows <= NW);
+    debug_assert!(scales.len() == nb * 2 * NW && qs.len() == nb * qt.wide_quant_bytes());
+    let (s, q, a) = (scales.as_ptr(), qs.as_ptr(), a.as_ptr());
+    match (qt.five_bit(), r) {
+        (false, 1) => wide::<1, false>(s, q, a, nb, out, ldo, nrows),
+        (false, 2) => wide::<2, false>(s, q, a, nb, out, ldo, nrows),
+        (false, 3) => wide::<3, false>(s, q, a, nb, out, ldo, nrows),
+        (false, _) => wide::<4, false>(s, q, a, nb, out, ldo, nrows),
+        (true, 1) => wide::<1, true>(s, q, a, nb, out, ldo, nrows),
+        (true, 2) => wide::<2, true>(s, q, a, nb, out, ldo, nrows),
+        (true, 3) => wide::<3, true>(s, q, a, nb, out, ldo, nrows),
+        (true, _) => wide::<4, true>(s, q, a, nb, out, ldo, nrows),
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+unsafe fn wide<const R: usize, const FIVE_BIT: bool>(
+    scales: *const f32,
+    qs: *const u8,
+    a: *const BlockQ8,
+    nb: usize,
+    out: *mut f32,
+    ldo: usize,
+    nrows: usize,
+) {
+    let qb = if FIVE_BIT { 320 } else { 256 };
+    let ones = _mm256_set1_epi16(1);
+    let low = _mm256_set1_epi8(0x0F);
+    let spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let sixteen = _mm256_set1_epi8(16);
+    // Rows 0..8, then 8..16 (the halves of each 64-byte line).
+    for h in 0..2 {
+        if 8 * h >= nrows {
+            break;
+        }
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let q = qs.add(b * qb);
+            let sc = scales.add(b * 2 * NW + 8 * h);
+            let mut w = [_mm256_setzero_si256(); 8];
+            for j in 0..4 {
+                let p = _mm256_loadu_si256(q.add(64 * j + 32 * h) as *const __m256i);
+                w[j] = _mm256_and_si256(p, low);
+                w[j + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
+            }
+            if FIVE_BIT {
+                for (j, v) in w.iter_mut().enumerate() {
+                    let bits = _mm256_set1_epi32((q.add(256 + 8 * j + 4 * h) as *const i32).read_unaligned());
+                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(bits, spread), bit), bit);
+                    *v = _mm256_or_si256(*v, _mm256_and_si256(set, sixteen));
+                }
+            }
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let ab = &*a.add(t * nb + b);
+                let x = ab.qs.as_ptr() as *const i32;
+                let dot = |j: usize| _mm256_maddubs_epi16(w[j], _mm256_set1_epi32(x.add(j).read()));
+                let isum = if FIVE_BIT {
+                    let s0 = _mm256_add_epi16(_mm256_add_epi16(dot(0), dot(1)), _mm256_add_epi16(dot(2), dot(3)));
+                    let s1 = _mm256_add_epi16(_mm256_add_epi16(dot(4), dot(5)), _mm256_add_epi16(dot(6), dot(7)));
+                    _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones))
+                } else {
+                    let s0 = _mm256_add_epi16(_mm256_add_epi16(dot(0), dot(1)), _mm256_add_epi16(dot(2), dot(3)));
+                    let s1 = _mm256_add_epi16(_mm256_add_epi16(dot(4), dot(5)), _mm256_add_epi16(dot(6), dot(7)));
+                    _mm256_madd_epi16(_mm256_add_epi16(s0, s1), ones)
+                };
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(_mm256_loadu_ps(sc), _mm256_set1_ps(ab.d)), *acc);
+                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(sc.add(NW)), _mm256_set1_ps(ab.s), *acc);
+            }
+        }
+        let valid = (nrows - 8 * h).min(8);
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        for (t, acc) in acc.iter().enumerate() {
+            _mm256_maskstore_ps(out.add(t * ldo + 8 * h), mask, *acc);
+        }
+    }
+}

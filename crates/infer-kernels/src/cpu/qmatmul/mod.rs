@@ -148,7 +148,17 @@ impl Isa {
         *BEST.get_or_init(|| *Isa::available().last().expect("scalar is always available"))
     }
 
-    /// The weight layout this instruction set multiplies.
+    /// The layout this instruction set multiplies `qt` weights in: wide for AVX-512 and AMX, and
+    /// for AVX2 with 4- and 5-bit values (8-bit values overflow AVX2's 16-bit byte products).
+    pub fn qlayout(self, qt: QType) -> Layout {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 if !qt.byte_quants() => Layout::Wide,
+            _ => self.layout(),
+        }
+    }
+
+    /// The layout of 16-bit float weights (and of the quantized ones, but see [`qlayout`](Self::qlayout)).
     pub fn layout(self) -> Layout {
         match self {
             #[cfg(target_arch = "x86_64")]
@@ -360,7 +370,7 @@ impl QWeight {
         if data.len() != want {
             return Err(format!("{qtype:?} weight [{rows}, {cols}] needs {want} bytes, got {}", data.len()));
         }
-        if isa.layout() == Layout::Wide {
+        if isa.qlayout(qtype) == Layout::Wide {
             let (scales, qs) = pack_wide(qtype, rows, cols, &data);
             return Ok(Self { qtype, rows, cols, layout: Layout::Wide, scales, qs });
         }
@@ -464,12 +474,23 @@ impl QWeight {
             // VNNI) and the OS granted the tile state; outputs are in bounds (t < m, rows of g).
             unsafe { amx::run(self.qtype, acts, nb, t0, g0..g1, &group, dst.at(0), self.rows) };
         }
+        let avx2 = isa == Isa::Avx2;
         for tb in (t0..m).step_by(TOKEN_BLOCK) {
             let tb_end = (tb + TOKEN_BLOCK).min(m);
             for g in g0..g1 {
                 let (sc, qs, nrows) = group(g);
                 let mut t = tb;
                 while t < tb_end {
+                    if avx2 {
+                        let r = avx2::WIDE_TOKENS.min(tb_end - t);
+                        // SAFETY: `Isa::Avx2` implies AVX2, FMA and F16C; the wide layout with it
+                        // holds 4- or 5-bit values; the tile writes rows g·16.. of tokens t..t + r.
+                        unsafe {
+                            avx2::wide_tile(self.qtype, sc, qs, &acts[t * nb..], nb, r, dst.at(t * self.rows + g * NW), self.rows, nrows)
+                        };
+                        t += r;
+                        continue;
+                    }
                     let r = avx512::TOKENS.min(tb_end - t);
                     // SAFETY: the wide layout is only made for `Isa::Avx512`/`Isa::Amx`, which imply
                     // AVX-512 F/BW/VL/VNNI; the tile writes rows g·16.. (nrows of them) of tokens t..t + r.
@@ -547,7 +568,7 @@ pub fn matmul_many_with(isa: Isa, ws: &[&QWeight], x: &[f32], m: usize, outs: &m
     assert_eq!(x.len(), m * cols, "x must be [m, cols]");
     for (w, o) in ws.iter().zip(outs.iter()) {
         assert_eq!(o.len(), m * w.rows, "out must be [m, rows]");
-        assert_eq!(w.layout, isa.layout(), "{:?} weight packed for another instruction set than {isa:?}", w.qtype);
+        assert_eq!(w.layout, isa.qlayout(w.qtype), "{:?} weight packed for another instruction set than {isa:?}", w.qtype);
     }
     let acts: Vec<BlockQ8> = if m >= 16 { quantize_parallel(x) } else { x.chunks_exact(QK).map(quantize_block).collect() };
     let total: usize = ws.iter().map(|w| w.rows.div_ceil(w.group_rows())).sum();

@@ -21,7 +21,7 @@ fn values(n: usize, seed: u32) -> Vec<f32> {
 fn half_matmul(c: &mut Criterion) {
     let (rows, cols) = (1536, 576);
     let bytes: Vec<u8> = values(rows * cols, 1).iter().flat_map(|&v| half::f16::from_f32(v * 0.05).to_le_bytes()).collect();
-    for m in [1usize, 64] {
+    for m in [1usize, 64, 256] {
         let mut g = c.benchmark_group(format!("F16/mlp_up_{rows}x{cols}/m{m}"));
         g.throughput(if m == 1 { Throughput::Bytes((rows * cols * 2) as u64) } else { Throughput::Elements((2 * m * rows * cols) as u64) });
         let x = values(m * cols, 2);

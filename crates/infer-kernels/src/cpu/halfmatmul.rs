@@ -8,7 +8,25 @@
 
 use half::{bf16, f16};
 
+#[cfg(target_arch = "x86_64")]
+use crate::cpu::half_amx;
 use crate::cpu::qmatmul::{Isa, Layout, OutPtr, NW};
+
+/// Shares the split activations between the tasks that fill them (each writes its own rows).
+#[derive(Clone, Copy)]
+struct HalfPtr(*mut u16);
+// SAFETY: tasks write disjoint rows and the caller waits for all of them.
+unsafe impl Send for HalfPtr {}
+unsafe impl Sync for HalfPtr {}
+
+impl HalfPtr {
+    /// # Safety
+    /// Row `t` (of `cols`) must be in bounds and written by one task only.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, t: usize, cols: usize) -> &mut [u16] {
+        std::slice::from_raw_parts_mut(self.0.add(t * cols), cols)
+    }
+}
 
 /// The 16-bit float format of the weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,10 +113,45 @@ impl HalfWeight {
             let groups = rows.div_ceil(NW);
             let chunk = (groups / (pool.threads() * 4)).clamp(1, 64);
             let dst = OutPtr(out.as_mut_ptr());
+            // Prompts on AMX-BF16: every 16 tokens through tile products, the rest below.
+            let amx_tokens = if isa == Isa::Amx && m >= 2 * half_amx::TOKENS && cols.is_multiple_of(half_amx::KB) && half_amx::available() {
+                m / half_amx::TOKENS * half_amx::TOKENS
+            } else {
+                0
+            };
+            let (mut xh, mut xl) = (vec![0u16; amx_tokens * cols], vec![0u16; amx_tokens * cols]);
+            if amx_tokens > 0 {
+                let (hp, lp) = (HalfPtr(xh.as_mut_ptr()), HalfPtr(xl.as_mut_ptr()));
+                pool.run(amx_tokens, &|t| {
+                    // SAFETY: AMX-BF16 implies AVX-512 F/BW here; token t's rows are in bounds and
+                    // written by this task only; cols is a multiple of 32.
+                    unsafe {
+                        let (h, l) = (hp.row(t, cols), lp.row(t, cols));
+                        half_amx::split_activations(&x[t * cols..(t + 1) * cols], h, l);
+                    }
+                });
+            }
             pool.run(groups.div_ceil(chunk), &|c| {
-                for tb in (0..m).step_by(TOKEN_BLOCK) {
+                let (g0, g1) = (c * chunk, ((c + 1) * chunk).min(groups));
+                if amx_tokens > 0 {
+                    let per = cols / half_amx::KB * 512;
+                    let mut tiles = vec![0u32; (g1 - g0) * per];
+                    for (i, t) in tiles.chunks_exact_mut(per).enumerate() {
+                        let g = g0 + i;
+                        // SAFETY: as above; the group's weights are [cols, 16].
+                        unsafe { half_amx::weight_tiles(self.kind, &self.bits[g * cols * NW..(g + 1) * cols * NW], cols, t) };
+                    }
+                    let tile_of = |g: usize| tiles[(g - g0) * per..].as_ptr();
+                    let nrows = |g: usize| (rows - g * NW).min(NW);
+                    // SAFETY: `half_amx::available` held; outputs are rows of this task's groups for
+                    // tokens below amx_tokens.
+                    unsafe {
+                        half_amx::run(&xh, &xl, cols, amx_tokens, g0..g1, &tile_of, &nrows, self.kind == HalfKind::F16, dst.at(0), rows)
+                    };
+                }
+                for tb in (amx_tokens..m).step_by(TOKEN_BLOCK) {
                     let tb_end = (tb + TOKEN_BLOCK).min(m);
-                    for g in c * chunk..((c + 1) * chunk).min(groups) {
+                    for g in g0..g1 {
                         let w = &self.bits[g * cols * NW..(g + 1) * cols * NW];
                         let mut t = tb;
                         while t < tb_end {
@@ -358,7 +411,9 @@ mod tests {
             ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
         };
         for kind in [HalfKind::F16, HalfKind::Bf16] {
-            for (rows, cols, m) in [(1, 8, 1), (7, 40, 3), (300, 96, 6), (33, 17, 5), (4, 100, 1), (5, 24, 9), (40, 64, 19)] {
+            for (rows, cols, m) in
+                [(1, 8, 1), (7, 40, 3), (300, 96, 6), (33, 17, 5), (4, 100, 1), (5, 24, 9), (40, 64, 19), (40, 64, 37), (17, 96, 48)]
+            {
                 let wf: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
                 let bytes: Vec<u8> = wf
                     .iter()

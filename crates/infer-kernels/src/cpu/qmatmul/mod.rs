@@ -219,6 +219,12 @@ impl Isa {
     }
 }
 
+/// Whether AMX tiles are usable here (the CPU has AMX-INT8 and the OS granted the tile state).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn amx_available() -> bool {
+    amx::available()
+}
+
 /// One activation block: 32 values as `d · qs`, with `s = d · Σ qs`.
 #[derive(Debug, Clone, Copy)]
 #[repr(C, align(32))]

@@ -13,8 +13,19 @@ use crate::cpu::qmatmul::OutPtr;
 
 use crate::cpu::qmatmul::Isa;
 
-/// Rows of one sequence from which a prompt goes to the tiled kernel.
-const TILED_MIN_ROWS: usize = 8;
+/// The tiled units' lanes hold raw pointers into `q` and `out`; the units are shared read-only
+/// between the pool's tasks.
+struct SendUnits<T>(T);
+// SAFETY: the pointers are only dereferenced by the unit that owns the lane (reads of q, writes of
+// its own output slice) while the caller's borrows of q and out are alive.
+unsafe impl<T> Sync for SendUnits<T> {}
+
+impl<T> SendUnits<T> {
+    /// (A method, so closures capture the whole `Sync` wrapper.)
+    fn get(&self) -> &T {
+        &self.0
+    }
+}
 
 /// The head geometry of one attention layer.
 #[derive(Debug, Clone, Copy)]
@@ -135,41 +146,76 @@ pub fn paged_attention_with<E: KvElem>(
     for (s, seq) in seqs.iter().enumerate() {
         row_seq[seq.q_start..seq.q_start + seq.q_len].fill(s);
     }
-    // Prompts (several rows of one sequence) go to the tiled kernel where there is one.
+    // Every row goes to the tiled kernel where there is one for this CPU and head size: prompt
+    // chunks as units of consecutive rows of one head, single rows (decode steps) as units of the
+    // query heads of one KV head; the per-row kernel below takes the rest.
     #[cfg(target_arch = "x86_64")]
-    let tiled = |s: &SeqAttention<'_>| isa != Isa::Scalar && s.q_len >= TILED_MIN_ROWS && crate::cpu::flash_attention::supports(hd);
+    let tiled = isa != Isa::Scalar && crate::cpu::flash_attention::supports(hd);
     #[cfg(not(target_arch = "x86_64"))]
-    let tiled = |_: &SeqAttention<'_>| false;
+    let tiled = false;
     #[cfg(target_arch = "x86_64")]
-    {
-        use crate::cpu::flash_attention as flash;
-        // 16 rows a unit with AVX-512, 8 with AVX2.
+    if tiled {
+        use crate::cpu::flash_attention::{self as flash, Lane};
+        // 16 lanes a unit with AVX-512, 8 with AVX2.
         let wide = matches!(isa, Isa::Avx512 | Isa::Amx);
-        let rows = if wide { flash::ROWS } else { flash::avx2::ROWS };
-        // Units (sequence, head, first row), the longest (last rows) first.
-        let mut units = Vec::new();
-        for (s, seq) in seqs.iter().enumerate().filter(|(_, s)| tiled(s)) {
-            for i0 in (0..seq.q_len).step_by(rows).rev() {
-                units.extend((0..shape.num_heads).map(|h| (s, h, i0)));
-            }
-        }
-        let dst = OutPtr(out.as_mut_ptr());
-        Pool::global().run(units.len(), &|u| {
-            let (s, h, i0) = units[u];
-            let seq = &seqs[s];
-            let n = rows.min(seq.q_len - i0);
-            // SAFETY: `tiled` checked the head size and that the instruction set has AVX2, FMA and
-            // F16C (and AVX-512 F/BW/VL when `wide`); each unit writes only its rows' slices of head h.
-            unsafe {
-                if wide {
-                    flash::unit(q, k_cache, v_cache, seq, shape, h, i0, n, dst.at(0))
-                } else {
-                    flash::avx2::unit(q, k_cache, v_cache, seq, shape, h, i0, n, dst.at(0))
+        let width = if wide { flash::ROWS } else { flash::avx2::ROWS };
+        let group = shape.num_heads / shape.num_kv_heads;
+        // Row r, head h (in bounds: r < rows of q and out, h < num_heads); each lane's output is
+        // written by one unit only.
+        let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
+        let lane =
+            |r: usize, h: usize, pos: usize| Lane { q: qp.wrapping_add(r * q_row + h * hd), out: op.wrapping_add(r * q_row + h * hd), pos };
+        // Units: (sequence, KV head, its lanes), the longest (last rows of prompts) first.
+        let mut units: Vec<(usize, usize, Vec<Lane>)> = Vec::new();
+        for (s, seq) in seqs.iter().enumerate() {
+            let p0 = seq.context_len - seq.q_len;
+            if seq.q_len >= 2 {
+                for i0 in (0..seq.q_len).step_by(width).rev() {
+                    let rows = i0..(i0 + width).min(seq.q_len);
+                    for h in 0..shape.num_heads {
+                        units.push((s, h / group, rows.clone().map(|i| lane(seq.q_start + i, h, p0 + i)).collect()));
+                    }
+                }
+            } else if seq.q_len == 1 {
+                for kvh in 0..shape.num_kv_heads {
+                    for h0 in (kvh * group..(kvh + 1) * group).step_by(width) {
+                        let heads = h0..(h0 + width).min((kvh + 1) * group);
+                        units.push((s, kvh, heads.map(|h| lane(seq.q_start, h, p0)).collect()));
+                    }
                 }
             }
-        });
+        }
+        let units = SendUnits(units);
+        let run = |u: usize| {
+            let (s, kvh, lanes) = &units.get()[u];
+            let table = seqs[*s].block_table;
+            // SAFETY: `tiled` checked the head size and that the instruction set has AVX2, FMA and
+            // F16C (and AVX-512 F/BW/VL when `wide`); lanes point into q and out, and each output
+            // slice belongs to one lane of one unit.
+            unsafe {
+                if wide {
+                    flash::unit(lanes, k_cache, v_cache, table, *kvh, shape)
+                } else {
+                    flash::avx2::unit(lanes, k_cache, v_cache, table, *kvh, shape)
+                }
+            }
+        };
+        let work: usize = seqs.iter().map(|s| s.q_len * s.context_len).sum::<usize>() * q_row;
+        if work < 1 << 16 {
+            (0..units.get().len()).for_each(run);
+        } else {
+            Pool::global().run(units.get().len(), &run);
+        }
+        // Rows of no sequence (padding) are zero.
+        for (r, o) in out.chunks_mut(q_row).enumerate() {
+            if row_seq[r] == usize::MAX {
+                o.fill(0.0);
+            }
+        }
+        return;
     }
-    let work: usize = seqs.iter().filter(|s| !tiled(s)).map(|s| s.q_len * s.context_len).sum::<usize>() * q_row;
+    let _ = tiled;
+    let work: usize = seqs.iter().map(|s| s.q_len * s.context_len).sum::<usize>() * q_row;
     let run_row = |(r, out_row): (usize, &mut [f32])| {
         let s = row_seq[r];
         if s == usize::MAX {
@@ -177,9 +223,6 @@ pub fn paged_attention_with<E: KvElem>(
             return;
         }
         let seq = &seqs[s];
-        if tiled(seq) {
-            return;
-        }
         let pos = seq.context_len - seq.q_len + (r - seq.q_start);
         attend_row(isa, &q[r * q_row..(r + 1) * q_row], pos, seq.block_table, k_cache, v_cache, shape, out_row);
     };
@@ -565,6 +608,55 @@ mod tests {
                 paged_attention_with(isa, &q, &kc, &vc, &seqs, &sh, &mut out);
                 for (i, (a, b)) in out.iter().zip(&want).enumerate() {
                     assert!((a - b).abs() < 1e-5, "window {window:?} softcap {softcap:?} head_dim {head_dim} {isa:?} [{i}]: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    /// A row's result does not depend on how its sequence is split into forward passes: one
+    /// prefill, chunks of 5, or one row at a time give bit-identical outputs (greedy decoding then
+    /// does not change with batching, chunked prefill or preemption), with and without a window.
+    #[test]
+    fn results_do_not_depend_on_chunking() {
+        for (window, head_dim) in [(None, 64), (Some(11), 64), (None, 72), (None, 128)] {
+            let sh = AttentionShape {
+                num_heads: 6,
+                num_kv_heads: 2,
+                head_dim,
+                block_size: 4,
+                scale: 0.3,
+                sliding_window: window,
+                softcap: None,
+            };
+            let kv_row = sh.num_kv_heads * head_dim;
+            let q_row = sh.num_heads * head_dim;
+            let ctx = 37;
+            let mut seed = 5u64;
+            let (k, v, q) = (rand_vec(ctx * kv_row, &mut seed), rand_vec(ctx * kv_row, &mut seed), rand_vec(ctx * q_row, &mut seed));
+            let table: Vec<u32> = (0..ctx.div_ceil(sh.block_size) as u32).map(|b| (b * 7) % 10).collect();
+            let slots: Vec<usize> = (0..ctx).map(|t| table[t / sh.block_size] as usize * sh.block_size + t % sh.block_size).collect();
+            let mut kc = vec![0f32; 10 * sh.block_size * kv_row];
+            let mut vc = kc.clone();
+            write_kv(&k, &v, &slots, &sh, &mut kc, &mut vc);
+            for isa in Isa::available() {
+                let run = |chunk: usize| -> Vec<f32> {
+                    let mut all = Vec::new();
+                    for start in (0..ctx).step_by(chunk) {
+                        let n = chunk.min(ctx - start);
+                        let seqs = [SeqAttention { q_start: 0, q_len: n, context_len: start + n, block_table: &table }];
+                        let mut out = vec![f32::NAN; n * q_row];
+                        paged_attention_with(isa, &q[start * q_row..(start + n) * q_row], &kc, &vc, &seqs, &sh, &mut out);
+                        all.extend(out);
+                    }
+                    all
+                };
+                let whole = run(ctx);
+                for chunk in [1, 5] {
+                    let got = run(chunk);
+                    assert!(
+                        got.iter().zip(&whole).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{isa:?} window {window:?} head_dim {head_dim}: chunks of {chunk} differ"
+                    );
                 }
             }
         }

@@ -1,5 +1,8 @@
-//! Prompt attention on AVX-512, flash-attention-2 style: a unit is 16 consecutive query rows of one
-//! head, one row per register lane. The unit's queries are transposed once (`qt[d]` = dimension d of
+//! Attention on AVX-512, flash-attention-2 style, over units of up to 16 query vectors that share
+//! one KV head, one per register lane: 16 consecutive rows of one head (prompts) or the query heads
+//! of one KV head for one row (decode steps). Each lane's arithmetic depends only on its own query
+//! and position (key steps are aligned to the sequence), so a row gets bit-identical results
+//! whether it is decoded alone, prefilled in any chunking, or batched with other sequences. The unit's queries are transposed once (`qt[d]` = dimension d of
 //! all 16 rows), so each step of 16 keys computes its scores as `S_j = Σ_d qt[d] · k_j[d]`, one
 //! fused multiply-add per (dimension, key) with the key element broadcast, and no horizontal sums;
 //! the running maximum, the exponentials and the rescaling are lane-wise (per query row), and the
@@ -8,7 +11,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::cpu::attention::{AttentionShape, KvElem, SeqAttention};
+use crate::cpu::attention::{AttentionShape, KvElem};
 use crate::cpu::simd::exp512;
 
 /// Query rows per unit (one per lane).
@@ -29,26 +32,24 @@ struct Scratch<const HD: usize> {
     vb: [[f32; HD]; KEYS],
 }
 
-/// Query rows `i0 .. i0 + n` (1 ≤ n ≤ 16) of sequence `seq` for query head `head`: writes their
-/// `head` slices of `out` (`[num_tokens, num_heads, head_dim]`, as `q`).
+/// One lane of a unit: a query vector (one head of one row), where its output goes, its position.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Lane {
+    pub(crate) q: *const f32,
+    pub(crate) out: *mut f32,
+    pub(crate) pos: usize,
+}
+
+/// The lanes (1 ≤ n ≤ 16) of one unit, all reading KV head `kvh` of the sequence whose blocks
+/// `table` lists: writes each lane's `head_dim` outputs.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F/BW/VL, FMA and F16C; [`supports`] must hold for the head size; `out`
-/// must be valid for those writes; the caches and block table must hold the sequence's tokens.
+/// The CPU must have AVX-512 F/BW/VL, FMA and F16C; [`supports`] must hold for the head size; the
+/// lanes' pointers must be valid (`head_dim` elements each; outputs written by this unit only); the
+/// caches and block table must hold the sequence's tokens up to the largest position.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn unit<E: KvElem>(
-    q: &[f32],
-    k_cache: &[E],
-    v_cache: &[E],
-    seq: &SeqAttention<'_>,
-    shape: &AttentionShape,
-    head: usize,
-    i0: usize,
-    n: usize,
-    out: *mut f32,
-) {
-    let a = (q, k_cache, v_cache, seq, shape, head, i0, n, out);
+pub(crate) unsafe fn unit<E: KvElem>(lanes: &[Lane], k_cache: &[E], v_cache: &[E], table: &[u32], kvh: usize, shape: &AttentionShape) {
+    let a = (lanes, k_cache, v_cache, table, kvh, shape);
     match shape.head_dim {
         32 => unit_hd::<32, E>(a),
         64 => unit_hd::<64, E>(a),
@@ -60,7 +61,21 @@ pub(crate) unsafe fn unit<E: KvElem>(
     }
 }
 
-type Args<'a, 'b, E> = (&'a [f32], &'a [E], &'a [E], &'a SeqAttention<'b>, &'a AttentionShape, usize, usize, usize, *mut f32);
+type Args<'a, E> = (&'a [Lane], &'a [E], &'a [E], &'a [u32], usize, &'a AttentionShape);
+
+/// First key step (a multiple of `keys`: keys before a lane's window are masked) and last key of
+/// a unit's lanes.
+fn key_range(lanes: &[Lane], window: Option<usize>, keys: usize) -> (usize, usize) {
+    let first = lanes
+        .iter()
+        .map(|l| match window {
+            Some(w) if l.pos + 1 > w => l.pos + 1 - w,
+            _ => 0,
+        })
+        .min()
+        .unwrap_or(0);
+    (first / keys * keys, lanes.iter().map(|l| l.pos).max().unwrap_or(0))
+}
 
 /// One cache row of `HD` elements, widened to f32.
 #[inline(always)]
@@ -85,25 +100,21 @@ unsafe fn softcap(s: __m512, c: f32) -> __m512 {
 
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
-unsafe fn unit_hd<const HD: usize, E: KvElem>((q, k_cache, v_cache, seq, shape, head, i0, n, out): Args<'_, '_, E>) {
-    debug_assert!((1..=ROWS).contains(&n) && i0 + n <= seq.q_len);
-    let group = shape.num_heads / shape.num_kv_heads;
-    let (q_row, kv_row, bs) = (shape.num_heads * HD, shape.num_kv_heads * HD, shape.block_size);
-    let koff = (head / group) * HD;
-    // Positions: lane i is query row i0 + i.
-    let p0 = seq.context_len - seq.q_len + i0;
-    let last = p0 + n - 1;
-    let first = match shape.sliding_window {
-        Some(w) if p0 + 1 > w => p0 + 1 - w,
-        _ => 0,
-    };
-    let lane_pos = _mm512_add_epi32(_mm512_set1_epi32(p0 as i32), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-    let lanes: __mmask16 = if n == ROWS { 0xFFFF } else { (1u16 << n) - 1 };
+unsafe fn unit_hd<const HD: usize, E: KvElem>((lanes, k_cache, v_cache, table, kvh, shape): Args<'_, E>) {
+    let n = lanes.len();
+    debug_assert!((1..=ROWS).contains(&n));
+    let (kv_row, bs, koff) = (shape.num_kv_heads * HD, shape.block_size, kvh * HD);
+    let (first, last) = key_range(lanes, shape.sliding_window, KEYS);
+    let mut pos = [0i32; ROWS];
+    for (p, l) in pos.iter_mut().zip(lanes) {
+        *p = l.pos as i32;
+    }
+    let lane_pos = _mm512_loadu_si512(pos.as_ptr() as *const _);
+    let lanes_mask: __mmask16 = if n == ROWS { 0xFFFF } else { (1u16 << n) - 1 };
     let mut sc: Box<Scratch<HD>> = Box::<Scratch<HD>>::new_zeroed().assume_init();
-    for i in 0..n {
-        let qp = q.as_ptr().add((seq.q_start + i0 + i) * q_row + head * HD);
+    for (i, l) in lanes.iter().enumerate() {
         for d in 0..HD {
-            sc.qt[d][i] = *qp.add(d) * shape.scale;
+            sc.qt[d][i] = *l.q.add(d) * shape.scale;
         }
     }
     let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
@@ -114,7 +125,7 @@ unsafe fn unit_hd<const HD: usize, E: KvElem>((q, k_cache, v_cache, seq, shape, 
         let nk = KEYS.min(last + 1 - t0);
         for j in 0..nk {
             let t = t0 + j;
-            let off = (seq.block_table[t / bs] as usize * bs + t % bs) * kv_row + koff;
+            let off = (table[t / bs] as usize * bs + t % bs) * kv_row + koff;
             copy_row::<HD, E>(k_cache.as_ptr().add(off), sc.kb[j].as_mut_ptr());
             copy_row::<HD, E>(v_cache.as_ptr().add(off), sc.vb[j].as_mut_ptr());
         }
@@ -131,7 +142,7 @@ unsafe fn unit_hd<const HD: usize, E: KvElem>((q, k_cache, v_cache, seq, shape, 
         let mut mx = m;
         for j in 0..nk {
             let t = (t0 + j) as i32;
-            let mut k = _mm512_cmp_epi32_mask::<_MM_CMPINT_LE>(_mm512_set1_epi32(t), lane_pos) & lanes;
+            let mut k = _mm512_cmp_epi32_mask::<_MM_CMPINT_LE>(_mm512_set1_epi32(t), lane_pos) & lanes_mask;
             if let Some(w) = shape.sliding_window {
                 k &= _mm512_cmp_epi32_mask::<_MM_CMPINT_LT>(lane_pos, _mm512_set1_epi32(t + w as i32));
             }
@@ -171,10 +182,9 @@ unsafe fn unit_hd<const HD: usize, E: KvElem>((q, k_cache, v_cache, seq, shape, 
     }
     let mut inv = [0f32; ROWS];
     _mm512_storeu_ps(inv.as_mut_ptr(), _mm512_div_ps(_mm512_set1_ps(1.0), l));
-    for i in 0..n {
-        let o = out.add((seq.q_start + i0 + i) * q_row + head * HD);
+    for (i, lane) in lanes.iter().enumerate() {
         for d in 0..HD {
-            *o.add(d) = sc.ot[d][i] * inv[i];
+            *lane.out.add(d) = sc.ot[d][i] * inv[i];
         }
     }
 }
@@ -183,7 +193,7 @@ unsafe fn unit_hd<const HD: usize, E: KvElem>((q, k_cache, v_cache, seq, shape, 
 pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{AttentionShape, KvElem, SeqAttention};
+    use super::{key_range, AttentionShape, KvElem, Lane};
     use crate::cpu::simd::exp256;
 
     /// Query rows per unit.
@@ -198,24 +208,13 @@ pub(crate) mod avx2 {
         vb: [[f32; HD]; KEYS],
     }
 
-    /// [`super::unit`] for 1 ≤ n ≤ 8 rows.
+    /// [`super::unit`] for 1 ≤ n ≤ 8 lanes.
     ///
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C; otherwise as [`super::unit`].
     #[target_feature(enable = "avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn unit<E: KvElem>(
-        q: &[f32],
-        k_cache: &[E],
-        v_cache: &[E],
-        seq: &SeqAttention<'_>,
-        shape: &AttentionShape,
-        head: usize,
-        i0: usize,
-        n: usize,
-        out: *mut f32,
-    ) {
-        let a = (q, k_cache, v_cache, seq, shape, head, i0, n, out);
+    pub(crate) unsafe fn unit<E: KvElem>(lanes: &[Lane], k_cache: &[E], v_cache: &[E], table: &[u32], kvh: usize, shape: &AttentionShape) {
+        let a = (lanes, k_cache, v_cache, table, kvh, shape);
         match shape.head_dim {
             32 => unit_hd::<32, E>(a),
             64 => unit_hd::<64, E>(a),
@@ -248,26 +247,22 @@ pub(crate) mod avx2 {
 
     #[inline(always)]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn unit_hd<const HD: usize, E: KvElem>((q, k_cache, v_cache, seq, shape, head, i0, n, out): super::Args<'_, '_, E>) {
-        debug_assert!((1..=ROWS).contains(&n) && i0 + n <= seq.q_len);
-        let group = shape.num_heads / shape.num_kv_heads;
-        let (q_row, kv_row, bs) = (shape.num_heads * HD, shape.num_kv_heads * HD, shape.block_size);
-        let koff = (head / group) * HD;
-        let p0 = seq.context_len - seq.q_len + i0;
-        let last = p0 + n - 1;
-        let first = match shape.sliding_window {
-            Some(w) if p0 + 1 > w => p0 + 1 - w,
-            _ => 0,
-        };
-        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let lane_pos = _mm256_add_epi32(_mm256_set1_epi32(p0 as i32), lane);
-        // Lanes of real rows (all ones) and not (zero).
-        let rows = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane);
+    unsafe fn unit_hd<const HD: usize, E: KvElem>((lanes, k_cache, v_cache, table, kvh, shape): super::Args<'_, E>) {
+        let n = lanes.len();
+        debug_assert!((1..=ROWS).contains(&n));
+        let (kv_row, bs, koff) = (shape.num_kv_heads * HD, shape.block_size, kvh * HD);
+        let (first, last) = key_range(lanes, shape.sliding_window, KEYS);
+        let mut pos = [0i32; ROWS];
+        for (p, l) in pos.iter_mut().zip(lanes) {
+            *p = l.pos as i32;
+        }
+        let lane_pos = _mm256_loadu_si256(pos.as_ptr() as *const __m256i);
+        // Lanes in use (all ones) and not (zero).
+        let rows = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
         let mut sc: Box<Scratch<HD>> = Box::<Scratch<HD>>::new_zeroed().assume_init();
-        for i in 0..n {
-            let qp = q.as_ptr().add((seq.q_start + i0 + i) * q_row + head * HD);
+        for (i, l) in lanes.iter().enumerate() {
             for d in 0..HD {
-                sc.qt[d][i] = *qp.add(d) * shape.scale;
+                sc.qt[d][i] = *l.q.add(d) * shape.scale;
             }
         }
         let neg_inf = _mm256_set1_ps(f32::NEG_INFINITY);
@@ -278,7 +273,7 @@ pub(crate) mod avx2 {
             let nk = KEYS.min(last + 1 - t0);
             for j in 0..nk {
                 let t = t0 + j;
-                let off = (seq.block_table[t / bs] as usize * bs + t % bs) * kv_row + koff;
+                let off = (table[t / bs] as usize * bs + t % bs) * kv_row + koff;
                 copy_row::<HD, E>(k_cache.as_ptr().add(off), sc.kb[j].as_mut_ptr());
                 copy_row::<HD, E>(v_cache.as_ptr().add(off), sc.vb[j].as_mut_ptr());
             }
@@ -332,10 +327,9 @@ pub(crate) mod avx2 {
         }
         let mut inv = [0f32; ROWS];
         _mm256_storeu_ps(inv.as_mut_ptr(), _mm256_div_ps(_mm256_set1_ps(1.0), l));
-        for i in 0..n {
-            let o = out.add((seq.q_start + i0 + i) * q_row + head * HD);
+        for (i, lane) in lanes.iter().enumerate() {
             for d in 0..HD {
-                *o.add(d) = sc.ot[d][i] * inv[i];
+                *lane.out.add(d) = sc.ot[d][i] * inv[i];
             }
         }
     }

@@ -1,13 +1,19 @@
 //! Quantized matrix multiplication on the CPU: `y = x Wᵀ` with `W` in GGUF block formats (Q4_0,
 //! Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), `x` in f32.
 //!
-//! Weights are repacked once at load (see [`QWeight`]). The activations are quantized once per call
-//! to 8-bit blocks of 32 (a scale, `d·Σq`, 32 signed bytes); each output is a sum over blocks of
-//! integer dot products scaled in f32. A register tile of four weight rows × up to four tokens
-//! streams each weight block once for several tokens (prefill and batched decode); row groups are
-//! split across the kernels' thread pool. The instruction set is chosen at run time: AVX2+FMA with VNNI byte
-//! dot products (`vpdpbusd`) where AVX-512 VL/VNNI exist, AVX2+FMA (`vpmaddubsw`), or the portable
-//! scalar reference.
+//! Weights are repacked once at load (see [`QWeight`]) for the instruction set chosen at run time.
+//! The activations are quantized once per call to 8-bit blocks of 32 (a scale, `d·Σq`, 32 signed
+//! bytes); each output is a sum over blocks of integer dot products scaled in f32. Row groups are
+//! split across the kernels' thread pool.
+//!
+//! - Wide layout (AMX, AVX-512, and AVX2 for 4- and 5-bit formats): 16 rows per group with the
+//!   values as unsigned bytes in AMX's B-tile order, four values of each row side by side, so one
+//!   register holds four values of 16 (AVX2: 8) rows and one byte dot product against four
+//!   broadcast activation bytes advances 16 rows' sums at once (no horizontal sums; one scale step
+//!   per block for all of them). With AMX, every 16 tokens go through tile products instead
+//!   (`amx.rs`), 4- and 5-bit values spread to bytes once per call.
+//! - Narrow layout (scalar, the AVX2 kernels for 8-bit formats, and `Isa::Avx2Vnni`): 4 rows per
+//!   group, a register tile of four rows × two or three tokens.
 
 use half::f16;
 

@@ -10,11 +10,14 @@ fn main() {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use std::path::{Path, PathBuf};
+    use std::path::PathBuf;
 
     pub fn build() {
         let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../kernels");
+        // The manifest dir cargo gives this run (not the one this script was compiled in: a shared
+        // target dir may hold a build script compiled for a clone elsewhere).
+        let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+        let src = manifest.join("../../kernels");
         println!("cargo::rerun-if-changed={}", src.display());
         let mut stems: Vec<String> = Vec::new();
         for (arch, dir) in [(80, "sm80"), (90, "sm90")] {

@@ -146,15 +146,59 @@ pub fn paged_attention_with<E: KvElem>(
     for (s, seq) in seqs.iter().enumerate() {
         row_seq[seq.q_start..seq.q_start + seq.q_len].fill(s);
     }
-    // Every row goes to the tiled kernel where there is one for this CPU and head size: prompt
-    // chunks as units of consecutive rows of one head, single rows (decode steps) as units of the
-    // query heads of one KV head; the per-row kernel below takes the rest.
-    #[cfg(target_arch = "x86_64")]
-    let tiled = isa != Isa::Scalar && crate::cpu::flash_attention::supports(hd);
+    if tiled(isa, q, k_cache, v_cache, seqs, shape, &row_seq, out) {
+        return;
+    }
+    let work: usize = seqs.iter().map(|s| s.q_len * s.context_len).sum::<usize>() * q_row;
+    let run_row = |(r, out_row): (usize, &mut [f32])| {
+        let s = row_seq[r];
+        if s == usize::MAX {
+            out_row.fill(0.0);
+            return;
+        }
+        let seq = &seqs[s];
+        let pos = seq.context_len - seq.q_len + (r - seq.q_start);
+        attend_row(isa, &q[r * q_row..(r + 1) * q_row], pos, seq.block_table, k_cache, v_cache, shape, out_row);
+    };
+    // Small problems are not worth the thread hand-off.
+    if work < 1 << 16 {
+        out.chunks_mut(q_row).enumerate().for_each(run_row);
+    } else {
+        let rows = out.len() / q_row;
+        let dst = OutPtr(out.as_mut_ptr());
+        Pool::global().run(rows, &|r| {
+            // SAFETY: row r's slice is in bounds and written by this task only.
+            let out_row = unsafe { std::slice::from_raw_parts_mut(dst.at(r * q_row), q_row) };
+            run_row((r, out_row));
+        });
+    }
+}
+
+/// Every row through the tiled kernel when there is one for this CPU and head size: prompt chunks as
+/// units of consecutive rows of one head, single rows (decode steps) as units of the query heads of
+/// one KV head. Returns false (nothing done) otherwise, for the per-row kernel.
+#[allow(clippy::too_many_arguments)]
+fn tiled<E: KvElem>(
+    isa: Isa,
+    q: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
+    seqs: &[SeqAttention<'_>],
+    shape: &AttentionShape,
+    row_seq: &[usize],
+    out: &mut [f32],
+) -> bool {
     #[cfg(not(target_arch = "x86_64"))]
-    let tiled = false;
+    {
+        let _ = (isa, q, k_cache, v_cache, seqs, shape, row_seq, out);
+        false
+    }
     #[cfg(target_arch = "x86_64")]
-    if tiled {
+    {
+        let (hd, q_row) = (shape.head_dim, shape.num_heads * shape.head_dim);
+        if isa == Isa::Scalar || !crate::cpu::flash_attention::supports(hd) {
+            return false;
+        }
         use crate::cpu::flash_attention::{self as flash, Lane};
         // 16 lanes a unit with AVX-512, 8 with AVX2.
         let wide = matches!(isa, Isa::Avx512 | Isa::Amx);
@@ -212,31 +256,7 @@ pub fn paged_attention_with<E: KvElem>(
                 o.fill(0.0);
             }
         }
-        return;
-    }
-    let _ = tiled;
-    let work: usize = seqs.iter().map(|s| s.q_len * s.context_len).sum::<usize>() * q_row;
-    let run_row = |(r, out_row): (usize, &mut [f32])| {
-        let s = row_seq[r];
-        if s == usize::MAX {
-            out_row.fill(0.0);
-            return;
-        }
-        let seq = &seqs[s];
-        let pos = seq.context_len - seq.q_len + (r - seq.q_start);
-        attend_row(isa, &q[r * q_row..(r + 1) * q_row], pos, seq.block_table, k_cache, v_cache, shape, out_row);
-    };
-    // Small problems are not worth the thread hand-off.
-    if work < 1 << 16 {
-        out.chunks_mut(q_row).enumerate().for_each(run_row);
-    } else {
-        let rows = out.len() / q_row;
-        let dst = OutPtr(out.as_mut_ptr());
-        Pool::global().run(rows, &|r| {
-            // SAFETY: row r's slice is in bounds and written by this task only.
-            let out_row = unsafe { std::slice::from_raw_parts_mut(dst.at(r * q_row), q_row) };
-            run_row((r, out_row));
-        });
+        true
     }
 }
 

@@ -24,6 +24,21 @@ pub(crate) fn supports(head_dim: usize) -> bool {
     matches!(head_dim, 32 | 64 | 80 | 96 | 128 | 256)
 }
 
+/// `$f::<HD, $e>($args)` for the head sizes [`supports`] lists.
+macro_rules! by_head_dim {
+    ($hd:expr, $f:ident, $e:ty, $args:expr) => {
+        match $hd {
+            32 => $f::<32, $e>($args),
+            64 => $f::<64, $e>($args),
+            80 => $f::<80, $e>($args),
+            96 => $f::<96, $e>($args),
+            128 => $f::<128, $e>($args),
+            256 => $f::<256, $e>($args),
+            d => unreachable!("head size {d} is not tiled"),
+        }
+    };
+}
+
 #[repr(C, align(64))]
 struct Scratch<const HD: usize> {
     qt: [[f32; ROWS]; HD],
@@ -50,15 +65,7 @@ pub(crate) struct Lane {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 pub(crate) unsafe fn unit<E: KvElem>(lanes: &[Lane], k_cache: &[E], v_cache: &[E], table: &[u32], kvh: usize, shape: &AttentionShape) {
     let a = (lanes, k_cache, v_cache, table, kvh, shape);
-    match shape.head_dim {
-        32 => unit_hd::<32, E>(a),
-        64 => unit_hd::<64, E>(a),
-        80 => unit_hd::<80, E>(a),
-        96 => unit_hd::<96, E>(a),
-        128 => unit_hd::<128, E>(a),
-        256 => unit_hd::<256, E>(a),
-        d => unreachable!("head size {d} is not tiled"),
-    }
+    by_head_dim!(shape.head_dim, unit_hd, E, a)
 }
 
 type Args<'a, E> = (&'a [Lane], &'a [E], &'a [E], &'a [u32], usize, &'a AttentionShape);
@@ -215,15 +222,7 @@ pub(crate) mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(crate) unsafe fn unit<E: KvElem>(lanes: &[Lane], k_cache: &[E], v_cache: &[E], table: &[u32], kvh: usize, shape: &AttentionShape) {
         let a = (lanes, k_cache, v_cache, table, kvh, shape);
-        match shape.head_dim {
-            32 => unit_hd::<32, E>(a),
-            64 => unit_hd::<64, E>(a),
-            80 => unit_hd::<80, E>(a),
-            96 => unit_hd::<96, E>(a),
-            128 => unit_hd::<128, E>(a),
-            256 => unit_hd::<256, E>(a),
-            d => unreachable!("head size {d} is not tiled"),
-        }
+        by_head_dim!(shape.head_dim, unit_hd, E, a)
     }
 
     #[inline(always)]

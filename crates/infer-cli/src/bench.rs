@@ -165,6 +165,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     } else {
         "CPU"
     };
+    // The table names the CPU kernel path too (AMX, AVX-512, AVX2, scalar); the JSON keeps
+    // llama-bench's `backends` and adds `cpu_kernels`.
+    let backend_md = if backend == "CPU" { format!("CPU ({})", infer::cpu_kernels()) } else { backend.to_string() };
     let opts = LoadOptions { device, dtype, gguf_file: args.gguf_file.clone(), quantize, ..Default::default() };
     let model = infer::load(&args.model, opts)?;
     let kv_name = kv.unwrap_or_else(|| default_cache_dtype(&model.model.device(), model.model.dtype())).as_str();
@@ -202,6 +205,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     "build_commit": env!("CARGO_PKG_VERSION"),
                     "cpu_info": "",
                     "backends": backend,
+                    "cpu_kernels": infer::cpu_kernels(),
                     "model_filename": args.model,
                     "model_type": format!("{:?}", model.config().architecture).to_lowercase(),
                     "model_size": size,
@@ -223,7 +227,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 }));
             } else {
                 println!(
-                    "| {name} | {:.2} MiB | {:.2} M | {backend} | {t} | {test} | {avg_ts:.2} ± {sd_ts:.2} |",
+                    "| {name} | {:.2} MiB | {:.2} M | {backend_md} | {t} | {test} | {avg_ts:.2} ± {sd_ts:.2} |",
                     size as f64 / (1 << 20) as f64,
                     params as f64 / 1e6
                 );

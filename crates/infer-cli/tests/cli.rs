@@ -165,10 +165,12 @@ fn bench_prints_llama_bench_records() {
         assert_eq!((r["n_prompt"].as_u64(), r["n_gen"].as_u64(), r["n_threads"].as_u64()), (Some(p), Some(n), Some(1)));
         assert!(r["avg_ts"].as_f64().unwrap() > 0.0 && r["stddev_ts"].as_f64().is_some());
         assert_eq!(r["samples_ts"].as_array().unwrap().len(), 2);
+        assert_eq!(r["backends"], "CPU");
+        assert!(["amx", "avx512", "avx2-vnni", "avx2", "scalar"].contains(&r["cpu_kernels"].as_str().unwrap()), "{r}");
     }
     let out = infer(&["bench", dir.to_str().unwrap(), "-p", "8", "-n", "0", "-r", "1"]);
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.contains("| pp8 |") && table.contains("| t/s |"), "{table}");
+    assert!(table.contains("| pp8 |") && table.contains("| t/s |") && table.contains("| CPU ("), "{table}");
     assert_clean_error(&infer(&["bench", dir.to_str().unwrap(), "-r", "0"]), &["-r"]);
     assert_clean_error(&infer(&["bench", dir.to_str().unwrap(), "-o", "xml"]), &["md or json"]);
 }

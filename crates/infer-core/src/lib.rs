@@ -30,4 +30,4 @@ pub use error::{Error, Result};
 pub use loader::{load, DTypeChoice, LoadOptions, LoadedModel};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
-pub use weights::Quantize;
+pub use weights::{cpu_kernels, Quantize};

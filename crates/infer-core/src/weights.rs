@@ -110,6 +110,12 @@ fn kernel_qtype(t: GgmlDType) -> Option<QType> {
     }
 }
 
+/// The CPU kernel path this process runs (`amx`, `avx512`, `avx2-vnni`, `avx2` or `scalar`; capped
+/// by `INFER_ISA`).
+pub fn cpu_kernels() -> &'static str {
+    infer_kernels::Isa::detect().name()
+}
+
 /// `INFER_CANDLE_QMATMUL=1` keeps candle's quantized matmul (for comparisons).
 fn use_candle_qmatmul() -> bool {
     std::env::var_os("INFER_CANDLE_QMATMUL").is_some_and(|v| v != "0" && !v.is_empty())

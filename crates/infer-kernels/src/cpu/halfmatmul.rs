@@ -72,7 +72,7 @@ impl HalfWeight {
             return Err(format!("{kind:?} weight [{rows}, {cols}] needs {} bytes, got {}", rows * cols * 2, bytes.len()));
         }
         let at = |i: usize| u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]);
-        let layout = isa.layout();
+        let layout = isa.hlayout();
         let bits = match layout {
             Layout::Narrow => (0..rows * cols).map(at).collect(),
             Layout::Wide => {
@@ -105,7 +105,7 @@ impl HalfWeight {
     pub fn matmul_with(&self, isa: Isa, x: &[f32], m: usize, out: &mut [f32]) {
         assert_eq!(x.len(), m * self.cols, "x must be [m, cols]");
         assert_eq!(out.len(), m * self.rows, "out must be [m, rows]");
-        assert_eq!(self.layout, isa.layout(), "{:?} weight packed for another instruction set than {isa:?}", self.kind);
+        assert_eq!(self.layout, isa.hlayout(), "{:?} weight packed for another instruction set than {isa:?}", self.kind);
         let (rows, cols) = (self.rows, self.cols);
         let pool = crate::cpu::pool::Pool::global();
         #[cfg(target_arch = "x86_64")]
@@ -155,9 +155,28 @@ impl HalfWeight {
                         let w = &self.bits[g * cols * NW..(g + 1) * cols * NW];
                         let mut t = tb;
                         while t < tb_end {
+                            if isa == Isa::Avx2 {
+                                let n = avx2::WIDE_TOKENS.min(tb_end - t);
+                                // SAFETY: `Isa::Avx2` implies AVX2, FMA and F16C; the tile writes rows
+                                // g·16.. (valid ones only) of tokens t..t + n.
+                                unsafe {
+                                    avx2::wide_tile(
+                                        self.kind,
+                                        w,
+                                        &x[t * cols..],
+                                        n,
+                                        cols,
+                                        dst.at(t * rows + g * NW),
+                                        rows,
+                                        (rows - g * NW).min(NW),
+                                    )
+                                };
+                                t += n;
+                                continue;
+                            }
                             let n = avx512::TOKENS.min(tb_end - t);
-                            // SAFETY: the wide layout is only made for instruction sets with AVX-512
-                            // F/BW/VL; the tile writes rows g·16.. (valid ones only) of tokens t..t + n.
+                            // SAFETY: other instruction sets with the wide layout have AVX-512 F/BW/VL;
+                            // the tile writes rows g·16.. (valid ones only) of tokens t..t + n.
                             unsafe {
                                 avx512::tile(
                                     self.kind,
@@ -331,6 +350,66 @@ mod avx2 {
         match kind {
             HalfKind::F16 => _mm256_cvtph_ps(raw),
             HalfKind::Bf16 => _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)),
+        }
+    }
+
+    /// Tokens of one register tile over the wide layout (at most).
+    pub const WIDE_TOKENS: usize = 6;
+
+    /// The AVX2 form of the AVX-512 wide kernel: one group of 16 rows (`w`: `[cols, 16]`) × `n`
+    /// (1..=6) tokens; each column is two registers of 8 rows, times the token's activation
+    /// broadcast. Writes `out[t·ldo + r]` for t < n, r < nrows.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; `out` must be valid for those writes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn wide_tile(kind: HalfKind, w: &[u16], xs: &[f32], n: usize, cols: usize, out: *mut f32, ldo: usize, nrows: usize) {
+        debug_assert!(w.len() == cols * NW && xs.len() >= n * cols && (1..=WIDE_TOKENS).contains(&n));
+        let (wp, xp) = (w.as_ptr(), xs.as_ptr());
+        match n {
+            1 => wide::<1>(kind, wp, xp, cols, out, ldo, nrows),
+            2 => wide::<2>(kind, wp, xp, cols, out, ldo, nrows),
+            3 => wide::<3>(kind, wp, xp, cols, out, ldo, nrows),
+            4 => wide::<4>(kind, wp, xp, cols, out, ldo, nrows),
+            5 => wide::<5>(kind, wp, xp, cols, out, ldo, nrows),
+            _ => wide::<6>(kind, wp, xp, cols, out, ldo, nrows),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn wide<const R: usize>(kind: HalfKind, w: *const u16, x: *const f32, cols: usize, out: *mut f32, ldo: usize, nrows: usize) {
+        // One token: two sets of accumulators over alternating columns hide the FMA latency.
+        let sets = if R == 1 { 2 } else { 1 };
+        let mut lo = [[_mm256_setzero_ps(); R]; 2];
+        let mut hi = [[_mm256_setzero_ps(); R]; 2];
+        let mut k = 0;
+        while k + sets <= cols {
+            for s in 0..sets {
+                let (wl, wh) = (load8(kind, w.add((k + s) * NW)), load8(kind, w.add((k + s) * NW + 8)));
+                for t in 0..R {
+                    let xv = _mm256_set1_ps(*x.add(t * cols + k + s));
+                    lo[s][t] = _mm256_fmadd_ps(wl, xv, lo[s][t]);
+                    hi[s][t] = _mm256_fmadd_ps(wh, xv, hi[s][t]);
+                }
+            }
+            k += sets;
+        }
+        if k < cols {
+            let (wl, wh) = (load8(kind, w.add(k * NW)), load8(kind, w.add(k * NW + 8)));
+            for t in 0..R {
+                let xv = _mm256_set1_ps(*x.add(t * cols + k));
+                lo[0][t] = _mm256_fmadd_ps(wl, xv, lo[0][t]);
+                hi[0][t] = _mm256_fmadd_ps(wh, xv, hi[0][t]);
+            }
+        }
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let mask_lo = _mm256_cmpgt_epi32(_mm256_set1_epi32(nrows.min(8) as i32), lane);
+        let mask_hi = _mm256_cmpgt_epi32(_mm256_set1_epi32(nrows.saturating_sub(8) as i32), lane);
+        for t in 0..R {
+            let (l, h) = if R == 1 { (_mm256_add_ps(lo[0][0], lo[1][0]), _mm256_add_ps(hi[0][0], hi[1][0])) } else { (lo[0][t], hi[0][t]) };
+            _mm256_maskstore_ps(out.add(t * ldo), mask_lo, l);
+            _mm256_maskstore_ps(out.add(t * ldo + 8), mask_hi, h);
         }
     }
 

@@ -164,7 +164,18 @@ impl Isa {
         }
     }
 
-    /// The layout of 16-bit float weights (and of the quantized ones, but see [`qlayout`](Self::qlayout)).
+    /// The layout this instruction set multiplies 16-bit float weights in: wide for AVX-512, AMX
+    /// and AVX2 (8 rows per register there).
+    pub fn hlayout(self) -> Layout {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => Layout::Wide,
+            _ => self.layout(),
+        }
+    }
+
+    /// The wide layout for AVX-512 and AMX, the narrow one otherwise (what [`qlayout`](Self::qlayout)
+    /// and [`hlayout`](Self::hlayout) refine).
     pub fn layout(self) -> Layout {
         match self {
             #[cfg(target_arch = "x86_64")]

@@ -113,6 +113,10 @@ impl HalfWeight {
             let groups = rows.div_ceil(NW);
             let chunk = (groups / (pool.threads() * 4)).clamp(1, 64);
             let dst = OutPtr(out.as_mut_ptr());
+            // The register-tile kernel of this instruction set and its most tokens per tile.
+            type Tile = unsafe fn(HalfKind, &[u16], &[f32], usize, usize, *mut f32, usize, usize);
+            let (tokens, tile): (usize, Tile) =
+                if isa == Isa::Avx2 { (avx2::WIDE_TOKENS, avx2::wide_tile) } else { (avx512::TOKENS, avx512::tile) };
             // Prompts on AMX-BF16: every 16 tokens through tile products, the rest below.
             let amx_tokens = if isa == Isa::Amx && m >= 2 * half_amx::TOKENS && cols.is_multiple_of(half_amx::KB) && half_amx::available() {
                 m / half_amx::TOKENS * half_amx::TOKENS
@@ -155,39 +159,12 @@ impl HalfWeight {
                         let w = &self.bits[g * cols * NW..(g + 1) * cols * NW];
                         let mut t = tb;
                         while t < tb_end {
-                            if isa == Isa::Avx2 {
-                                let n = avx2::WIDE_TOKENS.min(tb_end - t);
-                                // SAFETY: `Isa::Avx2` implies AVX2, FMA and F16C; the tile writes rows
-                                // g·16.. (valid ones only) of tokens t..t + n.
-                                unsafe {
-                                    avx2::wide_tile(
-                                        self.kind,
-                                        w,
-                                        &x[t * cols..],
-                                        n,
-                                        cols,
-                                        dst.at(t * rows + g * NW),
-                                        rows,
-                                        (rows - g * NW).min(NW),
-                                    )
-                                };
-                                t += n;
-                                continue;
-                            }
-                            let n = avx512::TOKENS.min(tb_end - t);
-                            // SAFETY: other instruction sets with the wide layout have AVX-512 F/BW/VL;
-                            // the tile writes rows g·16.. (valid ones only) of tokens t..t + n.
+                            let n = tokens.min(tb_end - t);
+                            // SAFETY: the wide layout is only made for `Isa::Avx2` (AVX2, FMA, F16C)
+                            // and instruction sets with AVX-512 F/BW/VL, whose kernel `tile` is; it
+                            // writes rows g·16.. (valid ones only) of tokens t..t + n.
                             unsafe {
-                                avx512::tile(
-                                    self.kind,
-                                    w,
-                                    &x[t * cols..],
-                                    n,
-                                    cols,
-                                    dst.at(t * rows + g * NW),
-                                    rows,
-                                    (rows - g * NW).min(NW),
-                                )
+                                tile(self.kind, w, &x[t * cols..], n, cols, dst.at(t * rows + g * NW), rows, (rows - g * NW).min(NW))
                             };
                             t += n;
                         }

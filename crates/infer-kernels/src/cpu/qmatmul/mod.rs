@@ -497,27 +497,22 @@ impl QWeight {
             // VNNI) and the OS granted the tile state; outputs are in bounds (t < m, rows of g).
             unsafe { amx::run(self.qtype, acts, nb, t0, g0..g1, &group, dst.at(0), self.rows) };
         }
-        let avx2 = isa == Isa::Avx2;
+        // The register-tile kernel of this instruction set and its most tokens per tile: AVX2 (the
+        // wide layout holds 4- or 5-bit values with it) or AVX-512 (Avx512/Amx).
+        type Tile = unsafe fn(QType, &[f32], &[u8], &[BlockQ8], usize, usize, *mut f32, usize, usize);
+        let (tokens, tile): (usize, Tile) =
+            if isa == Isa::Avx2 { (avx2::WIDE_TOKENS, avx2::wide_tile) } else { (avx512::TOKENS, avx512::tile) };
         for tb in (t0..m).step_by(TOKEN_BLOCK) {
             let tb_end = (tb + TOKEN_BLOCK).min(m);
             for g in g0..g1 {
                 let (sc, qs, nrows) = group(g);
                 let mut t = tb;
                 while t < tb_end {
-                    if avx2 {
-                        let r = avx2::WIDE_TOKENS.min(tb_end - t);
-                        // SAFETY: `Isa::Avx2` implies AVX2, FMA and F16C; the wide layout with it
-                        // holds 4- or 5-bit values; the tile writes rows g·16.. of tokens t..t + r.
-                        unsafe {
-                            avx2::wide_tile(self.qtype, sc, qs, &acts[t * nb..], nb, r, dst.at(t * self.rows + g * NW), self.rows, nrows)
-                        };
-                        t += r;
-                        continue;
-                    }
-                    let r = avx512::TOKENS.min(tb_end - t);
-                    // SAFETY: the wide layout is only made for `Isa::Avx512`/`Isa::Amx`, which imply
-                    // AVX-512 F/BW/VL/VNNI; the tile writes rows g·16.. (nrows of them) of tokens t..t + r.
-                    unsafe { avx512::tile(self.qtype, sc, qs, &acts[t * nb..], nb, r, dst.at(t * self.rows + g * NW), self.rows, nrows) };
+                    let r = tokens.min(tb_end - t);
+                    // SAFETY: the wide layout is only made for `Isa::Avx2` (AVX2, FMA, F16C) and
+                    // `Isa::Avx512`/`Isa::Amx` (AVX-512 F/BW/VL/VNNI), whose kernel `tile` is; it
+                    // writes rows g·16.. (nrows of them) of tokens t..t + r.
+                    unsafe { tile(self.qtype, sc, qs, &acts[t * nb..], nb, r, dst.at(t * self.rows + g * NW), self.rows, nrows) };
                     t += r;
                 }
             }

@@ -15,11 +15,14 @@ use crate::cpu::qmatmul::Isa;
 
 /// The tiled units' lanes hold raw pointers into `q` and `out`; the units are shared read-only
 /// between the pool's tasks.
+#[cfg(target_arch = "x86_64")]
 struct SendUnits<T>(T);
 // SAFETY: the pointers are only dereferenced by the unit that owns the lane (reads of q, writes of
 // its own output slice) while the caller's borrows of q and out are alive.
+#[cfg(target_arch = "x86_64")]
 unsafe impl<T> Sync for SendUnits<T> {}
 
+#[cfg(target_arch = "x86_64")]
 impl<T> SendUnits<T> {
     /// (A method, so closures capture the whole `Sync` wrapper.)
     fn get(&self) -> &T {

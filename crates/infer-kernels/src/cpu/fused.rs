@@ -4,7 +4,7 @@
 //! the CPU has it (vectorized exp for SiLU), a portable loop otherwise.
 
 use crate::cpu::pool::Pool;
-use crate::cpu::qmatmul::{Isa, OutPtr};
+use crate::cpu::qmatmul::OutPtr;
 
 /// Elements below which a call stays on the calling thread.
 const PARALLEL_MIN: usize = 1 << 15;
@@ -19,8 +19,9 @@ fn for_rows(rows: usize, n: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) 
     pool.run(rows.div_ceil(per), &|c| f(c * per..((c + 1) * per).min(rows)));
 }
 
+#[cfg(target_arch = "x86_64")]
 fn simd() -> bool {
-    Isa::detect() != Isa::Scalar
+    crate::cpu::qmatmul::Isa::detect() != crate::cpu::qmatmul::Isa::Scalar
 }
 
 /// `out = x / rms(x) · w` per row of `w.len()` elements (`rms = sqrt(mean(x²) + eps)`).

@@ -12,8 +12,9 @@
 //!   broadcast activation bytes advances 16 rows' sums at once (no horizontal sums; one scale step
 //!   per block for all of them). With AMX, every 16 tokens go through tile products instead
 //!   (`amx.rs`), 4- and 5-bit values spread to bytes once per call.
-//! - Narrow layout (scalar, the AVX2 kernels for 8-bit formats, and `Isa::Avx2Vnni`): 4 rows per
-//!   group, a register tile of four rows × two or three tokens.
+//! - Narrow layout (scalar, the AVX2 kernels for 8-bit formats, `Isa::Avx2Vnni`, and NEON on
+//!   aarch64, with `sdot` where the CPU has it): 4 rows per group, a register tile of four rows ×
+//!   two or three tokens.
 
 use half::f16;
 
@@ -23,6 +24,8 @@ mod amx;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 mod pack;
 pub mod scalar;
 #[cfg(test)]
@@ -136,6 +139,12 @@ pub enum Isa {
     /// [`Isa::Avx512`] with AMX-INT8 tile products for every 16 tokens (prompts, batches).
     #[cfg(target_arch = "x86_64")]
     Amx,
+    /// NEON (every aarch64 CPU): byte products by widening multiplies.
+    #[cfg(target_arch = "aarch64")]
+    Neon,
+    /// NEON with the dot-product extension (`sdot`: four byte products summed per lane).
+    #[cfg(target_arch = "aarch64")]
+    NeonDot,
 }
 
 /// How a [`QWeight`] is laid out, which follows the instruction set that multiplies it.
@@ -156,6 +165,7 @@ impl Isa {
 
     /// The layout this instruction set multiplies `qt` weights in: wide for AVX-512 and AMX, and
     /// for AVX2 with 4- and 5-bit values (8-bit values overflow AVX2's 16-bit byte products).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     pub fn qlayout(self, qt: QType) -> Layout {
         match self {
             #[cfg(target_arch = "x86_64")]
@@ -196,11 +206,16 @@ impl Isa {
             Isa::Avx512 => "avx512",
             #[cfg(target_arch = "x86_64")]
             Isa::Amx => "amx",
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => "neon",
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonDot => "neon-dotprod",
         }
     }
 
     /// Every path this CPU can run, slowest first (tests force each in turn). `INFER_ISA=NAME`
-    /// (scalar, avx2, avx2-vnni, avx512, amx) caps the list at that path, for comparisons.
+    /// (scalar, avx2, avx2-vnni, avx512, amx; on aarch64 scalar, neon, neon-dotprod) caps the list
+    /// at that path, for comparisons.
     pub fn available() -> Vec<Isa> {
         #[allow(unused_mut)]
         let mut v = vec![Isa::Scalar];
@@ -218,6 +233,13 @@ impl Isa {
                         v.push(Isa::Amx);
                     }
                 }
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            v.push(Isa::Neon);
+            if std::arch::is_aarch64_feature_detected!("dotprod") {
+                v.push(Isa::NeonDot);
             }
         }
         if let Some(cap) = std::env::var_os("INFER_ISA") {
@@ -536,6 +558,12 @@ impl QWeight {
             Isa::Avx2Vnni => unsafe { avx2::tile_vnni(self.qtype, scales, qs, a, nb, r, o) },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 | Isa::Amx => unreachable!("the wide layout has its own kernels"),
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: `Isa::Neon` is only produced when the CPU reports NEON.
+            Isa::Neon => unsafe { neon::tile(self.qtype, scales, qs, a, nb, r, o) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: `Isa::NeonDot` is only produced when the CPU reports NEON and dotprod.
+            Isa::NeonDot => unsafe { neon::tile_dot(self.qtype, scales, qs, a, nb, r, o) },
         }
     }
 }

@@ -12,6 +12,8 @@ use crate::cpu::pool::Pool;
 use crate::cpu::qmatmul::OutPtr;
 
 use crate::cpu::qmatmul::Isa;
+use crate::cpu::scratch;
+use std::cell::RefCell;
 
 /// The tiled units' lanes hold raw pointers into `q` and `out`; the units are shared read-only
 /// between the pool's tasks.
@@ -144,14 +146,42 @@ pub fn paged_attention_with<E: KvElem>(
 ) {
     let hd = shape.head_dim;
     let q_row = shape.num_heads * hd;
-    // Which sequence each token row belongs to.
-    let mut row_seq = vec![usize::MAX; out.len() / q_row];
-    for (s, seq) in seqs.iter().enumerate() {
-        row_seq[seq.q_start..seq.q_start + seq.q_len].fill(s);
-    }
-    if tiled(isa, q, k_cache, v_cache, seqs, shape, &row_seq, out) {
-        return;
-    }
+    scratch::with(&ROW_SEQ, |row_seq| {
+        // Which sequence each token row belongs to.
+        row_seq.resize(out.len() / q_row, usize::MAX);
+        for (s, seq) in seqs.iter().enumerate() {
+            row_seq[seq.q_start..seq.q_start + seq.q_len].fill(s);
+        }
+        if !tiled(isa, q, k_cache, v_cache, seqs, shape, row_seq, out) {
+            per_row(isa, q, k_cache, v_cache, seqs, shape, row_seq, out)
+        }
+    })
+}
+
+thread_local! {
+    /// Reused buffers (see `scratch`): the sequence of each row, the tiled kernel's units and
+    /// lanes, and the per-row kernels' scores.
+    static ROW_SEQ: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+    #[cfg(target_arch = "x86_64")]
+    static UNITS: RefCell<Vec<(usize, usize, std::ops::Range<usize>)>> = const { RefCell::new(Vec::new()) };
+    #[cfg(target_arch = "x86_64")]
+    static LANES: RefCell<Vec<crate::cpu::flash_attention::Lane>> = const { RefCell::new(Vec::new()) };
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Each row through [`attend_row`], the rows spread over the pool when the work is worth it.
+#[allow(clippy::too_many_arguments)]
+fn per_row<E: KvElem>(
+    isa: Isa,
+    q: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
+    seqs: &[SeqAttention<'_>],
+    shape: &AttentionShape,
+    row_seq: &[usize],
+    out: &mut [f32],
+) {
+    let q_row = shape.num_heads * shape.head_dim;
     let work: usize = seqs.iter().map(|s| s.q_len * s.context_len).sum::<usize>() * q_row;
     let run_row = |(r, out_row): (usize, &mut [f32])| {
         let s = row_seq[r];
@@ -212,47 +242,56 @@ fn tiled<E: KvElem>(
         let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
         let lane =
             |r: usize, h: usize, pos: usize| Lane { q: qp.wrapping_add(r * q_row + h * hd), out: op.wrapping_add(r * q_row + h * hd), pos };
-        // Units: (sequence, KV head, its lanes), the longest (last rows of prompts) first.
-        let mut units: Vec<(usize, usize, Vec<Lane>)> = Vec::new();
-        for (s, seq) in seqs.iter().enumerate() {
-            let p0 = seq.context_len - seq.q_len;
-            if seq.q_len >= 2 {
-                for i0 in (0..seq.q_len).step_by(width).rev() {
-                    let rows = i0..(i0 + width).min(seq.q_len);
-                    for h in 0..shape.num_heads {
-                        units.push((s, h / group, rows.clone().map(|i| lane(seq.q_start + i, h, p0 + i)).collect()));
+        scratch::with(&UNITS, |units| {
+            scratch::with(&LANES, |lanes| {
+                // Units: (sequence, KV head, its range of lanes), the longest (last rows of prompts) first.
+                for (s, seq) in seqs.iter().enumerate() {
+                    let p0 = seq.context_len - seq.q_len;
+                    if seq.q_len >= 2 {
+                        for i0 in (0..seq.q_len).step_by(width).rev() {
+                            let rows = i0..(i0 + width).min(seq.q_len);
+                            for h in 0..shape.num_heads {
+                                let l0 = lanes.len();
+                                lanes.extend(rows.clone().map(|i| lane(seq.q_start + i, h, p0 + i)));
+                                units.push((s, h / group, l0..lanes.len()));
+                            }
+                        }
+                    } else if seq.q_len == 1 {
+                        for kvh in 0..shape.num_kv_heads {
+                            for h0 in (kvh * group..(kvh + 1) * group).step_by(width) {
+                                let l0 = lanes.len();
+                                lanes.extend((h0..(h0 + width).min((kvh + 1) * group)).map(|h| lane(seq.q_start, h, p0)));
+                                units.push((s, kvh, l0..lanes.len()));
+                            }
+                        }
                     }
                 }
-            } else if seq.q_len == 1 {
-                for kvh in 0..shape.num_kv_heads {
-                    for h0 in (kvh * group..(kvh + 1) * group).step_by(width) {
-                        let heads = h0..(h0 + width).min((kvh + 1) * group);
-                        units.push((s, kvh, heads.map(|h| lane(seq.q_start, h, p0)).collect()));
+                let units = SendUnits((&*units, &*lanes));
+                let run = |u: usize| {
+                    let (units, all_lanes) = *units.get();
+                    let (s, kvh, range) = &units[u];
+                    let lanes = &all_lanes[range.clone()];
+                    let table = seqs[*s].block_table;
+                    // SAFETY: `tiled` checked the head size and that the instruction set has AVX2, FMA and
+                    // F16C (and AVX-512 F/BW/VL when `wide`); lanes point into q and out, and each output
+                    // slice belongs to one lane of one unit.
+                    unsafe {
+                        if wide {
+                            flash::unit(lanes, k_cache, v_cache, table, *kvh, shape)
+                        } else {
+                            flash::avx2::unit(lanes, k_cache, v_cache, table, *kvh, shape)
+                        }
                     }
-                }
-            }
-        }
-        let units = SendUnits(units);
-        let run = |u: usize| {
-            let (s, kvh, lanes) = &units.get()[u];
-            let table = seqs[*s].block_table;
-            // SAFETY: `tiled` checked the head size and that the instruction set has AVX2, FMA and
-            // F16C (and AVX-512 F/BW/VL when `wide`); lanes point into q and out, and each output
-            // slice belongs to one lane of one unit.
-            unsafe {
-                if wide {
-                    flash::unit(lanes, k_cache, v_cache, table, *kvh, shape)
+                };
+                let work: usize = seqs.iter().map(|s| s.q_len * s.context_len).sum::<usize>() * q_row;
+                let n_units = units.get().0.len();
+                if work < 1 << 16 {
+                    (0..n_units).for_each(run);
                 } else {
-                    flash::avx2::unit(lanes, k_cache, v_cache, table, *kvh, shape)
+                    Pool::global().run(n_units, &run);
                 }
-            }
-        };
-        let work: usize = seqs.iter().map(|s| s.q_len * s.context_len).sum::<usize>() * q_row;
-        if work < 1 << 16 {
-            (0..units.get().len()).for_each(run);
-        } else {
-            Pool::global().run(units.get().len(), &run);
-        }
+            })
+        });
         // Rows of no sequence (padding) are zero.
         for (r, o) in out.chunks_mut(q_row).enumerate() {
             if row_seq[r] == usize::MAX {
@@ -319,18 +358,43 @@ fn attend_row<E: KvElem>(
     shape: &AttentionShape,
     out: &mut [f32],
 ) {
+    scratch::with(&SCORES, |scores| attend_row_in(isa, q, pos, table, k_cache, v_cache, shape, out, scores))
+}
+
+/// Sizes the score buffer to `n`, its memory grown in large steps (powers of two, at least 4096
+/// scores) so that a decode step whose context grows by one token almost never allocates.
+fn reserve_scores(scores: &mut Vec<f32>, n: usize) {
+    if scores.capacity() < n {
+        scores.reserve_exact(n.next_power_of_two().max(4096) - scores.len());
+    }
+    scores.resize(n, 0.0);
+}
+
+/// [`attend_row`] with this thread's score buffer.
+#[allow(clippy::too_many_arguments)]
+fn attend_row_in<E: KvElem>(
+    isa: Isa,
+    q: &[f32],
+    pos: usize,
+    table: &[u32],
+    k_cache: &[E],
+    v_cache: &[E],
+    shape: &AttentionShape,
+    out: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Scalar {
         // SAFETY: every non-scalar Isa implies AVX2, FMA and F16C.
         unsafe {
             let a = (q, pos, table, k_cache, v_cache, shape);
             match shape.head_dim {
-                32 => return avx2::attend_row::<4, E>(a.0, a.1, a.2, a.3, a.4, a.5, out),
-                64 => return avx2::attend_row::<8, E>(a.0, a.1, a.2, a.3, a.4, a.5, out),
-                80 => return avx2::attend_row::<10, E>(a.0, a.1, a.2, a.3, a.4, a.5, out),
-                96 => return avx2::attend_row::<12, E>(a.0, a.1, a.2, a.3, a.4, a.5, out),
-                128 => return avx2::attend_row::<16, E>(a.0, a.1, a.2, a.3, a.4, a.5, out),
-                256 => return avx2::attend_row::<32, E>(a.0, a.1, a.2, a.3, a.4, a.5, out),
+                32 => return avx2::attend_row::<4, E>(a.0, a.1, a.2, a.3, a.4, a.5, out, scores),
+                64 => return avx2::attend_row::<8, E>(a.0, a.1, a.2, a.3, a.4, a.5, out, scores),
+                80 => return avx2::attend_row::<10, E>(a.0, a.1, a.2, a.3, a.4, a.5, out, scores),
+                96 => return avx2::attend_row::<12, E>(a.0, a.1, a.2, a.3, a.4, a.5, out, scores),
+                128 => return avx2::attend_row::<16, E>(a.0, a.1, a.2, a.3, a.4, a.5, out, scores),
+                256 => return avx2::attend_row::<32, E>(a.0, a.1, a.2, a.3, a.4, a.5, out, scores),
                 _ => {}
             }
         }
@@ -343,7 +407,7 @@ fn attend_row<E: KvElem>(
         _ => 0,
     };
     let n = pos + 1 - first;
-    let mut scores = vec![0f32; group * n];
+    reserve_scores(scores, group * n);
     for g in 0..shape.num_kv_heads {
         let qg = &q[g * group * hd..(g + 1) * group * hd];
         let koff = g * hd;
@@ -416,7 +480,7 @@ mod avx2 {
     /// All heads of one query row; `HD8 = head_dim / 8`. Each query head lives in registers (scaled
     /// once) while its keys stream by; the output head accumulates in registers over the values.
     #[target_feature(enable = "avx2,fma,f16c")]
-    #[allow(clippy::needless_range_loop)]
+    #[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
     pub unsafe fn attend_row<const HD8: usize, E: KvElem>(
         q: &[f32],
         pos: usize,
@@ -425,6 +489,7 @@ mod avx2 {
         v_cache: &[E],
         shape: &AttentionShape,
         out: &mut [f32],
+        scores: &mut Vec<f32>,
     ) {
         let hd = HD8 * 8;
         debug_assert_eq!(hd, shape.head_dim);
@@ -434,7 +499,7 @@ mod avx2 {
             _ => 0,
         };
         let n = pos + 1 - first;
-        let mut scores = vec![0f32; n];
+        reserve_scores(scores, n);
         let kp = k_cache.as_ptr();
         let vp = v_cache.as_ptr();
         for head in 0..shape.num_heads {

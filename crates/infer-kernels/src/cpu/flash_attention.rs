@@ -118,7 +118,8 @@ unsafe fn unit_hd<const HD: usize, E: KvElem>((lanes, k_cache, v_cache, table, k
     }
     let lane_pos = _mm512_loadu_si512(pos.as_ptr() as *const _);
     let lanes_mask: __mmask16 = if n == ROWS { 0xFFFF } else { (1u16 << n) - 1 };
-    let mut sc: Box<Scratch<HD>> = Box::<Scratch<HD>>::new_zeroed().assume_init();
+    // On the stack (at most 64 KiB, for head size 256): no allocation per unit.
+    let mut sc: Scratch<HD> = std::mem::zeroed();
     for (i, l) in lanes.iter().enumerate() {
         for d in 0..HD {
             sc.qt[d][i] = *l.q.add(d) * shape.scale;
@@ -258,7 +259,8 @@ pub(crate) mod avx2 {
         let lane_pos = _mm256_loadu_si256(pos.as_ptr() as *const __m256i);
         // Lanes in use (all ones) and not (zero).
         let rows = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        let mut sc: Box<Scratch<HD>> = Box::<Scratch<HD>>::new_zeroed().assume_init();
+        // On the stack (at most 64 KiB, for head size 256): no allocation per unit.
+        let mut sc: Scratch<HD> = std::mem::zeroed();
         for (i, l) in lanes.iter().enumerate() {
             for d in 0..HD {
                 sc.qt[d][i] = *l.q.add(d) * shape.scale;

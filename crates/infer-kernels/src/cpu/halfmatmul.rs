@@ -11,6 +11,17 @@ use half::{bf16, f16};
 #[cfg(target_arch = "x86_64")]
 use crate::cpu::half_amx;
 use crate::cpu::qmatmul::{Isa, Layout, OutPtr, NW};
+#[cfg(target_arch = "x86_64")]
+use crate::cpu::scratch;
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// AMX-BF16 prompts: the activations split into high and low bf16 halves (the caller's), and
+    /// a task's weight tiles (each worker's); reused from call to call.
+    static SPLIT_HI: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SPLIT_LO: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+    static TILES: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// Shares the split activations between the tasks that fill them (each writes its own rows).
 #[derive(Clone, Copy)]
@@ -127,53 +138,82 @@ impl HalfWeight {
             } else {
                 0
             };
-            let (mut xh, mut xl) = (vec![0u16; amx_tokens * cols], vec![0u16; amx_tokens * cols]);
-            if amx_tokens > 0 {
-                let (hp, lp) = (HalfPtr(xh.as_mut_ptr()), HalfPtr(xl.as_mut_ptr()));
-                pool.run(amx_tokens, &|t| {
-                    // SAFETY: AMX-BF16 implies AVX-512 F/BW here; token t's rows are in bounds and
-                    // written by this task only; cols is a multiple of 32.
-                    unsafe {
-                        let (h, l) = (hp.row(t, cols), lp.row(t, cols));
-                        half_amx::split_activations(&x[t * cols..(t + 1) * cols], h, l);
-                    }
-                });
-            }
-            pool.run(groups.div_ceil(chunk), &|c| {
-                let (g0, g1) = (c * chunk, ((c + 1) * chunk).min(groups));
-                if amx_tokens > 0 {
-                    let per = cols / half_amx::KB * 512;
-                    let mut tiles = vec![0u32; (g1 - g0) * per];
-                    for (i, t) in tiles.chunks_exact_mut(per).enumerate() {
-                        let g = g0 + i;
-                        // SAFETY: as above; the group's weights are [cols, 16].
-                        unsafe { half_amx::weight_tiles(self.kind, &self.bits[g * cols * NW..(g + 1) * cols * NW], cols, t) };
-                    }
-                    let tile_of = |g: usize| tiles[(g - g0) * per..].as_ptr();
-                    let nrows = |g: usize| (rows - g * NW).min(NW);
-                    // SAFETY: `half_amx::available` held; outputs are rows of this task's groups for
-                    // tokens below amx_tokens.
-                    unsafe {
-                        half_amx::run(&xh, &xl, cols, amx_tokens, g0..g1, &tile_of, &nrows, self.kind == HalfKind::F16, dst.at(0), rows)
-                    };
-                }
-                for tb in (amx_tokens..m).step_by(TOKEN_BLOCK) {
-                    let tb_end = (tb + TOKEN_BLOCK).min(m);
-                    for g in g0..g1 {
-                        let w = &self.bits[g * cols * NW..(g + 1) * cols * NW];
-                        let mut t = tb;
-                        while t < tb_end {
-                            let n = tokens.min(tb_end - t);
-                            // SAFETY: the wide layout is only made for `Isa::Avx2` (AVX2, FMA, F16C)
-                            // and instruction sets with AVX-512 F/BW/VL, whose kernel `tile` is; it
-                            // writes rows g·16.. (valid ones only) of tokens t..t + n.
+            // The split activations and each task's weight tiles live in reused per-thread buffers.
+            scratch::with(&SPLIT_HI, |xh| {
+                scratch::with(&SPLIT_LO, |xl| {
+                    xh.resize(amx_tokens * cols, 0);
+                    xl.resize(amx_tokens * cols, 0);
+                    let (xh, xl) = (&mut xh[..], &mut xl[..]);
+                    if amx_tokens > 0 {
+                        let (hp, lp) = (HalfPtr(xh.as_mut_ptr()), HalfPtr(xl.as_mut_ptr()));
+                        pool.run(amx_tokens, &|t| {
+                            // SAFETY: AMX-BF16 implies AVX-512 F/BW here; token t's rows are in bounds and
+                            // written by this task only; cols is a multiple of 32.
                             unsafe {
-                                tile(self.kind, w, &x[t * cols..], n, cols, dst.at(t * rows + g * NW), rows, (rows - g * NW).min(NW))
-                            };
-                            t += n;
-                        }
+                                let (h, l) = (hp.row(t, cols), lp.row(t, cols));
+                                half_amx::split_activations(&x[t * cols..(t + 1) * cols], h, l);
+                            }
+                        });
                     }
-                }
+                    pool.run(groups.div_ceil(chunk), &|c| {
+                        let (g0, g1) = (c * chunk, ((c + 1) * chunk).min(groups));
+                        if amx_tokens > 0 {
+                            let per = cols / half_amx::KB * 512;
+                            scratch::with(&TILES, |tiles| {
+                                tiles.resize((g1 - g0) * per, 0);
+                                for (i, t) in tiles.chunks_exact_mut(per).enumerate() {
+                                    let g = g0 + i;
+                                    // SAFETY: as above; the group's weights are [cols, 16].
+                                    unsafe { half_amx::weight_tiles(self.kind, &self.bits[g * cols * NW..(g + 1) * cols * NW], cols, t) };
+                                }
+                                let tile_of = |g: usize| tiles[(g - g0) * per..].as_ptr();
+                                let nrows = |g: usize| (rows - g * NW).min(NW);
+                                // SAFETY: `half_amx::available` held; outputs are rows of this task's groups for
+                                // tokens below amx_tokens.
+                                unsafe {
+                                    half_amx::run(
+                                        xh,
+                                        xl,
+                                        cols,
+                                        amx_tokens,
+                                        g0..g1,
+                                        &tile_of,
+                                        &nrows,
+                                        self.kind == HalfKind::F16,
+                                        dst.at(0),
+                                        rows,
+                                    )
+                                };
+                            });
+                        }
+                        for tb in (amx_tokens..m).step_by(TOKEN_BLOCK) {
+                            let tb_end = (tb + TOKEN_BLOCK).min(m);
+                            for g in g0..g1 {
+                                let w = &self.bits[g * cols * NW..(g + 1) * cols * NW];
+                                let mut t = tb;
+                                while t < tb_end {
+                                    let n = tokens.min(tb_end - t);
+                                    // SAFETY: the wide layout is only made for `Isa::Avx2` (AVX2, FMA, F16C)
+                                    // and instruction sets with AVX-512 F/BW/VL, whose kernel `tile` is; it
+                                    // writes rows g·16.. (valid ones only) of tokens t..t + n.
+                                    unsafe {
+                                        tile(
+                                            self.kind,
+                                            w,
+                                            &x[t * cols..],
+                                            n,
+                                            cols,
+                                            dst.at(t * rows + g * NW),
+                                            rows,
+                                            (rows - g * NW).min(NW),
+                                        )
+                                    };
+                                    t += n;
+                                }
+                            }
+                        }
+                    });
+                })
             });
             return;
         }

@@ -8,5 +8,6 @@ mod half_amx;
 pub mod halfmatmul;
 pub mod pool;
 pub mod qmatmul;
+mod scratch;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod simd;

@@ -54,7 +54,17 @@ impl Shared {
     }
 }
 
+thread_local! {
+    static WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread is one of the pool's workers (e.g. for a test's counting allocator).
+pub fn is_worker() -> bool {
+    WORKER.with(|w| w.get())
+}
+
 fn worker(shared: Arc<Shared>) {
+    WORKER.with(|w| w.set(true));
     let mut seen = 0;
     loop {
         // Wait for the next job: spin, then sleep.

@@ -95,7 +95,6 @@ struct Scratch {
 /// # Safety
 /// [`available`] must be true and the CPU must have AVX-512 F/BW/VL/VNNI; `out` must be valid for
 /// those writes.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn run<'w>(
     qt: QType,
@@ -107,6 +106,29 @@ pub(super) unsafe fn run<'w>(
     out: *mut f32,
     ldo: usize,
 ) {
+    // SAFETY: the caller's guarantees, passed on.
+    crate::cpu::scratch::with(&SPREAD, |bytes| unsafe { run_in(qt, acts, nb, m, groups, group, out, ldo, bytes) })
+}
+
+thread_local! {
+    /// The weights spread into bytes (reused from call to call).
+    static SPREAD: std::cell::RefCell<Vec<Line>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`run`] with this thread's buffer for the spread weights.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_in<'w>(
+    qt: QType,
+    acts: &[BlockQ8],
+    nb: usize,
+    m: usize,
+    groups: Range<usize>,
+    group: &dyn Fn(usize) -> (&'w [f32], &'w [u8], usize),
+    out: *mut f32,
+    ldo: usize,
+    bytes: &mut Vec<Line>,
+) {
     debug_assert!(m.is_multiple_of(TOKENS) && acts.len() >= m * nb);
     let cfg = TileConfig::new(qt.half_scales());
     asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
@@ -114,7 +136,6 @@ pub(super) unsafe fn run<'w>(
     // 4- and 5-bit values are spread into bytes once per call when several token tiles reuse them
     // (else once per tile and block, into `scratch.b`).
     let spread = !qt.byte_quants() && m >= 2 * TOKENS;
-    let mut bytes: Vec<Line> = Vec::new();
     if spread {
         bytes.resize(groups.len() * nb * 8, Line([0; 64]));
         for (i, g) in groups.clone().enumerate() {

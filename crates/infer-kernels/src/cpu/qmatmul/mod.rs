@@ -18,6 +18,8 @@
 
 use half::f16;
 
+use crate::cpu::scratch;
+
 #[cfg(target_arch = "x86_64")]
 mod amx;
 #[cfg(target_arch = "x86_64")]
@@ -568,10 +570,11 @@ impl QWeight {
     }
 }
 
-/// [`quantize_row_q8`] of a whole activation matrix, rows of blocks spread over the kernels' pool.
-fn quantize_parallel(x: &[f32]) -> Vec<BlockQ8> {
+/// [`quantize_row_q8`] of a whole activation matrix into `out`, rows of blocks spread over the
+/// kernels' pool.
+fn quantize_parallel(x: &[f32], out: &mut Vec<BlockQ8>) {
     let n = x.len() / QK;
-    let mut out = vec![BlockQ8 { qs: [0; QK], d: 0.0, s: 0.0, s0: 0.0 }; n];
+    out.resize(n, BlockQ8 { qs: [0; QK], d: 0.0, s: 0.0, s0: 0.0 });
     let per = 64;
     let dst = BlockPtr(out.as_mut_ptr());
     crate::cpu::pool::Pool::global().run(n.div_ceil(per), &|c| {
@@ -580,7 +583,13 @@ fn quantize_parallel(x: &[f32]) -> Vec<BlockQ8> {
             unsafe { *dst.at(i) = quantize_block(&x[i * QK..(i + 1) * QK]) };
         }
     });
-    out
+}
+
+thread_local! {
+    /// The calling thread's quantized activations, tasks and output pointers (reused, see `scratch`).
+    static ACTS: std::cell::RefCell<Vec<BlockQ8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static TASKS: std::cell::RefCell<Vec<(usize, usize, usize)>> = const { std::cell::RefCell::new(Vec::new()) };
+    static DSTS: std::cell::RefCell<Vec<OutPtr>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Shares the activation blocks between the tasks that fill them (each writes its own range).
@@ -616,19 +625,30 @@ pub fn matmul_many_with(isa: Isa, ws: &[&QWeight], x: &[f32], m: usize, outs: &m
         assert_eq!(o.len(), m * w.rows, "out must be [m, rows]");
         assert_eq!(w.layout, isa.qlayout(w.qtype), "{:?} weight packed for another instruction set than {isa:?}", w.qtype);
     }
-    let acts: Vec<BlockQ8> = if m >= 16 { quantize_parallel(x) } else { x.chunks_exact(QK).map(quantize_block).collect() };
-    let total: usize = ws.iter().map(|w| w.rows.div_ceil(w.group_rows())).sum();
-    let pool = crate::cpu::pool::Pool::global();
-    let chunk = (total / (pool.threads() * 4)).clamp(1, 64);
-    // Tasks: (weight, first group, end group); each writes only its own rows of its output.
-    let mut tasks = Vec::new();
-    for (i, w) in ws.iter().enumerate() {
-        let groups = w.rows.div_ceil(w.group_rows());
-        tasks.extend((0..groups).step_by(chunk).map(|g0| (i, g0, (g0 + chunk).min(groups))));
-    }
-    let dsts: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
-    pool.run(tasks.len(), &|k| {
-        let (i, g0, g1) = tasks[k];
-        ws[i].run_groups(isa, &acts, m, g0, g1, dsts[i]);
-    });
+    // The buffers are this thread's, reused: no allocation once a call this large has been seen.
+    scratch::with(&ACTS, |acts| {
+        scratch::with(&TASKS, |tasks| {
+            scratch::with(&DSTS, |dsts| {
+                if m >= 16 {
+                    quantize_parallel(x, acts)
+                } else {
+                    acts.extend(x.chunks_exact(QK).map(quantize_block))
+                }
+                let total: usize = ws.iter().map(|w| w.rows.div_ceil(w.group_rows())).sum();
+                let pool = crate::cpu::pool::Pool::global();
+                let chunk = (total / (pool.threads() * 4)).clamp(1, 64);
+                // Tasks: (weight, first group, end group); each writes only its own rows of its output.
+                for (i, w) in ws.iter().enumerate() {
+                    let groups = w.rows.div_ceil(w.group_rows());
+                    tasks.extend((0..groups).step_by(chunk).map(|g0| (i, g0, (g0 + chunk).min(groups))));
+                }
+                dsts.extend(outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())));
+                let (acts, tasks, dsts) = (&*acts, &*tasks, &*dsts);
+                pool.run(tasks.len(), &|k| {
+                    let (i, g0, g1) = tasks[k];
+                    ws[i].run_groups(isa, acts, m, g0, g1, dsts[i]);
+                });
+            })
+        })
+    })
 }

@@ -89,8 +89,7 @@ fn run_pp(m: &LoadedModel, n: usize, kv: Option<DType>, seed: u64) -> Result<f64
     let mut batch = BatchInput::default();
     batch.push_sequence(&tokens(n, cfg.vocab_size, seed), 0, &table, 16, LogitsWanted::Last);
     let t0 = Instant::now();
-    let logits = m.model.forward(&batch, &mut cache)?;
-    logits.to_vec2::<f32>()?;
+    m.model.forward_into(&batch, &mut cache, &mut Vec::new())?;
     Ok(t0.elapsed().as_secs_f64())
 }
 
@@ -101,11 +100,12 @@ fn run_tg(m: &LoadedModel, n: usize, kv: Option<DType>, seed: u64) -> Result<f64
     let mut table = Vec::new();
     cache.reserve(&mut table, n)?;
     let toks = tokens(n, cfg.vocab_size, seed);
+    let mut logits = Vec::new();
     let t0 = Instant::now();
     for (pos, &t) in toks.iter().enumerate() {
         let mut batch = BatchInput::default();
         batch.push_sequence(&[t], pos, &table, 16, LogitsWanted::Last);
-        m.model.forward(&batch, &mut cache)?.to_vec2::<f32>()?;
+        m.model.forward_into(&batch, &mut cache, &mut logits)?;
     }
     Ok(t0.elapsed().as_secs_f64())
 }

@@ -131,6 +131,8 @@ pub struct Engine {
     running: Vec<Sequence>,
     next_id: SeqId,
     stats: EngineStats,
+    /// The last step's logits, `[sampled rows, vocab]` (reused from step to step).
+    logits: Vec<f32>,
 }
 
 impl Engine {
@@ -157,6 +159,7 @@ impl Engine {
             running: Vec::new(),
             next_id: 0,
             stats: EngineStats::default(),
+            logits: Vec::new(),
         })
     }
 
@@ -377,8 +380,8 @@ impl Engine {
             }
         }
         let t0 = Instant::now();
-        let logits = self.model.forward(&batch, &mut self.cache)?;
-        let logits: Vec<Vec<f32>> = logits.to_vec2::<f32>()?;
+        self.model.forward_into(&batch, &mut self.cache, &mut self.logits)?;
+        let vocab = self.model.config().vocab_size;
         let elapsed = t0.elapsed();
         if prefill_tokens * 2 > batch.num_tokens() {
             self.stats.prefill_time += elapsed;
@@ -403,9 +406,10 @@ impl Engine {
         for (row, id) in sampled_seqs.into_iter().enumerate() {
             let pos = self.running.iter().position(|s| s.id == id).expect("sampled sequence runs");
             let seq = &mut self.running[pos];
-            let s = seq.sampler.sample(&logits[row]);
+            let logits = &self.logits[row * vocab..(row + 1) * vocab];
+            let s = seq.sampler.sample(logits);
             let top = match seq.sampler.params().logprobs {
-                Some(k) if k > 0 => top_logprobs(&logits[row], k),
+                Some(k) if k > 0 => top_logprobs(logits, k),
                 _ => Vec::new(),
             };
             seq.tokens.push(s.token);

@@ -32,7 +32,6 @@ enum LinearWeight {
     Half(Arc<HalfWeight>),
 }
 
-/// `x [..., cols] → [..., rows]` through a CPU kernel `f(x, m, out)`.
 /// The elements of a contiguous f32 tensor in host memory, borrowed (no copy) while the guard lives.
 pub(crate) struct HostF32<G> {
     storage: G,
@@ -65,7 +64,8 @@ pub(crate) fn host_f32(x: &Tensor) -> Option<HostF32<impl std::ops::Deref<Target
     Some(HostF32 { storage, range: start..start + x.elem_count() })
 }
 
-fn cpu_matmul(x: &Tensor, rows: usize, cols: usize, f: impl Fn(&[f32], usize, &mut [f32])) -> Result<Tensor> {
+/// `x [..., cols] → [..., rows]` through a CPU kernel `f(x, m, out)`.
+fn cpu_matmul(x: &Tensor, rows: usize, cols: usize, f: impl Fn(&[f32], usize, &mut [f32]) -> Result<()>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let k = *dims.last().unwrap_or(&0);
     if k != cols {
@@ -75,7 +75,7 @@ fn cpu_matmul(x: &Tensor, rows: usize, cols: usize, f: impl Fn(&[f32], usize, &m
     let x32 = x.to_dtype(DType::F32)?.contiguous()?;
     let xv = host_f32(&x32).ok_or_else(|| Error::Model("infer's CPU matmul needs its input in host memory".into()))?;
     let mut out = vec![0f32; m * rows];
-    f(xv.get(), m, &mut out);
+    f(xv.get(), m, &mut out)?;
     let mut odims = dims;
     *odims.last_mut().expect("at least one dim") = rows;
     Ok(Tensor::from_vec(out, odims, x.device())?.to_dtype(x.dtype())?)
@@ -133,10 +133,19 @@ impl Linear {
 
     /// `x`: `[..., in]` → `[..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let (true, Some((rows, cols))) = (self.is_host(), self.host_dims()) {
+            return cpu_matmul(x, rows, cols, |xv, m, out| self.forward_host(xv, m, out));
+        }
         let y = match &self.weight {
             LinearWeight::Candle(w) => w.forward(x)?,
-            LinearWeight::Cpu(w) => cpu_matmul(x, w.rows(), w.cols(), |xv, m, out| w.matmul(xv, m, out))?,
-            LinearWeight::Half(w) => cpu_matmul(x, w.rows(), w.cols(), |xv, m, out| w.matmul(xv, m, out))?,
+            LinearWeight::Cpu(w) => cpu_matmul(x, w.rows(), w.cols(), |xv, m, out| {
+                w.matmul(xv, m, out);
+                Ok(())
+            })?,
+            LinearWeight::Half(w) => cpu_matmul(x, w.rows(), w.cols(), |xv, m, out| {
+                w.matmul(xv, m, out);
+                Ok(())
+            })?,
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -147,42 +156,86 @@ impl Linear {
 
 impl Linear {
     /// Several layers over the same input (a layer's q, k and v, or gate and up): when all run on
-    /// infer's quantized CPU kernels, one grouped call (the activations quantized once, one parallel
-    /// region); otherwise one after another.
+    /// infer's CPU kernels, [`forward_many_host`](Self::forward_many_host); otherwise one after another.
     pub fn forward_many<const N: usize>(layers: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
-        let ws: Option<Vec<&QWeight>> = layers
-            .iter()
-            .map(|l| match &l.weight {
-                LinearWeight::Cpu(w) => Some(w.as_ref()),
-                _ => None,
-            })
-            .collect();
-        let ws = match ws {
-            Some(ws) if ws.windows(2).all(|p| p[0].cols() == p[1].cols()) => ws,
-            _ => return Ok(layers.map(|l| l.forward(x)).into_iter().collect::<Result<Vec<_>>>()?.try_into().expect("N results")),
-        };
-        let dims = x.dims().to_vec();
-        let cols = ws[0].cols();
-        if dims.last() != Some(&cols) {
-            return Err(Error::Model(format!("linear layer expects {cols} inputs, got shape {dims:?}")));
+        if !layers.iter().all(|l| l.is_host()) || x.dims().last().copied() != layers[0].host_dims().map(|d| d.1) {
+            return Ok(layers.map(|l| l.forward(x)).into_iter().collect::<Result<Vec<_>>>()?.try_into().expect("N results"));
         }
-        let m = x.elem_count() / cols.max(1);
+        let dims = x.dims().to_vec();
+        let m = x.elem_count() / dims.last().copied().unwrap_or(1).max(1);
         let x32 = x.to_dtype(DType::F32)?.contiguous()?;
         let xv = host_f32(&x32).ok_or_else(|| Error::Model("infer's CPU matmul needs its input in host memory".into()))?;
-        let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.rows()]).collect();
-        let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-        infer_kernels::matmul_many(&ws, xv.get(), m, &mut refs);
+        let rows = layers.map(|l| l.host_dims().map_or(0, |d| d.0));
+        let mut outs: [Vec<f32>; N] = rows.map(|r| vec![0f32; m * r]);
+        Linear::forward_many_host(layers, xv.get(), m, outs.each_mut().map(|o| o.as_mut_slice()))?;
         let mut res = Vec::with_capacity(N);
-        for ((out, w), l) in outs.into_iter().zip(&ws).zip(layers) {
+        for (out, r) in outs.into_iter().zip(rows) {
             let mut odims = dims.clone();
-            *odims.last_mut().expect("at least one dim") = w.rows();
-            let y = Tensor::from_vec(out, odims, x.device())?.to_dtype(x.dtype())?;
-            res.push(match &l.bias {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
-            });
+            *odims.last_mut().expect("at least one dim") = r;
+            res.push(Tensor::from_vec(out, odims, x.device())?.to_dtype(x.dtype())?);
         }
         Ok(res.try_into().expect("N results"))
+    }
+
+    /// Whether the layer runs on infer's CPU kernels (quantized or 16-bit host weights, a host f32
+    /// bias if any), so [`forward_host`](Self::forward_host) can run it.
+    pub(crate) fn is_host(&self) -> bool {
+        matches!(self.weight, LinearWeight::Cpu(_) | LinearWeight::Half(_)) && self.bias.as_ref().is_none_or(|b| host_f32(b).is_some())
+    }
+
+    /// `(rows, cols)` of a layer on infer's CPU kernels.
+    fn host_dims(&self) -> Option<(usize, usize)> {
+        match &self.weight {
+            LinearWeight::Cpu(w) => Some((w.rows(), w.cols())),
+            LinearWeight::Half(w) => Some((w.rows(), w.cols())),
+            LinearWeight::Candle(_) => None,
+        }
+    }
+
+    /// `out[m, rows] = x[m, cols] · Wᵀ (+ b)` on host slices, for a layer that [`is_host`](Self::is_host).
+    /// Allocates nothing (the kernels reuse their buffers).
+    pub(crate) fn forward_host(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        Linear::forward_many_host([self], x, m, [out])
+    }
+
+    /// [`forward_host`](Self::forward_host) of several layers over the same input: when all are
+    /// quantized, one grouped call (the activations quantized once, one parallel region).
+    pub(crate) fn forward_many_host<const N: usize>(layers: [&Linear; N], x: &[f32], m: usize, mut outs: [&mut [f32]; N]) -> Result<()> {
+        for (l, o) in layers.iter().zip(&outs) {
+            let Some((rows, cols)) = l.host_dims() else {
+                return Err(Error::Model("this linear layer is not on infer's CPU kernels".into()));
+            };
+            if x.len() != m * cols || o.len() != m * rows {
+                return Err(Error::Model(format!(
+                    "linear layer [{rows}, {cols}] got {} inputs and {} outputs for {m} rows",
+                    x.len(),
+                    o.len()
+                )));
+            }
+        }
+        let quantized = layers.map(|l| match &l.weight {
+            LinearWeight::Cpu(w) => Some(w.as_ref()),
+            _ => None,
+        });
+        if quantized.iter().all(Option::is_some) {
+            infer_kernels::matmul_many(&quantized.map(|w| w.expect("checked")), x, m, &mut outs);
+        } else {
+            for (l, o) in layers.iter().zip(outs.iter_mut()) {
+                match &l.weight {
+                    LinearWeight::Cpu(w) => w.matmul(x, m, o),
+                    LinearWeight::Half(w) => w.matmul(x, m, o),
+                    LinearWeight::Candle(_) => unreachable!("checked by host_dims"),
+                }
+            }
+        }
+        for (l, o) in layers.iter().zip(outs.iter_mut()) {
+            if let Some(b) = l.bias.as_ref().and_then(host_f32) {
+                for row in o.chunks_exact_mut(b.len()) {
+                    row.iter_mut().zip(b.get()).for_each(|(y, b)| *y += b);
+                }
+            }
+        }
+        Ok(())
     }
 }
 

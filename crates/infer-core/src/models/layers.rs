@@ -26,9 +26,9 @@ impl RmsNorm {
         if x.device().is_cuda() {
             return Ok(infer_kernels::cuda::rms_norm(&x.contiguous()?, &self.weight, self.eps)?);
         }
-        if let (Some(xv), Some(w)) = (host_f32(x), host_f32(&self.weight)) {
+        if let (Some(xv), true) = (host_f32(x), self.is_host()) {
             let mut out = vec![0f32; xv.len()];
-            infer_kernels::fused::rms_norm(xv.get(), w.get(), self.eps, &mut out);
+            self.forward_host(xv.get(), &mut out);
             return Ok(Tensor::from_vec(out, x.shape(), x.device())?);
         }
         Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
@@ -40,14 +40,31 @@ impl RmsNorm {
         if x.device().is_cuda() {
             return Ok(infer_kernels::cuda::add_rms_norm(&x.contiguous()?, &a.contiguous()?, &self.weight, self.eps)?);
         }
-        if let (true, Some(xv), Some(av), Some(w)) = (x.shape() == a.shape(), host_f32(x), host_f32(a), host_f32(&self.weight)) {
+        if let (true, Some(xv), Some(av), true) = (x.shape() == a.shape(), host_f32(x), host_f32(a), self.is_host()) {
             let (mut sum, mut out) = (vec![0f32; xv.len()], vec![0f32; xv.len()]);
-            infer_kernels::fused::add_rms_norm(xv.get(), av.get(), w.get(), self.eps, &mut sum, &mut out);
+            self.add_forward_host(xv.get(), av.get(), &mut sum, &mut out);
             return Ok((Tensor::from_vec(sum, x.shape(), x.device())?, Tensor::from_vec(out, x.shape(), x.device())?));
         }
         let x = (x + a)?;
         let h = self.forward(&x)?;
         Ok((x, h))
+    }
+
+    /// Whether the weight is f32 in host memory (for the `_host` methods).
+    pub(crate) fn is_host(&self) -> bool {
+        host_f32(&self.weight).is_some()
+    }
+
+    /// `out = norm(x)` over host rows (`x`, `out`: `[rows, dim]`); the weight must be [`is_host`](Self::is_host).
+    pub(crate) fn forward_host(&self, x: &[f32], out: &mut [f32]) {
+        let w = host_f32(&self.weight).expect("a host norm weight");
+        infer_kernels::fused::rms_norm(x, w.get(), self.eps, out);
+    }
+
+    /// `sum = x + a`, `out = norm(sum)` over host rows.
+    pub(crate) fn add_forward_host(&self, x: &[f32], a: &[f32], sum: &mut [f32], out: &mut [f32]) {
+        let w = host_f32(&self.weight).expect("a host norm weight");
+        infer_kernels::fused::add_rms_norm(x, a, w.get(), self.eps, sum, out);
     }
 }
 
@@ -82,14 +99,20 @@ pub(crate) fn silu_mul_fused(gate_up: &Tensor) -> Result<Tensor> {
     silu_mul(&gate_up.narrow(1, 0, n)?, &gate_up.narrow(1, n, n)?)
 }
 
-/// The batch's token ids and positions on `device`, after checking the ids against the vocabulary.
-pub(crate) fn batch_tensors(batch: &BatchInput, vocab_size: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+/// Checks that the batch has tokens and that they are in the vocabulary.
+pub(crate) fn check_tokens(batch: &BatchInput, vocab_size: usize) -> Result<()> {
     if batch.tokens.is_empty() {
         return Err(Error::Model("empty batch".into()));
     }
     if let Some(&bad) = batch.tokens.iter().find(|&&t| t as usize >= vocab_size) {
         return Err(Error::Model(format!("token id {bad} is outside the vocabulary (size {vocab_size})")));
     }
+    Ok(())
+}
+
+/// The batch's token ids and positions on `device`, after [`check_tokens`].
+pub(crate) fn batch_tensors(batch: &BatchInput, vocab_size: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    check_tokens(batch, vocab_size)?;
     Ok((Tensor::new(batch.tokens.as_slice(), device)?, Tensor::new(batch.positions.as_slice(), device)?))
 }
 
@@ -133,11 +156,12 @@ impl<'a> Step<'a> {
 }
 
 fn seq_attention(batch: &BatchInput) -> Vec<SeqAttention<'_>> {
-    batch
-        .seqs
-        .iter()
-        .map(|s| SeqAttention { q_start: s.q_start, q_len: s.q_len, context_len: s.context_len, block_table: &s.block_table })
-        .collect()
+    seq_attention_iter(batch).collect()
+}
+
+/// The kernels' view of the batch's sequences.
+pub(crate) fn seq_attention_iter(batch: &BatchInput) -> impl Iterator<Item = SeqAttention<'_>> {
+    batch.seqs.iter().map(|s| SeqAttention { q_start: s.q_start, q_len: s.q_len, context_len: s.context_len, block_table: &s.block_table })
 }
 
 /// Writes this batch's keys/values into the cache and attends over it: the CPU kernels over a host
@@ -185,8 +209,92 @@ fn host_attention<E: KvElem>(
     let (Some(qv), Some(kv), Some(vv)) = (host_f32(&q), host_f32(&k), host_f32(&v)) else {
         return Err(Error::Model("attention inputs must be in host memory with a host KV cache".into()));
     };
-    write_kv(kv.get(), vv.get(), &step.batch.slots, shape, kc, vc);
     let mut out = vec![0.0f32; t * nh * hd];
+    write_kv(kv.get(), vv.get(), &step.batch.slots, shape, kc, vc);
     paged_attention(qv.get(), kc, vc, &seq_attention(step.batch), shape, &mut out);
     Ok(Tensor::from_vec(out, (t, nh * hd), q.device())?)
+}
+
+/// Attention on host slices (`q`, `out`: `[tokens, heads · head_dim]`; `k`, `v`: `[tokens, kv_heads ·
+/// head_dim]`): writes the batch's keys and values into the host cache layer and attends over it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn host_attention_into(
+    layer: &mut LayerKv,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    slots: &[usize],
+    seqs: &[SeqAttention<'_>],
+    shape: &infer_kernels::AttentionShape,
+    out: &mut [f32],
+) -> Result<()> {
+    match layer {
+        LayerKv::Host { k: kc, v: vc } => {
+            write_kv(k, v, slots, shape, kc, vc);
+            paged_attention(q, kc, vc, seqs, shape, out);
+        }
+        LayerKv::HostF16 { k: kc, v: vc } => {
+            write_kv(k, v, slots, shape, kc, vc);
+            paged_attention(q, kc, vc, seqs, shape, out);
+        }
+        #[allow(unreachable_patterns)]
+        _ => return Err(Error::Model("the host decoder path needs a host KV cache".into())),
+    }
+    Ok(())
+}
+
+/// Buffers the host decoder path reuses from step to step: each grows to the largest batch seen and
+/// is never given back, so steps no larger than an earlier one allocate nothing.
+#[derive(Default)]
+pub(crate) struct Workspace {
+    pub(crate) x: Vec<f32>,
+    pub(crate) x1: Vec<f32>,
+    pub(crate) h: Vec<f32>,
+    pub(crate) q: Vec<f32>,
+    pub(crate) k: Vec<f32>,
+    pub(crate) v: Vec<f32>,
+    pub(crate) attn: Vec<f32>,
+    pub(crate) a: Vec<f32>,
+    pub(crate) gate: Vec<f32>,
+    pub(crate) up: Vec<f32>,
+    pub(crate) act: Vec<f32>,
+    pub(crate) m: Vec<f32>,
+    pub(crate) tmp: Vec<f32>,
+    pub(crate) cos: Vec<f32>,
+    pub(crate) sin: Vec<f32>,
+    /// The kernels' view of the batch (empty between steps; its memory is kept).
+    seqs: Vec<SeqAttention<'static>>,
+}
+
+impl std::fmt::Debug for Workspace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workspace").field("x", &self.x.capacity()).finish_non_exhaustive()
+    }
+}
+
+impl Workspace {
+    /// The batch's sequences as the kernels see them, in the workspace's memory; hand the vector
+    /// back with [`give_back`](Self::give_back).
+    pub(crate) fn seqs<'b>(&mut self, batch: &'b BatchInput) -> Vec<SeqAttention<'b>> {
+        let mut v = recycle(std::mem::take(&mut self.seqs));
+        v.extend(seq_attention_iter(batch));
+        v
+    }
+
+    pub(crate) fn give_back(&mut self, seqs: Vec<SeqAttention<'_>>) {
+        self.seqs = recycle(seqs);
+    }
+}
+
+/// An empty vector of `SeqAttention`s of another lifetime in `v`'s memory: collecting an emptied
+/// vector's own iterator into a vector of a same-sized type reuses its buffer (no allocation).
+fn recycle<'b>(mut v: Vec<SeqAttention<'_>>) -> Vec<SeqAttention<'b>> {
+    v.clear();
+    v.into_iter().map(|_| unreachable!("emptied")).collect()
+}
+
+/// `v` as a slice of `n` elements, grown (never shrunk in memory) as needed.
+pub(crate) fn grow(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    v.resize(n, 0.0);
+    v
 }

@@ -6,14 +6,19 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::layers::{batch_tensors, paged_attention_op, silu_mul, silu_mul_fused, wanted_rows, RmsNorm, Step};
+use std::sync::Mutex;
+
+use super::layers::{
+    batch_tensors, check_tokens, grow, host_attention_into, paged_attention_op, silu_mul, silu_mul_fused, wanted_rows, RmsNorm, Step,
+    Workspace,
+};
 use super::moe::Moe;
 use super::rope::{RopeInput, Rotary};
 use super::{BatchInput, CausalLm};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::kv_cache::PagedKvCache;
-use crate::weights::{Linear, WeightSource};
+use crate::weights::{host_f32, Linear, WeightSource};
 
 /// The q/k/v projections: three layers, or one fused `[q; k; v]` layer (Phi-3).
 #[derive(Debug, Clone)]
@@ -87,6 +92,8 @@ pub struct LlamaModel {
     rotary: Rotary,
     device: Device,
     dtype: DType,
+    /// On the CPU with every weight on infer's kernels (and no experts): the host path's buffers.
+    host: Option<Mutex<Workspace>>,
 }
 
 impl LlamaModel {
@@ -158,7 +165,126 @@ impl LlamaModel {
         };
         progress(total, total);
         let rotary = Rotary::new(&cfg, w.device())?;
-        Ok(Self { embed, layers, norm, lm_head, rotary, device: w.device().clone(), dtype: w.dtype(), cfg })
+        let mut model = Self { embed, layers, norm, lm_head, rotary, device: w.device().clone(), dtype: w.dtype(), cfg, host: None };
+        if model.host_capable() && std::env::var_os("INFER_TENSOR_PATH").is_none_or(|v| v.is_empty() || v == "0") {
+            model.host = Some(Mutex::new(Workspace::default()));
+        }
+        Ok(model)
+    }
+
+    /// Whether every step can run on host slices: CPU, f32 activations and norms, all linear
+    /// layers on infer's kernels, no routed experts.
+    fn host_capable(&self) -> bool {
+        let layer_ok = |l: &Layer| {
+            let a = &l.attn;
+            let linears_ok = match &a.qkv {
+                Qkv::Separate { q, k, v } => q.is_host() && k.is_host() && v.is_host(),
+                Qkv::Fused(qkv) => qkv.is_host(),
+            } && a.o.is_host()
+                && match &l.ffn {
+                    Ffn::Dense(m) => {
+                        m.down.is_host()
+                            && match &m.gate_up {
+                                GateUp::Separate { gate, up } => gate.is_host() && up.is_host(),
+                                GateUp::Fused(gu) => gu.is_host(),
+                            }
+                    }
+                    Ffn::Moe(_) => false,
+                };
+            let norms_ok = l.input_norm.is_host() && l.post_norm.is_host() && a.q_norm.iter().chain(&a.k_norm).all(RmsNorm::is_host);
+            linears_ok && norms_ok
+        };
+        self.device.is_cpu()
+            && self.dtype == DType::F32
+            && host_f32(&self.embed).is_some()
+            && self.norm.is_host()
+            && self.lm_head.is_host()
+            && self.layers.iter().all(layer_ok)
+    }
+
+    /// The whole step on host slices in `ws`, the logits into `logits`: the same decoder as
+    /// [`CausalLm::forward`]'s tensor path, without a tensor (or any allocation once `ws` has
+    /// grown to the batch).
+    fn forward_host(&self, batch: &BatchInput, cache: &mut PagedKvCache, ws: &mut Workspace, logits: &mut Vec<f32>) -> Result<()> {
+        check_tokens(batch, self.cfg.vocab_size)?;
+        let (t, hs) = (batch.num_tokens(), self.cfg.hidden_size);
+        {
+            let embed = host_f32(&self.embed).expect("checked at load");
+            for (row, &id) in grow(&mut ws.x, t * hs).chunks_exact_mut(hs).zip(&batch.tokens) {
+                row.copy_from_slice(&embed.get()[id as usize * hs..(id as usize + 1) * hs]);
+            }
+        }
+        self.rotary.tables_into(&batch.positions, &mut ws.cos, &mut ws.sin);
+        let seqs = ws.seqs(batch);
+        match self.layers.first() {
+            Some(l) => l.input_norm.forward_host(&ws.x, grow(&mut ws.h, t * hs)),
+            None => grow(&mut ws.h, t * hs).copy_from_slice(&ws.x),
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let attn = &layer.attn;
+            let (nh, nkv, hd) = (attn.num_heads, attn.num_kv_heads, attn.head_dim);
+            let (q, k, v) = (grow(&mut ws.q, t * nh * hd), grow(&mut ws.k, t * nkv * hd), grow(&mut ws.v, t * nkv * hd));
+            match &attn.qkv {
+                Qkv::Separate { q: wq, k: wk, v: wv } => Linear::forward_many_host([wq, wk, wv], &ws.h, t, [q, k, v])?,
+                Qkv::Fused(wqkv) => {
+                    let (nq, nk) = (nh * hd, nkv * hd);
+                    let y = grow(&mut ws.tmp, t * (nq + 2 * nk));
+                    wqkv.forward_host(&ws.h, t, y)?;
+                    for (r, row) in y.chunks_exact(nq + 2 * nk).enumerate() {
+                        q[r * nq..(r + 1) * nq].copy_from_slice(&row[..nq]);
+                        k[r * nk..(r + 1) * nk].copy_from_slice(&row[nq..nq + nk]);
+                        v[r * nk..(r + 1) * nk].copy_from_slice(&row[nq + nk..]);
+                    }
+                }
+            }
+            if let (Some(qn), Some(kn)) = (&attn.q_norm, &attn.k_norm) {
+                qn.forward_host(&ws.q, grow(&mut ws.tmp, t * nh * hd));
+                std::mem::swap(&mut ws.q, &mut ws.tmp);
+                kn.forward_host(&ws.k, grow(&mut ws.tmp, t * nkv * hd));
+                std::mem::swap(&mut ws.k, &mut ws.tmp);
+            }
+            self.rotary.apply_host(&mut ws.q, nh, hd, &ws.cos, &ws.sin);
+            self.rotary.apply_host(&mut ws.k, nkv, hd, &ws.cos, &ws.sin);
+            let shape = cache.shape(nh, attn.window);
+            let out = grow(&mut ws.attn, t * nh * hd);
+            host_attention_into(cache.layer_mut(i), &ws.q, &ws.k, &ws.v, &batch.slots, &seqs, &shape, out)?;
+            attn.o.forward_host(&ws.attn, t, grow(&mut ws.a, t * hs))?;
+            layer.post_norm.add_forward_host(&ws.x, &ws.a, grow(&mut ws.x1, t * hs), &mut ws.h);
+            std::mem::swap(&mut ws.x, &mut ws.x1);
+            let Ffn::Dense(mlp) = &layer.ffn else { unreachable!("host_capable refuses experts") };
+            let inter = self.cfg.intermediate_size;
+            let act = grow(&mut ws.act, t * inter);
+            match &mlp.gate_up {
+                GateUp::Separate { gate, up } => {
+                    let (g, u) = (grow(&mut ws.gate, t * inter), grow(&mut ws.up, t * inter));
+                    Linear::forward_many_host([gate, up], &ws.h, t, [&mut *g, &mut *u])?;
+                    infer_kernels::fused::silu_mul(g, u, inter, act);
+                }
+                GateUp::Fused(gu) => {
+                    let y = grow(&mut ws.tmp, t * 2 * inter);
+                    gu.forward_host(&ws.h, t, y)?;
+                    infer_kernels::fused::silu_mul_fused(y, inter, act);
+                }
+            }
+            mlp.down.forward_host(&ws.act, t, grow(&mut ws.m, t * hs))?;
+            match self.layers.get(i + 1) {
+                Some(next) => {
+                    next.input_norm.add_forward_host(&ws.x, &ws.m, grow(&mut ws.x1, t * hs), &mut ws.h);
+                    std::mem::swap(&mut ws.x, &mut ws.x1);
+                }
+                None => ws.x.iter_mut().zip(&ws.m).for_each(|(x, m)| *x += m),
+            }
+        }
+        ws.give_back(seqs);
+        // The wanted rows, normed, through the output head.
+        let rows = batch.logits_rows.len();
+        let picked = grow(&mut ws.x1, rows * hs);
+        for (dst, &r) in picked.chunks_exact_mut(hs).zip(&batch.logits_rows) {
+            dst.copy_from_slice(&ws.x[r as usize * hs..(r as usize + 1) * hs]);
+        }
+        self.norm.forward_host(&ws.x1, grow(&mut ws.h, rows * hs));
+        logits.resize(rows * self.cfg.vocab_size, 0.0);
+        self.lm_head.forward_host(&ws.h, rows, logits)
     }
 
     fn attention(&self, layer: usize, x: &Tensor, rope: &RopeInput, step: &Step<'_>, cache: &mut PagedKvCache) -> Result<Tensor> {
@@ -188,7 +314,25 @@ impl LlamaModel {
 }
 
 impl CausalLm for LlamaModel {
+    fn forward_into(&self, batch: &BatchInput, cache: &mut PagedKvCache, logits: &mut Vec<f32>) -> Result<()> {
+        match &self.host {
+            Some(ws) => self.forward_host(batch, cache, &mut ws.lock().unwrap_or_else(|p| p.into_inner()), logits),
+            None => {
+                let t = self.forward(batch, cache)?.flatten_all()?;
+                logits.clear();
+                logits.extend_from_slice(&t.to_vec1::<f32>()?);
+                Ok(())
+            }
+        }
+    }
+
     fn forward(&self, batch: &BatchInput, cache: &mut PagedKvCache) -> Result<Tensor> {
+        if self.host.is_some() {
+            let mut logits = Vec::new();
+            self.forward_into(batch, cache, &mut logits)?;
+            let rows = batch.logits_rows.len();
+            return Ok(Tensor::from_vec(logits, (rows, self.cfg.vocab_size), &self.device)?);
+        }
         let (ids, positions) = batch_tensors(batch, self.cfg.vocab_size, &self.device)?;
         let rope = self.rotary.prepare(&positions, &batch.positions, self.dtype)?;
         let step = Step::new(batch, cache, &self.device)?;

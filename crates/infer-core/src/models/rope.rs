@@ -29,8 +29,9 @@ struct LongRope {
 /// Rotary embedding frequencies of one model; cos/sin are computed per batch for the tokens' positions.
 #[derive(Debug, Clone)]
 pub(crate) struct Rotary {
-    /// `[1, rotary_dim / 2]` (f32).
+    /// `[1, rotary_dim / 2]` (f32), and the same values on the host.
     inv_freq: Tensor,
+    inv_host: Vec<f32>,
     interleaved: bool,
     rotary_dim: usize,
     long_rope: Option<LongRope>,
@@ -79,24 +80,22 @@ impl Rotary {
             }
         }
         let n = inv.len();
-        Ok(Self { inv_freq: Tensor::from_vec(inv, (1, n), device)?, interleaved: cfg.rope_interleaved, rotary_dim: dim, long_rope })
+        Ok(Self {
+            inv_freq: Tensor::from_vec(inv.clone(), (1, n), device)?,
+            inv_host: inv,
+            interleaved: cfg.rope_interleaved,
+            rotary_dim: dim,
+            long_rope,
+        })
     }
 
     /// What [`apply`](Self::apply) needs for tokens at `positions` (u32, on the model's device;
     /// `host` holds the same values).
     pub(crate) fn prepare(&self, positions: &Tensor, host: &[u32], dtype: DType) -> Result<RopeInput> {
-        if let Some(lr) = &self.long_rope {
-            // Per position: the short frequencies below the original context, the long ones from there.
+        if self.long_rope.is_some() {
             let half = self.rotary_dim / 2;
-            let (mut cos, mut sin) = (Vec::with_capacity(host.len() * half), Vec::with_capacity(host.len() * half));
-            for &p in host {
-                let inv = if (p as f64) < lr.original_max { &lr.short } else { &lr.long };
-                for &f in inv {
-                    let (s, c) = (p as f32 * f).sin_cos();
-                    cos.push(c * lr.attention_factor);
-                    sin.push(s * lr.attention_factor);
-                }
-            }
+            let (mut cos, mut sin) = (Vec::new(), Vec::new());
+            self.tables_into(host, &mut cos, &mut sin);
             let dev = positions.device();
             let t = (host.len(), 1, half);
             return Ok(RopeInput::Tables(Tensor::from_vec(cos, t, dev)?.to_dtype(dtype)?, Tensor::from_vec(sin, t, dev)?.to_dtype(dtype)?));
@@ -110,6 +109,32 @@ impl Rotary {
         Ok(RopeInput::Tables(freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
     }
 
+    /// The cos/sin tables (`[positions, rotary_dim / 2]` each) for tokens at `positions`, written
+    /// into `cos` and `sin` (reusing their memory).
+    pub(crate) fn tables_into(&self, positions: &[u32], cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+        cos.clear();
+        sin.clear();
+        for &p in positions {
+            // LongRoPE: the short frequencies below the original context, the long ones from there.
+            let (inv, factor) = match &self.long_rope {
+                Some(lr) if (p as f64) < lr.original_max => (&lr.short, lr.attention_factor),
+                Some(lr) => (&lr.long, lr.attention_factor),
+                None => (&self.inv_host, 1.0),
+            };
+            for &f in inv {
+                let (s, c) = (p as f32 * f).sin_cos();
+                cos.push(c * factor);
+                sin.push(s * factor);
+            }
+        }
+    }
+
+    /// Rotates `x` (`[tokens, heads, head_dim]` on the host) in place with tables from
+    /// [`tables_into`](Self::tables_into).
+    pub(crate) fn apply_host(&self, x: &mut [f32], heads: usize, head_dim: usize, cos: &[f32], sin: &[f32]) {
+        infer_kernels::fused::rope(x, heads, head_dim, cos, sin, self.rotary_dim, self.interleaved);
+    }
+
     /// `x`: `[tokens, heads, head_dim]`.
     pub(crate) fn apply(&self, x: &Tensor, input: &RopeInput) -> Result<Tensor> {
         match input {
@@ -118,7 +143,7 @@ impl Rotary {
                 let rot = self.rotary_dim;
                 if let (Some(xv), Some(c), Some(s)) = (host_f32(x), host_f32(cos), host_f32(sin)) {
                     let mut y = xv.get().to_vec();
-                    infer_kernels::fused::rope(&mut y, h, d, c.get(), s.get(), rot, self.interleaved);
+                    self.apply_host(&mut y, h, d, c.get(), s.get());
                     return Ok(Tensor::from_vec(y, (t, h, d), x.device())?);
                 }
                 let xr = if rot < d { x.narrow(2, 0, rot)?.contiguous()? } else { x.clone() };

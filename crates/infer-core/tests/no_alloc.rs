@@ -141,6 +141,9 @@ fn per_token_path_allocates_nothing() {
         ("tiny-qwen3 F16".into(), common::fixture("tiny-qwen3/model-f16.gguf")),
         // Fused qkv and gate/up projections.
         ("tiny-phi3 F16".into(), common::fixture("tiny-phi3/model-f16.gguf")),
+        // Routed experts (softmax over all, renormalized top-k in Qwen3-MoE).
+        ("tiny-mixtral F16".into(), common::fixture("tiny-mixtral/model-f16.gguf")),
+        ("tiny-qwen3-moe F16".into(), common::fixture("tiny-qwen3-moe/model-f16.gguf")),
     ];
     if let Some(p) = common::smollm2() {
         // Q4_1 weights (infer's quantized matmul).

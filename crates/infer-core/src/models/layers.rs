@@ -262,6 +262,7 @@ pub(crate) struct Workspace {
     pub(crate) tmp: Vec<f32>,
     pub(crate) cos: Vec<f32>,
     pub(crate) sin: Vec<f32>,
+    pub(crate) moe: super::moe::MoeScratch,
     /// The kernels' view of the batch (empty between steps; its memory is kept).
     seqs: Vec<SeqAttention<'static>>,
 }

@@ -92,7 +92,7 @@ pub struct LlamaModel {
     rotary: Rotary,
     device: Device,
     dtype: DType,
-    /// On the CPU with every weight on infer's kernels (and no experts): the host path's buffers.
+    /// On the CPU with every weight on infer's kernels: the host path's buffers.
     host: Option<Mutex<Workspace>>,
 }
 
@@ -173,7 +173,7 @@ impl LlamaModel {
     }
 
     /// Whether every step can run on host slices: CPU, f32 activations and norms, all linear
-    /// layers on infer's kernels, no routed experts.
+    /// layers (experts and routers included) on infer's kernels.
     fn host_capable(&self) -> bool {
         let layer_ok = |l: &Layer| {
             let a = &l.attn;
@@ -189,7 +189,7 @@ impl LlamaModel {
                                 GateUp::Fused(gu) => gu.is_host(),
                             }
                     }
-                    Ffn::Moe(_) => false,
+                    Ffn::Moe(moe) => moe.is_host(),
                 };
             let norms_ok = l.input_norm.is_host() && l.post_norm.is_host() && a.q_norm.iter().chain(&a.k_norm).all(RmsNorm::is_host);
             linears_ok && norms_ok
@@ -251,22 +251,26 @@ impl LlamaModel {
             attn.o.forward_host(&ws.attn, t, grow(&mut ws.a, t * hs))?;
             layer.post_norm.add_forward_host(&ws.x, &ws.a, grow(&mut ws.x1, t * hs), &mut ws.h);
             std::mem::swap(&mut ws.x, &mut ws.x1);
-            let Ffn::Dense(mlp) = &layer.ffn else { unreachable!("host_capable refuses experts") };
-            let inter = self.cfg.intermediate_size;
-            let act = grow(&mut ws.act, t * inter);
-            match &mlp.gate_up {
-                GateUp::Separate { gate, up } => {
-                    let (g, u) = (grow(&mut ws.gate, t * inter), grow(&mut ws.up, t * inter));
-                    Linear::forward_many_host([gate, up], &ws.h, t, [&mut *g, &mut *u])?;
-                    infer_kernels::fused::silu_mul(g, u, inter, act);
+            match &layer.ffn {
+                Ffn::Dense(mlp) => {
+                    let inter = self.cfg.intermediate_size;
+                    let act = grow(&mut ws.act, t * inter);
+                    match &mlp.gate_up {
+                        GateUp::Separate { gate, up } => {
+                            let (g, u) = (grow(&mut ws.gate, t * inter), grow(&mut ws.up, t * inter));
+                            Linear::forward_many_host([gate, up], &ws.h, t, [&mut *g, &mut *u])?;
+                            infer_kernels::fused::silu_mul(g, u, inter, act);
+                        }
+                        GateUp::Fused(gu) => {
+                            let y = grow(&mut ws.tmp, t * 2 * inter);
+                            gu.forward_host(&ws.h, t, y)?;
+                            infer_kernels::fused::silu_mul_fused(y, inter, act);
+                        }
+                    }
+                    mlp.down.forward_host(&ws.act, t, grow(&mut ws.m, t * hs))?;
                 }
-                GateUp::Fused(gu) => {
-                    let y = grow(&mut ws.tmp, t * 2 * inter);
-                    gu.forward_host(&ws.h, t, y)?;
-                    infer_kernels::fused::silu_mul_fused(y, inter, act);
-                }
+                Ffn::Moe(moe) => moe.forward_host(&ws.h, hs, grow(&mut ws.m, t * hs), &mut ws.moe)?,
             }
-            mlp.down.forward_host(&ws.act, t, grow(&mut ws.m, t * hs))?;
             match self.layers.get(i + 1) {
                 Some(next) => {
                     next.input_norm.add_forward_host(&ws.x, &ws.m, grow(&mut ws.x1, t * hs), &mut ws.h);

@@ -144,6 +144,9 @@ fn per_token_path_allocates_nothing() {
         // Routed experts (softmax over all, renormalized top-k in Qwen3-MoE).
         ("tiny-mixtral F16".into(), common::fixture("tiny-mixtral/model-f16.gguf")),
         ("tiny-qwen3-moe F16".into(), common::fixture("tiny-qwen3-moe/model-f16.gguf")),
+        // Gemma: soft-capping (2), per-head norms and a local rotary embedding (3), GELU MLP.
+        ("tiny-gemma2 F16".into(), common::fixture("tiny-gemma2/model-f16.gguf")),
+        ("tiny-gemma3 F16".into(), common::fixture("tiny-gemma3/model-f16.gguf")),
     ];
     if let Some(p) = common::smollm2() {
         // Q4_1 weights (infer's quantized matmul).

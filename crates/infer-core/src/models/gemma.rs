@@ -4,15 +4,20 @@
 //! - Gemma 2: attention-logit and final-logit soft-capping;
 //! - Gemma 3: RMSNorm on each query and key head, a rotary base of its own for the local layers.
 
+use std::sync::Mutex;
+
 use candle_core::{DType, Device, Tensor};
 
-use super::layers::{batch_tensors, paged_attention_op, wanted_rows, RmsNorm, Step};
+use super::layers::{
+    batch_tensors, check_tokens, embed_host, grow, head_host, host_attention_into, host_path_wanted, logits_tensor, paged_attention_op,
+    tensor_into, wanted_rows, RmsNorm, Step, Workspace,
+};
 use super::rope::Rotary;
 use super::{BatchInput, CausalLm};
 use crate::config::{Activation, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::PagedKvCache;
-use crate::weights::{Linear, WeightSource};
+use crate::weights::{host_f32, Linear, WeightSource};
 
 #[derive(Debug, Clone)]
 struct Attention {
@@ -52,6 +57,8 @@ pub struct GemmaModel {
     local_rotary: Rotary,
     device: Device,
     dtype: DType,
+    /// On the CPU with every weight on infer's kernels: the host path's buffers.
+    host: Option<Mutex<Workspace>>,
 }
 
 /// Gemma's RMSNorm multiplies by `1 + w`. GGUF files store `1 + w` already (llama.cpp's converter
@@ -144,7 +151,7 @@ impl GemmaModel {
             local_cfg.rope_scaling = cfg.local_rope_scaling.clone();
         }
         let local_rotary = Rotary::new(&local_cfg, w.device())?;
-        Ok(Self {
+        let mut model = Self {
             embed_scale: (h as f64).sqrt(),
             embed,
             layers,
@@ -155,7 +162,93 @@ impl GemmaModel {
             device: w.device().clone(),
             dtype: w.dtype(),
             cfg,
-        })
+            host: None,
+        };
+        if model.host_capable() && host_path_wanted() {
+            model.host = Some(Mutex::new(Workspace::default()));
+        }
+        Ok(model)
+    }
+
+    /// Whether every step can run on host slices: CPU, f32 activations and norms, all linear
+    /// layers on infer's kernels.
+    fn host_capable(&self) -> bool {
+        let layer_ok = |l: &Layer| {
+            let a = &l.attn;
+            [&a.q, &a.k, &a.v, &a.o, &l.gate, &l.up, &l.down].iter().all(|w| w.is_host())
+                && [&l.input_norm, &l.post_attn_norm, &l.pre_ffn_norm, &l.post_ffn_norm]
+                    .into_iter()
+                    .chain(&a.q_norm)
+                    .chain(&a.k_norm)
+                    .all(RmsNorm::is_host)
+        };
+        self.device.is_cpu()
+            && self.dtype == DType::F32
+            && host_f32(&self.embed).is_some()
+            && self.norm.is_host()
+            && self.lm_head.is_host()
+            && self.layers.iter().all(layer_ok)
+    }
+
+    /// The attention geometry of a layer: Gemma's query scale and soft-capping.
+    fn shape(&self, cache: &PagedKvCache, window: Option<usize>) -> infer_kernels::AttentionShape {
+        let hd = self.cfg.head_dim;
+        let mut shape = cache.shape(self.cfg.num_attention_heads, window);
+        shape.scale = (1.0 / self.cfg.query_pre_attn_scalar.unwrap_or(hd as f64).sqrt()) as f32;
+        shape.softcap = self.cfg.attn_softcap.map(|c| c as f32);
+        shape
+    }
+
+    /// The whole step on host slices in `ws` (no allocation once `ws` has grown to the batch): the
+    /// same decoder as the tensor path of [`CausalLm::forward`].
+    fn forward_host(&self, batch: &BatchInput, cache: &mut PagedKvCache, ws: &mut Workspace, logits: &mut Vec<f32>) -> Result<()> {
+        check_tokens(batch, self.cfg.vocab_size)?;
+        let (t, hs, inter) = (batch.num_tokens(), self.cfg.hidden_size, self.cfg.intermediate_size);
+        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
+        embed_host(&self.embed, &batch.tokens, hs, self.embed_scale as f32, &mut ws.x)?;
+        self.rotary.tables_into(&batch.positions, &mut ws.cos, &mut ws.sin);
+        self.local_rotary.tables_into(&batch.positions, &mut ws.cos2, &mut ws.sin2);
+        let seqs = ws.seqs(batch);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let a = &layer.attn;
+            layer.input_norm.forward_host(&ws.x, grow(&mut ws.h, t * hs));
+            let (q, k, v) = (grow(&mut ws.q, t * nh * hd), grow(&mut ws.k, t * nkv * hd), grow(&mut ws.v, t * nkv * hd));
+            Linear::forward_many_host([&a.q, &a.k, &a.v], &ws.h, t, [q, k, v])?;
+            if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
+                qn.forward_host(&ws.q, grow(&mut ws.tmp, t * nh * hd));
+                std::mem::swap(&mut ws.q, &mut ws.tmp);
+                kn.forward_host(&ws.k, grow(&mut ws.tmp, t * nkv * hd));
+                std::mem::swap(&mut ws.k, &mut ws.tmp);
+            }
+            let (rotary, cos, sin) = if a.local { (&self.local_rotary, &ws.cos2, &ws.sin2) } else { (&self.rotary, &ws.cos, &ws.sin) };
+            rotary.apply_host(&mut ws.q, nh, hd, cos, sin);
+            rotary.apply_host(&mut ws.k, nkv, hd, cos, sin);
+            let shape = self.shape(cache, a.window);
+            let out = grow(&mut ws.attn, t * nh * hd);
+            host_attention_into(cache.layer_mut(i), &ws.q, &ws.k, &ws.v, &batch.slots, &seqs, &shape, out)?;
+            a.o.forward_host(&ws.attn, t, grow(&mut ws.a, t * hs))?;
+            layer.post_attn_norm.forward_host(&ws.a, grow(&mut ws.tmp, t * hs));
+            layer.pre_ffn_norm.add_forward_host(&ws.x, &ws.tmp, grow(&mut ws.x1, t * hs), &mut ws.h);
+            std::mem::swap(&mut ws.x, &mut ws.x1);
+            let (g, u) = (grow(&mut ws.gate, t * inter), grow(&mut ws.up, t * inter));
+            Linear::forward_many_host([&layer.gate, &layer.up], &ws.h, t, [&mut *g, &mut *u])?;
+            let act = grow(&mut ws.act, t * inter);
+            match self.cfg.activation {
+                Activation::GeluTanh => infer_kernels::fused::gelu_mul(g, u, inter, act),
+                Activation::Silu => infer_kernels::fused::silu_mul(g, u, inter, act),
+            }
+            layer.down.forward_host(&ws.act, t, grow(&mut ws.m, t * hs))?;
+            layer.post_ffn_norm.forward_host(&ws.m, grow(&mut ws.tmp, t * hs));
+            ws.x.iter_mut().zip(&ws.tmp).for_each(|(x, m)| *x += m);
+        }
+        ws.give_back(seqs);
+        let scratch = (&mut ws.x1, &mut ws.h);
+        head_host(&ws.x, hs, &batch.logits_rows, &self.norm, &self.lm_head, self.cfg.vocab_size, scratch, logits)?;
+        if let Some(c) = self.cfg.final_softcap {
+            let c = c as f32;
+            logits.iter_mut().for_each(|l| *l = (*l / c).tanh() * c);
+        }
+        Ok(())
     }
 
     fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
@@ -169,14 +262,23 @@ impl GemmaModel {
 }
 
 impl CausalLm for GemmaModel {
+    fn forward_into(&self, batch: &BatchInput, cache: &mut PagedKvCache, logits: &mut Vec<f32>) -> Result<()> {
+        match &self.host {
+            Some(ws) => self.forward_host(batch, cache, &mut ws.lock().unwrap_or_else(|p| p.into_inner()), logits),
+            None => tensor_into(self.forward(batch, cache)?, logits),
+        }
+    }
+
     fn forward(&self, batch: &BatchInput, cache: &mut PagedKvCache) -> Result<Tensor> {
+        if self.host.is_some() {
+            return logits_tensor(self, batch, cache);
+        }
         let (ids, positions) = batch_tensors(batch, self.cfg.vocab_size, &self.device)?;
         let n = batch.tokens.len();
         let rope_global = self.rotary.prepare(&positions, &batch.positions, self.dtype)?;
         let rope_local = self.local_rotary.prepare(&positions, &batch.positions, self.dtype)?;
         let step = Step::new(batch, cache, &self.device)?;
         let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
-        let scale = 1.0 / self.cfg.query_pre_attn_scalar.unwrap_or(hd as f64).sqrt();
         // The embedding scale is rounded to the activations' dtype first, as transformers does.
         let embed_scale =
             Tensor::new(self.embed_scale as f32, &self.device)?.to_dtype(self.dtype)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -195,9 +297,7 @@ impl CausalLm for GemmaModel {
             let (rotary, rope) = if a.local { (&self.local_rotary, &rope_local) } else { (&self.rotary, &rope_global) };
             let q = rotary.apply(&q, rope)?;
             let k = rotary.apply(&k, rope)?;
-            let mut shape = cache.shape(nh, a.window);
-            shape.scale = scale as f32;
-            shape.softcap = self.cfg.attn_softcap.map(|c| c as f32);
+            let shape = self.shape(cache, a.window);
             let out = paged_attention_op(i, &shape, &q, &k, &v, &step, cache)?;
             let out = a.o.forward(&out.to_dtype(self.dtype)?)?;
             let (x1, h) = layer.pre_ffn_norm.add_forward(&x, &layer.post_attn_norm.forward(&out)?)?;

@@ -9,7 +9,7 @@ use infer_kernels::{paged_attention, write_kv, KvElem, SeqAttention};
 use super::BatchInput;
 use crate::error::{Error, Result};
 use crate::kv_cache::{LayerKv, PagedKvCache};
-use crate::weights::{host_f32, WeightSource};
+use crate::weights::{host_f32, Linear, WeightSource};
 
 #[derive(Debug, Clone)]
 pub(crate) struct RmsNorm {
@@ -262,6 +262,9 @@ pub(crate) struct Workspace {
     pub(crate) tmp: Vec<f32>,
     pub(crate) cos: Vec<f32>,
     pub(crate) sin: Vec<f32>,
+    /// A second rotary embedding's tables (Gemma 3's local layers).
+    pub(crate) cos2: Vec<f32>,
+    pub(crate) sin2: Vec<f32>,
     pub(crate) moe: super::moe::MoeScratch,
     /// The kernels' view of the batch (empty between steps; its memory is kept).
     seqs: Vec<SeqAttention<'static>>,
@@ -292,6 +295,61 @@ impl Workspace {
 fn recycle<'b>(mut v: Vec<SeqAttention<'_>>) -> Vec<SeqAttention<'b>> {
     v.clear();
     v.into_iter().map(|_| unreachable!("emptied")).collect()
+}
+
+/// The embedding rows of `tokens` (a host f32 table `[vocab, hidden]`) times `scale`, into `x`.
+pub(crate) fn embed_host(embed: &Tensor, tokens: &[u32], hidden: usize, scale: f32, x: &mut Vec<f32>) -> Result<()> {
+    let table = host_f32(embed).ok_or_else(|| Error::Model("the host path needs the embeddings in host memory as f32".into()))?;
+    for (row, &id) in grow(x, tokens.len() * hidden).chunks_exact_mut(hidden).zip(tokens) {
+        let src = &table.get()[id as usize * hidden..(id as usize + 1) * hidden];
+        row.iter_mut().zip(src).for_each(|(o, &e)| *o = e * scale);
+    }
+    Ok(())
+}
+
+/// The rows `rows` of `x` (`[tokens, hidden]`), normed, through the output head into `logits`
+/// (`[rows, vocab]`); `picked` and `normed` are scratch.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn head_host(
+    x: &[f32],
+    hidden: usize,
+    rows: &[u32],
+    norm: &RmsNorm,
+    head: &Linear,
+    vocab: usize,
+    (picked, normed): (&mut Vec<f32>, &mut Vec<f32>),
+    logits: &mut Vec<f32>,
+) -> Result<()> {
+    let picked = grow(picked, rows.len() * hidden);
+    for (dst, &r) in picked.chunks_exact_mut(hidden).zip(rows) {
+        dst.copy_from_slice(&x[r as usize * hidden..(r as usize + 1) * hidden]);
+    }
+    let normed = grow(normed, rows.len() * hidden);
+    norm.forward_host(picked, normed);
+    logits.resize(rows.len() * vocab, 0.0);
+    head.forward_host(normed, rows.len(), logits)
+}
+
+/// [`CausalLm::forward`](super::CausalLm::forward) of a model whose host path writes the logits:
+/// them, as a `[logits_rows, vocab]` tensor.
+pub(crate) fn logits_tensor(m: &dyn super::CausalLm, batch: &BatchInput, cache: &mut PagedKvCache) -> Result<Tensor> {
+    let mut logits = Vec::new();
+    m.forward_into(batch, cache, &mut logits)?;
+    Ok(Tensor::from_vec(logits, (batch.logits_rows.len(), m.config().vocab_size), &m.device())?)
+}
+
+/// Logits from the tensor path into `logits`.
+pub(crate) fn tensor_into(t: Tensor, logits: &mut Vec<f32>) -> Result<()> {
+    let t = t.to_dtype(DType::F32)?.flatten_all()?;
+    logits.clear();
+    logits.extend_from_slice(&t.to_vec1::<f32>()?);
+    Ok(())
+}
+
+/// Whether a model should take its host path (when it can): unless `INFER_TENSOR_PATH` is set, for
+/// comparisons.
+pub(crate) fn host_path_wanted() -> bool {
+    std::env::var_os("INFER_TENSOR_PATH").is_none_or(|v| v.is_empty() || v == "0")
 }
 
 /// `v` as a slice of `n` elements, grown (never shrunk in memory) as needed.

@@ -9,8 +9,8 @@ use candle_core::{DType, Device, Tensor};
 use std::sync::Mutex;
 
 use super::layers::{
-    batch_tensors, check_tokens, grow, host_attention_into, paged_attention_op, silu_mul, silu_mul_fused, wanted_rows, RmsNorm, Step,
-    Workspace,
+    batch_tensors, check_tokens, embed_host, grow, head_host, host_attention_into, host_path_wanted, logits_tensor, paged_attention_op,
+    silu_mul, silu_mul_fused, tensor_into, wanted_rows, RmsNorm, Step, Workspace,
 };
 use super::moe::Moe;
 use super::rope::{RopeInput, Rotary};
@@ -166,7 +166,7 @@ impl LlamaModel {
         progress(total, total);
         let rotary = Rotary::new(&cfg, w.device())?;
         let mut model = Self { embed, layers, norm, lm_head, rotary, device: w.device().clone(), dtype: w.dtype(), cfg, host: None };
-        if model.host_capable() && std::env::var_os("INFER_TENSOR_PATH").is_none_or(|v| v.is_empty() || v == "0") {
+        if model.host_capable() && host_path_wanted() {
             model.host = Some(Mutex::new(Workspace::default()));
         }
         Ok(model)
@@ -208,12 +208,7 @@ impl LlamaModel {
     fn forward_host(&self, batch: &BatchInput, cache: &mut PagedKvCache, ws: &mut Workspace, logits: &mut Vec<f32>) -> Result<()> {
         check_tokens(batch, self.cfg.vocab_size)?;
         let (t, hs) = (batch.num_tokens(), self.cfg.hidden_size);
-        {
-            let embed = host_f32(&self.embed).expect("checked at load");
-            for (row, &id) in grow(&mut ws.x, t * hs).chunks_exact_mut(hs).zip(&batch.tokens) {
-                row.copy_from_slice(&embed.get()[id as usize * hs..(id as usize + 1) * hs]);
-            }
-        }
+        embed_host(&self.embed, &batch.tokens, hs, 1.0, &mut ws.x)?;
         self.rotary.tables_into(&batch.positions, &mut ws.cos, &mut ws.sin);
         let seqs = ws.seqs(batch);
         match self.layers.first() {
@@ -280,15 +275,8 @@ impl LlamaModel {
             }
         }
         ws.give_back(seqs);
-        // The wanted rows, normed, through the output head.
-        let rows = batch.logits_rows.len();
-        let picked = grow(&mut ws.x1, rows * hs);
-        for (dst, &r) in picked.chunks_exact_mut(hs).zip(&batch.logits_rows) {
-            dst.copy_from_slice(&ws.x[r as usize * hs..(r as usize + 1) * hs]);
-        }
-        self.norm.forward_host(&ws.x1, grow(&mut ws.h, rows * hs));
-        logits.resize(rows * self.cfg.vocab_size, 0.0);
-        self.lm_head.forward_host(&ws.h, rows, logits)
+        let scratch = (&mut ws.x1, &mut ws.h);
+        head_host(&ws.x, hs, &batch.logits_rows, &self.norm, &self.lm_head, self.cfg.vocab_size, scratch, logits)
     }
 
     fn attention(&self, layer: usize, x: &Tensor, rope: &RopeInput, step: &Step<'_>, cache: &mut PagedKvCache) -> Result<Tensor> {
@@ -321,21 +309,13 @@ impl CausalLm for LlamaModel {
     fn forward_into(&self, batch: &BatchInput, cache: &mut PagedKvCache, logits: &mut Vec<f32>) -> Result<()> {
         match &self.host {
             Some(ws) => self.forward_host(batch, cache, &mut ws.lock().unwrap_or_else(|p| p.into_inner()), logits),
-            None => {
-                let t = self.forward(batch, cache)?.flatten_all()?;
-                logits.clear();
-                logits.extend_from_slice(&t.to_vec1::<f32>()?);
-                Ok(())
-            }
+            None => tensor_into(self.forward(batch, cache)?, logits),
         }
     }
 
     fn forward(&self, batch: &BatchInput, cache: &mut PagedKvCache) -> Result<Tensor> {
         if self.host.is_some() {
-            let mut logits = Vec::new();
-            self.forward_into(batch, cache, &mut logits)?;
-            let rows = batch.logits_rows.len();
-            return Ok(Tensor::from_vec(logits, (rows, self.cfg.vocab_size), &self.device)?);
+            return logits_tensor(self, batch, cache);
         }
         let (ids, positions) = batch_tensors(batch, self.cfg.vocab_size, &self.device)?;
         let rope = self.rotary.prepare(&positions, &batch.positions, self.dtype)?;

@@ -92,10 +92,7 @@ pub trait CausalLm: Send + Sync {
     /// resized; its memory reused): the per-step call of the engine and `infer bench`. A decoder on
     /// infer's CPU kernels makes no allocation here once it has run a step at least as large.
     fn forward_into(&self, batch: &BatchInput, cache: &mut crate::kv_cache::PagedKvCache, logits: &mut Vec<f32>) -> crate::Result<()> {
-        let t = self.forward(batch, cache)?.to_dtype(candle_core::DType::F32)?.flatten_all()?;
-        logits.clear();
-        logits.extend_from_slice(&t.to_vec1::<f32>()?);
-        Ok(())
+        layers::tensor_into(self.forward(batch, cache)?, logits)
     }
     fn config(&self) -> &crate::config::ModelConfig;
     /// Where the model runs (the KV cache is made there).

@@ -95,6 +95,26 @@ pub fn silu_mul(gate: &[f32], up: &[f32], n: usize, out: &mut [f32]) {
     });
 }
 
+/// `out = gelu(gate) · up` element-wise over rows of `n`, with GELU's tanh approximation
+/// (`0.5 g (1 + tanh(√(2/π) (g + 0.044715 g³)))`, as Gemma and candle's `gelu` use).
+pub fn gelu_mul(gate: &[f32], up: &[f32], n: usize, out: &mut [f32]) {
+    assert!(
+        n > 0 && gate.len() == up.len() && gate.len() == out.len() && out.len().is_multiple_of(n),
+        "gelu_mul: gate, up and out must be [rows, {n}]"
+    );
+    let dst = OutPtr(out.as_mut_ptr());
+    for_rows(out.len() / n, n, &|rows| {
+        for r in rows {
+            // SAFETY: row r of out is in bounds and written by this range only.
+            let o = unsafe { std::slice::from_raw_parts_mut(dst.at(r * n), n) };
+            for ((o, &g), &u) in o.iter_mut().zip(&gate[r * n..(r + 1) * n]).zip(&up[r * n..(r + 1) * n]) {
+                const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+                *o = 0.5 * g * (1.0 + (SQRT_2_OVER_PI * g * (1.0 + 0.044715 * g * g)).tanh()) * u;
+            }
+        }
+    });
+}
+
 /// [`silu_mul`] over fused rows `gate_up` (`[rows, 2n]`: the gate half, then the up half) into
 /// `out` (`[rows, n]`).
 pub fn silu_mul_fused(gate_up: &[f32], n: usize, out: &mut [f32]) {
@@ -289,6 +309,25 @@ mod tests {
             let mut out = vec![f32::NAN; n];
             silu_mul_row_scalar(&g[..n], &u[..n], &mut out);
             close(&out, &want[..n], "scalar silu_mul");
+        }
+    }
+
+    #[test]
+    fn gelu_mul_matches_f64() {
+        let mut seed = 4;
+        for (rows, n) in [(1, 5), (2, 24), (70, 1536)] {
+            let (g, u) = (rand_vec(rows * n, &mut seed), rand_vec(rows * n, &mut seed));
+            let want: Vec<f64> = g
+                .iter()
+                .zip(&u)
+                .map(|(&g, &u)| {
+                    let g = g as f64;
+                    0.5 * g * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g)).tanh()) * u as f64
+                })
+                .collect();
+            let mut out = vec![f32::NAN; rows * n];
+            gelu_mul(&g, &u, n, &mut out);
+            close(&out, &want, "gelu_mul");
         }
     }
 

@@ -118,6 +118,10 @@ pub struct Sampler {
     rng: StdRng,
     output_counts: HashMap<u32, u32>,
     seen: std::collections::HashSet<u32>,
+    /// Per-token buffers, reused: the adjusted logits, the candidates and their probabilities.
+    l: Vec<f32>,
+    cand: Vec<(u32, f32)>,
+    probs: Vec<f32>,
 }
 
 impl Sampler {
@@ -125,7 +129,8 @@ impl Sampler {
     pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
         let seed = params.seed.unwrap_or_else(|| rand::rng().random());
         let seen = if params.repetition_penalty != 1.0 { prompt.iter().copied().collect() } else { Default::default() };
-        Self { rng: StdRng::seed_from_u64(seed), params, output_counts: HashMap::new(), seen }
+        let (l, cand, probs) = Default::default();
+        Self { rng: StdRng::seed_from_u64(seed), params, output_counts: HashMap::new(), seen, l, cand, probs }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -136,7 +141,9 @@ impl Sampler {
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
         let p = &self.params;
         let logprob_of = logsumexp(logits);
-        let mut l = logits.to_vec();
+        let mut l = std::mem::take(&mut self.l);
+        l.clear();
+        l.extend_from_slice(logits);
         for (&tok, &bias) in &p.logit_bias {
             if let Some(x) = l.get_mut(tok as usize) {
                 *x += bias;
@@ -158,6 +165,7 @@ impl Sampler {
         }
         let greedy = p.temperature == 0.0;
         let token = if greedy { argmax(&l) } else { self.sample_stochastic(&l) };
+        self.l = l;
         *self.output_counts.entry(token).or_default() += 1;
         if self.params.repetition_penalty != 1.0 {
             self.seen.insert(token);
@@ -168,16 +176,19 @@ impl Sampler {
     fn sample_stochastic(&mut self, l: &[f32]) -> u32 {
         let p = &self.params;
         let inv_t = 1.0 / p.temperature;
-        let mut cand: Vec<(u32, f32)> = l.iter().enumerate().filter(|(_, x)| x.is_finite()).map(|(i, &x)| (i as u32, x * inv_t)).collect();
+        let (cand, probs) = (&mut self.cand, &mut self.probs);
+        cand.clear();
+        cand.extend(l.iter().enumerate().filter(|(_, x)| x.is_finite()).map(|(i, &x)| (i as u32, x * inv_t)));
         if cand.is_empty() {
             return argmax(l);
         }
+        let max = cand.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.1));
         // Plain temperature sampling (OpenAI's defaults: no top-k, top-p or min-p) needs no sorting.
         if (p.top_k == 0 || p.top_k >= cand.len()) && p.top_p >= 1.0 && p.min_p <= 0.0 {
-            let max = cand.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.1));
-            let probs: Vec<f32> = cand.iter().map(|c| (c.1 - max).exp()).collect();
+            probs.clear();
+            probs.extend(cand.iter().map(|c| (c.1 - max).exp()));
             let mut u = self.rng.random::<f32>() * probs.iter().sum::<f32>();
-            for (c, &pr) in cand.iter().zip(&probs) {
+            for (c, &pr) in cand.iter().zip(probs.iter()) {
                 u -= pr;
                 if u <= 0.0 {
                     return c.0;
@@ -191,26 +202,7 @@ impl Sampler {
             cand.select_nth_unstable_by(p.top_k - 1, by_logit);
             cand.truncate(p.top_k);
         }
-        cand.sort_unstable_by(by_logit);
-        let max = cand[0].1;
-        let mut probs: Vec<f32> = cand.iter().map(|c| (c.1 - max).exp()).collect();
-        let total: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|x| *x /= total);
-        let mut keep = probs.len();
-        if p.top_p < 1.0 {
-            let mut acc = 0.0;
-            for (i, &pr) in probs.iter().enumerate() {
-                acc += pr;
-                if acc >= p.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
-        }
-        if p.min_p > 0.0 {
-            let floor = probs[0] * p.min_p;
-            keep = keep.min(probs.iter().take_while(|&&x| x >= floor).count().max(1));
-        }
+        let keep = nucleus(cand, probs, max, p.top_p, p.min_p);
         let total: f32 = probs[..keep].iter().sum();
         let mut u = self.rng.random::<f32>() * total;
         for i in 0..keep {
@@ -220,6 +212,47 @@ impl Sampler {
             }
         }
         cand[keep - 1].0
+    }
+}
+
+/// Sorts the most likely of `cand` (`(token, logit)`, `max` its largest logit) first and returns
+/// how many of them top-p and min-p keep, their probabilities in `probs`. Only a prefix can be kept,
+/// so only a prefix is sorted: 64 candidates, then four times more while top-p and min-p would keep
+/// all of it (one pass over the vocabulary each), instead of sorting the whole vocabulary.
+fn nucleus(cand: &mut [(u32, f32)], probs: &mut Vec<f32>, max: f32, top_p: f32, min_p: f32) -> usize {
+    let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let total: f32 = cand.iter().map(|c| (c.1 - max).exp()).sum();
+    let mut k = cand.len().min(64);
+    loop {
+        if k < cand.len() {
+            cand.select_nth_unstable_by(k - 1, by_logit);
+        }
+        cand[..k].sort_unstable_by(by_logit);
+        probs.clear();
+        probs.extend(cand[..k].iter().map(|c| (c.1 - max).exp() / total));
+        let mut keep = None;
+        if top_p < 1.0 {
+            let mut acc = 0.0;
+            keep = probs
+                .iter()
+                .position(|&pr| {
+                    acc += pr;
+                    acc >= top_p
+                })
+                .map(|i| i + 1);
+        }
+        if min_p > 0.0 {
+            let floor = probs[0] * min_p;
+            let above = probs.iter().take_while(|&&x| x >= floor).count().max(1);
+            if above < k {
+                keep = Some(keep.map_or(above, |kp| kp.min(above)));
+            }
+        }
+        match keep {
+            Some(n) => return n,
+            None if k == cand.len() => return k,
+            None => k = (k * 4).min(cand.len()),
+        }
     }
 }
 
@@ -323,6 +356,54 @@ mod tests {
                 assert!(allowed.contains(&t), "{p:?} gave {t}");
             }
         }
+    }
+
+    /// The prefix [`nucleus`] keeps is the one a full sort of the vocabulary keeps (the same f32
+    /// arithmetic), decided within its first 64 candidates, after growing, and near the whole list.
+    #[test]
+    fn nucleus_keeps_what_a_full_sort_keeps() {
+        let mut seed = 5u64;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) as f32 / (1u64 << 31) as f32
+        };
+        let mut kept = Vec::new();
+        let cases =
+            [(200.0, 0.9, 0.0), (60.0, 0.9, 0.0), (8.0, 0.9, 0.0), (1.0, 0.99, 0.0), (40.0, 1.0, 0.05), (3.0, 0.95, 0.01), (0.2, 1.0, 0.5)];
+        for (spread, top_p, min_p) in cases {
+            // Peaked like real logits: a few high values, a long flat tail.
+            let cand: Vec<(u32, f32)> = (0..5000).map(|i| (i, rnd().powi(8) * spread)).collect();
+            let max = cand.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.1));
+            let total: f32 = cand.iter().map(|c| (c.1 - max).exp()).sum();
+            // Reference: everything sorted, the rules applied to the whole list.
+            let mut sorted = cand.clone();
+            sorted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            let pr: Vec<f32> = sorted.iter().map(|c| (c.1 - max).exp() / total).collect();
+            let mut want = pr.len();
+            if top_p < 1.0 {
+                let mut acc = 0.0;
+                want = pr
+                    .iter()
+                    .position(|&x| {
+                        acc += x;
+                        acc >= top_p
+                    })
+                    .map_or(pr.len(), |i| i + 1);
+            }
+            if min_p > 0.0 {
+                want = want.min(pr.iter().take_while(|&&x| x >= pr[0] * min_p).count().max(1));
+            }
+            let mut got = cand.clone();
+            let mut probs = Vec::new();
+            let keep = nucleus(&mut got, &mut probs, max, top_p, min_p);
+            assert_eq!(keep, want, "spread {spread}, top_p {top_p}, min_p {min_p}");
+            assert_eq!(got[..keep], sorted[..keep], "the kept candidates, most likely first");
+            kept.push(keep);
+        }
+        assert!(
+            kept.iter().any(|&k| k <= 64) && kept.iter().any(|&k| (65..=1024).contains(&k)) && kept.iter().any(|&k| k > 1024),
+            "cases must be decided within 64, after growing and late: {kept:?}"
+        );
     }
 
     #[test]

@@ -182,7 +182,8 @@ impl Sampler {
         if cand.is_empty() {
             return argmax(l);
         }
-        let max = cand.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.1));
+        let all_finite = cand.len() == l.len();
+        let max = if all_finite { infer_kernels::fused::max(l) * inv_t } else { cand.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.1)) };
         // Plain temperature sampling (OpenAI's defaults: no top-k, top-p or min-p) needs no sorting.
         if (p.top_k == 0 || p.top_k >= cand.len()) && p.top_p >= 1.0 && p.min_p <= 0.0 {
             probs.clear();
@@ -198,11 +199,17 @@ impl Sampler {
         }
         // Most likely first; top-k only needs a partial sort.
         let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if p.top_k > 0 && p.top_k < cand.len() {
+        let total = if p.top_k > 0 && p.top_k < cand.len() {
             cand.select_nth_unstable_by(p.top_k - 1, by_logit);
             cand.truncate(p.top_k);
-        }
-        let keep = nucleus(cand, probs, max, p.top_p, p.min_p);
+            cand.iter().map(|c| (c.1 - max).exp()).sum::<f32>()
+        } else if all_finite {
+            // The whole vocabulary: the vectorized sum.
+            infer_kernels::fused::sum_exp(l, inv_t, max) as f32
+        } else {
+            cand.iter().map(|c| (c.1 - max).exp()).sum::<f32>()
+        };
+        let keep = nucleus(cand, probs, max, total, p.top_p, p.min_p);
         let total: f32 = probs[..keep].iter().sum();
         let mut u = self.rng.random::<f32>() * total;
         for i in 0..keep {
@@ -215,13 +222,13 @@ impl Sampler {
     }
 }
 
-/// Sorts the most likely of `cand` (`(token, logit)`, `max` its largest logit) first and returns
+/// Sorts the most likely of `cand` (`(token, logit)`, `max` its largest logit, `total` the sum of
+/// `exp(logit − max)` over it) first and returns
 /// how many of them top-p and min-p keep, their probabilities in `probs`. Only a prefix can be kept,
 /// so only a prefix is sorted: 64 candidates, then four times more while top-p and min-p would keep
 /// all of it (one pass over the vocabulary each), instead of sorting the whole vocabulary.
-fn nucleus(cand: &mut [(u32, f32)], probs: &mut Vec<f32>, max: f32, top_p: f32, min_p: f32) -> usize {
+fn nucleus(cand: &mut [(u32, f32)], probs: &mut Vec<f32>, max: f32, total: f32, top_p: f32, min_p: f32) -> usize {
     let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-    let total: f32 = cand.iter().map(|c| (c.1 - max).exp()).sum();
     let mut k = cand.len().min(64);
     loop {
         if k < cand.len() {
@@ -283,13 +290,13 @@ pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
     idx.into_iter().map(|t| (t, logits[t as usize] - lse)).collect()
 }
 
-/// `log(sum(exp(x)))`, computed stably.
+/// `log(sum(exp(x)))`, computed stably (vectorized: it runs over the vocabulary every token).
 pub fn logsumexp(x: &[f32]) -> f32 {
-    let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let m = infer_kernels::fused::max(x);
     if !m.is_finite() {
         return m;
     }
-    m + x.iter().map(|&v| ((v - m) as f64).exp()).sum::<f64>().ln() as f32
+    m + infer_kernels::fused::sum_exp(x, 1.0, m).ln() as f32
 }
 
 #[cfg(test)]
@@ -395,7 +402,7 @@ mod tests {
             }
             let mut got = cand.clone();
             let mut probs = Vec::new();
-            let keep = nucleus(&mut got, &mut probs, max, top_p, min_p);
+            let keep = nucleus(&mut got, &mut probs, max, total, top_p, min_p);
             assert_eq!(keep, want, "spread {spread}, top_p {top_p}, min_p {min_p}");
             assert_eq!(got[..keep], sorted[..keep], "the kept candidates, most likely first");
             kept.push(keep);

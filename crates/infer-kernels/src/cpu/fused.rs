@@ -134,6 +134,34 @@ pub fn silu_mul_fused(gate_up: &[f32], n: usize, out: &mut [f32]) {
     });
 }
 
+/// `Σ exp(scale · x_i − shift)` (a softmax denominator: `shift` = `scale · max x`), the terms in f32
+/// and their sum in f64; elements of −∞ add nothing. Eight lanes at a time with AVX2.
+pub fn sum_exp(x: &[f32], scale: f32, shift: f32) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: every non-scalar Isa implies AVX2 and FMA.
+        return unsafe { avx2::sum_exp(x, scale, shift) };
+    }
+    sum_exp_scalar(x, scale, shift)
+}
+
+fn sum_exp_scalar(x: &[f32], scale: f32, shift: f32) -> f64 {
+    x.iter().map(|&v| (v * scale - shift).exp() as f64).sum()
+}
+
+/// The largest element of `x` that is not NaN (−∞ for none).
+pub fn max(x: &[f32]) -> f32 {
+    // Eight independent maxima let the compiler vectorize the loop.
+    let mut m = [f32::NEG_INFINITY; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (m, &v) in m.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    chunks.remainder().iter().chain(&m).fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
 #[inline]
 fn silu(g: f32) -> f32 {
     g / (1.0 + (-g).exp())
@@ -240,6 +268,25 @@ mod avx2 {
             out[k] = super::silu(gate[k]) * up[k];
         }
     }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn sum_exp(x: &[f32], scale: f32, shift: f32) -> f64 {
+        let n = x.len();
+        let (sv, hv) = (_mm256_set1_ps(scale), _mm256_set1_ps(shift));
+        let mut acc = _mm256_setzero_pd();
+        let mut i = 0;
+        while i + 8 <= n {
+            let v = _mm256_loadu_ps(x.as_ptr().add(i));
+            // (−∞ · scale − shift) is −∞; exp256 clamps it to e^−87.3 ≈ 1e-38, so mask it to 0.
+            let e = _mm256_and_ps(exp256(_mm256_fmsub_ps(v, sv, hv)), _mm256_cmp_ps::<_CMP_GT_OQ>(v, _mm256_set1_ps(f32::NEG_INFINITY)));
+            acc = _mm256_add_pd(acc, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+            acc = _mm256_add_pd(acc, _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(e)));
+            i += 8;
+        }
+        let mut lanes = [0f64; 4];
+        _mm256_storeu_pd(lanes.as_mut_ptr(), acc);
+        lanes.iter().sum::<f64>() + super::sum_exp_scalar(&x[i..], scale, shift)
+    }
 }
 
 #[cfg(test)]
@@ -309,6 +356,29 @@ mod tests {
             let mut out = vec![f32::NAN; n];
             silu_mul_row_scalar(&g[..n], &u[..n], &mut out);
             close(&out, &want[..n], "scalar silu_mul");
+        }
+    }
+
+    #[test]
+    fn sum_exp_and_max_match_f64() {
+        let mut seed = 6;
+        for n in [0, 3, 8, 13, 49152] {
+            let mut x = rand_vec(n, &mut seed);
+            if n > 5 {
+                x[2] = f32::NEG_INFINITY;
+                x[n - 1] = f32::NEG_INFINITY;
+            }
+            let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max(&x), m, "max of {n}");
+            for scale in [1.0, 1.25] {
+                let shift = m * scale;
+                let want: f64 = x.iter().map(|&v| (v as f64 * scale as f64 - shift as f64).exp()).sum();
+                let got = sum_exp(&x, scale, shift);
+                assert!((got - want).abs() <= 1e-6 * want.max(1.0), "sum_exp of {n} (scale {scale}): {got} vs {want}");
+                if n > 0 {
+                    assert!((sum_exp_scalar(&x, scale, shift) - want).abs() <= 1e-6 * want, "scalar sum_exp of {n}");
+                }
+            }
         }
     }
 

@@ -4,20 +4,18 @@
 //! - Gemma 2: attention-logit and final-logit soft-capping;
 //! - Gemma 3: RMSNorm on each query and key head, a rotary base of its own for the local layers.
 
-use std::sync::Mutex;
-
 use candle_core::{DType, Device, Tensor};
 
 use super::layers::{
-    batch_tensors, check_tokens, embed_host, grow, head_host, host_attention_into, host_path_wanted, logits_tensor, paged_attention_op,
-    tensor_into, wanted_rows, RmsNorm, Step, Workspace,
+    batch_tensors, check_tokens, embed_host, grow, head_host, host_attention_into, logits_tensor, paged_attention_op, tensor_into,
+    wanted_rows, HostPath, RmsNorm, Step, Workspace,
 };
 use super::rope::Rotary;
 use super::{BatchInput, CausalLm};
 use crate::config::{Activation, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::PagedKvCache;
-use crate::weights::{host_f32, Linear, WeightSource};
+use crate::weights::{Linear, WeightSource};
 
 #[derive(Debug, Clone)]
 struct Attention {
@@ -58,7 +56,7 @@ pub struct GemmaModel {
     device: Device,
     dtype: DType,
     /// On the CPU with every weight on infer's kernels: the host path's buffers.
-    host: Option<Mutex<Workspace>>,
+    host: HostPath,
 }
 
 /// Gemma's RMSNorm multiplies by `1 + w`. GGUF files store `1 + w` already (llama.cpp's converter
@@ -162,17 +160,14 @@ impl GemmaModel {
             device: w.device().clone(),
             dtype: w.dtype(),
             cfg,
-            host: None,
+            host: HostPath::default(),
         };
-        if model.host_capable() && host_path_wanted() {
-            model.host = Some(Mutex::new(Workspace::default()));
-        }
+        model.host = HostPath::new(&model.device, model.dtype, &model.embed, &model.norm, &model.lm_head, model.host_layers());
         Ok(model)
     }
 
-    /// Whether every step can run on host slices: CPU, f32 activations and norms, all linear
-    /// layers on infer's kernels.
-    fn host_capable(&self) -> bool {
+    /// Whether every layer can run on host slices: f32 norms, all linear layers on infer's kernels.
+    fn host_layers(&self) -> bool {
         let layer_ok = |l: &Layer| {
             let a = &l.attn;
             [&a.q, &a.k, &a.v, &a.o, &l.gate, &l.up, &l.down].iter().all(|w| w.is_host())
@@ -182,12 +177,7 @@ impl GemmaModel {
                     .chain(&a.k_norm)
                     .all(RmsNorm::is_host)
         };
-        self.device.is_cpu()
-            && self.dtype == DType::F32
-            && host_f32(&self.embed).is_some()
-            && self.norm.is_host()
-            && self.lm_head.is_host()
-            && self.layers.iter().all(layer_ok)
+        self.layers.iter().all(layer_ok)
     }
 
     /// The attention geometry of a layer: Gemma's query scale and soft-capping.
@@ -263,14 +253,14 @@ impl GemmaModel {
 
 impl CausalLm for GemmaModel {
     fn forward_into(&self, batch: &BatchInput, cache: &mut PagedKvCache, logits: &mut Vec<f32>) -> Result<()> {
-        match &self.host {
-            Some(ws) => self.forward_host(batch, cache, &mut ws.lock().unwrap_or_else(|p| p.into_inner()), logits),
+        match self.host.run(|ws| self.forward_host(batch, cache, ws, logits)) {
+            Some(done) => done,
             None => tensor_into(self.forward(batch, cache)?, logits),
         }
     }
 
     fn forward(&self, batch: &BatchInput, cache: &mut PagedKvCache) -> Result<Tensor> {
-        if self.host.is_some() {
+        if self.host.is_on() {
             return logits_tensor(self, batch, cache);
         }
         let (ids, positions) = batch_tensors(batch, self.cfg.vocab_size, &self.device)?;

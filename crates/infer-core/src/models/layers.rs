@@ -346,10 +346,28 @@ pub(crate) fn tensor_into(t: Tensor, logits: &mut Vec<f32>) -> Result<()> {
     Ok(())
 }
 
-/// Whether a model should take its host path (when it can): unless `INFER_TENSOR_PATH` is set, for
-/// comparisons.
-pub(crate) fn host_path_wanted() -> bool {
-    std::env::var_os("INFER_TENSOR_PATH").is_none_or(|v| v.is_empty() || v == "0")
+/// A decoder's host path: its workspace when the whole model can run on host slices, unless
+/// `INFER_TENSOR_PATH` is set (for comparisons).
+#[derive(Debug, Default)]
+pub(crate) struct HostPath(Option<std::sync::Mutex<Workspace>>);
+
+impl HostPath {
+    /// For a model whose layers can (`layers_ok`): on the CPU with f32 activations, host f32
+    /// embeddings and final norm, and the output head on infer's kernels.
+    pub(crate) fn new(device: &Device, dtype: DType, embed: &Tensor, norm: &RmsNorm, head: &Linear, layers_ok: bool) -> Self {
+        let wanted = std::env::var_os("INFER_TENSOR_PATH").is_none_or(|v| v.is_empty() || v == "0");
+        let capable = device.is_cpu() && dtype == DType::F32 && host_f32(embed).is_some() && norm.is_host() && head.is_host() && layers_ok;
+        Self((capable && wanted).then(|| std::sync::Mutex::new(Workspace::default())))
+    }
+
+    pub(crate) fn is_on(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// `f` with the workspace, or `None` when the model takes the tensor path.
+    pub(crate) fn run(&self, f: impl FnOnce(&mut Workspace) -> Result<()>) -> Option<Result<()>> {
+        self.0.as_ref().map(|ws| f(&mut ws.lock().unwrap_or_else(|p| p.into_inner())))
+    }
 }
 
 /// `v` as a slice of `n` elements, grown (never shrunk in memory) as needed.

@@ -6,11 +6,9 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use std::sync::Mutex;
-
 use super::layers::{
-    batch_tensors, check_tokens, embed_host, grow, head_host, host_attention_into, host_path_wanted, logits_tensor, paged_attention_op,
-    silu_mul, silu_mul_fused, tensor_into, wanted_rows, RmsNorm, Step, Workspace,
+    batch_tensors, check_tokens, embed_host, grow, head_host, host_attention_into, logits_tensor, paged_attention_op, silu_mul,
+    silu_mul_fused, tensor_into, wanted_rows, HostPath, RmsNorm, Step, Workspace,
 };
 use super::moe::Moe;
 use super::rope::{RopeInput, Rotary};
@@ -18,7 +16,7 @@ use super::{BatchInput, CausalLm};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::kv_cache::PagedKvCache;
-use crate::weights::{host_f32, Linear, WeightSource};
+use crate::weights::{Linear, WeightSource};
 
 /// The q/k/v projections: three layers, or one fused `[q; k; v]` layer (Phi-3).
 #[derive(Debug, Clone)]
@@ -93,7 +91,7 @@ pub struct LlamaModel {
     device: Device,
     dtype: DType,
     /// On the CPU with every weight on infer's kernels: the host path's buffers.
-    host: Option<Mutex<Workspace>>,
+    host: HostPath,
 }
 
 impl LlamaModel {
@@ -165,16 +163,15 @@ impl LlamaModel {
         };
         progress(total, total);
         let rotary = Rotary::new(&cfg, w.device())?;
-        let mut model = Self { embed, layers, norm, lm_head, rotary, device: w.device().clone(), dtype: w.dtype(), cfg, host: None };
-        if model.host_capable() && host_path_wanted() {
-            model.host = Some(Mutex::new(Workspace::default()));
-        }
+        let mut model =
+            Self { embed, layers, norm, lm_head, rotary, device: w.device().clone(), dtype: w.dtype(), cfg, host: HostPath::default() };
+        model.host = HostPath::new(&model.device, model.dtype, &model.embed, &model.norm, &model.lm_head, model.host_layers());
         Ok(model)
     }
 
-    /// Whether every step can run on host slices: CPU, f32 activations and norms, all linear
-    /// layers (experts and routers included) on infer's kernels.
-    fn host_capable(&self) -> bool {
+    /// Whether every layer can run on host slices: f32 norms, all linear layers (experts and
+    /// routers included) on infer's kernels.
+    fn host_layers(&self) -> bool {
         let layer_ok = |l: &Layer| {
             let a = &l.attn;
             let linears_ok = match &a.qkv {
@@ -194,12 +191,7 @@ impl LlamaModel {
             let norms_ok = l.input_norm.is_host() && l.post_norm.is_host() && a.q_norm.iter().chain(&a.k_norm).all(RmsNorm::is_host);
             linears_ok && norms_ok
         };
-        self.device.is_cpu()
-            && self.dtype == DType::F32
-            && host_f32(&self.embed).is_some()
-            && self.norm.is_host()
-            && self.lm_head.is_host()
-            && self.layers.iter().all(layer_ok)
+        self.layers.iter().all(layer_ok)
     }
 
     /// The whole step on host slices in `ws`, the logits into `logits`: the same decoder as
@@ -307,14 +299,14 @@ impl LlamaModel {
 
 impl CausalLm for LlamaModel {
     fn forward_into(&self, batch: &BatchInput, cache: &mut PagedKvCache, logits: &mut Vec<f32>) -> Result<()> {
-        match &self.host {
-            Some(ws) => self.forward_host(batch, cache, &mut ws.lock().unwrap_or_else(|p| p.into_inner()), logits),
+        match self.host.run(|ws| self.forward_host(batch, cache, ws, logits)) {
+            Some(done) => done,
             None => tensor_into(self.forward(batch, cache)?, logits),
         }
     }
 
     fn forward(&self, batch: &BatchInput, cache: &mut PagedKvCache) -> Result<Tensor> {
-        if self.host.is_some() {
+        if self.host.is_on() {
             return logits_tensor(self, batch, cache);
         }
         let (ids, positions) = batch_tensors(batch, self.cfg.vocab_size, &self.device)?;

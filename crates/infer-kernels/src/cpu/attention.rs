@@ -182,8 +182,10 @@ fn per_row<E: KvElem>(
     out: &mut [f32],
 ) {
     let q_row = shape.num_heads * shape.head_dim;
-    let work: usize = seqs.iter().map(|s| s.q_len * s.context_len).sum::<usize>() * q_row;
-    let run_row = |(r, out_row): (usize, &mut [f32])| {
+    let dst = OutPtr(out.as_mut_ptr());
+    let run_row = |r: usize| {
+        // SAFETY: row r's slice is in bounds and written by this task only.
+        let out_row = unsafe { std::slice::from_raw_parts_mut(dst.at(r * q_row), q_row) };
         let s = row_seq[r];
         if s == usize::MAX {
             out_row.fill(0.0);
@@ -193,17 +195,17 @@ fn per_row<E: KvElem>(
         let pos = seq.context_len - seq.q_len + (r - seq.q_start);
         attend_row(isa, &q[r * q_row..(r + 1) * q_row], pos, seq.block_table, k_cache, v_cache, shape, out_row);
     };
-    // Small problems are not worth the thread hand-off.
+    run_tasks(seqs, q_row, out.len() / q_row, &run_row);
+}
+
+/// Runs tasks `0..n` of an attention call: inline when the batch's work (query rows × context ×
+/// row width) is too small to be worth the thread hand-off, else on the kernels' pool.
+fn run_tasks(seqs: &[SeqAttention<'_>], q_row: usize, n: usize, task: &(dyn Fn(usize) + Sync)) {
+    let work: usize = seqs.iter().map(|s| s.q_len * s.context_len).sum::<usize>() * q_row;
     if work < 1 << 16 {
-        out.chunks_mut(q_row).enumerate().for_each(run_row);
+        (0..n).for_each(task);
     } else {
-        let rows = out.len() / q_row;
-        let dst = OutPtr(out.as_mut_ptr());
-        Pool::global().run(rows, &|r| {
-            // SAFETY: row r's slice is in bounds and written by this task only.
-            let out_row = unsafe { std::slice::from_raw_parts_mut(dst.at(r * q_row), q_row) };
-            run_row((r, out_row));
-        });
+        Pool::global().run(n, task);
     }
 }
 
@@ -283,13 +285,7 @@ fn tiled<E: KvElem>(
                         }
                     }
                 };
-                let work: usize = seqs.iter().map(|s| s.q_len * s.context_len).sum::<usize>() * q_row;
-                let n_units = units.get().0.len();
-                if work < 1 << 16 {
-                    (0..n_units).for_each(run);
-                } else {
-                    Pool::global().run(n_units, &run);
-                }
+                run_tasks(seqs, q_row, units.get().0.len(), &run);
             })
         });
         // Rows of no sequence (padding) are zero.

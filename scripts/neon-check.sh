@@ -7,9 +7,15 @@
 # cargo, the aarch64 std, the aarch64 gcc and qemu-user, entered with chroot in a private mount
 # namespace (needs root; the mounts vanish with the namespace). Set INFER_SKIP_NEON_CHECK=1 to skip it.
 #
+#   scripts/neon-check.sh             makes the Debian tree if it is missing, then builds and runs the tests
+#   scripts/neon-check.sh --prepare   only makes the tree (mostly downloads: scripts/test.sh runs it in
+#                                     the background while the main build runs)
+#
 #   INFER_NEON_ROOT   the Debian tree (default: ~/.cache/infer-neon/sid)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+prepare_only=0
+[ "${1:-}" = --prepare ] && prepare_only=1
 if [ "${INFER_SKIP_NEON_CHECK:-0}" = 1 ]; then
   echo "neon check: skipped (INFER_SKIP_NEON_CHECK=1)"
   exit 0
@@ -41,6 +47,10 @@ if [ ! -x "$root/usr/bin/cargo" ] || [ ! -d "$root/usr/lib/rustlib/aarch64-unkno
     exit 0
   fi
 fi
+if [ "$prepare_only" = 1 ]; then
+  echo "neon check: cross toolchain ready in $root ($(( $(date +%s) - start ))s)"
+  exit 0
+fi
 cp /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
 registry="${CARGO_HOME:-$HOME/.cargo}/registry"
 mkdir -p "$root/src" "$root/target" "$root/root/.cargo/registry" "$registry"
@@ -50,7 +60,7 @@ unshare --mount --propagation private bash -euo pipefail -c '
   mount --bind "$src" "$root/src"
   mount --bind "$registry" "$root/root/.cargo/registry"
   mount -t proc proc "$root/proc"
-  chroot "$root" env -i HOME=/root PATH=/usr/bin:/bin CARGO_TERM_COLOR=never CARGO_TARGET_DIR=/target \
+  chroot "$root" env -i HOME=/root PATH=/usr/bin:/bin CARGO_TERM_COLOR=never CARGO_TARGET_DIR=/target CARGO_PROFILE_DEV_DEBUG=0 \
     CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
     bash -euo pipefail -c "
       cd /src

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 model="$(scripts/fetch-model.sh)"
 cargo build --release --bin infer
-exec target/release/infer run "$model" "${1:-What is the capital of France? Answer in one sentence.}" --temperature 0
+exec "${CARGO_TARGET_DIR:-target}/release/infer" run "$model" "${1:-What is the capital of France? Answer in one sentence.}" --temperature 0

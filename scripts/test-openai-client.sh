@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Runs the official `openai` Python client (pinned in scripts/requirements-client.txt, installed into
 # a venv under ~/.cache/infer) against `infer serve` on the test model, then stops the server with
-# SIGTERM and checks it exits cleanly. Expects the release binary to be built.
+# SIGTERM and checks it exits cleanly.
 #
 #   usage: scripts/test-openai-client.sh MODEL.gguf
+#   INFER_BIN   the `infer` binary to test (default: built here with `cargo build --release -p infer-cli`;
+#               scripts/test.sh passes the one its test build made, which a plain `-p infer-cli` build
+#               would compile again with other dependency features)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model="$1"
@@ -12,8 +15,11 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r scripts/requirements-client.txt
-cargo build --release --quiet -p infer-cli
-bin="${CARGO_TARGET_DIR:-target}/release/infer"
+bin="${INFER_BIN:-}"
+if [ -z "$bin" ]; then
+  cargo build --release --quiet -p infer-cli
+  bin="${CARGO_TARGET_DIR:-target}/release/infer"
+fi
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 key="test-key-$RANDOM"
 log="$(mktemp)"

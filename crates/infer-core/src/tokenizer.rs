@@ -141,7 +141,7 @@ impl Tokenizer {
                     norm.push(Prepend::new("▁".into()).into());
                 }
                 norm.push(Replace::new(" ", "▁").map_err(tk_err)?.into());
-                tk.with_normalizer(Some(tokenizers::normalizers::Sequence::new(norm)));
+                tk.with_normalizer(Some(tokenizers::normalizers::Sequence::new(norm))).map_err(tk_err)?;
                 let mut dec: Vec<DecoderWrapper> =
                     vec![Replace::new("▁", " ").map_err(tk_err)?.into(), ByteFallback::new().into(), Fuse::new().into()];
                 if prefix {
@@ -159,7 +159,7 @@ impl Tokenizer {
             .filter(|(_, t)| **t == 3 || **t == 4)
             .map(|(s, t)| AddedToken::from(s.clone(), *t == 3).normalized(false))
             .collect();
-        tk.add_special_tokens(&added);
+        tk.add_special_tokens(added).map_err(tk_err)?;
         let add_bos = md.bool_opt("tokenizer.ggml.add_bos_token")?.unwrap_or(model == "llama");
         if let (true, Some(bos)) = (add_bos, md.u32_opt("tokenizer.ggml.bos_token_id")?) {
             let bos_str = tokens.get(bos as usize).cloned().ok_or_else(|| bad(format!("bos_token_id {bos} is out of the vocabulary")))?;

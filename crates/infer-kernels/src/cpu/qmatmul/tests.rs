@@ -29,14 +29,31 @@ fn random_weight(qt: QType, rows: usize, cols: usize, rng: &mut Lcg) -> (QWeight
 /// Every ISA path's `x · wᵀ` (each with the weight `raw` packed for it) against the f64 product
 /// with the dequantized weights `wd`: with 8-bit activations the error stays well under 1% of Σ|x·w|.
 fn assert_every_path_matches(qt: QType, rows: usize, cols: usize, raw: &[u8], wd: &[f32], x: &[f32], m: usize) {
+    assert_paths_match(qt, rows, cols, raw, x, m, |t, r| {
+        let exact: f64 = (0..cols).map(|k| x[t * cols + k] as f64 * wd[r * cols + k] as f64).sum();
+        let scale: f64 = (0..cols).map(|k| (x[t * cols + k] as f64 * wd[r * cols + k] as f64).abs()).sum();
+        (exact, scale)
+    });
+}
+
+/// Every ISA path's `x · wᵀ` against `reference(t, r)` = (the exact product of token t and row r,
+/// its scale Σ|x·w|): within 1% of the scale.
+fn assert_paths_match(
+    qt: QType,
+    rows: usize,
+    cols: usize,
+    raw: &[u8],
+    x: &[f32],
+    m: usize,
+    reference: impl Fn(usize, usize) -> (f64, f64),
+) {
     for isa in Isa::available() {
         let w = QWeight::new_for(isa, qt, rows, cols, raw.to_vec()).unwrap();
         let mut out = vec![0f32; m * rows];
         w.matmul_with(isa, x, m, &mut out);
         for t in 0..m {
             for r in 0..rows {
-                let exact: f64 = (0..cols).map(|k| x[t * cols + k] as f64 * wd[r * cols + k] as f64).sum();
-                let scale: f64 = (0..cols).map(|k| (x[t * cols + k] as f64 * wd[r * cols + k] as f64).abs()).sum();
+                let (exact, scale) = reference(t, r);
                 let got = out[t * rows + r] as f64;
                 assert!((got - exact).abs() <= 0.01 * scale + 1e-5, "{qt:?} {isa:?} [{rows}x{cols}] m={m} t={t} r={r}: {got} vs {exact}");
             }
@@ -97,31 +114,50 @@ fn simd_paths_equal_the_scalar_path() {
     }
 }
 
+/// The 5-bit and K-quant formats on every path against llama.cpp's own dequantization: the products
+/// come from gguf-py (tests/fixtures/kernels/ggml_products.bin, written by
+/// scripts/make_kernel_fixtures.py, which makes the same weights and activations from the same
+/// sequence). The weights are random block bytes (every bit pattern of values, scales and minimums)
+/// with sane f16 scale fields.
 #[test]
-fn repacked_formats_match_candles_dequantization() {
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
+fn repacked_formats_match_ggml_dequantization() {
+    // (format, block bytes, byte offsets of the f16 fields): the fixture's format order.
+    const FORMATS: [(QType, usize, &[usize]); 7] = [
+        (QType::Q5_0, 22, &[0]),
+        (QType::Q5_1, 24, &[0, 2]),
+        (QType::Q2K, 84, &[80, 82]),
+        (QType::Q3K, 110, &[108]),
+        (QType::Q4K, 144, &[0, 2]),
+        (QType::Q5K, 176, &[0, 2]),
+        (QType::Q6K, 210, &[208]),
+    ];
+    let fixture = include_bytes!("../../../../../tests/fixtures/kernels/ggml_products.bin");
+    let mut words = fixture.chunks_exact(4).map(|b| <[u8; 4]>::try_from(b).unwrap());
+    let mut u32_at = || u32::from_le_bytes(words.next().expect("fixture too short")) as usize;
     let mut rng = Lcg(5);
-    for ((rows, cols, m), (gt, qt)) in [(6, 256, 3), (33, 512, 5), (20, 256, 37)].into_iter().flat_map(|s| {
-        [
-            (GgmlDType::Q4K, QType::Q4K),
-            (GgmlDType::Q5K, QType::Q5K),
-            (GgmlDType::Q6K, QType::Q6K),
-            (GgmlDType::Q3K, QType::Q3K),
-            (GgmlDType::Q2K, QType::Q2K),
-            (GgmlDType::Q5_0, QType::Q5_0),
-            (GgmlDType::Q5_1, QType::Q5_1),
-        ]
-        .map(|t| (s, t))
-    }) {
-        // Magnitudes that change every 16 values, so each (sub-)block scale matters.
-        let w: Vec<f32> = (0..rows * cols).map(|i| (rng.f() + 0.3) * [0.2, 1.0, 4.0][(i / 16) % 3]).collect();
-        let q = QTensor::quantize(&Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap(), gt).unwrap();
-        let wd: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let raw = q.data().unwrap().into_owned();
-        let x: Vec<f32> = (0..m * cols).map(|_| rng.f() * 2.0).collect();
-        assert_every_path_matches(qt, rows, cols, &raw, &wd, &x, m);
+    let cases = u32_at();
+    let mut n = 0;
+    for (rows, cols, m) in [(6, 256, 3), (33, 512, 5), (20, 256, 37)] {
+        for (f, &(qt, block_bytes, f16_at)) in FORMATS.iter().enumerate() {
+            assert_eq!([u32_at(), u32_at(), u32_at(), u32_at()], [f, rows, cols, m], "fixture case {n} out of order");
+            assert_eq!(qt.block_bytes(), block_bytes);
+            let mut raw = Vec::new();
+            for _ in 0..rows * cols / qt.block_values() {
+                let mut block: Vec<u8> = (0..block_bytes).map(|_| rng.next() as u8).collect();
+                for &at in f16_at {
+                    let d = f16::from_f32((1 + rng.next() % 64) as f32 / 1024.0);
+                    block[at..at + 2].copy_from_slice(&d.to_le_bytes());
+                }
+                raw.extend(block);
+            }
+            let x: Vec<f32> = (0..m * cols).map(|_| ((rng.next() % 2001) as f32 - 1000.0) / 500.0).collect();
+            let want: Vec<(f64, f64)> =
+                (0..m * rows).map(|_| (f32::from_bits(u32_at() as u32) as f64, f32::from_bits(u32_at() as u32) as f64)).collect();
+            assert_paths_match(qt, rows, cols, &raw, &x, m, |t, r| want[t * rows + r]);
+            n += 1;
+        }
     }
+    assert_eq!((n, words.next()), (cases, None), "fixture has other cases than the test");
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! prompts), paged attention (a 512-token prompt and a decode step over 512 keys, GFLOP/s) and the
 //! fused element-wise steps (GB/s), at SmolLM2-135M's shapes.
 //!
-//!   cargo bench -p infer-kernels --bench kernels
+//!   cargo bench --bench kernels
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use infer_kernels::cpu::attention::paged_attention_with;

@@ -1,7 +1,7 @@
 //! Quantized matmul throughput: weight bytes streamed per second (GB/s; the limit for decode) and
 //! GFLOP/s, for SmolLM2-135M's shapes, decode (1 token) and prefill (64 and 256 tokens), each instruction set.
 //!
-//!   cargo bench -p infer-kernels --bench qmatmul
+//!   cargo bench --bench qmatmul
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use infer_kernels::{Isa, QType, QWeight};

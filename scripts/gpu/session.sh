@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything to run on a lent GPU machine, in one command (device time is scarce), from the
-# repository root with target-gpu/bundle.tar.xz carried (made by scripts/cuda-check.sh here):
+# repository root with target-gpu/bundle.tar.xz carried (made by scripts/cuda-check.sh --bundle here):
 #
 #   run(command="bash scripts/gpu/session.sh", carry=["target-gpu/bundle.tar.xz"])
 #
@@ -15,7 +15,7 @@ OUT="${OUT:-/tmp/infer-gpu-out}"
 mkdir -p "$OUT"
 bin=/tmp/infer-gpu-bin
 mkdir -p "$bin"
-tar -xJf target-gpu/bundle.tar.xz -C "$bin" || { echo "no target-gpu/bundle.tar.xz: run scripts/cuda-check.sh and carry it"; exit 1; }
+tar -xJf target-gpu/bundle.tar.xz -C "$bin" || { echo "no target-gpu/bundle.tar.xz: run scripts/cuda-check.sh --bundle and carry it"; exit 1; }
 libdirs=""
 for lib in libcuda.so.1 libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13; do
   f="$(find / \( -path /proc -o -path /sys \) -prune -o -name "$lib*" -print 2>/dev/null | head -1)"

@@ -398,14 +398,20 @@ fn open_stream(url: &str) -> reqwest::blocking::Response {
     r
 }
 
+/// Waits (20 s at most) until the gauge `name` holds `want`: the engine thread sets the gauges after
+/// it hands out a step's tokens, so a client may see a token before the gauges change.
 fn wait_for(url: &str, name: &str, want: f64) {
+    wait_until(url, name, &format!("{want}"), |v| v == want);
+}
+
+fn wait_until(url: &str, name: &str, what: &str, ok: impl Fn(f64) -> bool) {
     let t0 = Instant::now();
     loop {
         let v = metric(url, name);
-        if v == want {
+        if ok(v) {
             return;
         }
-        assert!(t0.elapsed() < Duration::from_secs(20), "{name} stayed at {v}, expected {want}");
+        assert!(t0.elapsed() < Duration::from_secs(20), "{name} stayed at {v}, expected {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -422,8 +428,8 @@ fn disconnect_frees_blocks_and_full_queue_answers_429() {
     let url = s.url();
     wait_ready(&url);
     let stream = open_stream(&url);
-    assert_eq!(metric(&url, "infer_running_sequences"), 1.0);
-    assert!(metric(&url, "infer_kv_blocks_used") >= 1.0);
+    wait_for(&url, "infer_running_sequences", 1.0);
+    wait_until(&url, "infer_kv_blocks_used", ">= 1", |v| v >= 1.0);
     // The only slot is taken and the queue holds nothing: 429 with Retry-After.
     let r = client().post(format!("{url}/v1/chat/completions")).json(&chat_body("hi")).send().unwrap();
     assert_eq!(r.status().as_u16(), 429);

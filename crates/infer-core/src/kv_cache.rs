@@ -350,6 +350,37 @@ impl PagedKvCache {
         Ok(())
     }
 
+    /// Points an empty block table at the cached blocks of the longest cached prefix of `tokens`
+    /// (whole blocks, leaving at least one token to compute), recording their hashes in `hashes`;
+    /// returns how many tokens they hold.
+    pub fn match_prefix(&mut self, tokens: &[u32], table: &mut Vec<u32>, hashes: &mut Vec<BlockHash>) -> usize {
+        debug_assert!(table.is_empty() && hashes.is_empty());
+        let bs = self.block_size;
+        let full = tokens.len().saturating_sub(1) / bs;
+        let mut parent = 0;
+        for i in 0..full {
+            let h = block_hash(parent, &tokens[i * bs..(i + 1) * bs]);
+            let Some(b) = self.allocator.acquire_cached(h) else { break };
+            table.push(b);
+            hashes.push(h);
+            parent = h;
+        }
+        table.len() * bs
+    }
+
+    /// Makes the full blocks of a sequence whose first `computed.len()` tokens are in the cache
+    /// shareable (content-hashed in the prefix cache); `hashes` holds the hashes of the blocks
+    /// committed before and grows by the new ones.
+    pub fn commit_full_blocks(&mut self, computed: &[u32], table: &[u32], hashes: &mut Vec<BlockHash>) {
+        let bs = self.block_size;
+        while (hashes.len() + 1) * bs <= computed.len() {
+            let i = hashes.len();
+            let h = block_hash(hashes.last().copied().unwrap_or(0), &computed[i * bs..(i + 1) * bs]);
+            self.allocator.register(table[i], h);
+            hashes.push(h);
+        }
+    }
+
     /// Releases all blocks of `table` (shared or cached blocks stay for their other users).
     pub fn release(&mut self, table: &mut Vec<u32>) {
         self.allocator.release(table.drain(..));

@@ -104,6 +104,50 @@ impl SamplingParams {
     }
 }
 
+/// Which tokens of the vocabulary may be sampled: one bit per token id (32 ids per word, lowest
+/// bit first, the layout llguidance's token sets use).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenMask {
+    words: Vec<u32>,
+    vocab: usize,
+}
+
+impl TokenMask {
+    /// A mask over `vocab` tokens that allows none.
+    pub fn none(vocab: usize) -> Self {
+        Self { words: vec![0; vocab.div_ceil(32)], vocab }
+    }
+
+    /// Allows nothing again (the memory is kept).
+    pub fn clear(&mut self) {
+        self.words.fill(0);
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    pub fn allow(&mut self, token: u32) {
+        if (token as usize) < self.vocab {
+            self.words[token as usize / 32] |= 1 << (token % 32);
+        }
+    }
+
+    pub fn is_allowed(&self, token: u32) -> bool {
+        (token as usize) < self.vocab && self.words[token as usize / 32] & (1 << (token % 32)) != 0
+    }
+
+    /// Whether any token is allowed.
+    pub fn any(&self) -> bool {
+        self.words.iter().any(|&w| w != 0)
+    }
+
+    /// The bits, 32 tokens per word (bits past the vocabulary must stay 0).
+    pub fn words_mut(&mut self) -> &mut [u32] {
+        &mut self.words
+    }
+}
+
 /// The chosen token and its log-probability under the model's (unmodified) distribution.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sampled {
@@ -139,6 +183,12 @@ impl Sampler {
 
     /// Chooses the next token from `logits` (one row over the vocabulary) and records it.
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
+        self.sample_masked(logits, None)
+    }
+
+    /// [`sample`](Self::sample) among the tokens `mask` allows (all when `None`); the reported
+    /// log-probability stays the model's. The mask must allow at least one token.
+    pub fn sample_masked(&mut self, logits: &[f32], mask: Option<&TokenMask>) -> Sampled {
         let p = &self.params;
         let logprob_of = logsumexp(logits);
         let mut l = std::mem::take(&mut self.l);
@@ -160,6 +210,13 @@ impl Sampler {
             for (&tok, &n) in &self.output_counts {
                 if let Some(x) = l.get_mut(tok as usize) {
                     *x -= p.presence_penalty + p.frequency_penalty * n as f32;
+                }
+            }
+        }
+        if let Some(mask) = mask {
+            for (chunk, &w) in l.chunks_mut(32).zip(&mask.words) {
+                if w != u32::MAX {
+                    chunk.iter_mut().enumerate().filter(|(b, _)| w >> b & 1 == 0).for_each(|(_, x)| *x = f32::NEG_INFINITY);
                 }
             }
         }

@@ -66,6 +66,10 @@ impl BatchInput {
             LogitsWanted::None => {}
             LogitsWanted::Last => self.logits_rows.push((q_start + tokens.len() - 1) as u32),
             LogitsWanted::All => self.logits_rows.extend((q_start..q_start + tokens.len()).map(|r| r as u32)),
+            LogitsWanted::LastN(n) => {
+                let end = q_start + tokens.len();
+                self.logits_rows.extend((end - n.min(tokens.len())..end).map(|r| r as u32))
+            }
         }
         self.seqs.push(SeqBatch { q_start, q_len: tokens.len(), context_len: cached + tokens.len(), block_table: block_table.to_vec() });
     }
@@ -80,6 +84,8 @@ impl BatchInput {
 pub enum LogitsWanted {
     None,
     Last,
+    /// The last `n` rows (a decode step verifying `n - 1` drafted tokens).
+    LastN(usize),
     All,
 }
 

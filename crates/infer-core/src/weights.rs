@@ -133,7 +133,7 @@ impl Linear {
 
     /// `x`: `[..., in]` → `[..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let (true, Some((rows, cols))) = (self.is_host(), self.host_dims()) {
+        if let (true, Some((rows, cols))) = (self.on_infer_kernels(), self.host_dims()) {
             return cpu_matmul(x, rows, cols, |xv, m, out| self.forward_host(xv, m, out));
         }
         let y = match &self.weight {
@@ -158,7 +158,7 @@ impl Linear {
     /// Several layers over the same input (a layer's q, k and v, or gate and up): when all run on
     /// infer's CPU kernels, [`forward_many_host`](Self::forward_many_host); otherwise one after another.
     pub fn forward_many<const N: usize>(layers: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
-        if !layers.iter().all(|l| l.is_host()) || x.dims().last().copied() != layers[0].host_dims().map(|d| d.1) {
+        if !layers.iter().all(|l| l.on_infer_kernels()) || x.dims().last().copied() != layers[0].host_dims().map(|d| d.1) {
             return Ok(layers.map(|l| l.forward(x)).into_iter().collect::<Result<Vec<_>>>()?.try_into().expect("N results"));
         }
         let dims = x.dims().to_vec();
@@ -179,7 +179,7 @@ impl Linear {
 
     /// Whether the layer runs on infer's CPU kernels (quantized or 16-bit host weights, a host f32
     /// bias if any), so [`forward_host`](Self::forward_host) can run it.
-    pub(crate) fn is_host(&self) -> bool {
+    pub(crate) fn on_infer_kernels(&self) -> bool {
         matches!(self.weight, LinearWeight::Cpu(_) | LinearWeight::Half(_)) && self.bias.as_ref().is_none_or(|b| host_f32(b).is_some())
     }
 
@@ -192,7 +192,7 @@ impl Linear {
         }
     }
 
-    /// `out[m, rows] = x[m, cols] · Wᵀ (+ b)` on host slices, for a layer that [`is_host`](Self::is_host).
+    /// `out[m, rows] = x[m, cols] · Wᵀ (+ b)` on host slices, for a layer that [`on_infer_kernels`](Self::on_infer_kernels).
     /// Allocates nothing (the kernels reuse their buffers).
     pub(crate) fn forward_host(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
         Linear::forward_many_host([self], x, m, [out])

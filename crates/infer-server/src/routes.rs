@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 use crate::error::ApiError;
 use crate::openai::{parse, ChatParams, CommonParams, CompletionParams, Prompt};
-use crate::run::{ChoiceOutput, Run, Step};
+use crate::run::{ChoiceOutput, ChoiceToken, Run};
 use crate::{AppState, Ready};
 
 /// Legacy completions generate 16 tokens unless told otherwise (OpenAI's default).
@@ -205,8 +205,8 @@ impl Chunker {
             .collect()
     }
 
-    fn token(&mut self, step: Step) -> Vec<String> {
-        let Step { index, event } = step;
+    fn token(&mut self, step: ChoiceToken) -> Vec<String> {
+        let ChoiceToken { index, event } = step;
         self.completion_tokens += 1;
         self.cached = self.cached.max(event.cached_tokens);
         let mut out = Vec::new();

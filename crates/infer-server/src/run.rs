@@ -25,7 +25,7 @@ pub struct Run {
 }
 
 /// One generated token for choice `index`.
-pub struct Step {
+pub struct ChoiceToken {
     pub index: usize,
     pub event: TokenEvent,
 }
@@ -69,7 +69,7 @@ impl Run {
     }
 
     /// The next token of any choice; `None` once every choice has finished. An `Err` ends the run.
-    pub async fn next(&mut self) -> Option<Result<Step, String>> {
+    pub async fn next(&mut self) -> Option<Result<ChoiceToken, String>> {
         if self.unfinished.is_empty() {
             return None;
         }
@@ -79,7 +79,7 @@ impl Run {
                     self.unfinished.retain(|&id| id != event.seq_id);
                 }
                 let index = *self.index.get(&event.seq_id)?;
-                Some(Ok(Step { index, event }))
+                Some(Ok(ChoiceToken { index, event }))
             }
             Some(SeqMsg::Failed { seq_id, message }) => {
                 self.unfinished.retain(|&id| id != seq_id);
@@ -93,7 +93,7 @@ impl Run {
     pub async fn collect(mut self) -> Result<Vec<ChoiceOutput>, ApiError> {
         let mut out = vec![ChoiceOutput::default(); self.index.len()];
         while let Some(step) = self.next().await {
-            let Step { index, event } = step.map_err(ApiError::internal)?;
+            let ChoiceToken { index, event } = step.map_err(ApiError::internal)?;
             let c = &mut out[index];
             c.text.push_str(&event.text);
             c.finish = event.finish;

@@ -6,12 +6,10 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::layers::{
-    batch_tensors, check_tokens, embed_host, grow, head_host, host_attention_into, logits_tensor, paged_attention_op, tensor_into,
-    wanted_rows, HostPath, RmsNorm, Step, Workspace,
-};
+use super::host::{embed_host, head_host, host_attention_into, HostPath, Workspace};
+use super::layers::{batch_tensors, check_tokens, grow, output_head, paged_attention_op, wanted_rows, RmsNorm, TensorPass};
 use super::rope::Rotary;
-use super::{BatchInput, CausalLm};
+use super::{BatchInput, Decoder};
 use crate::config::{Activation, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::PagedKvCache;
@@ -136,11 +134,7 @@ impl GemmaModel {
             progress(i + 2, total);
         }
         let norm = gemma_norm(w, "model.norm.weight", h, eps)?;
-        let lm_head = if !cfg.tie_word_embeddings && w.contains("lm_head.weight") {
-            w.linear("lm_head", cfg.vocab_size, h, false)?
-        } else {
-            w.linear("model.embed_tokens", cfg.vocab_size, h, false)?
-        };
+        let lm_head = output_head(&cfg, w)?;
         progress(total, total);
         let rotary = Rotary::new(&cfg, w.device())?;
         let mut local_cfg = cfg.clone();
@@ -170,12 +164,12 @@ impl GemmaModel {
     fn host_layers(&self) -> bool {
         let layer_ok = |l: &Layer| {
             let a = &l.attn;
-            [&a.q, &a.k, &a.v, &a.o, &l.gate, &l.up, &l.down].iter().all(|w| w.is_host())
+            [&a.q, &a.k, &a.v, &a.o, &l.gate, &l.up, &l.down].iter().all(|w| w.on_infer_kernels())
                 && [&l.input_norm, &l.post_attn_norm, &l.pre_ffn_norm, &l.post_ffn_norm]
                     .into_iter()
                     .chain(&a.q_norm)
                     .chain(&a.k_norm)
-                    .all(RmsNorm::is_host)
+                    .all(RmsNorm::has_host_weight)
         };
         self.layers.iter().all(layer_ok)
     }
@@ -189,8 +183,19 @@ impl GemmaModel {
         shape
     }
 
+    fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
+        let [g, u] = Linear::forward_many([&layer.gate, &layer.up], x)?;
+        let g = match self.cfg.activation {
+            Activation::GeluTanh => g.gelu()?,
+            Activation::Silu => g.silu()?,
+        };
+        layer.down.forward(&(g * u)?)
+    }
+}
+
+impl Decoder for GemmaModel {
     /// The whole step on host slices in `ws` (no allocation once `ws` has grown to the batch): the
-    /// same decoder as the tensor path of [`CausalLm::forward`].
+    /// same decoder as the tensor path of [`Decoder::forward_tensors`].
     fn forward_host(&self, batch: &BatchInput, cache: &mut PagedKvCache, ws: &mut Workspace, logits: &mut Vec<f32>) -> Result<()> {
         check_tokens(batch, self.cfg.vocab_size)?;
         let (t, hs, inter) = (batch.num_tokens(), self.cfg.hidden_size, self.cfg.intermediate_size);
@@ -241,33 +246,12 @@ impl GemmaModel {
         Ok(())
     }
 
-    fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
-        let [g, u] = Linear::forward_many([&layer.gate, &layer.up], x)?;
-        let g = match self.cfg.activation {
-            Activation::GeluTanh => g.gelu()?,
-            Activation::Silu => g.silu()?,
-        };
-        layer.down.forward(&(g * u)?)
-    }
-}
-
-impl CausalLm for GemmaModel {
-    fn forward_into(&self, batch: &BatchInput, cache: &mut PagedKvCache, logits: &mut Vec<f32>) -> Result<()> {
-        match self.host.run(|ws| self.forward_host(batch, cache, ws, logits)) {
-            Some(done) => done,
-            None => tensor_into(self.forward(batch, cache)?, logits),
-        }
-    }
-
-    fn forward(&self, batch: &BatchInput, cache: &mut PagedKvCache) -> Result<Tensor> {
-        if self.host.is_on() {
-            return logits_tensor(self, batch, cache);
-        }
+    fn forward_tensors(&self, batch: &BatchInput, cache: &mut PagedKvCache) -> Result<Tensor> {
         let (ids, positions) = batch_tensors(batch, self.cfg.vocab_size, &self.device)?;
         let n = batch.tokens.len();
         let rope_global = self.rotary.prepare(&positions, &batch.positions, self.dtype)?;
         let rope_local = self.local_rotary.prepare(&positions, &batch.positions, self.dtype)?;
-        let step = Step::new(batch, cache, &self.device)?;
+        let pass = TensorPass::new(batch, cache, &self.device)?;
         let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
         // The embedding scale is rounded to the activations' dtype first, as transformers does.
         let embed_scale =
@@ -288,7 +272,7 @@ impl CausalLm for GemmaModel {
             let q = rotary.apply(&q, rope)?;
             let k = rotary.apply(&k, rope)?;
             let shape = self.shape(cache, a.window);
-            let out = paged_attention_op(i, &shape, &q, &k, &v, &step, cache)?;
+            let out = paged_attention_op(i, &shape, &q, &k, &v, &pass, cache)?;
             let out = a.o.forward(&out.to_dtype(self.dtype)?)?;
             let (x1, h) = layer.pre_ffn_norm.add_forward(&x, &layer.post_attn_norm.forward(&out)?)?;
             let m = layer.post_ffn_norm.forward(&self.mlp(layer, &h)?)?;
@@ -306,15 +290,7 @@ impl CausalLm for GemmaModel {
         Ok(logits.contiguous()?)
     }
 
-    fn config(&self) -> &ModelConfig {
-        &self.cfg
-    }
-
-    fn device(&self) -> Device {
-        self.device.clone()
-    }
-
-    fn dtype(&self) -> DType {
-        self.dtype
+    fn parts(&self) -> (&ModelConfig, &Device, DType, &HostPath) {
+        (&self.cfg, &self.device, self.dtype, &self.host)
     }
 }

@@ -6,13 +6,13 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::host::{embed_host, head_host, host_attention_into, HostPath, Workspace};
 use super::layers::{
-    batch_tensors, check_tokens, embed_host, grow, head_host, host_attention_into, logits_tensor, paged_attention_op, silu_mul,
-    silu_mul_fused, tensor_into, wanted_rows, HostPath, RmsNorm, Step, Workspace,
+    batch_tensors, check_tokens, grow, output_head, paged_attention_op, silu_mul, silu_mul_fused, wanted_rows, RmsNorm, TensorPass,
 };
 use super::moe::Moe;
 use super::rope::{RopeInput, Rotary};
-use super::{BatchInput, CausalLm};
+use super::{BatchInput, Decoder};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::kv_cache::PagedKvCache;
@@ -155,12 +155,7 @@ impl LlamaModel {
             progress(i + 2, total);
         }
         let norm = RmsNorm::load(w, "model.norm.weight", h, cfg.rms_norm_eps)?;
-        let lm_head = if !cfg.tie_word_embeddings && w.contains("lm_head.weight") {
-            w.linear("lm_head", cfg.vocab_size, h, false)?
-        } else {
-            // Tied embeddings: the output head is the embedding matrix (kept quantized for GGUF).
-            w.linear("model.embed_tokens", cfg.vocab_size, h, false)?
-        };
+        let lm_head = output_head(&cfg, w)?;
         progress(total, total);
         let rotary = Rotary::new(&cfg, w.device())?;
         let mut model =
@@ -175,27 +170,56 @@ impl LlamaModel {
         let layer_ok = |l: &Layer| {
             let a = &l.attn;
             let linears_ok = match &a.qkv {
-                Qkv::Separate { q, k, v } => q.is_host() && k.is_host() && v.is_host(),
-                Qkv::Fused(qkv) => qkv.is_host(),
-            } && a.o.is_host()
+                Qkv::Separate { q, k, v } => q.on_infer_kernels() && k.on_infer_kernels() && v.on_infer_kernels(),
+                Qkv::Fused(qkv) => qkv.on_infer_kernels(),
+            } && a.o.on_infer_kernels()
                 && match &l.ffn {
                     Ffn::Dense(m) => {
-                        m.down.is_host()
+                        m.down.on_infer_kernels()
                             && match &m.gate_up {
-                                GateUp::Separate { gate, up } => gate.is_host() && up.is_host(),
-                                GateUp::Fused(gu) => gu.is_host(),
+                                GateUp::Separate { gate, up } => gate.on_infer_kernels() && up.on_infer_kernels(),
+                                GateUp::Fused(gu) => gu.on_infer_kernels(),
                             }
                     }
-                    Ffn::Moe(moe) => moe.is_host(),
+                    Ffn::Moe(moe) => moe.on_infer_kernels(),
                 };
-            let norms_ok = l.input_norm.is_host() && l.post_norm.is_host() && a.q_norm.iter().chain(&a.k_norm).all(RmsNorm::is_host);
+            let norms_ok = l.input_norm.has_host_weight()
+                && l.post_norm.has_host_weight()
+                && a.q_norm.iter().chain(&a.k_norm).all(RmsNorm::has_host_weight);
             linears_ok && norms_ok
         };
         self.layers.iter().all(layer_ok)
     }
 
+    fn attention(&self, layer: usize, x: &Tensor, rope: &RopeInput, pass: &TensorPass<'_>, cache: &mut PagedKvCache) -> Result<Tensor> {
+        let attn = &self.layers[layer].attn;
+        let t = x.dim(0)?;
+        let [q, k, v] = match &attn.qkv {
+            Qkv::Separate { q, k, v } => Linear::forward_many([q, k, v], x)?,
+            Qkv::Fused(qkv) => {
+                let y = qkv.forward(x)?;
+                let (nq, nkv) = (attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim);
+                [y.narrow(1, 0, nq)?.contiguous()?, y.narrow(1, nq, nkv)?.contiguous()?, y.narrow(1, nq + nkv, nkv)?.contiguous()?]
+            }
+        };
+        let mut q = q.reshape((t, attn.num_heads, attn.head_dim))?;
+        let mut k = k.reshape((t, attn.num_kv_heads, attn.head_dim))?;
+        if let (Some(qn), Some(kn)) = (&attn.q_norm, &attn.k_norm) {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
+        let v = v.reshape((t, attn.num_kv_heads, attn.head_dim))?;
+        let q = self.rotary.apply(&q, rope)?;
+        let k = self.rotary.apply(&k, rope)?;
+        let shape = cache.shape(attn.num_heads, attn.window);
+        let out = paged_attention_op(layer, &shape, &q, &k, &v, pass, cache)?;
+        attn.o.forward(&out.to_dtype(self.dtype)?)
+    }
+}
+
+impl Decoder for LlamaModel {
     /// The whole step on host slices in `ws`, the logits into `logits`: the same decoder as
-    /// [`CausalLm::forward`]'s tensor path, without a tensor (or any allocation once `ws` has
+    /// [`Decoder::forward_tensors`]'s tensor path, without a tensor (or any allocation once `ws` has
     /// grown to the batch).
     fn forward_host(&self, batch: &BatchInput, cache: &mut PagedKvCache, ws: &mut Workspace, logits: &mut Vec<f32>) -> Result<()> {
         check_tokens(batch, self.cfg.vocab_size)?;
@@ -271,54 +295,17 @@ impl LlamaModel {
         head_host(&ws.x, hs, &batch.logits_rows, &self.norm, &self.lm_head, self.cfg.vocab_size, scratch, logits)
     }
 
-    fn attention(&self, layer: usize, x: &Tensor, rope: &RopeInput, step: &Step<'_>, cache: &mut PagedKvCache) -> Result<Tensor> {
-        let attn = &self.layers[layer].attn;
-        let t = x.dim(0)?;
-        let [q, k, v] = match &attn.qkv {
-            Qkv::Separate { q, k, v } => Linear::forward_many([q, k, v], x)?,
-            Qkv::Fused(qkv) => {
-                let y = qkv.forward(x)?;
-                let (nq, nkv) = (attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim);
-                [y.narrow(1, 0, nq)?.contiguous()?, y.narrow(1, nq, nkv)?.contiguous()?, y.narrow(1, nq + nkv, nkv)?.contiguous()?]
-            }
-        };
-        let mut q = q.reshape((t, attn.num_heads, attn.head_dim))?;
-        let mut k = k.reshape((t, attn.num_kv_heads, attn.head_dim))?;
-        if let (Some(qn), Some(kn)) = (&attn.q_norm, &attn.k_norm) {
-            q = qn.forward(&q)?;
-            k = kn.forward(&k)?;
-        }
-        let v = v.reshape((t, attn.num_kv_heads, attn.head_dim))?;
-        let q = self.rotary.apply(&q, rope)?;
-        let k = self.rotary.apply(&k, rope)?;
-        let shape = cache.shape(attn.num_heads, attn.window);
-        let out = paged_attention_op(layer, &shape, &q, &k, &v, step, cache)?;
-        attn.o.forward(&out.to_dtype(self.dtype)?)
-    }
-}
-
-impl CausalLm for LlamaModel {
-    fn forward_into(&self, batch: &BatchInput, cache: &mut PagedKvCache, logits: &mut Vec<f32>) -> Result<()> {
-        match self.host.run(|ws| self.forward_host(batch, cache, ws, logits)) {
-            Some(done) => done,
-            None => tensor_into(self.forward(batch, cache)?, logits),
-        }
-    }
-
-    fn forward(&self, batch: &BatchInput, cache: &mut PagedKvCache) -> Result<Tensor> {
-        if self.host.is_on() {
-            return logits_tensor(self, batch, cache);
-        }
+    fn forward_tensors(&self, batch: &BatchInput, cache: &mut PagedKvCache) -> Result<Tensor> {
         let (ids, positions) = batch_tensors(batch, self.cfg.vocab_size, &self.device)?;
         let rope = self.rotary.prepare(&positions, &batch.positions, self.dtype)?;
-        let step = Step::new(batch, cache, &self.device)?;
+        let pass = TensorPass::new(batch, cache, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
         let mut h = match self.layers.first() {
             Some(l) => l.input_norm.forward(&x)?,
             None => x.clone(),
         };
         for (i, layer) in self.layers.iter().enumerate() {
-            let a = self.attention(i, &h, &rope, &step, cache)?;
+            let a = self.attention(i, &h, &rope, &pass, cache)?;
             // Residual adds fused with the norm that follows each (one kernel on CUDA).
             let (x1, h1) = layer.post_norm.add_forward(&x, &a)?;
             let m = match &layer.ffn {
@@ -337,15 +324,7 @@ impl CausalLm for LlamaModel {
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?.contiguous()?)
     }
 
-    fn config(&self) -> &ModelConfig {
-        &self.cfg
-    }
-
-    fn device(&self) -> Device {
-        self.device.clone()
-    }
-
-    fn dtype(&self) -> DType {
-        self.dtype
+    fn parts(&self) -> (&ModelConfig, &Device, DType, &HostPath) {
+        (&self.cfg, &self.device, self.dtype, &self.host)
     }
 }

@@ -1,7 +1,11 @@
 //! Model architectures. One config-driven decoder serves the whole Llama family; each further family
-//! gets one file here.
+//! gets one file here, built from the shared pieces: layers.rs (the tensor path's building blocks),
+//! host.rs (the host path: when each path runs and why both exist), rope.rs, moe.rs. A family
+//! implements [`Decoder`] (its weights, its host-path and tensor-path step); [`CausalLm`], what the
+//! engine calls, follows from it.
 
 pub mod gemma;
+mod host;
 mod layers;
 pub mod llama;
 mod moe;
@@ -98,7 +102,7 @@ pub trait CausalLm: Send + Sync {
     /// resized; its memory reused): the per-step call of the engine and `infer bench`. A decoder on
     /// infer's CPU kernels makes no allocation here once it has run a step at least as large.
     fn forward_into(&self, batch: &BatchInput, cache: &mut crate::kv_cache::PagedKvCache, logits: &mut Vec<f32>) -> crate::Result<()> {
-        layers::tensor_into(self.forward(batch, cache)?, logits)
+        host::tensor_into(self.forward(batch, cache)?, logits)
     }
     fn config(&self) -> &crate::config::ModelConfig;
     /// Where the model runs (the KV cache is made there).
@@ -108,5 +112,50 @@ pub trait CausalLm: Send + Sync {
     /// The activations' dtype (a device KV cache uses it).
     fn dtype(&self) -> candle_core::DType {
         candle_core::DType::F32
+    }
+}
+
+/// What a decoder family implements (llama.rs, gemma.rs); the engine's [`CausalLm`] follows from it.
+pub(crate) trait Decoder: Send + Sync {
+    /// The model's config, where its weights live, its activations' dtype, and its host path
+    /// (whether the model runs on it is decided at load).
+    fn parts(&self) -> (&crate::config::ModelConfig, &candle_core::Device, candle_core::DType, &host::HostPath);
+    /// The step on host slices in `ws`, the logits (`[logits_rows · vocab]`) into `logits`.
+    fn forward_host(
+        &self,
+        batch: &BatchInput,
+        cache: &mut crate::kv_cache::PagedKvCache,
+        ws: &mut host::Workspace,
+        logits: &mut Vec<f32>,
+    ) -> crate::Result<()>;
+    /// The step on candle tensors: logits `[logits_rows, vocab]` in f32.
+    fn forward_tensors(&self, batch: &BatchInput, cache: &mut crate::kv_cache::PagedKvCache) -> crate::Result<Tensor>;
+}
+
+impl<D: Decoder> CausalLm for D {
+    fn forward(&self, batch: &BatchInput, cache: &mut crate::kv_cache::PagedKvCache) -> crate::Result<Tensor> {
+        if self.parts().3.is_on() {
+            return host::logits_tensor(self, batch, cache);
+        }
+        self.forward_tensors(batch, cache)
+    }
+
+    fn forward_into(&self, batch: &BatchInput, cache: &mut crate::kv_cache::PagedKvCache, logits: &mut Vec<f32>) -> crate::Result<()> {
+        match self.parts().3.run(|ws| self.forward_host(batch, cache, ws, logits)) {
+            Some(done) => done,
+            None => host::tensor_into(self.forward_tensors(batch, cache)?, logits),
+        }
+    }
+
+    fn config(&self) -> &crate::config::ModelConfig {
+        self.parts().0
+    }
+
+    fn device(&self) -> candle_core::Device {
+        self.parts().1.clone()
+    }
+
+    fn dtype(&self) -> candle_core::DType {
+        self.parts().2
     }
 }

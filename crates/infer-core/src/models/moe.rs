@@ -113,8 +113,9 @@ impl Moe {
     }
 
     /// Whether every weight runs on infer's CPU kernels (for [`forward_host`](Self::forward_host)).
-    pub(crate) fn is_host(&self) -> bool {
-        self.router.is_host() && self.experts.iter().all(|e| e.gate.is_host() && e.up.is_host() && e.down.is_host())
+    pub(crate) fn on_infer_kernels(&self) -> bool {
+        self.router.on_infer_kernels()
+            && self.experts.iter().all(|e| e.gate.on_infer_kernels() && e.up.on_infer_kernels() && e.down.on_infer_kernels())
     }
 
     /// [`forward`](Self::forward) on host rows: `x`, `out`: `[tokens, hidden]`.

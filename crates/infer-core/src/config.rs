@@ -1,5 +1,6 @@
-//! Model configuration: one normalized [`ModelConfig`] for the Llama family, read from a HF
-//! `config.json` or from GGUF metadata, plus the generation defaults of `generation_config.json`.
+//! Model configuration: one normalized [`ModelConfig`] for every supported family ([`Architecture`]),
+//! read from a HF `config.json` or from GGUF metadata, plus the generation defaults of
+//! `generation_config.json`.
 
 use std::path::Path;
 
@@ -7,7 +8,8 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 
-/// The decoder families infer implements. All share one config-driven decoder.
+/// The decoder families infer implements: the Llama family shares one config-driven decoder
+/// (models/llama.rs), Gemma 2/3 have their own (models/gemma.rs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
     /// Llama 2/3/3.1/3.2, SmolLM2 and other `LlamaForCausalLM` models.

@@ -1,8 +1,14 @@
 //! # infer-core
 //!
-//! Everything between model files and generated text: configs, loaders (safetensors, GGUF, the
-//! Hugging Face Hub), the Llama-family decoder, tokenizers and chat templates, sampling, the paged KV
-//! cache and the engine that batches sequences over it.
+//! Everything between model files and generated text:
+//! - [`config`], [`loader`], [`weights`], [`hub`]: model configs (HF `config.json` or GGUF metadata),
+//!   loading safetensors (sharded, memory-mapped), GGUF and Hub ids;
+//! - [`models`]: the decoders (the Llama family with Mistral, Qwen2/3, Phi-3, Mixtral and Qwen3-MoE;
+//!   Gemma 2/3), each with a host path on infer's CPU kernels and a tensor path on candle;
+//! - [`tokenizer`], [`chat`]: tokenizers (tokenizer.json or GGUF vocabularies) and chat templates;
+//! - [`engine`] with [`scheduler`], [`sequence`], [`kv_cache`], [`sampling`], [`stop`]: the engine
+//!   that batches sequences over the paged KV cache (see ARCHITECTURE.md for one request's path);
+//! - [`api`]: the library's convenience layer ([`Session`], [`ModelBuilder`]); [`eval`]: `infer eval`.
 
 pub mod api;
 pub mod chat;

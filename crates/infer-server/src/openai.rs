@@ -23,6 +23,16 @@ pub fn parse<T: DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
     })
 }
 
+/// Parses a request whose struct takes [`CommonParams`] in with `#[serde(flatten)]`: one pass over
+/// the body when it is valid. serde cannot say which flattened field failed, so on such an error
+/// the common fields alone are parsed again to name it.
+pub fn parse_request<T: DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
+    match parse::<T>(body) {
+        Err(e) if e.param.is_none() => Err(parse::<CommonParams>(body).err().unwrap_or(e)),
+        r => r,
+    }
+}
+
 /// A string or a list of strings (`stop`).
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -86,8 +96,11 @@ pub struct Message {
     pub content: Option<Content>,
 }
 
+/// A chat completions request.
 #[derive(Debug, Deserialize)]
 pub struct ChatParams {
+    #[serde(flatten)]
+    pub common: CommonParams,
     pub messages: Vec<Message>,
     #[serde(default)]
     pub logprobs: Option<bool>,
@@ -109,8 +122,11 @@ pub enum Prompt {
     TokenLists(Vec<Vec<u32>>),
 }
 
+/// A (legacy) completions request.
 #[derive(Debug, Deserialize)]
 pub struct CompletionParams {
+    #[serde(flatten)]
+    pub common: CommonParams,
     pub prompt: Prompt,
     #[serde(default)]
     pub logprobs: Option<u32>,

@@ -17,7 +17,7 @@ use infer_core::{FinishReason, TokenEvent};
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
-use crate::openai::{parse, ChatParams, CommonParams, CompletionParams, Prompt};
+use crate::openai::{parse, parse_request, ChatParams, CompletionParams, Prompt};
 use crate::run::{ChoiceOutput, ChoiceToken, Run};
 use crate::{AppState, Ready};
 
@@ -290,10 +290,9 @@ async fn respond(ready: Arc<Ready>, run: Run, meta: Meta, stream: bool) -> Resul
 
 pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let ready = st.ready()?;
-    let body = json_body(body)?;
-    let common: CommonParams = parse(&body)?;
+    let chat: ChatParams = parse_request(&json_body(body)?)?;
+    let common = &chat.common;
     ready.check_model(common.model.as_deref())?;
-    let chat: ChatParams = parse(&body)?;
     let conversation = chat.conversation()?;
     let template = ready.chat_template.as_ref().ok_or_else(|| {
         ApiError::bad_request(None, format!("the model `{}` has no chat template; use /v1/completions with a plain prompt", ready.model_id))
@@ -320,10 +319,9 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Byte
 
 pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let ready = st.ready()?;
-    let body = json_body(body)?;
-    let common: CommonParams = parse(&body)?;
+    let cp: CompletionParams = parse_request(&json_body(body)?)?;
+    let common = &cp.common;
     ready.check_model(common.model.as_deref())?;
-    let cp: CompletionParams = parse(&body)?;
     let prompts: Vec<Vec<u32>> = match &cp.prompt {
         Prompt::Text(s) => vec![ready.tokenizer.encode(s, true)?],
         Prompt::Texts(v) => v.iter().map(|s| ready.tokenizer.encode(s, true)).collect::<Result<_, _>>()?,
@@ -406,7 +404,8 @@ pub async fn tokenize(State(st): State<Arc<AppState>>, body: Result<Bytes, Bytes
     let tokens = match (req.content.or(req.prompt), req.messages) {
         (Some(text), None) => ready.tokenizer.encode(&text, req.add_special.unwrap_or(true))?,
         (None, Some(messages)) => {
-            let chat = ChatParams { messages, logprobs: None, top_logprobs: None, tools: None, response_format: None };
+            let chat =
+                ChatParams { common: Default::default(), messages, logprobs: None, top_logprobs: None, tools: None, response_format: None };
             let template =
                 ready.chat_template.as_ref().ok_or_else(|| ApiError::bad_request(Some("messages"), "the model has no chat template"))?;
             ready.tokenizer.encode(&template.render(&chat.conversation()?, true)?, false)?

@@ -1,8 +1,8 @@
-//! The scheduler decides what each engine step computes, as vLLM v1's does: [`Scheduler::schedule`]
+//! The scheduler decides what each engine step computes, as vLLM v1's does: `Scheduler::schedule`
 //! admits waiting sequences whose prompts fit in the KV cache (reusing cached prefix blocks),
 //! reserves cache blocks for the step (preempting the youngest sequences when the cache is full) and
 //! returns a [`SchedulerOutput`]: which sequences run and how many tokens each feeds. After the
-//! forward pass and sampling, [`Scheduler::update_from_output`] advances each sequence, shares its
+//! forward pass and sampling, `Scheduler::update_from_output` advances each sequence, shares its
 //! newly full blocks through the prefix cache and retires the finished ones.
 //!
 //! Policy: decode steps first, then prefill chunks, within a token budget per step; a sequence's

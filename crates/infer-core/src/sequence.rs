@@ -1,6 +1,6 @@
 //! One request's state inside the engine: its tokens (prompt, then generated), how many of them the KV
 //! cache holds, its block table, its sampler, text decoder and stop strings, and optionally drafted
-//! tokens to verify and a constraint on what it may generate. [`Sequence::append`] takes a sampled
+//! tokens to verify and a constraint on what it may generate. `Sequence::append` takes a sampled
 //! token and turns it into the [`TokenEvent`] the caller sees: decoded text, stop strings, end of
 //! sequence and length limits.
 

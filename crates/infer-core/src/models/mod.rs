@@ -1,7 +1,7 @@
 //! Model architectures. One config-driven decoder serves the whole Llama family; each further family
 //! gets one file here, built from the shared pieces: layers.rs (the tensor path's building blocks),
 //! host.rs (the host path: when each path runs and why both exist), rope.rs, moe.rs. A family
-//! implements [`Decoder`] (its weights, its host-path and tensor-path step); [`CausalLm`], what the
+//! implements `Decoder` (its weights, its host-path and tensor-path step); [`CausalLm`], what the
 //! engine calls, follows from it.
 
 pub mod gemma;

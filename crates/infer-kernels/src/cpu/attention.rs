@@ -8,11 +8,10 @@
 //! `[num_tokens, num_heads, head_dim]` array; [`SeqAttention`] says which rows belong to which sequence
 //! and where that sequence stands.
 
+use crate::cpu::isa::Isa;
 use crate::cpu::pool::Pool;
-use crate::cpu::qmatmul::OutPtr;
-
-use crate::cpu::qmatmul::Isa;
 use crate::cpu::scratch;
+use crate::cpu::OutPtr;
 use std::cell::RefCell;
 
 /// The tiled units' lanes hold raw pointers into `q` and `out`; the units are shared read-only

@@ -4,7 +4,7 @@
 //! the CPU has it (vectorized exp for SiLU), a portable loop otherwise.
 
 use crate::cpu::pool::Pool;
-use crate::cpu::qmatmul::OutPtr;
+use crate::cpu::OutPtr;
 
 /// Elements below which a call stays on the calling thread.
 const PARALLEL_MIN: usize = 1 << 15;
@@ -21,7 +21,7 @@ fn for_rows(rows: usize, n: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) 
 
 #[cfg(target_arch = "x86_64")]
 fn simd() -> bool {
-    crate::cpu::qmatmul::Isa::detect() != crate::cpu::qmatmul::Isa::Scalar
+    crate::cpu::isa::Isa::detect() != crate::cpu::isa::Isa::Scalar
 }
 
 /// `out = x / rms(x) · w` per row of `w.len()` elements (`rms = sqrt(mean(x²) + eps)`).

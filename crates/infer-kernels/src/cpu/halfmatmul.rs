@@ -10,9 +10,12 @@ use half::{bf16, f16};
 
 #[cfg(target_arch = "x86_64")]
 use crate::cpu::half_amx;
-use crate::cpu::qmatmul::{Isa, Layout, OutPtr, NW};
+#[cfg(target_arch = "x86_64")]
+use crate::cpu::isa::amx_bf16_available;
+use crate::cpu::isa::{Isa, Layout};
 #[cfg(target_arch = "x86_64")]
 use crate::cpu::scratch;
+use crate::cpu::{OutPtr, NW};
 
 #[cfg(target_arch = "x86_64")]
 thread_local! {
@@ -133,7 +136,7 @@ impl HalfWeight {
             let (tokens, tile): (usize, Tile) =
                 if isa == Isa::Avx2 { (avx2::WIDE_TOKENS, avx2::wide_tile) } else { (avx512::TOKENS, avx512::tile) };
             // Prompts on AMX-BF16: every 16 tokens through tile products, the rest below.
-            let amx_tokens = if isa == Isa::Amx && m >= 2 * half_amx::TOKENS && cols.is_multiple_of(half_amx::KB) && half_amx::available() {
+            let amx_tokens = if isa == Isa::Amx && m >= 2 * half_amx::TOKENS && cols.is_multiple_of(half_amx::KB) && amx_bf16_available() {
                 m / half_amx::TOKENS * half_amx::TOKENS
             } else {
                 0
@@ -168,7 +171,7 @@ impl HalfWeight {
                                 }
                                 let tile_of = |g: usize| tiles[(g - g0) * per..].as_ptr();
                                 let nrows = |g: usize| (rows - g * NW).min(NW);
-                                // SAFETY: `half_amx::available` held; outputs are rows of this task's groups for
+                                // SAFETY: `amx_bf16_available` held; outputs are rows of this task's groups for
                                 // tokens below amx_tokens.
                                 unsafe {
                                     half_amx::run(

@@ -43,6 +43,24 @@ pub enum Layout {
 }
 
 impl Isa {
+    /// Every instruction set this target architecture defines, in [`available`](Self::available)'s
+    /// order (slowest first; each one's CPU features include the previous one's).
+    const ALL: &'static [Isa] = &[
+        Isa::Scalar,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Vnni,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Amx,
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon,
+        #[cfg(target_arch = "aarch64")]
+        Isa::NeonDot,
+    ];
+
     /// The best the running CPU supports.
     pub fn detect() -> Isa {
         static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
@@ -69,7 +87,8 @@ impl Isa {
         }
     }
 
-    /// The name `INFER_ISA` takes.
+    /// Its name: scalar, avx2, avx2-vnni, avx512, amx; on aarch64 scalar, neon, neon-dotprod (what
+    /// [`from_name`](Self::from_name) reads back, e.g. from the CLI's `INFER_ISA`).
     pub fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
@@ -88,9 +107,23 @@ impl Isa {
         }
     }
 
-    /// Every path this CPU can run, slowest first (tests force each in turn). `INFER_ISA=NAME`
-    /// (scalar, avx2, avx2-vnni, avx512, amx; on aarch64 scalar, neon, neon-dotprod) caps the list
-    /// at that path, for comparisons.
+    /// The instruction set [`name`](Self::name) calls `name`, for any this target architecture
+    /// defines (whether or not this CPU has it); `None` for other names.
+    pub fn from_name(name: &str) -> Option<Isa> {
+        Isa::ALL.iter().copied().find(|isa| isa.name() == name)
+    }
+
+    /// The fastest instruction set this CPU has that is not past `cap` in
+    /// [`available`](Self::available)'s order (a chain, slowest first): `cap` itself when the CPU
+    /// has it, else the best available one before it (e.g. `avx2` for a cap of `amx` on an
+    /// AVX2-only CPU). For capping the kernels, e.g. to compare paths.
+    pub fn best_up_to(cap: Isa) -> Isa {
+        let rank = |isa: Isa| Isa::ALL.iter().position(|&i| i == isa).expect("ALL lists every Isa");
+        Isa::available().into_iter().take_while(|&isa| rank(isa) <= rank(cap)).last().unwrap_or(Isa::Scalar)
+    }
+
+    /// Every path this CPU can run, slowest first (tests force each in turn); each one's CPU
+    /// features include the previous one's, and the last is [`detect`](Self::detect)'s.
     pub fn available() -> Vec<Isa> {
         #[allow(unused_mut)]
         let mut v = vec![Isa::Scalar];
@@ -115,18 +148,6 @@ impl Isa {
             v.push(Isa::Neon);
             if std::arch::is_aarch64_feature_detected!("dotprod") {
                 v.push(Isa::NeonDot);
-            }
-        }
-        if let Some(cap) = std::env::var_os("INFER_ISA") {
-            match v.iter().position(|i| cap == i.name()) {
-                Some(k) => v.truncate(k + 1),
-                None => {
-                    static WARNED: std::sync::Once = std::sync::Once::new();
-                    let names: Vec<_> = v.iter().map(|i| i.name()).collect();
-                    WARNED.call_once(|| {
-                        eprintln!("warning: INFER_ISA={cap:?} is not a path this CPU has ({}); using all of them", names.join(", "))
-                    });
-                }
             }
         }
         v
@@ -171,4 +192,34 @@ fn request_tile_state() -> bool {
 #[cfg(all(target_arch = "x86_64", not(target_os = "linux")))]
 fn request_tile_state() -> bool {
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The instruction set detected at run time is the one the environment says this CPU has
+    /// (`INFER_EXPECT_ISA`, set by scripts/neon-check.sh for each emulated CPU; no check without it).
+    #[test]
+    fn detection_finds_the_expected_instruction_set() {
+        if let Ok(want) = std::env::var("INFER_EXPECT_ISA") {
+            assert_eq!(Isa::detect().name(), want);
+            assert_eq!(Isa::available().last().map(|i| i.name()), Some(want.as_str()));
+        }
+    }
+
+    /// Names read back; a cap gives itself when available, else the best available one below it.
+    #[test]
+    fn names_and_caps() {
+        let available = Isa::available();
+        assert_eq!(available, Isa::ALL[..available.len()], "available() is a prefix of the chain");
+        for (k, &isa) in Isa::ALL.iter().enumerate() {
+            assert_eq!(Isa::from_name(isa.name()), Some(isa));
+            let want = if k < available.len() { isa } else { *available.last().unwrap() };
+            assert_eq!(Isa::best_up_to(isa), want, "cap {isa:?}");
+        }
+        assert_eq!(Isa::from_name("sse2"), None);
+        assert_eq!(Isa::best_up_to(Isa::Scalar), Isa::Scalar);
+        assert_eq!(Isa::best_up_to(*Isa::ALL.last().unwrap()), Isa::detect());
+    }
 }

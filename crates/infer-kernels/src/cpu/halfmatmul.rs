@@ -59,6 +59,8 @@ pub struct HalfWeight {
     kind: HalfKind,
     rows: usize,
     cols: usize,
+    /// The instruction set it was laid out for (and that [`matmul`](Self::matmul) uses).
+    isa: Isa,
     layout: Layout,
     /// Narrow: row-major `[rows, cols]`. Wide: `[rows / 16 (rounded up), cols, 16]`, padded rows zero.
     bits: Vec<u16>,
@@ -84,7 +86,7 @@ impl HalfWeight {
         Self::new_for(Isa::detect(), kind, rows, cols, bytes)
     }
 
-    /// The same in the layout of a chosen instruction set.
+    /// The same in the layout of a chosen instruction set (which [`matmul`](Self::matmul) uses).
     pub fn new_for(isa: Isa, kind: HalfKind, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self, String> {
         if bytes.len() != rows * cols * 2 {
             return Err(format!("{kind:?} weight [{rows}, {cols}] needs {} bytes, got {}", rows * cols * 2, bytes.len()));
@@ -104,7 +106,7 @@ impl HalfWeight {
                 bits
             }
         };
-        Ok(Self { kind, rows, cols, layout, bits })
+        Ok(Self { kind, rows, cols, isa, layout, bits })
     }
 
     pub fn rows(&self) -> usize {
@@ -113,10 +115,14 @@ impl HalfWeight {
     pub fn cols(&self) -> usize {
         self.cols
     }
+    /// The instruction set it was laid out for.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
 
-    /// `out[m, rows] = x[m, cols] · Wᵀ` with the best instruction set.
+    /// `out[m, rows] = x[m, cols] · Wᵀ` with the instruction set the weight was laid out for.
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        self.matmul_with(Isa::detect(), x, m, out)
+        self.matmul_with(self.isa, x, m, out)
     }
 
     /// The same with a chosen instruction set (which the CPU must support).
@@ -613,8 +619,10 @@ mod tests {
                 let x: Vec<f32> = (0..m * cols).map(|_| rnd()).collect();
                 for isa in Isa::available() {
                     let w = HalfWeight::new_for(isa, kind, rows, cols, &bytes).unwrap();
+                    assert_eq!(w.isa(), isa);
                     let mut out = vec![0f32; m * rows];
-                    w.matmul_with(isa, &x, m, &mut out);
+                    // The weight's own instruction set.
+                    w.matmul(&x, m, &mut out);
                     for t in 0..m {
                         for r in 0..rows {
                             let exact: f64 = (0..cols)

@@ -202,6 +202,8 @@ pub struct QWeight {
     qtype: QType,
     rows: usize,
     cols: usize,
+    /// The instruction set it was packed for (and that [`matmul`](Self::matmul) uses).
+    isa: Isa,
     layout: Layout,
     /// Narrow, per (group, block): `d[4]` then `m[4]` (Q4_0: `m = -8·d`; Q8_0: 0; Q3_K/Q6_K: the second
     /// half-block scales), and for Q2_K then the two half-block minimums `m0[4]`, `m1[4]`.
@@ -260,7 +262,8 @@ impl QWeight {
         Self::new_for(Isa::detect(), qtype, rows, cols, data)
     }
 
-    /// The same for a chosen instruction set (whose [`Layout`] it takes).
+    /// The same for a chosen instruction set (whose [`Layout`] it takes, and which
+    /// [`matmul`](Self::matmul) uses).
     pub fn new_for(isa: Isa, qtype: QType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, String> {
         let bv = qtype.block_values();
         if !cols.is_multiple_of(bv) {
@@ -273,7 +276,7 @@ impl QWeight {
         }
         if isa.qlayout(qtype) == Layout::Wide {
             let (scales, qs) = pack_wide(qtype, rows, cols, &data);
-            return Ok(Self { qtype, rows, cols, layout: Layout::Wide, scales, qs });
+            return Ok(Self { qtype, rows, cols, isa, layout: Layout::Wide, scales, qs });
         }
         let nb = cols / QK;
         let groups = rows.div_ceil(NR);
@@ -292,7 +295,7 @@ impl QWeight {
                 }
             }
         }
-        Ok(Self { qtype, rows, cols, layout: Layout::Narrow, scales, qs })
+        Ok(Self { qtype, rows, cols, isa, layout: Layout::Narrow, scales, qs })
     }
 
     pub fn qtype(&self) -> QType {
@@ -307,6 +310,10 @@ impl QWeight {
     pub fn layout(&self) -> Layout {
         self.layout
     }
+    /// The instruction set it was packed for.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
 
     /// Rows per group of the layout.
     fn group_rows(&self) -> usize {
@@ -316,9 +323,9 @@ impl QWeight {
         }
     }
 
-    /// `out[m, rows] = x[m, cols] · Wᵀ` with the best instruction set.
+    /// `out[m, rows] = x[m, cols] · Wᵀ` with the instruction set the weight was packed for.
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        self.matmul_with(Isa::detect(), x, m, out)
+        self.matmul_with(self.isa, x, m, out)
     }
 
     /// The same, with a chosen instruction set (which the CPU must support, and whose layout the
@@ -464,9 +471,11 @@ impl BlockPtr {
 /// Several weights with the same input size against the same activations (e.g. a layer's q, k
 /// and v projections): `outs[i] = x · wsᵢᵀ`. The activations are quantized once and all row groups
 /// of all weights are spread over one parallel region (one wake-up of the pool instead of one
-/// per weight).
+/// per weight). With the instruction set the weights were packed for, which they must share.
 pub fn matmul_many(ws: &[&QWeight], x: &[f32], m: usize, outs: &mut [&mut [f32]]) {
-    matmul_many_with(Isa::detect(), ws, x, m, outs)
+    let Some(isa) = ws.first().map(|w| w.isa) else { return };
+    debug_assert!(ws.iter().all(|w| w.isa == isa), "weights packed for different instruction sets");
+    matmul_many_with(isa, ws, x, m, outs)
 }
 
 /// [`matmul_many`] with a chosen instruction set (which the CPU must support).

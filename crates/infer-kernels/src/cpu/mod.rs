@@ -3,8 +3,6 @@ pub mod attention;
 #[cfg(target_arch = "x86_64")]
 mod flash_attention;
 pub mod fused;
-#[cfg(target_arch = "x86_64")]
-mod half_amx;
 pub mod halfmatmul;
 pub mod isa;
 pub mod pool;

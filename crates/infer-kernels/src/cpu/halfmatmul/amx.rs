@@ -9,7 +9,7 @@
 use std::arch::asm;
 use std::arch::x86_64::*;
 
-use crate::cpu::halfmatmul::HalfKind;
+use super::HalfKind;
 use crate::cpu::NW;
 
 /// Tokens per tile product.

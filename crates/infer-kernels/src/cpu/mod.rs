@@ -1,7 +1,5 @@
 //! CPU kernels.
 pub mod attention;
-#[cfg(target_arch = "x86_64")]
-mod flash_attention;
 pub mod fused;
 pub mod halfmatmul;
 pub mod isa;

@@ -2,6 +2,11 @@
 //! (optionally after the residual add, which it writes too), SiLU(gate)·up, and rotary embeddings
 //! in place. Rows are spread over the kernels' pool when there are enough of them; AVX2+FMA where
 //! the CPU has it (vectorized exp for SiLU), a portable loop otherwise.
+//!
+//! These kernels are not capped: they choose their path from [`Isa::detect`] (what the CPU has),
+//! whatever instruction set the weights were packed for or `paged_attention_with` is given.
+//!
+//! [`Isa::detect`]: crate::cpu::isa::Isa::detect
 
 use crate::cpu::pool::Pool;
 use crate::cpu::OutPtr;

@@ -1,4 +1,16 @@
-//! CPU kernels.
+//! CPU kernels. The layout (each kernel family a folder: the types and dispatch in `mod.rs`, one
+//! file per instruction set, the tests in `tests.rs`; the parent owns what its kernel files share):
+//!
+//! - `isa.rs`: instruction-set detection and capping ([`Isa`](isa::Isa)), weight layouts, AMX.
+//! - `qmatmul/`: quantized (GGUF block) weights × f32 activations; `pack.rs` repacks the blocks,
+//!   `scalar.rs` is the portable reference.
+//! - `halfmatmul/`: F16/BF16 weights × f32 activations; `amx.rs` runs prompts on AMX-BF16.
+//! - `attention/`: paged attention; `row.rs` the per-row kernel, `tiled/` the flash-attention
+//!   kernels (AVX-512, AVX2).
+//! - `fused.rs`: fused element-wise steps (RMSNorm, SiLU·mul, GELU·mul, rotary, softmax sums).
+//! - `pool.rs`: the kernels' thread pool; `scratch.rs`: per-thread reused buffers.
+//! - `simd.rs`: x86-64 helpers shared by the kernels (horizontal sum, `exp`).
+//! - Here: [`NW`] and `OutPtr`, used by several families.
 pub mod attention;
 pub mod fused;
 pub mod halfmatmul;

@@ -15,4 +15,5 @@ pub mod cuda;
 pub use cpu::attention::{paged_attention, write_kv, AttentionShape, KvElem, SeqAttention};
 pub use cpu::fused;
 pub use cpu::halfmatmul::{HalfKind, HalfWeight};
-pub use cpu::qmatmul::{matmul_many, Isa, QType, QWeight};
+pub use cpu::isa::Isa;
+pub use cpu::qmatmul::{matmul_many, QType, QWeight};

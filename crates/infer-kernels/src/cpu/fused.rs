@@ -2,9 +2,14 @@
 //! (optionally after the residual add, which it writes too), SiLU(gate)·up, and rotary embeddings
 //! in place. Rows are spread over the kernels' pool when there are enough of them; AVX2+FMA where
 //! the CPU has it (vectorized exp for SiLU), a portable loop otherwise.
+//!
+//! These kernels are not capped: they choose their path from [`Isa::detect`] (what the CPU has),
+//! whatever instruction set the weights were packed for or `paged_attention_with` is given.
+//!
+//! [`Isa::detect`]: crate::cpu::isa::Isa::detect
 
 use crate::cpu::pool::Pool;
-use crate::cpu::qmatmul::OutPtr;
+use crate::cpu::OutPtr;
 
 /// Elements below which a call stays on the calling thread.
 const PARALLEL_MIN: usize = 1 << 15;
@@ -21,7 +26,7 @@ fn for_rows(rows: usize, n: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) 
 
 #[cfg(target_arch = "x86_64")]
 fn simd() -> bool {
-    crate::cpu::qmatmul::Isa::detect() != crate::cpu::qmatmul::Isa::Scalar
+    crate::cpu::isa::Isa::detect() != crate::cpu::isa::Isa::Scalar
 }
 
 /// `out = x / rms(x) · w` per row of `w.len()` elements (`rms = sqrt(mean(x²) + eps)`).

@@ -2,7 +2,8 @@
 //! tokens' activation bytes (tile A, signed) by 16 weight rows' values (tile B, unsigned, already
 //! in the VNNI order the wide layout keeps) into 16×16 int32 sums, which AVX-512 then scales into
 //! f32 accumulators. The tile instructions are written as inline assembly (Rust has no stable AMX
-//! intrinsics); Linux hands out the tile state only on request (`arch_prctl`).
+//! intrinsics); Linux hands out the tile state only on request (`arch_prctl`, asked by
+//! `isa::amx_available`).
 
 use std::arch::asm;
 use std::arch::x86_64::*;
@@ -13,33 +14,6 @@ use super::*;
 
 /// Tokens per tile product.
 pub(super) const TOKENS: usize = 16;
-
-/// Whether the CPU has AMX-INT8 and the OS lets this process use the tile registers (asked once).
-pub(super) fn available() -> bool {
-    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OK.get_or_init(|| {
-        // CPUID leaf 7: EDX bit 24 AMX-TILE, bit 25 AMX-INT8.
-        #[allow(unused_unsafe)]
-        // SAFETY: CPUID leaf 7 exists on every x86-64 CPU with AVX-512 (checked before this call).
-        let edx = unsafe { __cpuid_count(7, 0) }.edx;
-        edx & (3 << 24) == 3 << 24 && request_tile_state()
-    })
-}
-
-/// Asks Linux for the AMX tile data state (process-wide; fails where the kernel or hypervisor does
-/// not enable it).
-#[cfg(target_os = "linux")]
-fn request_tile_state() -> bool {
-    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-    const XFEATURE_XTILEDATA: libc::c_long = 18;
-    // SAFETY: arch_prctl with these arguments only changes the process's permitted state components.
-    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn request_tile_state() -> bool {
-    false
-}
 
 /// The 64-byte tile configuration (palette 1): tmm0/tmm1 the 16×16 int32 sums; for one scale per
 /// block tmm2 = A (16 tokens × 32 bytes) and tmm4 = B (8 × 64 bytes), for two (one per 16 values)
@@ -93,7 +67,7 @@ struct Scratch {
 /// gives a group's scales, values and valid rows) into `out` (`[m, ldo]`, the group's rows at g·16).
 ///
 /// # Safety
-/// [`available`] must be true and the CPU must have AVX-512 F/BW/VL/VNNI; `out` must be valid for
+/// [`amx_available`](crate::cpu::isa::amx_available) must be true and the CPU must have AVX-512 F/BW/VL/VNNI; `out` must be valid for
 /// those writes.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn run<'w>(

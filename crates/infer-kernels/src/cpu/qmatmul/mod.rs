@@ -18,7 +18,8 @@
 
 use half::f16;
 
-use crate::cpu::scratch;
+use crate::cpu::isa::{Isa, Layout};
+use crate::cpu::{scratch, OutPtr, NW};
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
@@ -126,45 +127,7 @@ impl QType {
     }
 }
 
-/// Which instruction set a kernel call uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Isa {
-    Scalar,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    /// The AVX2 kernels with VNNI byte dot products (`vpdpbusd` on 256-bit registers, AVX-512 VL).
-    #[cfg(target_arch = "x86_64")]
-    Avx2Vnni,
-    /// AVX-512 (F, BW, VL, VNNI) over the wide layout: 16 weight rows in the lanes of one register.
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-    /// [`Isa::Avx512`] with AMX-INT8 tile products for every 16 tokens (prompts, batches).
-    #[cfg(target_arch = "x86_64")]
-    Amx,
-    /// NEON (every aarch64 CPU): byte products by widening multiplies.
-    #[cfg(target_arch = "aarch64")]
-    Neon,
-    /// NEON with the dot-product extension (`sdot`: four byte products summed per lane).
-    #[cfg(target_arch = "aarch64")]
-    NeonDot,
-}
-
-/// How a [`QWeight`] is laid out, which follows the instruction set that multiplies it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layout {
-    /// Rows in groups of [`NR`] = 4 (scalar and AVX2 kernels).
-    Narrow,
-    /// Rows in groups of [`NW`] = 16, values as unsigned bytes in AMX's B-tile order (AVX-512, AMX).
-    Wide,
-}
-
 impl Isa {
-    /// The best the running CPU supports.
-    pub fn detect() -> Isa {
-        static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-        *BEST.get_or_init(|| *Isa::available().last().expect("scalar is always available"))
-    }
-
     /// The layout this instruction set multiplies `qt` weights in: wide for AVX-512 and AMX, and
     /// for AVX2 with 4- and 5-bit values (8-bit values overflow AVX2's 16-bit byte products).
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
@@ -175,95 +138,6 @@ impl Isa {
             _ => self.layout(),
         }
     }
-
-    /// The layout this instruction set multiplies 16-bit float weights in: wide for AVX-512, AMX
-    /// and AVX2 (8 rows per register there).
-    pub fn hlayout(self) -> Layout {
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => Layout::Wide,
-            _ => self.layout(),
-        }
-    }
-
-    /// The wide layout for AVX-512 and AMX, the narrow one otherwise (what [`qlayout`](Self::qlayout)
-    /// and [`hlayout`](Self::hlayout) refine).
-    pub fn layout(self) -> Layout {
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 | Isa::Amx => Layout::Wide,
-            _ => Layout::Narrow,
-        }
-    }
-
-    /// The name `INFER_ISA` takes.
-    pub fn name(self) -> &'static str {
-        match self {
-            Isa::Scalar => "scalar",
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => "avx2",
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Vnni => "avx2-vnni",
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => "avx512",
-            #[cfg(target_arch = "x86_64")]
-            Isa::Amx => "amx",
-            #[cfg(target_arch = "aarch64")]
-            Isa::Neon => "neon",
-            #[cfg(target_arch = "aarch64")]
-            Isa::NeonDot => "neon-dotprod",
-        }
-    }
-
-    /// Every path this CPU can run, slowest first (tests force each in turn). `INFER_ISA=NAME`
-    /// (scalar, avx2, avx2-vnni, avx512, amx; on aarch64 scalar, neon, neon-dotprod) caps the list
-    /// at that path, for comparisons.
-    pub fn available() -> Vec<Isa> {
-        #[allow(unused_mut)]
-        let mut v = vec![Isa::Scalar];
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
-            v.push(Isa::Avx2);
-            if std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512vl")
-                && std::is_x86_feature_detected!("avx512vnni")
-            {
-                v.push(Isa::Avx2Vnni);
-                if std::is_x86_feature_detected!("avx512bw") {
-                    v.push(Isa::Avx512);
-                    if amx::available() {
-                        v.push(Isa::Amx);
-                    }
-                }
-            }
-        }
-        #[cfg(target_arch = "aarch64")]
-        if std::arch::is_aarch64_feature_detected!("neon") {
-            v.push(Isa::Neon);
-            if std::arch::is_aarch64_feature_detected!("dotprod") {
-                v.push(Isa::NeonDot);
-            }
-        }
-        if let Some(cap) = std::env::var_os("INFER_ISA") {
-            match v.iter().position(|i| cap == i.name()) {
-                Some(k) => v.truncate(k + 1),
-                None => {
-                    static WARNED: std::sync::Once = std::sync::Once::new();
-                    let names: Vec<_> = v.iter().map(|i| i.name()).collect();
-                    WARNED.call_once(|| {
-                        eprintln!("warning: INFER_ISA={cap:?} is not a path this CPU has ({}); using all of them", names.join(", "))
-                    });
-                }
-            }
-        }
-        v
-    }
-}
-
-/// Whether AMX tiles are usable here (the CPU has AMX-INT8 and the OS granted the tile state).
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn amx_available() -> bool {
-    amx::available()
 }
 
 /// One activation block: 32 values as `d · qs`, with `s = d · Σ qs`.
@@ -318,24 +192,6 @@ pub(crate) fn quantize_block_scalar(chunk: &[f32]) -> BlockQ8 {
     BlockQ8 { qs, d, s: d * isum as f32, s0: d * half as f32 }
 }
 
-/// Shares the output matrix between the tasks of one matmul; each task writes only its own rows.
-#[derive(Clone, Copy)]
-pub(crate) struct OutPtr(pub(crate) *mut f32);
-// SAFETY: tasks write disjoint elements (their own row groups) and the matmul waits for all of them.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The element at `i` (a method, so closures capture the whole `Send` wrapper).
-    ///
-    /// # Safety
-    /// `i` must be in bounds of the output and written by one task only.
-    #[inline]
-    pub(crate) unsafe fn at(self, i: usize) -> *mut f32 {
-        self.0.add(i)
-    }
-}
-
 /// A weight matrix `[rows, cols]` from GGUF blocks, repacked once at load for the kernels of one
 /// instruction set ([`Layout`]). Narrow: rows in groups of four, and for each (group, block) the
 /// four rows' scales and minimums as f32 followed by their four blocks of quants, so one pass
@@ -346,6 +202,8 @@ pub struct QWeight {
     qtype: QType,
     rows: usize,
     cols: usize,
+    /// The instruction set it was packed for (and that [`matmul`](Self::matmul) uses).
+    isa: Isa,
     layout: Layout,
     /// Narrow, per (group, block): `d[4]` then `m[4]` (Q4_0: `m = -8·d`; Q8_0: 0; Q3_K/Q6_K: the second
     /// half-block scales), and for Q2_K then the two half-block minimums `m0[4]`, `m1[4]`.
@@ -362,8 +220,6 @@ impl std::fmt::Debug for QWeight {
 
 /// Weight rows per group (narrow layout).
 pub const NR: usize = 4;
-/// Weight rows per group (wide layout).
-pub const NW: usize = 16;
 /// Activation rows handled together against each group (at most).
 pub const MR: usize = 6;
 /// Tokens whose activations are kept hot while a task's row groups pass over them.
@@ -406,7 +262,8 @@ impl QWeight {
         Self::new_for(Isa::detect(), qtype, rows, cols, data)
     }
 
-    /// The same for a chosen instruction set (whose [`Layout`] it takes).
+    /// The same for a chosen instruction set (whose [`Layout`] it takes, and which
+    /// [`matmul`](Self::matmul) uses).
     pub fn new_for(isa: Isa, qtype: QType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, String> {
         let bv = qtype.block_values();
         if !cols.is_multiple_of(bv) {
@@ -419,7 +276,7 @@ impl QWeight {
         }
         if isa.qlayout(qtype) == Layout::Wide {
             let (scales, qs) = pack_wide(qtype, rows, cols, &data);
-            return Ok(Self { qtype, rows, cols, layout: Layout::Wide, scales, qs });
+            return Ok(Self { qtype, rows, cols, isa, layout: Layout::Wide, scales, qs });
         }
         let nb = cols / QK;
         let groups = rows.div_ceil(NR);
@@ -438,7 +295,7 @@ impl QWeight {
                 }
             }
         }
-        Ok(Self { qtype, rows, cols, layout: Layout::Narrow, scales, qs })
+        Ok(Self { qtype, rows, cols, isa, layout: Layout::Narrow, scales, qs })
     }
 
     pub fn qtype(&self) -> QType {
@@ -453,6 +310,10 @@ impl QWeight {
     pub fn layout(&self) -> Layout {
         self.layout
     }
+    /// The instruction set it was packed for.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
 
     /// Rows per group of the layout.
     fn group_rows(&self) -> usize {
@@ -462,9 +323,9 @@ impl QWeight {
         }
     }
 
-    /// `out[m, rows] = x[m, cols] · Wᵀ` with the best instruction set.
+    /// `out[m, rows] = x[m, cols] · Wᵀ` with the instruction set the weight was packed for.
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        self.matmul_with(Isa::detect(), x, m, out)
+        self.matmul_with(self.isa, x, m, out)
     }
 
     /// The same, with a chosen instruction set (which the CPU must support, and whose layout the
@@ -610,9 +471,11 @@ impl BlockPtr {
 /// Several weights with the same input size against the same activations (e.g. a layer's q, k
 /// and v projections): `outs[i] = x · wsᵢᵀ`. The activations are quantized once and all row groups
 /// of all weights are spread over one parallel region (one wake-up of the pool instead of one
-/// per weight).
+/// per weight). With the instruction set the weights were packed for, which they must share.
 pub fn matmul_many(ws: &[&QWeight], x: &[f32], m: usize, outs: &mut [&mut [f32]]) {
-    matmul_many_with(Isa::detect(), ws, x, m, outs)
+    let Some(isa) = ws.first().map(|w| w.isa) else { return };
+    debug_assert!(ws.iter().all(|w| w.isa == isa), "weights packed for different instruction sets");
+    matmul_many_with(isa, ws, x, m, outs)
 }
 
 /// [`matmul_many`] with a chosen instruction set (which the CPU must support).

@@ -9,24 +9,13 @@
 use std::arch::asm;
 use std::arch::x86_64::*;
 
-use crate::cpu::halfmatmul::HalfKind;
-use crate::cpu::qmatmul::NW;
+use super::HalfKind;
+use crate::cpu::NW;
 
 /// Tokens per tile product.
 pub(crate) const TOKENS: usize = 16;
 /// Values of a row per tile product (32 bf16 = 64 bytes).
 pub(crate) const KB: usize = 32;
-
-/// Whether the CPU has AMX-BF16 (and the tile state was granted, see the quantized kernels).
-pub(crate) fn available() -> bool {
-    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OK.get_or_init(|| {
-        #[allow(unused_unsafe)]
-        // SAFETY: CPUID leaf 7 exists on every CPU that reaches here (AMX-INT8 was found in it).
-        let edx = unsafe { __cpuid_count(7, 0) }.edx;
-        crate::cpu::qmatmul::amx_available() && edx & (1 << 22) != 0
-    })
-}
 
 /// bf16 bits of each f32 lane, rounded to nearest even (as u32 lanes holding the 16 bits).
 #[inline(always)]
@@ -99,7 +88,7 @@ struct TileConfig([u8; 64]);
 /// part (F16; BF16 weights are exact in `hi`).
 ///
 /// # Safety
-/// [`available`] must hold; `out` must be valid for those writes.
+/// [`amx_bf16_available`](crate::cpu::isa::amx_bf16_available) must hold; `out` must be valid for those writes.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn run(

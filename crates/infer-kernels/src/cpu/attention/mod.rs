@@ -1,0 +1,159 @@
+//! Attention over a paged KV cache, on the CPU.
+//!
+//! Cache layout (per layer, for K and for V alike): `[num_blocks, block_size, num_kv_heads, head_dim]`,
+//! f32, row-major. A sequence's tokens live in the blocks its block table names, in order: token `t`
+//! of a sequence is in block `table[t / block_size]` at offset `t % block_size`.
+//!
+//! The queries of one forward pass are a ragged batch: all sequences' new tokens stacked in one
+//! `[num_tokens, num_heads, head_dim]` array; [`SeqAttention`] says which rows belong to which sequence
+//! and where that sequence stands.
+//!
+//! This file holds the types and the dispatch: prompts and decode steps go through the tiled
+//! (flash-attention) kernels of `tiled/` where the CPU and head size allow, else through the
+//! per-row kernel (`row.rs`).
+
+use crate::cpu::isa::Isa;
+use crate::cpu::pool::Pool;
+use crate::cpu::scratch;
+use std::cell::RefCell;
+
+mod row;
+#[cfg(test)]
+mod tests;
+#[cfg(target_arch = "x86_64")]
+mod tiled;
+
+/// The head geometry of one attention layer.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    /// Softmax scale, usually `1 / sqrt(head_dim)`.
+    pub scale: f32,
+    /// Sliding-window size: a query at position `p` sees keys at positions `> p - window`.
+    pub sliding_window: Option<usize>,
+    /// Attention-logit soft-capping (Gemma 2): each scaled score `s` becomes `c · tanh(s / c)`.
+    pub softcap: Option<f32>,
+}
+
+/// One sequence of a ragged batch.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqAttention<'a> {
+    /// First row of this sequence's queries in the batch.
+    pub q_start: usize,
+    /// Number of new tokens (query rows) of this sequence in the batch.
+    pub q_len: usize,
+    /// Number of tokens in the cache for this sequence once the new ones are written
+    /// (the new tokens are its last `q_len`).
+    pub context_len: usize,
+    /// Physical block ids holding this sequence's tokens, in order.
+    pub block_table: &'a [u32],
+}
+
+/// Element type of the KV cache: f32, or f16 (half the memory; widened to f32 in registers).
+pub trait KvElem: Copy + Send + Sync + Default + 'static {
+    /// Whether the type is f16 (else f32).
+    const HALF: bool;
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl KvElem for f32 {
+    const HALF: bool = false;
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl KvElem for half::f16 {
+    const HALF: bool = true;
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
+/// Writes the new keys and values (`[num_tokens, num_kv_heads, head_dim]`) into their cache slots.
+/// `slots[i]` is the flat slot (`block * block_size + offset`) of token row `i`.
+pub fn write_kv<E: KvElem>(k: &[f32], v: &[f32], slots: &[usize], shape: &AttentionShape, k_cache: &mut [E], v_cache: &mut [E]) {
+    let row = shape.num_kv_heads * shape.head_dim;
+    debug_assert_eq!(k.len(), slots.len() * row);
+    for (i, &slot) in slots.iter().enumerate() {
+        let dst = slot * row..(slot + 1) * row;
+        for (c, &x) in k_cache[dst.clone()].iter_mut().zip(&k[i * row..(i + 1) * row]) {
+            *c = E::from_f32(x);
+        }
+        for (c, &x) in v_cache[dst].iter_mut().zip(&v[i * row..(i + 1) * row]) {
+            *c = E::from_f32(x);
+        }
+    }
+}
+
+/// Causal attention of the batch's queries over the paged cache (which must already hold the new
+/// tokens' keys and values, see [`write_kv`]). `q` and `out` are `[num_tokens, num_heads, head_dim]`.
+/// Grouped-query attention: query head `h` reads KV head `h / (num_heads / num_kv_heads)`; the query
+/// heads of a group are processed together so each key and value row is read once per group. Token
+/// rows are spread over the kernels' thread pool.
+pub fn paged_attention<E: KvElem>(
+    q: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
+    seqs: &[SeqAttention<'_>],
+    shape: &AttentionShape,
+    out: &mut [f32],
+) {
+    paged_attention_with(Isa::detect(), q, k_cache, v_cache, seqs, shape, out)
+}
+
+/// [`paged_attention`] with a chosen instruction set (which the CPU must support).
+pub fn paged_attention_with<E: KvElem>(
+    isa: Isa,
+    q: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
+    seqs: &[SeqAttention<'_>],
+    shape: &AttentionShape,
+    out: &mut [f32],
+) {
+    let hd = shape.head_dim;
+    let q_row = shape.num_heads * hd;
+    scratch::with(&ROW_SEQ, |row_seq| {
+        // Which sequence each token row belongs to.
+        row_seq.resize(out.len() / q_row, usize::MAX);
+        for (s, seq) in seqs.iter().enumerate() {
+            row_seq[seq.q_start..seq.q_start + seq.q_len].fill(s);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if tiled::attend(isa, q, k_cache, v_cache, seqs, shape, row_seq, out) {
+            return;
+        }
+        row::attend(isa, q, k_cache, v_cache, seqs, shape, row_seq, out)
+    })
+}
+
+thread_local! {
+    /// Reused buffer (see `scratch`): the sequence of each row.
+    static ROW_SEQ: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs tasks `0..n` of an attention call: inline when the batch's work (query rows × context ×
+/// row width) is too small to be worth the thread hand-off, else on the kernels' pool.
+fn run_tasks(seqs: &[SeqAttention<'_>], q_row: usize, n: usize, task: &(dyn Fn(usize) + Sync)) {
+    let work: usize = seqs.iter().map(|s| s.q_len * s.context_len).sum::<usize>() * q_row;
+    if work < 1 << 16 {
+        (0..n).for_each(task);
+    } else {
+        Pool::global().run(n, task);
+    }
+}

@@ -167,8 +167,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     // The table names the CPU kernel path too (AMX, AVX-512, AVX2, scalar); the JSON keeps
     // llama-bench's `backends` and adds `cpu_kernels`.
-    let backend_md = if backend == "CPU" { format!("CPU ({})", infer::cpu_kernels()) } else { backend.to_string() };
-    let opts = LoadOptions { device, dtype, gguf_file: args.gguf_file.clone(), quantize, ..Default::default() };
+    let kernels = crate::kernels_from_env()?;
+    let cpu_kernels = kernels.isa().name();
+    let backend_md = if backend == "CPU" { format!("CPU ({cpu_kernels})") } else { backend.to_string() };
+    let opts = LoadOptions { device, dtype, gguf_file: args.gguf_file.clone(), quantize, kernels, ..Default::default() };
     let model = infer::load(&args.model, opts)?;
     let kv_name = kv.unwrap_or_else(|| default_cache_dtype(&model.model.device(), model.model.dtype())).as_str();
     let name = Path::new(&args.model).file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_else(|| args.model.clone());
@@ -205,7 +207,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     "build_commit": env!("CARGO_PKG_VERSION"),
                     "cpu_info": "",
                     "backends": backend,
-                    "cpu_kernels": infer::cpu_kernels(),
+                    "cpu_kernels": cpu_kernels,
                     "model_filename": args.model,
                     "model_type": format!("{:?}", model.config().architecture).to_lowercase(),
                     "model_size": size,

@@ -154,8 +154,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
     for spec in &args.models {
         reset_peak_rss();
         let t0 = Instant::now();
-        let model = infer::load(spec, LoadOptions { device: device.clone(), dtype, ..Default::default() })
-            .with_context(|| format!("loading {spec}"))?;
+        let model =
+            infer::load(spec, LoadOptions { device: device.clone(), dtype, kernels: crate::kernels_from_env()?, ..Default::default() })
+                .with_context(|| format!("loading {spec}"))?;
         let load_secs = t0.elapsed().as_secs_f64();
         let bar = indicatif::ProgressBar::new(0).with_style(
             indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len}, {per_sec}, ETA {eta}")

@@ -278,6 +278,22 @@ pub(crate) fn set_threads(n: Option<usize>) -> Result<()> {
     Ok(())
 }
 
+/// The kernel switches of the environment, for comparisons: `INFER_ISA=NAME` caps the CPU kernels'
+/// instruction set (scalar, avx2, avx2-vnni, avx512, amx; on aarch64 neon, neon-dotprod),
+/// `INFER_TENSOR_PATH=1` runs the tensor path (candle ops) on the CPU, `INFER_CANDLE_QMATMUL=1` keeps
+/// candle's quantized matmul. The library reads no environment: these become load options.
+pub(crate) fn kernels_from_env() -> Result<infer::KernelChoice> {
+    let on = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0");
+    let max_isa = match std::env::var("INFER_ISA") {
+        Ok(name) if !name.is_empty() => Some(infer::Isa::from_name(&name).ok_or_else(|| {
+            let names: Vec<&str> = infer::Isa::ALL.iter().map(|i| i.name()).collect();
+            anyhow!("INFER_ISA={name:?} is not one of {} (this CPU has up to {})", names.join(", "), infer::cpu_kernels())
+        })?),
+        _ => None,
+    };
+    Ok(infer::KernelChoice { max_isa, tensor_path: on("INFER_TENSOR_PATH"), candle_qmatmul: on("INFER_CANDLE_QMATMUL") })
+}
+
 fn load(args: &ModelArgs) -> Result<Session> {
     set_threads(args.threads)?;
     let device = infer::parse_device(&args.device)?;
@@ -294,6 +310,7 @@ fn load(args: &ModelArgs) -> Result<Session> {
                 b.set_position(done as u64);
             },
         );
+    builder = builder.kernels(kernels_from_env()?);
     if let Some(g) = &args.gguf_file {
         builder = builder.gguf_file(g);
     }

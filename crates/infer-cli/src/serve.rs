@@ -105,8 +105,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let spec = args.model.model.clone();
     let gguf_file = args.model.gguf_file.clone();
     let quantize = args.model.quantize.as_deref().map(str::parse).transpose()?;
+    let kernels = crate::kernels_from_env()?;
     let load = move || {
-        let opts = LoadOptions { device, dtype, gguf_file, quantize, ..Default::default() };
+        let opts = LoadOptions { device, dtype, gguf_file, quantize, kernels, ..Default::default() };
         infer::load(&spec, opts)
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")?;

@@ -89,6 +89,12 @@ impl ModelBuilder {
         self
     }
     /// Quantize safetensors linear weights at load (`q8_0`, `q4_0`, `q4_k`) for the CPU kernels.
+    /// Which kernels the model runs on (see [`KernelChoice`](crate::weights::KernelChoice)).
+    pub fn kernels(mut self, k: crate::weights::KernelChoice) -> Self {
+        self.opts.kernels = k;
+        self
+    }
+
     pub fn quantize(mut self, q: crate::weights::Quantize) -> Self {
         self.opts.quantize = Some(q);
         self

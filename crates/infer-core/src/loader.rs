@@ -51,11 +51,21 @@ pub struct LoadOptions {
     pub progress: Option<Box<dyn FnMut(usize, usize) + Send>>,
     /// Quantize dense (safetensors) linear weights at load for the CPU kernels.
     pub quantize: Option<crate::weights::Quantize>,
+    /// Which kernels the model runs on (defaults: infer's best for this CPU, the host path).
+    pub kernels: crate::weights::KernelChoice,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DTypeChoice::Auto, gguf_file: None, download_progress: false, progress: None, quantize: None }
+        Self {
+            device: Device::Cpu,
+            dtype: DTypeChoice::Auto,
+            gguf_file: None,
+            download_progress: false,
+            progress: None,
+            quantize: None,
+            kernels: Default::default(),
+        }
     }
 }
 
@@ -268,7 +278,7 @@ pub fn load_files(files: &ModelFiles, name: &str, opts: &mut LoadOptions) -> Res
                     format!("{} is a GGUF file, already quantized; --quantize applies to safetensors weights", path.display()),
                 ));
             }
-            let w = WeightSource::gguf(path, opts.device.clone())?;
+            let w = WeightSource::gguf(path, opts.device.clone())?.with_kernels(opts.kernels);
             let (content, _) = w.gguf_content().expect("gguf source");
             let md = GgufMeta { md: &content.metadata, path };
             let vector = |name: &str| -> Result<Option<Vec<f32>>> {
@@ -341,7 +351,9 @@ pub fn load_files(files: &ModelFiles, name: &str, opts: &mut LoadOptions) -> Res
             if let Some(id) = tc.eos_token.as_deref().and_then(|t| tok.token_to_id(t)) {
                 eos_ids.insert(id);
             }
-            let w = WeightSource::safetensors(weights.clone(), dtype, opts.device.clone())?.with_quantize(opts.quantize)?;
+            let w = WeightSource::safetensors(weights.clone(), dtype, opts.device.clone())?
+                .with_quantize(opts.quantize)?
+                .with_kernels(opts.kernels);
             let progress = opts.progress.as_deref_mut().unwrap_or(&mut noop);
             let model = crate::models::load(cfg, &w, progress)?;
             Ok(LoadedModel {

@@ -11,7 +11,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
 
-use infer_kernels::{HalfKind, HalfWeight, QType, QWeight};
+use infer_kernels::{HalfKind, HalfWeight, Isa, QType, QWeight};
 
 use crate::error::{Error, Result};
 
@@ -110,15 +110,30 @@ fn kernel_qtype(t: GgmlDType) -> Option<QType> {
     }
 }
 
-/// The CPU kernel path this process runs (`amx`, `avx512`, `avx2-vnni`, `avx2` or `scalar`; capped
-/// by `INFER_ISA`).
+/// The best CPU kernel path this machine has (`amx`, `avx512`, `avx2-vnni`, `avx2`, `neon-dotprod`,
+/// `neon` or `scalar`); a model may be capped below it ([`KernelChoice::max_isa`]).
 pub fn cpu_kernels() -> &'static str {
-    infer_kernels::Isa::detect().name()
+    Isa::detect().name()
 }
 
-/// `INFER_CANDLE_QMATMUL=1` keeps candle's quantized matmul (for comparisons).
-fn use_candle_qmatmul() -> bool {
-    std::env::var_os("INFER_CANDLE_QMATMUL").is_some_and(|v| v != "0" && !v.is_empty())
+/// Which kernels a model runs on: a field of [`LoadOptions`](crate::LoadOptions), for comparisons
+/// and tests (the CLI maps `INFER_ISA`, `INFER_TENSOR_PATH` and `INFER_CANDLE_QMATMUL` onto it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelChoice {
+    /// The most capable CPU instruction set the kernels may use (`None`: the best this CPU has):
+    /// the weights are packed for it and the matmuls and the host path's attention run it.
+    pub max_isa: Option<Isa>,
+    /// Run the tensor path (candle ops, as on a GPU) even where the host path could.
+    pub tensor_path: bool,
+    /// Keep candle's quantized matmul for GGUF weights instead of infer's kernels.
+    pub candle_qmatmul: bool,
+}
+
+impl KernelChoice {
+    /// The instruction set the CPU kernels use: the best this CPU has, up to [`max_isa`](Self::max_isa).
+    pub fn isa(&self) -> Isa {
+        self.max_isa.map_or_else(Isa::detect, Isa::best_up_to)
+    }
 }
 
 impl Linear {
@@ -279,9 +294,16 @@ impl std::str::FromStr for Quantize {
 pub enum WeightSource {
     /// Safetensors files, memory-mapped; tensors are converted to `dtype` as they are loaded, and
     /// linear weights quantized when `quantize` is set.
-    Safetensors { st: MmapedSafetensors, files: Vec<PathBuf>, dtype: DType, device: Device, quantize: Option<Quantize> },
+    Safetensors {
+        st: MmapedSafetensors,
+        files: Vec<PathBuf>,
+        dtype: DType,
+        device: Device,
+        quantize: Option<Quantize>,
+        kernels: KernelChoice,
+    },
     /// A GGUF file: quantized tensors stay quantized.
-    Gguf { content: gguf_file::Content, reader: Mutex<BufReader<File>>, path: PathBuf, device: Device },
+    Gguf { content: gguf_file::Content, reader: Mutex<BufReader<File>>, path: PathBuf, device: Device, kernels: KernelChoice },
 }
 
 /// The GGUF name of a Hugging Face tensor name of the Llama family.
@@ -339,7 +361,7 @@ impl WeightSource {
                 format!("not a valid safetensors file ({}); it may be truncated or corrupt — download it again", root_cause(&e)),
             )
         })?;
-        Ok(Self::Safetensors { st, files, dtype, device, quantize: None })
+        Ok(Self::Safetensors { st, files, dtype, device, quantize: None, kernels: KernelChoice::default() })
     }
 
     /// Quantizes dense linear weights as they load (rows whose length is not a multiple of the
@@ -353,6 +375,21 @@ impl WeightSource {
             *quantize = q;
         }
         Ok(self)
+    }
+
+    /// Runs the weights on the given kernels.
+    pub fn with_kernels(mut self, k: KernelChoice) -> Self {
+        match &mut self {
+            Self::Safetensors { kernels, .. } | Self::Gguf { kernels, .. } => *kernels = k,
+        }
+        self
+    }
+
+    /// The kernels the weights run on.
+    pub fn kernels(&self) -> KernelChoice {
+        match self {
+            Self::Safetensors { kernels, .. } | Self::Gguf { kernels, .. } => *kernels,
+        }
     }
 
     /// Opens a GGUF file and checks that it holds every byte its header promises.
@@ -380,7 +417,7 @@ impl WeightSource {
                 ));
             }
         }
-        Ok(Self::Gguf { content, reader: Mutex::new(reader), path: path.to_path_buf(), device })
+        Ok(Self::Gguf { content, reader: Mutex::new(reader), path: path.to_path_buf(), device, kernels: KernelChoice::default() })
     }
 
     /// Whether the tensors come from a GGUF file.
@@ -445,7 +482,7 @@ impl WeightSource {
     }
 
     fn qtensor(&self, name: &str) -> Result<QTensor> {
-        let Self::Gguf { content, reader, path, device } = self else { unreachable!("qtensor on a non-GGUF source") };
+        let Self::Gguf { content, reader, path, device, .. } = self else { unreachable!("qtensor on a non-GGUF source") };
         let gname = gguf_name(name);
         if !content.tensor_infos.contains_key(&gname) {
             return Err(self.missing(name));
@@ -486,7 +523,7 @@ impl WeightSource {
                 if !device.is_cpu() {
                     return Ok(Linear::new(QMatMul::from_qtensor(qt)?, b));
                 }
-                let kw = QWeight::new(QType::from(*q), out_dim, in_dim, qt.data()?.into_owned())
+                let kw = QWeight::new_for(self.kernels().isa(), QType::from(*q), out_dim, in_dim, qt.data()?.into_owned())
                     .map_err(|e| Error::Model(format!("quantizing `{wname}`: {e}")))?;
                 return Ok(Linear::from_kernel_weight(kw, b));
             }
@@ -494,7 +531,7 @@ impl WeightSource {
             Self::Gguf { .. } => {
                 let q = self.qtensor(&wname)?;
                 self.check_shape(&gguf_name(&wname), q.shape().dims(), &[out_dim, in_dim])?;
-                if self.device().is_cpu() && !use_candle_qmatmul() {
+                if self.device().is_cpu() && !self.kernels().candle_qmatmul {
                     return self.gguf_linear(&wname, q.dtype(), out_dim, in_dim, q.data()?.into_owned(), b);
                 }
                 QMatMul::from_arc(Arc::new(q))?
@@ -506,20 +543,21 @@ impl WeightSource {
     /// A linear layer over one GGUF weight's bytes: infer's CPU kernels where they cover the type,
     /// else candle's quantized matmul.
     fn gguf_linear(&self, name: &str, dtype: GgmlDType, rows: usize, cols: usize, data: Vec<u8>, b: Option<Tensor>) -> Result<Linear> {
-        let Self::Gguf { path, device, .. } = self else { unreachable!("gguf_linear on a non-GGUF source") };
+        let Self::Gguf { path, device, kernels, .. } = self else { unreachable!("gguf_linear on a non-GGUF source") };
         let bad = |e: String| Error::bad_file(path, format!("tensor `{}`: {e}", gguf_name(name)));
-        if device.is_cpu() && !use_candle_qmatmul() {
+        if device.is_cpu() && !kernels.candle_qmatmul {
+            let isa = kernels.isa();
             let half = match dtype {
                 GgmlDType::F16 => Some(HalfKind::F16),
                 GgmlDType::BF16 => Some(HalfKind::Bf16),
                 _ => None,
             };
             if let Some(kind) = half {
-                let hw = HalfWeight::new(kind, rows, cols, &data).map_err(bad)?;
+                let hw = HalfWeight::new_for(isa, kind, rows, cols, &data).map_err(bad)?;
                 return Ok(Linear { weight: LinearWeight::Half(Arc::new(hw)), bias: b });
             }
             if let Some(qt) = kernel_qtype(dtype) {
-                return Ok(Linear::from_kernel_weight(QWeight::new(qt, rows, cols, data).map_err(bad)?, b));
+                return Ok(Linear::from_kernel_weight(QWeight::new_for(isa, qt, rows, cols, data).map_err(bad)?, b));
             }
         }
         let storage = candle_core::quantized::QStorage::from_data(std::borrow::Cow::Owned(data), device, dtype)?;

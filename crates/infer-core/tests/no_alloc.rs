@@ -2,8 +2,9 @@
 //! least as large, a decode step, a mixed batch or a prompt chunk of a size seen before makes no
 //! heap allocation (counted by a global allocator on the threads that run a step: the caller's and
 //! the kernel pool's; rayon's threads, which the tensor path's candle ops use and which may still
-//! be winding down after one, are not counted). Also: the host path gives the tensor path's logits
-//! (`INFER_TENSOR_PATH=1`).
+//! be winding down after one, are not counted), on every instruction set this CPU has
+//! (`KernelChoice::max_isa`). Also: the host path gives the tensor path's logits
+//! (`KernelChoice::tensor_path`).
 
 mod common;
 
@@ -14,7 +15,7 @@ use std::sync::Arc;
 
 use infer_core::kv_cache::PagedKvCache;
 use infer_core::models::{BatchInput, CausalLm, LogitsWanted};
-use infer_core::{DType, Device, LoadOptions};
+use infer_core::{DType, Device, Isa, KernelChoice, LoadOptions};
 
 struct Counting;
 
@@ -64,8 +65,8 @@ fn count(f: impl FnOnce()) -> usize {
     ALLOCATIONS.load(Ordering::SeqCst)
 }
 
-fn load(path: &std::path::Path) -> Arc<dyn CausalLm> {
-    infer_core::load(path.to_str().unwrap(), LoadOptions::default()).unwrap().model
+fn load(path: &std::path::Path, kernels: KernelChoice) -> Arc<dyn CausalLm> {
+    infer_core::load(path.to_str().unwrap(), LoadOptions { kernels, ..Default::default() }).unwrap().model
 }
 
 struct Seq {
@@ -153,11 +154,18 @@ fn per_token_path_allocates_nothing() {
         models.push(("SmolLM2-135M Q4_1".into(), p));
     }
     for (name, path) in &models {
-        let host = load(path);
         // The tensor path of the same model, for its logits.
-        std::env::set_var("INFER_TENSOR_PATH", "1");
-        let tensor = load(path);
-        std::env::remove_var("INFER_TENSOR_PATH");
+        let tensor = load(path, KernelChoice { tensor_path: true, ..Default::default() });
+        // Every instruction set's host path allocates nothing (the SIMD ones against the tensor path's logits below).
+        for isa in Isa::available().into_iter().filter(|&i| i != Isa::detect()) {
+            let capped = load(path, KernelChoice { max_isa: Some(isa), ..Default::default() });
+            for kv in [DType::F32, DType::F16] {
+                for (step, n) in run(capped.as_ref(), kv).0 {
+                    assert_eq!(n, 0, "{name}, {isa:?}, {kv:?} KV cache: {step} made {n} allocations");
+                }
+            }
+        }
+        let host = load(path, KernelChoice::default());
         for kv in [DType::F32, DType::F16] {
             let (counts, host_logits) = run(host.as_ref(), kv);
             for (step, n) in &counts {

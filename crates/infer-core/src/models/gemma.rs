@@ -156,7 +156,7 @@ impl GemmaModel {
             cfg,
             host: HostPath::default(),
         };
-        model.host = HostPath::new(&model.device, model.dtype, &model.embed, &model.norm, &model.lm_head, model.host_layers());
+        model.host = HostPath::new(w, &model.embed, &model.norm, &model.lm_head, model.host_layers());
         Ok(model)
     }
 
@@ -220,7 +220,7 @@ impl Decoder for GemmaModel {
             rotary.apply_host(&mut ws.k, nkv, hd, cos, sin);
             let shape = self.shape(cache, a.window);
             let out = grow(&mut ws.attn, t * nh * hd);
-            host_attention_into(cache.layer_mut(i), &ws.q, &ws.k, &ws.v, &batch.slots, &seqs, &shape, out)?;
+            host_attention_into(ws.isa, cache.layer_mut(i), &ws.q, &ws.k, &ws.v, &batch.slots, &seqs, &shape, out)?;
             a.o.forward_host(&ws.attn, t, grow(&mut ws.a, t * hs))?;
             layer.post_attn_norm.forward_host(&ws.a, grow(&mut ws.tmp, t * hs));
             layer.pre_ffn_norm.add_forward_host(&ws.x, &ws.tmp, grow(&mut ws.x1, t * hs), &mut ws.h);

@@ -14,20 +14,22 @@
 //! Both compute the same decoder (tests compare them within 1e-3 on every fixture), and
 //! [`Decoder`](super::Decoder)'s blanket `CausalLm` implementation picks one per model at load.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
-use infer_kernels::{paged_attention, write_kv, SeqAttention};
+use infer_kernels::cpu::attention::paged_attention_with;
+use infer_kernels::{write_kv, Isa, SeqAttention};
 
 use super::layers::{grow, seq_attention_iter, RmsNorm};
 use super::BatchInput;
 use crate::error::{Error, Result};
 use crate::kv_cache::{LayerKv, PagedKvCache};
-use crate::weights::{host_f32, Linear};
+use crate::weights::{host_f32, Linear, WeightSource};
 
 /// Attention on host slices (`q`, `out`: `[tokens, heads · head_dim]`; `k`, `v`: `[tokens, kv_heads ·
 /// head_dim]`): writes the batch's keys and values into the host cache layer and attends over it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn host_attention_into(
+    isa: Isa,
     layer: &mut LayerKv,
     q: &[f32],
     k: &[f32],
@@ -40,11 +42,11 @@ pub(crate) fn host_attention_into(
     match layer {
         LayerKv::Host { k: kc, v: vc } => {
             write_kv(k, v, slots, shape, kc, vc);
-            paged_attention(q, kc, vc, seqs, shape, out);
+            paged_attention_with(isa, q, kc, vc, seqs, shape, out);
         }
         LayerKv::HostF16 { k: kc, v: vc } => {
             write_kv(k, v, slots, shape, kc, vc);
-            paged_attention(q, kc, vc, seqs, shape, out);
+            paged_attention_with(isa, q, kc, vc, seqs, shape, out);
         }
         #[allow(unreachable_patterns)]
         _ => return Err(Error::Model("the host decoder path needs a host KV cache".into())),
@@ -56,8 +58,9 @@ pub(crate) fn host_attention_into(
 /// is never given back, so steps no larger than an earlier one allocate nothing. Shapes for a batch
 /// of `t` tokens (row-major), `hs` the hidden size, `nh`/`nkv` the query/KV heads of `hd` values,
 /// `inter` the MLP's hidden size, `rot` the rotary dimensions.
-#[derive(Default)]
 pub(crate) struct Workspace {
+    /// The instruction set the attention kernels run (the matmuls run their weights' own).
+    pub(crate) isa: Isa,
     /// The residual stream, `[t, hs]`.
     pub(crate) x: Vec<f32>,
     /// The next residual stream (`x + sublayer output`), `[t, hs]`; swapped with `x`.
@@ -100,6 +103,16 @@ impl std::fmt::Debug for Workspace {
 }
 
 impl Workspace {
+    pub(crate) fn new(isa: Isa) -> Self {
+        let v = Vec::new;
+        #[rustfmt::skip]
+        let ws = Self {
+            isa, x: v(), x1: v(), h: v(), q: v(), k: v(), v: v(), attn: v(), a: v(), gate: v(), up: v(), act: v(), m: v(),
+            tmp: v(), cos: v(), sin: v(), cos2: v(), sin2: v(), moe: Default::default(), seqs: Vec::new(),
+        };
+        ws
+    }
+
     /// The batch's sequences as the kernels see them, in the workspace's memory; hand the vector
     /// back with [`give_back`](Self::give_back).
     pub(crate) fn seqs<'b>(&mut self, batch: &'b BatchInput) -> Vec<SeqAttention<'b>> {
@@ -169,23 +182,23 @@ pub(crate) fn tensor_into(t: Tensor, logits: &mut Vec<f32>) -> Result<()> {
     Ok(())
 }
 
-/// A decoder's host path: its workspace when the whole model can run on host slices, unless
-/// `INFER_TENSOR_PATH` is set (for comparisons).
+/// A decoder's host path: its workspace when the whole model can run on host slices, unless the
+/// load options ask for the tensor path ([`KernelChoice::tensor_path`](crate::weights::KernelChoice)).
 #[derive(Debug, Default)]
 pub(crate) struct HostPath(Option<std::sync::Mutex<Workspace>>);
 
 impl HostPath {
     /// For a model whose layers can (`layers_ok`): on the CPU with f32 activations, host f32
     /// embeddings and final norm, and the output head on infer's kernels.
-    pub(crate) fn new(device: &Device, dtype: DType, embed: &Tensor, norm: &RmsNorm, head: &Linear, layers_ok: bool) -> Self {
-        let wanted = std::env::var_os("INFER_TENSOR_PATH").is_none_or(|v| v.is_empty() || v == "0");
-        let capable = device.is_cpu()
-            && dtype == DType::F32
+    pub(crate) fn new(w: &WeightSource, embed: &Tensor, norm: &RmsNorm, head: &Linear, layers_ok: bool) -> Self {
+        let kernels = w.kernels();
+        let capable = w.device().is_cpu()
+            && w.dtype() == DType::F32
             && host_f32(embed).is_some()
             && norm.has_host_weight()
             && head.on_infer_kernels()
             && layers_ok;
-        Self((capable && wanted).then(|| std::sync::Mutex::new(Workspace::default())))
+        Self((capable && !kernels.tensor_path).then(|| std::sync::Mutex::new(Workspace::new(kernels.isa()))))
     }
 
     pub(crate) fn is_on(&self) -> bool {

@@ -160,7 +160,7 @@ impl LlamaModel {
         let rotary = Rotary::new(&cfg, w.device())?;
         let mut model =
             Self { embed, layers, norm, lm_head, rotary, device: w.device().clone(), dtype: w.dtype(), cfg, host: HostPath::default() };
-        model.host = HostPath::new(&model.device, model.dtype, &model.embed, &model.norm, &model.lm_head, model.host_layers());
+        model.host = HostPath::new(w, &model.embed, &model.norm, &model.lm_head, model.host_layers());
         Ok(model)
     }
 
@@ -258,7 +258,7 @@ impl Decoder for LlamaModel {
             self.rotary.apply_host(&mut ws.k, nkv, hd, &ws.cos, &ws.sin);
             let shape = cache.shape(nh, attn.window);
             let out = grow(&mut ws.attn, t * nh * hd);
-            host_attention_into(cache.layer_mut(i), &ws.q, &ws.k, &ws.v, &batch.slots, &seqs, &shape, out)?;
+            host_attention_into(ws.isa, cache.layer_mut(i), &ws.q, &ws.k, &ws.v, &batch.slots, &seqs, &shape, out)?;
             attn.o.forward_host(&ws.attn, t, grow(&mut ws.a, t * hs))?;
             layer.post_norm.add_forward_host(&ws.x, &ws.a, grow(&mut ws.x1, t * hs), &mut ws.h);
             std::mem::swap(&mut ws.x, &mut ws.x1);

@@ -45,7 +45,7 @@ pub enum Layout {
 impl Isa {
     /// Every instruction set this target architecture defines, in [`available`](Self::available)'s
     /// order (slowest first; each one's CPU features include the previous one's).
-    const ALL: &'static [Isa] = &[
+    pub const ALL: &'static [Isa] = &[
         Isa::Scalar,
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2,

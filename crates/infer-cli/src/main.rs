@@ -170,6 +170,7 @@ impl SamplingArgs {
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
             logprobs: None,
+            constraint: None,
         })
     }
 }

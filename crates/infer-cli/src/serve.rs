@@ -49,6 +49,14 @@ pub struct ServeArgs {
     /// Seconds in-flight requests may finish after SIGINT/SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 10)]
     pub shutdown_timeout: u64,
+    /// How the model writes tool calls: hermes, llama3_json, mistral, mistral_v11, phi4_mini_json or
+    /// generic (default: recognised from the chat template).
+    #[arg(long, value_name = "FORMAT")]
+    pub tool_call_parser: Option<String>,
+    /// Where `<think>` sections go: `deepseek` (default: `reasoning_content`, as vLLM and llama.cpp)
+    /// or `none` (left in the content).
+    #[arg(long, value_name = "FORMAT", default_value = "deepseek")]
+    pub reasoning_format: String,
 }
 
 /// Parses `512M`, `2G`, `1.5GiB`, `1000000` into bytes.
@@ -101,6 +109,17 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_body_bytes,
         cors_origins: args.cors.clone(),
         shutdown_grace: Duration::from_secs(args.shutdown_timeout),
+        tool_call_parser: match args.tool_call_parser.as_deref() {
+            None | Some("auto") => None,
+            Some(name) => Some(infer::tools::ToolFormat::from_name(name).ok_or_else(|| {
+                anyhow::anyhow!("--tool-call-parser `{name}`: expected one of {}", infer::tools::ToolFormat::NAMES.join(", "))
+            })?),
+        },
+        reasoning: match args.reasoning_format.as_str() {
+            "deepseek" | "auto" => true,
+            "none" => false,
+            other => anyhow::bail!("--reasoning-format `{other}`: expected `deepseek` or `none`"),
+        },
     };
     let spec = args.model.model.clone();
     let gguf_file = args.model.gguf_file.clone();

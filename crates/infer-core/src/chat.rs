@@ -7,17 +7,32 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// One message of a conversation.
+/// One message of a conversation, as chat templates receive it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
-    /// `system`, `user` or `assistant`.
+    /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
+    /// The text (empty for an assistant turn that only calls tools).
     pub content: String,
+    /// An assistant turn's tool calls in OpenAI's shape (`{"id", "type": "function", "function":
+    /// {"name", "arguments"}}`, the arguments as a JSON object where they parse as one, which is what
+    /// most templates expect).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<serde_json::Value>,
+    /// A tool result's call id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// A tool result's function name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// An assistant turn's reasoning (templates of thinking models render or drop it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
 }
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self { role: role.into(), content: content.into() }
+        Self { role: role.into(), content: content.into(), tool_calls: Vec::new(), tool_call_id: None, name: None, reasoning_content: None }
     }
     pub fn system(content: impl Into<String>) -> Self {
         Self::new("system", content)
@@ -33,6 +48,7 @@ impl ChatMessage {
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -56,19 +72,38 @@ impl ChatTemplate {
         });
         env.add_function("strftime_now", |fmt: String| chrono::Local::now().format(&fmt).to_string());
         env.add_template_owned("chat", source.to_string()).map_err(|e| Error::Template(describe(&e)))?;
-        Ok(Self { env, bos_token: bos_token.into(), eos_token: eos_token.into() })
+        Ok(Self { env, source: source.to_string(), bos_token: bos_token.into(), eos_token: eos_token.into() })
+    }
+
+    /// The template's source.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Renders a conversation; with `add_generation_prompt` the text ends where the assistant's answer starts.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with(messages, add_generation_prompt, &[], &serde_json::Map::new())
+    }
+
+    /// [`render`](Self::render) with the tools the model may call (OpenAI's `tools` list, given to
+    /// the template as `tools` when not empty) and extra template variables (`chat_template_kwargs`,
+    /// e.g. `enable_thinking`; they cannot replace the messages, tools or special tokens).
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        tools: &[serde_json::Value],
+        kwargs: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String> {
         let tmpl = self.env.get_template("chat").map_err(|e| Error::Template(describe(&e)))?;
-        tmpl.render(context! {
+        let base = context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
-        })
-        .map_err(|e| Error::Template(describe(&e)))
+            tools => (!tools.is_empty()).then_some(tools),
+        };
+        tmpl.render(context! { ..base, ..minijinja::Value::from_serialize(kwargs) }).map_err(|e| Error::Template(describe(&e)))
     }
 }
 

@@ -13,6 +13,7 @@ use crate::sampling::{top_logprobs, SamplingParams, TokenMask};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput};
 use crate::sequence::Sequence;
 pub use crate::sequence::{FinishReason, SeqId, TokenConstraint, TokenEvent};
+use crate::structured::ConstraintCompiler;
 use crate::tokenizer::Tokenizer;
 
 /// Engine limits.
@@ -34,6 +35,9 @@ pub struct EngineConfig {
     pub max_seqs: usize,
     /// Reuse the KV blocks of prompt prefixes seen before (content-hashed full blocks).
     pub prefix_caching: bool,
+    /// Compute constrained sequences' token masks on another thread while the forward pass runs
+    /// (vLLM's and llguidance's advice); off: just before it.
+    pub overlap_masks: bool,
 }
 
 impl Default for EngineConfig {
@@ -46,6 +50,7 @@ impl Default for EngineConfig {
             max_batch_tokens: 512,
             max_seqs: 16,
             prefix_caching: true,
+            overlap_masks: true,
         }
     }
 }
@@ -78,6 +83,9 @@ pub struct Engine {
     stats: EngineStats,
     /// The last step's logits, `[sampled rows, vocab]` (reused from step to step).
     logits: Vec<f32>,
+    /// Compiles [`SamplingParams::constraint`]s; built at the first one.
+    compiler: Option<Arc<ConstraintCompiler>>,
+    overlap_masks: bool,
 }
 
 impl Engine {
@@ -108,11 +116,29 @@ impl Engine {
             next_id: 0,
             stats: EngineStats::default(),
             logits: Vec::new(),
+            compiler: None,
+            overlap_masks: cfg.overlap_masks,
         })
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+
+    /// The end-of-sequence token ids.
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos
+    }
+
+    /// The compiler of structured-output constraints over this model's vocabulary (built at the
+    /// first call; shared, so a server can compile requests' constraints off the engine thread).
+    pub fn constraint_compiler(&mut self) -> Result<Arc<ConstraintCompiler>> {
+        if let Some(c) = &self.compiler {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(ConstraintCompiler::new(&self.tokenizer, self.model.config().vocab_size, &self.eos)?);
+        self.compiler = Some(c.clone());
+        Ok(c)
     }
 
     pub fn model(&self) -> &Arc<dyn CausalLm> {
@@ -155,7 +181,8 @@ impl Engine {
     }
 
     /// [`add_request`](Self::add_request) with a constraint on the tokens it may generate (each
-    /// token is sampled among those the constraint allows).
+    /// token is sampled among those the constraint allows). Without one, `params.constraint` (if
+    /// any) is compiled here.
     pub fn add_constrained_request(
         &mut self,
         prompt: Vec<u32>,
@@ -177,6 +204,11 @@ impl Engine {
         let max_len = match params.max_tokens {
             Some(n) => (prompt.len() + n).min(limit),
             None => limit,
+        };
+        let constraint = match (constraint, &params.constraint) {
+            (Some(c), _) => Some(c),
+            (None, Some(spec)) => Some(Box::new(self.constraint_compiler()?.compile(spec)?) as Box<dyn TokenConstraint>),
+            (None, None) => None,
         };
         let id = self.next_id;
         self.next_id += 1;
@@ -212,30 +244,62 @@ impl Engine {
         self.scheduler.abort_running(&mut self.cache)
     }
 
-    /// One step: plan → batch → forward → sample → append. Returns the tokens it produced.
+    /// One step: plan → batch → forward (constrained sequences' masks computed meanwhile) → sample
+    /// → append. Returns the tokens it produced.
     pub fn step(&mut self) -> Result<Vec<TokenEvent>> {
         let mut plan = self.scheduler.schedule(&mut self.cache)?;
         if plan.is_empty() {
             return Ok(Vec::new());
         }
-        self.fill_masks(&mut plan)?;
         let batch = self.build_batch(&plan);
-        self.forward(&batch, plan.prefill_tokens)?;
+        self.forward_and_masks(&batch, &mut plan)?;
         let (events, accepted, finished) = self.sample_and_append(&mut plan)?;
         self.scheduler.update_from_output(&plan, &accepted, &finished, &mut self.cache);
         Ok(events)
     }
 
-    /// The first sampled row's mask of each constrained sequence.
-    fn fill_masks(&mut self, plan: &mut SchedulerOutput) -> Result<()> {
+    /// Runs the forward pass and fills the mask of each constrained sequence's first sampled row:
+    /// on another thread during the pass (`overlap_masks`), else before it.
+    fn forward_and_masks(&mut self, batch: &BatchInput, plan: &mut SchedulerOutput) -> Result<()> {
         let vocab = self.model.config().vocab_size;
-        for p in plan.seqs.iter_mut().filter(|p| p.sample) {
+        let mut taken: Vec<(usize, Box<dyn TokenConstraint>)> = Vec::new();
+        for (i, p) in plan.seqs.iter().enumerate().filter(|(_, p)| p.sample) {
             let seq = self.scheduler.get_mut(p.id).expect("planned sequences run");
-            if let Some(c) = seq.constraint.as_mut() {
-                let mut mask = TokenMask::none(vocab);
-                c.fill_mask(&mut mask)?;
-                p.mask = Some(mask);
+            if let Some(c) = seq.constraint.take() {
+                taken.push((i, c));
             }
+        }
+        if taken.is_empty() {
+            return self.forward(batch, plan.prefill_tokens);
+        }
+        let fill = |taken: &mut Vec<(usize, Box<dyn TokenConstraint>)>| -> Vec<Result<TokenMask>> {
+            taken
+                .iter_mut()
+                .map(|(_, c)| {
+                    let mut m = TokenMask::none(vocab);
+                    c.fill_mask(&mut m).map(|()| m)
+                })
+                .collect()
+        };
+        let (forward, masks) = if self.overlap_masks {
+            std::thread::scope(|s| {
+                let masks = s.spawn(|| fill(&mut taken));
+                let forward = self.forward(batch, plan.prefill_tokens);
+                (forward, masks.join().unwrap_or_else(|_| vec![Err(Error::Constraint("computing a token mask failed".into()))]))
+            })
+        } else {
+            let masks = fill(&mut taken);
+            (self.forward(batch, plan.prefill_tokens), masks)
+        };
+        let mut rows = Vec::with_capacity(taken.len());
+        for (i, c) in taken {
+            let seq = self.scheduler.get_mut(plan.seqs[i].id).expect("planned sequences run");
+            seq.constraint = Some(c);
+            rows.push(i);
+        }
+        forward?;
+        for (i, m) in rows.into_iter().zip(masks) {
+            plan.seqs[i].mask = Some(m?);
         }
         Ok(())
     }

@@ -38,6 +38,10 @@ pub enum Error {
     #[error("chat template: {0}")]
     Template(String),
 
+    /// A structured-output constraint (JSON schema, regex, grammar, choice) is invalid or unsupported.
+    #[error("{0}")]
+    Constraint(String),
+
     /// The paged KV cache has no free block left.
     #[error("KV cache full: {needed} more blocks needed, {free} free of {total}; give the cache more memory (--kv-cache-mem) or shorten the request")]
     CacheFull { needed: usize, free: usize, total: usize },

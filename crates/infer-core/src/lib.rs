@@ -24,9 +24,11 @@ pub mod sampling;
 pub mod scheduler;
 pub mod sequence;
 pub mod stop;
+pub mod structured;
 #[doc(hidden)]
 pub mod testing;
 pub mod tokenizer;
+pub mod tools;
 pub mod weights;
 
 pub use api::{parse_device, Chunk, ModelBuilder, Session, TextStream};
@@ -38,5 +40,6 @@ pub use error::{Error, Result};
 pub use infer_kernels::Isa;
 pub use loader::{load, DTypeChoice, LoadOptions, LoadedModel};
 pub use sampling::{Sampler, SamplingParams, TokenMask};
+pub use structured::{Constraint, ConstraintCompiler, GrammarConstraint};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
 pub use weights::{cpu_kernels, KernelChoice, Quantize};

@@ -38,6 +38,9 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
     /// Report this many most likely alternatives (with log-probabilities) for each generated token.
     pub logprobs: Option<usize>,
+    /// What the output must match (a JSON schema, a regex, a choice, a grammar); compiled by the
+    /// engine when the sequence is added.
+    pub constraint: Option<crate::structured::Constraint>,
 }
 
 impl Default for SamplingParams {
@@ -56,6 +59,7 @@ impl Default for SamplingParams {
             stop: Vec::new(),
             ignore_eos: false,
             logprobs: None,
+            constraint: None,
         }
     }
 }

@@ -92,7 +92,7 @@ impl From<infer_core::Error> for ApiError {
         match &e {
             E::InvalidParameter { name, msg } => Self::bad_request(Some(name), format!("invalid `{name}`: {msg}")),
             E::ContextOverflow { .. } => Self::bad_request(None, e.to_string()).with_code("context_length_exceeded"),
-            E::Tokenizer(_) | E::Template(_) => Self::bad_request(None, e.to_string()),
+            E::Tokenizer(_) | E::Template(_) | E::Constraint(_) => Self::bad_request(None, e.to_string()),
             E::CacheFull { .. } => Self::unavailable(e.to_string()),
             _ => Self::internal(e.to_string()),
         }

@@ -25,7 +25,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use infer_core::{ChatTemplate, Engine, EngineConfig, LoadedModel, Tokenizer};
+use infer_core::tools::ToolFormat;
+use infer_core::{ChatTemplate, ConstraintCompiler, Engine, EngineConfig, LoadedModel, Tokenizer};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
@@ -52,6 +53,11 @@ pub struct ServerConfig {
     pub cors_origins: Vec<String>,
     /// On shutdown, how long in-flight requests may finish before they are cancelled.
     pub shutdown_grace: Duration,
+    /// How the model writes tool calls; `None`: recognised from its chat template.
+    pub tool_call_parser: Option<ToolFormat>,
+    /// Split `<think>…</think>` into `reasoning_content` (vLLM's and llama.cpp's default); off: it
+    /// stays in the content.
+    pub reasoning: bool,
 }
 
 impl Default for ServerConfig {
@@ -64,6 +70,8 @@ impl Default for ServerConfig {
             max_body_bytes: 8 << 20,
             cors_origins: Vec::new(),
             shutdown_grace: Duration::from_secs(10),
+            tool_call_parser: None,
+            reasoning: true,
         }
     }
 }
@@ -78,9 +86,25 @@ pub struct Ready {
     pub eos: Vec<u32>,
     pub defaults: openai::Defaults,
     pub created: u64,
+    /// How the model writes tool calls.
+    pub tool_format: ToolFormat,
+    /// Whether the template knows `<think>` sections (then they go to `reasoning_content`).
+    pub thinks: bool,
+    /// Tokens that stand for tool-call and reasoning markers (the detokenizer may leave them out).
+    pub markers: std::collections::HashMap<u32, String>,
+    /// Compiles structured-output constraints; built at the first request that has one.
+    compiler: OnceLock<Result<Arc<ConstraintCompiler>, String>>,
 }
 
 impl Ready {
+    /// The constraint compiler over this model's vocabulary (blocking: built at the first call).
+    pub fn compiler(&self) -> Result<Arc<ConstraintCompiler>, ApiError> {
+        self.compiler
+            .get_or_init(|| ConstraintCompiler::new(&self.tokenizer, self.vocab_size, &self.eos).map(Arc::new).map_err(|e| e.to_string()))
+            .clone()
+            .map_err(ApiError::internal)
+    }
+
     fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
         match model {
             Some(m) if !m.is_empty() && m != self.model_id => Err(ApiError::model_not_found(m, &self.model_id)),
@@ -219,7 +243,15 @@ where
                     top_k: gc.top_k.unwrap_or(d.top_k),
                     repetition_penalty: gc.repetition_penalty.unwrap_or(d.repetition_penalty),
                 };
+                let template_src = m.chat_template.as_ref().map(|t| t.source().to_string()).unwrap_or_default();
                 let ready = Ready {
+                    tool_format: st.cfg.tool_call_parser.unwrap_or_else(|| ToolFormat::detect(&template_src)),
+                    thinks: st.cfg.reasoning && template_src.contains("<think>"),
+                    compiler: OnceLock::new(),
+                    markers: infer_core::tools::MARKERS
+                        .iter()
+                        .filter_map(|&mk| m.tokenizer.token_to_id(mk).map(|id| (id, mk.to_string())))
+                        .collect(),
                     model_id: st.cfg.served_model_name.clone().unwrap_or_else(|| m.name.clone()),
                     tokenizer: m.tokenizer.clone(),
                     chat_template: m.chat_template.take(),

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use infer_core::SamplingParams;
+use infer_core::{Constraint, SamplingParams};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
@@ -71,6 +71,15 @@ pub struct CommonParams {
     pub user: Option<String>,
     /// Keep generating past end-of-sequence tokens (vLLM's extension; used by benchmarks).
     pub ignore_eos: Option<bool>,
+    /// Structured output (see [`CommonParams::constraint`]).
+    pub response_format: Option<Value>,
+    pub structured_outputs: Option<Value>,
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
+    pub json_schema: Option<Value>,
+    pub grammar: Option<String>,
 }
 
 /// Message content: a string or a list of parts.
@@ -94,6 +103,14 @@ pub struct Message {
     pub role: String,
     #[serde(default)]
     pub content: Option<Content>,
+    #[serde(default)]
+    pub tool_calls: Option<Vec<Value>>,
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub reasoning_content: Option<String>,
 }
 
 /// A chat completions request.
@@ -109,7 +126,12 @@ pub struct ChatParams {
     #[serde(default)]
     pub tools: Option<Vec<Value>>,
     #[serde(default)]
-    pub response_format: Option<Value>,
+    pub tool_choice: Option<Value>,
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    /// Extra variables for the chat template (`enable_thinking`, ...).
+    #[serde(default)]
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
 }
 
 /// `prompt`: a string, strings, token ids, or lists of token ids.
@@ -251,6 +273,7 @@ impl CommonParams {
             stop,
             ignore_eos: self.ignore_eos.unwrap_or(false),
             logprobs: None,
+            constraint: None,
         })
     }
 }
@@ -260,20 +283,6 @@ impl ChatParams {
     pub fn conversation(&self) -> Result<Vec<infer_core::ChatMessage>, ApiError> {
         if self.messages.is_empty() {
             return Err(ApiError::bad_request(Some("messages"), "`messages` must hold at least one message"));
-        }
-        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(ApiError::bad_request(
-                Some("tools"),
-                "tool calling is not supported by this server; send the request without `tools`",
-            ));
-        }
-        if let Some(kind) = self.response_format.as_ref().and_then(|f| f.get("type")).and_then(Value::as_str) {
-            if kind != "text" {
-                return Err(ApiError::bad_request(
-                    Some("response_format"),
-                    format!("response_format `{kind}` is not supported; only `text`"),
-                ));
-            }
         }
         let mut out = Vec::with_capacity(self.messages.len());
         for (i, m) in self.messages.iter().enumerate() {
@@ -312,7 +321,14 @@ impl ChatParams {
                     texts.join("\n")
                 }
             };
-            out.push(infer_core::ChatMessage::new(role, text));
+            let mut msg = infer_core::ChatMessage::new(role, text);
+            msg.tool_call_id = m.tool_call_id.clone();
+            msg.name = m.name.clone();
+            msg.reasoning_content = m.reasoning_content.clone();
+            for (j, call) in m.tool_calls.iter().flatten().enumerate() {
+                msg.tool_calls.push(template_tool_call(call, &format!("messages[{i}].tool_calls[{j}]"))?);
+            }
+            out.push(msg);
         }
         Ok(out)
     }
@@ -328,12 +344,235 @@ impl ChatParams {
     }
 }
 
+/// An assistant message's tool call as templates want it: the OpenAI shape with `arguments` as a
+/// JSON object where its text parses as one.
+fn template_tool_call(call: &Value, at: &str) -> Result<Value, ApiError> {
+    let f = call.get("function").and_then(Value::as_object).ok_or_else(|| bad(&format!("{at}.function"), "must be an object"))?;
+    let name = f.get("name").and_then(Value::as_str).ok_or_else(|| bad(&format!("{at}.function.name"), "is required"))?;
+    let arguments = match f.get("arguments") {
+        Some(Value::String(s)) => {
+            serde_json::from_str::<Value>(s).ok().filter(Value::is_object).unwrap_or_else(|| Value::String(s.clone()))
+        }
+        Some(v @ Value::Object(_)) => v.clone(),
+        None | Some(Value::Null) => Value::Object(Default::default()),
+        Some(_) => return Err(bad(&format!("{at}.function.arguments"), "must be a JSON string")),
+    };
+    let mut out = serde_json::Map::new();
+    if let Some(id) = call.get("id").and_then(Value::as_str) {
+        out.insert("id".into(), Value::from(id));
+    }
+    out.insert("type".into(), Value::from("function"));
+    out.insert("function".into(), serde_json::json!({"name": name, "arguments": arguments}));
+    Ok(Value::Object(out))
+}
+
 impl CompletionParams {
     pub fn logprobs(&self) -> Result<Option<usize>, ApiError> {
         if let Some(k) = self.logprobs {
             check(k <= MAX_TOP_LOGPROBS, "logprobs", format!("{k} must be between 0 and {MAX_TOP_LOGPROBS}"))?;
         }
         Ok(self.logprobs.map(|k| k as usize))
+    }
+}
+
+fn bad(param: &str, msg: impl Into<String>) -> ApiError {
+    let msg = msg.into();
+    ApiError::bad_request(Some(param), format!("invalid `{param}`: {msg}"))
+}
+
+/// A schema given as an object or as a JSON string holding one.
+fn schema_value(v: &Value, param: &str) -> Result<Value, ApiError> {
+    match v {
+        Value::String(s) => serde_json::from_str(s).map_err(|e| bad(param, format!("not a JSON schema: {e}"))),
+        Value::Object(_) => Ok(v.clone()),
+        Value::Bool(true) => Ok(serde_json::json!({})),
+        _ => Err(bad(param, "a JSON schema must be an object")),
+    }
+}
+
+/// A grammar: llguidance's Lark syntax, or llama.cpp's GBNF (`root ::= …`) turned into it.
+fn grammar(src: &str) -> Constraint {
+    if src.contains("::=") {
+        Constraint::Lark(gbnf_to_lark(src))
+    } else {
+        Constraint::Lark(src.to_string())
+    }
+}
+
+/// GBNF as llama.cpp writes it, in Lark: `name ::= body` rules (`root` is `start`), `[...]` classes
+/// and `.` as regexes, `#` comments. Rules span lines until the next `name ::=`.
+pub fn gbnf_to_lark(src: &str) -> String {
+    let mut out = String::with_capacity(src.len() + 64);
+    let chars: Vec<char> = src.chars().collect();
+    let mut i = 0;
+    let rule_name = |s: &str| if s == "root" { "start".to_string() } else { s.replace('-', "_") };
+    // Rule heads: an identifier at the start of a line followed by `::=`.
+    let mut at_line_start = true;
+    while i < chars.len() {
+        let c = chars[i];
+        if at_line_start {
+            let rest: String = chars[i..].iter().take_while(|&&c| c != '\n').collect();
+            let trimmed = rest.trim_start();
+            if let Some(pos) = trimmed.find("::=") {
+                let name = trimmed[..pos].trim();
+                if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                    out.push('\n');
+                    out.push_str(&rule_name(name));
+                    out.push(':');
+                    i += rest.len() - trimmed.len() + pos + 3;
+                    at_line_start = false;
+                    continue;
+                }
+            }
+        }
+        at_line_start = false;
+        match c {
+            '#' => {
+                while i < chars.len() && chars[i] != '\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            '\n' => {
+                out.push(' ');
+                at_line_start = true;
+            }
+            '"' => {
+                out.push('"');
+                i += 1;
+                while i < chars.len() && chars[i] != '"' {
+                    if chars[i] == '\\' && i + 1 < chars.len() {
+                        out.push(chars[i]);
+                        i += 1;
+                    }
+                    out.push(chars[i]);
+                    i += 1;
+                }
+                out.push('"');
+            }
+            '[' => {
+                out.push('/');
+                out.push('[');
+                i += 1;
+                while i < chars.len() && chars[i] != ']' {
+                    if chars[i] == '\\' && i + 1 < chars.len() {
+                        out.push(chars[i]);
+                        i += 1;
+                    } else if chars[i] == '/' {
+                        out.push('\\');
+                    }
+                    out.push(chars[i]);
+                    i += 1;
+                }
+                out.push_str("]/");
+            }
+            '.' => out.push_str("/./"),
+            c if c.is_ascii_alphabetic() || c == '_' => {
+                let start = i;
+                while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '-' || chars[i] == '_') {
+                    i += 1;
+                }
+                let name: String = chars[start..i].iter().collect();
+                out.push_str(&rule_name(&name));
+                continue;
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    out.trim_start().to_string() + "\n"
+}
+
+impl CommonParams {
+    /// The structured-output constraint the request asks for, if any, and the field that asked:
+    /// OpenAI's `response_format`, vLLM's `structured_outputs` (and its older `guided_*` fields),
+    /// llama.cpp's `json_schema` and `grammar`. At most one may be given.
+    pub fn constraint(&self) -> Result<Option<(Constraint, String)>, ApiError> {
+        let mut found: Vec<(Constraint, String)> = Vec::new();
+        if let Some(rf) = &self.response_format {
+            let kind = rf.get("type").and_then(Value::as_str).ok_or_else(|| bad("response_format", "needs a `type`"))?;
+            match kind {
+                "text" => {}
+                "json_object" => match rf.get("schema") {
+                    Some(s) => {
+                        found.push((Constraint::JsonSchema(schema_value(s, "response_format.schema")?), "response_format.schema".into()))
+                    }
+                    None => found.push((Constraint::JsonObject, "response_format".into())),
+                },
+                "json_schema" => {
+                    let js =
+                        rf.get("json_schema").ok_or_else(|| bad("response_format.json_schema", "is required with type `json_schema`"))?;
+                    if let Some(name) = js.get("name") {
+                        let ok = name.as_str().is_some_and(|n| {
+                            !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                        });
+                        if !ok {
+                            return Err(bad("response_format.json_schema.name", "must be 1-64 letters, digits, `_` or `-`"));
+                        }
+                    }
+                    let param = "response_format.json_schema.schema";
+                    let schema = match js.get("schema") {
+                        Some(s) => schema_value(s, param)?,
+                        None => serde_json::json!({"type": "object"}),
+                    };
+                    found.push((Constraint::JsonSchema(schema), param.into()));
+                }
+                other => {
+                    return Err(bad("response_format.type", format!("`{other}` is not one of `text`, `json_object`, `json_schema`")));
+                }
+            }
+        }
+        if let Some(so) = &self.structured_outputs {
+            let obj = so.as_object().ok_or_else(|| bad("structured_outputs", "must be an object"))?;
+            for (k, v) in obj {
+                let param = format!("structured_outputs.{k}");
+                let c = match k.as_str() {
+                    "json" => Constraint::JsonSchema(schema_value(v, &param)?),
+                    "json_object" => match v {
+                        Value::Bool(true) => Constraint::JsonObject,
+                        Value::Bool(false) | Value::Null => continue,
+                        _ => return Err(bad(&param, "must be true or false")),
+                    },
+                    "regex" => Constraint::Regex(v.as_str().ok_or_else(|| bad(&param, "must be a string"))?.to_string()),
+                    "grammar" => grammar(v.as_str().ok_or_else(|| bad(&param, "must be a string"))?),
+                    "choice" => Constraint::Choice(
+                        v.as_array()
+                            .and_then(|a| a.iter().map(|s| s.as_str().map(String::from)).collect::<Option<Vec<_>>>())
+                            .ok_or_else(|| bad(&param, "must be a list of strings"))?,
+                    ),
+                    // Options of vLLM's that change nothing here.
+                    "disable_fallback" | "disable_any_whitespace" | "disable_additional_properties" | "whitespace_pattern" | "backend" => {
+                        continue
+                    }
+                    "structural_tag" => return Err(bad(&param, "structural tags are not supported; use `grammar`")),
+                    _ => return Err(bad(&param, "unknown field; expected one of json, regex, choice, grammar, json_object")),
+                };
+                found.push((c, param));
+            }
+        }
+        if let Some(v) = &self.guided_json {
+            found.push((Constraint::JsonSchema(schema_value(v, "guided_json")?), "guided_json".into()));
+        }
+        if let Some(r) = &self.guided_regex {
+            found.push((Constraint::Regex(r.clone()), "guided_regex".into()));
+        }
+        if let Some(c) = &self.guided_choice {
+            found.push((Constraint::Choice(c.clone()), "guided_choice".into()));
+        }
+        if let Some(g) = &self.guided_grammar {
+            found.push((grammar(g), "guided_grammar".into()));
+        }
+        if let Some(v) = &self.json_schema {
+            found.push((Constraint::JsonSchema(schema_value(v, "json_schema")?), "json_schema".into()));
+        }
+        if let Some(g) = self.grammar.as_ref().filter(|g| !g.trim().is_empty()) {
+            found.push((grammar(g), "grammar".into()));
+        }
+        if found.len() > 1 {
+            let names: Vec<&str> = found.iter().map(|(_, p)| p.as_str()).collect();
+            return Err(bad(&found[1].1, format!("give one structured-output constraint, not several ({})", names.join(", "))));
+        }
+        Ok(found.pop())
     }
 }
 

@@ -13,12 +13,14 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, Stream};
-use infer_core::{FinishReason, TokenEvent};
+use infer_core::tools::{self, OutputDelta, OutputParser, ThinkMode, ToolChoice, ToolFormat};
+use infer_core::{Constraint, FinishReason, TokenConstraint, TokenEvent};
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
 use crate::openai::{parse, parse_request, ChatParams, CompletionParams, Prompt};
 use crate::run::{ChoiceOutput, ChoiceToken, Run};
+use crate::worker::NewSeq;
 use crate::{AppState, Ready};
 
 /// Legacy completions generate 16 tokens unless told otherwise (OpenAI's default).
@@ -49,16 +51,39 @@ fn now_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// The same parameters for each of `n` choices; with a seed, choice `i` uses `seed + i` so choices
-/// differ yet stay reproducible.
-fn choices(prompt: &[u32], params: &infer_core::SamplingParams, n: usize) -> Vec<(Vec<u32>, infer_core::SamplingParams)> {
+/// The same parameters for each of `n` choices, each with its copy of the constraint; with a seed,
+/// choice `i` uses `seed + i` so choices differ yet stay reproducible.
+fn choices(
+    prompt: &[u32],
+    params: &infer_core::SamplingParams,
+    n: usize,
+    constraint: Option<&infer_core::GrammarConstraint>,
+) -> Vec<NewSeq> {
     (0..n)
         .map(|i| {
             let mut p = params.clone();
             p.seed = p.seed.map(|s| s.wrapping_add(i as u64));
-            (prompt.to_vec(), p)
+            let c = constraint.map(|c| Box::new(c.fork()) as Box<dyn TokenConstraint>);
+            (prompt.to_vec(), p, c)
         })
         .collect()
+}
+
+/// Compiles a request's constraint on a blocking thread (large schemas take a while); the error of
+/// an invalid one names `field`.
+async fn compile(ready: &Arc<Ready>, c: Constraint, field: String) -> Result<infer_core::GrammarConstraint, ApiError> {
+    let r = ready.clone();
+    tokio::task::spawn_blocking(move || {
+        r.compiler()?.compile(&c).map_err(|e| ApiError::bad_request(Some(&field), format!("invalid `{field}`: {e}")))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("the grammar compiler stopped: {e}")))?
+}
+
+/// The constraint compiler, built on a blocking thread at its first use.
+async fn compiler(ready: &Arc<Ready>) -> Result<Arc<infer_core::ConstraintCompiler>, ApiError> {
+    let r = ready.clone();
+    tokio::task::spawn_blocking(move || r.compiler()).await.map_err(|e| ApiError::internal(e.to_string()))?
 }
 
 fn finish_str(f: Option<FinishReason>) -> Value {
@@ -77,6 +102,41 @@ struct Meta {
     include_usage: bool,
     /// Completions with `echo`: the prompt text of each choice.
     echo: Vec<String>,
+    /// Chat: the tool-call format when tools are in play.
+    tool_format: Option<ToolFormat>,
+    /// Chat: where reasoning may appear.
+    think: ThinkMode,
+}
+
+impl Meta {
+    fn parser(&self) -> OutputParser {
+        OutputParser::new(self.tool_format, self.think)
+    }
+}
+
+/// The text a token adds to what the output parser reads: its text, plus the marker it stands for
+/// when the detokenizer leaves special tokens out (`[TOOL_CALLS]`, `<|tool_call|>`).
+fn parser_text(ready: &Ready, ev: &TokenEvent) -> String {
+    match ready.markers.get(&ev.token) {
+        Some(m) if !ev.text.ends_with(m.as_str()) => format!("{}{m}", ev.text),
+        _ => ev.text.clone(),
+    }
+}
+
+fn tool_call_json(index: Option<usize>, id: &str, name: &str, arguments: &str) -> Value {
+    let mut v = json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}});
+    if let Some(i) = index {
+        v["index"] = json!(i);
+    }
+    v
+}
+
+/// OpenAI's finish reason: `tool_calls` when the model ended after calling tools.
+fn chat_finish(f: Option<FinishReason>, calls: usize) -> Value {
+    match f {
+        Some(FinishReason::Stop) if calls > 0 => Value::from("tool_calls"),
+        f => finish_str(f),
+    }
 }
 
 fn usage(prompt_tokens: usize, completion_tokens: usize, cached: usize) -> Value {
@@ -135,11 +195,37 @@ fn full_response(ready: &Ready, meta: &Meta, outs: Vec<ChoiceOutput>) -> Value {
                     Some(_) => json!({"content": shown.iter().map(|e| chat_logprob_entry(ready, e)).collect::<Vec<_>>(), "refusal": null}),
                     None => Value::Null,
                 };
+                let mut parser = meta.parser();
+                let mut message = if parser.is_plain() {
+                    json!({"role": "assistant", "content": o.text, "refusal": null})
+                } else {
+                    for e in &o.tokens {
+                        parser.push(&parser_text(ready, e));
+                    }
+                    let (_, parsed) = parser.finish();
+                    let content = if parsed.calls.is_empty() || !parsed.content.trim().is_empty() {
+                        Value::from(parsed.content)
+                    } else {
+                        Value::Null
+                    };
+                    let mut m = json!({"role": "assistant", "content": content, "refusal": null});
+                    if let Some(r) = parsed.reasoning {
+                        m["reasoning_content"] = Value::from(r);
+                    }
+                    if !parsed.calls.is_empty() {
+                        m["tool_calls"] = parsed.calls.iter().map(|c| tool_call_json(None, &c.id, &c.name, &c.arguments)).collect();
+                    }
+                    m
+                };
+                let calls = message.get("tool_calls").and_then(Value::as_array).map_or(0, Vec::len);
+                if message["content"].is_null() && calls == 0 {
+                    message["content"] = Value::from("");
+                }
                 json!({
                     "index": i,
-                    "message": {"role": "assistant", "content": o.text, "refusal": null},
+                    "message": message,
                     "logprobs": logprobs,
-                    "finish_reason": finish_str(o.finish),
+                    "finish_reason": chat_finish(o.finish, calls),
                 })
             } else {
                 let echo = meta.echo.get(i).cloned().unwrap_or_default();
@@ -170,6 +256,8 @@ struct Chunker {
     cached: usize,
     /// Text offset per choice (completions logprobs).
     offsets: Vec<usize>,
+    /// Chat with tools or reasoning: each choice's output parser.
+    parsers: Vec<OutputParser>,
 }
 
 impl Chunker {
@@ -205,10 +293,47 @@ impl Chunker {
             .collect()
     }
 
+    /// A chat choice's parsed deltas as chunks (tools or reasoning in play).
+    fn parsed_token(&mut self, index: usize, event: TokenEvent) -> Vec<String> {
+        let piece = parser_text(&self.ready, &event);
+        let mut deltas = self.parsers[index].push(&piece);
+        if event.finish.is_some() {
+            deltas.extend(self.parsers[index].finish().0);
+        }
+        let mut logprobs = match self.meta.logprobs {
+            Some(_) if !is_final_eos(&self.ready, &event) => json!({"content": [chat_logprob_entry(&self.ready, &event)], "refusal": null}),
+            _ => Value::Null,
+        };
+        let mut out = Vec::new();
+        for d in deltas {
+            let delta = match d {
+                OutputDelta::Content(t) => json!({"content": t}),
+                OutputDelta::Reasoning(t) => json!({"reasoning_content": t}),
+                OutputDelta::CallStart { index: k, id, name } => json!({"tool_calls": [tool_call_json(Some(k), &id, &name, "")]}),
+                OutputDelta::CallArguments { index: k, fragment } => {
+                    json!({"tool_calls": [{"index": k, "function": {"arguments": fragment}}]})
+                }
+            };
+            let lp = std::mem::take(&mut logprobs);
+            out.push(self.chunk(vec![json!({"index": index, "delta": delta, "logprobs": lp, "finish_reason": null})]));
+        }
+        if !logprobs.is_null() {
+            out.push(self.chunk(vec![json!({"index": index, "delta": {}, "logprobs": logprobs, "finish_reason": null})]));
+        }
+        if event.finish.is_some() {
+            let reason = chat_finish(event.finish, self.parsers[index].num_calls());
+            out.push(self.chunk(vec![json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": reason})]));
+        }
+        out
+    }
+
     fn token(&mut self, step: ChoiceToken) -> Vec<String> {
         let ChoiceToken { index, event } = step;
         self.completion_tokens += 1;
         self.cached = self.cached.max(event.cached_tokens);
+        if self.meta.chat && !self.parsers.is_empty() {
+            return self.parsed_token(index, event);
+        }
         let mut out = Vec::new();
         let eos = is_final_eos(&self.ready, &event);
         if !event.text.is_empty() || (self.meta.logprobs.is_some() && !eos) {
@@ -281,7 +406,8 @@ fn sse(run: Run, mut chunker: Chunker) -> Sse<impl Stream<Item = Result<Event, I
 async fn respond(ready: Arc<Ready>, run: Run, meta: Meta, stream: bool) -> Result<Response, ApiError> {
     if stream {
         let n = run.num_choices();
-        let chunker = Chunker { ready, meta, completion_tokens: 0, cached: 0, offsets: vec![0; n] };
+        let parsers = if meta.chat && !meta.parser().is_plain() { (0..n).map(|_| meta.parser()).collect() } else { Vec::new() };
+        let chunker = Chunker { ready, meta, completion_tokens: 0, cached: 0, offsets: vec![0; n], parsers };
         return Ok(sse(run, chunker).into_response());
     }
     let outs = run.collect().await?;
@@ -293,17 +419,63 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Byte
     let chat: ChatParams = parse_request(&json_body(body)?)?;
     let common = &chat.common;
     ready.check_model(common.model.as_deref())?;
-    let conversation = chat.conversation()?;
+    let mut conversation = chat.conversation()?;
+    let tools = tools::parse_tools(chat.tools.as_deref().unwrap_or(&[]))
+        .map_err(|(p, m)| ApiError::bad_request(Some(&p), format!("invalid `{p}`: {m}")))?;
+    let tool_choice = tools::parse_tool_choice(chat.tool_choice.as_ref(), &tools)
+        .map_err(|m| ApiError::bad_request(Some("tool_choice"), format!("invalid `tool_choice`: {m}")))?;
+    let use_tools = !tools.is_empty() && tool_choice != ToolChoice::None;
+    let mut constraint = common.constraint()?;
+    if use_tools {
+        if let Some((_, field)) = &constraint {
+            return Err(ApiError::bad_request(
+                Some(field),
+                format!("invalid `{field}`: a structured-output constraint cannot be combined with `tools`"),
+            ));
+        }
+    }
     let template = ready.chat_template.as_ref().ok_or_else(|| {
         ApiError::bad_request(None, format!("the model `{}` has no chat template; use /v1/completions with a plain prompt", ready.model_id))
     })?;
-    let text = template.render(&conversation, true)?;
+    let format = ready.tool_format;
+    let mut template_tools = Vec::new();
+    if use_tools {
+        if format == ToolFormat::Generic {
+            let prompt = tools::generic_system_prompt(&tools, &tool_choice);
+            match conversation.first_mut() {
+                Some(m) if m.role == "system" => m.content = format!("{}\n\n{prompt}", m.content),
+                _ => conversation.insert(0, infer_core::ChatMessage::system(prompt)),
+            }
+        } else {
+            template_tools = tools.iter().map(|t| t.to_openai()).collect();
+        }
+    }
+    let kwargs = chat.chat_template_kwargs.clone().unwrap_or_default();
+    let text = template.render_with(&conversation, true, &template_tools, &kwargs)?;
     let prompt = ready.tokenizer.encode(&text, false)?;
     ready.check_context(prompt.len(), "messages")?;
     let mut params = common.sampling(&ready.defaults, ready.vocab_size, None)?;
     params.logprobs = chat.logprobs()?;
     let n = common.n()?;
-    let run = Run::submit(&st, choices(&prompt, &params, n)).await?;
+    if use_tools {
+        let compiler = compiler(&ready).await?;
+        let parallel = chat.parallel_tool_calls.unwrap_or(true);
+        if let Some(g) = tools::tool_grammar(format, &tools, &tool_choice, parallel, &|t| compiler.special_ref(t)) {
+            constraint = Some((Constraint::Lark(g), "tools".into()));
+        }
+    }
+    let compiled = match constraint {
+        Some((c, field)) => Some(compile(&ready, c, field).await?),
+        None => None,
+    };
+    let think = if !ready.thinks {
+        ThinkMode::Off
+    } else if text.trim_end().ends_with("<think>") {
+        ThinkMode::Open
+    } else {
+        ThinkMode::Tagged
+    };
+    let run = Run::submit(&st, choices(&prompt, &params, n, compiled.as_ref())).await?;
     let meta = Meta {
         id: random_id("chatcmpl-"),
         created: now_secs(),
@@ -313,6 +485,8 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Byte
         logprobs: params.logprobs,
         include_usage: common.include_usage(),
         echo: Vec::new(),
+        tool_format: use_tools.then_some(format),
+        think,
     };
     respond(ready, run, meta, common.stream()).await
 }
@@ -346,10 +520,14 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, By
     let mut params = common.sampling(&ready.defaults, ready.vocab_size, Some(COMPLETIONS_DEFAULT_MAX_TOKENS))?;
     params.logprobs = cp.logprobs()?;
     let n = common.n()?;
+    let compiled = match common.constraint()? {
+        Some((c, field)) => Some(compile(&ready, c, field).await?),
+        None => None,
+    };
     let mut seqs = Vec::new();
     let mut echo = Vec::new();
     for p in &prompts {
-        seqs.extend(choices(p, &params, n));
+        seqs.extend(choices(p, &params, n, compiled.as_ref()));
         let text = if cp.echo == Some(true) { ready.tokenizer.decode(p, true)? } else { String::new() };
         echo.extend(std::iter::repeat_n(text, n));
     }
@@ -363,6 +541,8 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, By
         logprobs: params.logprobs,
         include_usage: common.include_usage(),
         echo,
+        tool_format: None,
+        think: ThinkMode::Off,
     };
     respond(ready, run, meta, common.stream()).await
 }
@@ -404,8 +584,16 @@ pub async fn tokenize(State(st): State<Arc<AppState>>, body: Result<Bytes, Bytes
     let tokens = match (req.content.or(req.prompt), req.messages) {
         (Some(text), None) => ready.tokenizer.encode(&text, req.add_special.unwrap_or(true))?,
         (None, Some(messages)) => {
-            let chat =
-                ChatParams { common: Default::default(), messages, logprobs: None, top_logprobs: None, tools: None, response_format: None };
+            let chat = ChatParams {
+                common: Default::default(),
+                messages,
+                logprobs: None,
+                top_logprobs: None,
+                tools: None,
+                tool_choice: None,
+                parallel_tool_calls: None,
+                chat_template_kwargs: None,
+            };
             let template =
                 ready.chat_template.as_ref().ok_or_else(|| ApiError::bad_request(Some("messages"), "the model has no chat template"))?;
             ready.tokenizer.encode(&template.render(&chat.conversation()?, true)?, false)?

@@ -7,11 +7,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use infer_core::{FinishReason, SamplingParams, SeqId, TokenEvent};
+use infer_core::{FinishReason, SeqId, TokenEvent};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::ApiError;
-use crate::worker::{Command, SeqMsg, Submission};
+use crate::worker::{Command, NewSeq, SeqMsg, Submission};
 use crate::AppState;
 
 /// The live sequences of one request; dropping it cancels the unfinished ones.
@@ -40,7 +40,7 @@ pub struct ChoiceOutput {
 
 impl Run {
     /// Queues the sequences (one per choice), or answers 429 when the server is full.
-    pub async fn submit(state: &Arc<AppState>, seqs: Vec<(Vec<u32>, SamplingParams)>) -> Result<Run, ApiError> {
+    pub async fn submit(state: &Arc<AppState>, seqs: Vec<NewSeq>) -> Result<Run, ApiError> {
         let k = seqs.len();
         let limit = state.cfg.engine.max_seqs + state.cfg.max_queue;
         let before = state.inflight.fetch_add(k, Ordering::SeqCst);

@@ -8,7 +8,7 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
 
-use infer_core::{Engine, EngineStats, SamplingParams, SeqId, TokenEvent};
+use infer_core::{Engine, EngineStats, SamplingParams, SeqId, TokenConstraint, TokenEvent};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
@@ -24,9 +24,12 @@ pub enum SeqMsg {
     },
 }
 
+/// One sequence to start: its prompt, sampling and (compiled) constraint.
+pub type NewSeq = (Vec<u32>, SamplingParams, Option<Box<dyn TokenConstraint>>);
+
 /// New sequences of one request (`n` choices, or one per prompt).
 pub struct Submission {
-    pub seqs: Vec<(Vec<u32>, SamplingParams)>,
+    pub seqs: Vec<NewSeq>,
     pub arrived: Instant,
     pub events: mpsc::UnboundedSender<SeqMsg>,
     pub reply: oneshot::Sender<Result<Vec<SeqId>, infer_core::Error>>,
@@ -95,9 +98,9 @@ fn handle(cmd: Command, engine: &mut Engine, seqs: &mut HashMap<SeqId, Tracked>,
         Command::Submit(sub) => {
             let mut ids = Vec::with_capacity(sub.seqs.len());
             let mut prompt_tokens = 0;
-            for (prompt, params) in sub.seqs {
+            for (prompt, params, constraint) in sub.seqs {
                 let n = prompt.len();
-                match engine.add_request(prompt, params) {
+                match engine.add_constrained_request(prompt, params, constraint) {
                     Ok(id) => {
                         ids.push(id);
                         prompt_tokens += n;

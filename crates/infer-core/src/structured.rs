@@ -72,6 +72,18 @@ pub const MAX_CONSTRAINT_BYTES: usize = 1 << 20;
 /// Stack of the thread that compiles a constraint (nested schemas recurse deeply).
 const COMPILE_STACK: usize = 64 << 20;
 
+/// A JSON schema as the compiler uses it: objects closed ([`close_objects`]) and llguidance's JSON
+/// options (one line, `", "` and `": "` separators) set. Also for schemas inside Lark grammars (`%json`).
+pub fn prepare_schema(schema: &Value) -> Result<Value> {
+    let mut schema = schema.clone();
+    close_objects(&mut schema, 0)?;
+    if let Value::Object(m) = &mut schema {
+        m.remove("x-guidance");
+        m.insert("x-guidance".into(), json_options());
+    }
+    Ok(schema)
+}
+
 /// Adds `"additionalProperties": false` to every object schema that lists `properties` and says
 /// nothing about others, so a generated object holds exactly the listed keys. Fails past
 /// [`MAX_SCHEMA_DEPTH`] levels.
@@ -238,19 +250,13 @@ impl ConstraintCompiler {
     pub fn compile(&self, c: &Constraint) -> Result<GrammarConstraint> {
         let grammar = match c {
             Constraint::JsonSchema(schema) => {
-                let mut schema = schema.clone();
                 if !schema.is_object() {
                     return Err(Error::Constraint("a JSON schema must be an object".into()));
                 }
                 if serde_json::to_vec(&schema).map(|v| v.len()).unwrap_or(0) > MAX_CONSTRAINT_BYTES {
                     return Err(Error::Constraint(format!("the JSON schema is larger than {MAX_CONSTRAINT_BYTES} bytes")));
                 }
-                close_objects(&mut schema, 0)?;
-                if let Value::Object(m) = &mut schema {
-                    m.remove("x-guidance");
-                    m.insert("x-guidance".into(), json_options());
-                }
-                TopLevelGrammar::from_json_schema(schema)
+                TopLevelGrammar::from_json_schema(prepare_schema(&schema)?)
             }
             Constraint::JsonObject => {
                 let mut schema = serde_json::json!({"type": "object"});

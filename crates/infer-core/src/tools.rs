@@ -30,6 +30,9 @@ pub const MARKERS: &[&str] = &[
     "</think>",
 ];
 
+/// Most calls one answer may make (with `parallel_tool_calls`).
+pub const MAX_PARALLEL_CALLS: usize = 8;
+
 /// Most tools one request may declare.
 pub const MAX_TOOLS: usize = 128;
 
@@ -256,8 +259,8 @@ fn call_schema(tools: &[Tool], named: Option<&str>, args_key: &str) -> Value {
     }
 }
 
-fn lark_json(schema: &Value) -> String {
-    format!("%json {schema}")
+fn lark_json(schema: &Value) -> Result<String> {
+    Ok(format!("%json {}", crate::structured::prepare_schema(schema)?))
 }
 
 /// The Lark grammar that makes the output a call (`Required`, `Named`) in `format`, or for the
@@ -269,66 +272,56 @@ pub fn tool_grammar(
     choice: &ToolChoice,
     parallel: bool,
     special: &dyn Fn(&str) -> Option<String>,
-) -> Option<String> {
+) -> Result<Option<String>> {
     let named = match choice {
-        ToolChoice::None => return None,
-        ToolChoice::Auto if format != ToolFormat::Generic => return None,
+        ToolChoice::None => return Ok(None),
+        ToolChoice::Auto if format != ToolFormat::Generic => return Ok(None),
         ToolChoice::Named(n) => Some(n.as_str()),
         _ => None,
     };
-    let repeat = |call: &str, sep: &str| if parallel { format!("{call} ({sep} {call})*") } else { call.to_string() };
+    let more = MAX_PARALLEL_CALLS - 1;
+    let repeat = |call: &str, sep: &str| if parallel { format!("{call} ({sep} {call}){{0,{more}}}") } else { call.to_string() };
+    let max_items = if parallel { MAX_PARALLEL_CALLS } else { 1 };
     let g = match format {
         ToolFormat::Hermes => {
             let call = format!(
                 "{} \"\\n\" {} \"\\n\" {}",
                 marker("<tool_call>", special),
-                lark_json(&call_schema(tools, named, "arguments")),
+                lark_json(&call_schema(tools, named, "arguments"))?,
                 marker("</tool_call>", special)
             );
             format!("start: {}\n", repeat(&format!("({call})"), "\"\\n\""))
         }
-        ToolFormat::Llama3Json => format!("start: {}\n", lark_json(&call_schema(tools, named, "parameters"))),
+        ToolFormat::Llama3Json => format!("start: {}\n", lark_json(&call_schema(tools, named, "parameters"))?),
         ToolFormat::Mistral => {
             let items = call_schema(tools, named, "arguments");
-            let arr = if parallel {
-                json!({"type": "array", "items": items, "minItems": 1})
-            } else {
-                json!({"type": "array", "items": items, "minItems": 1, "maxItems": 1})
-            };
-            format!("start: {} {}\n", marker("[TOOL_CALLS]", special), lark_json(&arr))
+            let arr = json!({"type": "array", "items": items, "minItems": 1, "maxItems": max_items});
+            format!("start: {} {}\n", marker("[TOOL_CALLS]", special), lark_json(&arr)?)
         }
         ToolFormat::MistralV11 => {
             let calls: Vec<String> = tools
                 .iter()
                 .filter(|t| named.is_none_or(|n| n == t.name))
                 .map(|t| {
-                    format!(
+                    Ok(format!(
                         "{} {} {} {}",
                         marker("[TOOL_CALLS]", special),
                         serde_json::to_string(&t.name).expect("strings serialize"),
                         marker("[ARGS]", special),
-                        lark_json(&t.parameters)
-                    )
+                        lark_json(&t.parameters)?
+                    ))
                 })
-                .collect();
-            format!("start: {}\ncall: {}\n", if parallel { "call+" } else { "call" }, calls.join(" | "))
+                .collect::<Result<_>>()?;
+            format!("start: call{{1,{max_items}}}\ncall: {}\n", calls.join(" | "))
         }
         ToolFormat::Phi4Mini => {
             let items = call_schema(tools, named, "arguments");
-            let arr = if parallel {
-                json!({"type": "array", "items": items, "minItems": 1})
-            } else {
-                json!({"type": "array", "items": items, "minItems": 1, "maxItems": 1})
-            };
-            format!("start: {} {}\n", marker("<|tool_call|>", special), lark_json(&arr))
+            let arr = json!({"type": "array", "items": items, "minItems": 1, "maxItems": max_items});
+            format!("start: {} {}\n", marker("<|tool_call|>", special), lark_json(&arr)?)
         }
         ToolFormat::Generic => {
             let items = call_schema(tools, named, "arguments");
-            let calls = if parallel {
-                json!({"type": "array", "items": items, "minItems": 1})
-            } else {
-                json!({"type": "array", "items": items, "minItems": 1, "maxItems": 1})
-            };
+            let calls = json!({"type": "array", "items": items, "minItems": 1, "maxItems": max_items});
             let with_calls =
                 json!({"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"], "additionalProperties": false});
             let schema = if named.is_none() && *choice == ToolChoice::Auto {
@@ -336,10 +329,10 @@ pub fn tool_grammar(
             } else {
                 with_calls
             };
-            format!("start: {}\n", lark_json(&schema))
+            format!("start: {}\n", lark_json(&schema)?)
         }
     };
-    Some(g)
+    Ok(Some(g))
 }
 
 /// What the generated text holds.

@@ -279,12 +279,12 @@ fn tool_grammars_accept_exactly_calls_of_the_tools() {
         ),
     ];
     for (format, good, bad) in cases {
-        let g = tool_grammar(format, &tools, &ToolChoice::Required, false, &special).unwrap();
+        let g = tool_grammar(format, &tools, &ToolChoice::Required, false, &special).unwrap().unwrap();
         assert!(accepts(&compiler, &vocab, &g, good, eos), "{format:?} should accept {good}\n{g}");
         assert!(!accepts(&compiler, &vocab, &g, bad, eos), "{format:?} should refuse {bad}\n{g}");
     }
     // A named function: only that one.
-    let g = tool_grammar(ToolFormat::Hermes, &tools, &ToolChoice::Named("get_time".into()), false, &special).unwrap();
+    let g = tool_grammar(ToolFormat::Hermes, &tools, &ToolChoice::Named("get_time".into()), false, &special).unwrap().unwrap();
     assert!(accepts(&compiler, &vocab, &g, "<tool_call>\n{\"name\": \"get_time\", \"arguments\": {\"tz\": \"UTC\"}}\n</tool_call>", eos));
     assert!(!accepts(
         &compiler,
@@ -295,13 +295,13 @@ fn tool_grammars_accept_exactly_calls_of_the_tools() {
     ));
     // Parallel calls only when allowed.
     let two = "<tool_call>\n{\"name\": \"get_time\", \"arguments\": {\"tz\": \"UTC\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {\"tz\": \"CET\"}}\n</tool_call>";
-    let g1 = tool_grammar(ToolFormat::Hermes, &tools, &ToolChoice::Required, false, &special).unwrap();
-    let g2 = tool_grammar(ToolFormat::Hermes, &tools, &ToolChoice::Required, true, &special).unwrap();
+    let g1 = tool_grammar(ToolFormat::Hermes, &tools, &ToolChoice::Required, false, &special).unwrap().unwrap();
+    let g2 = tool_grammar(ToolFormat::Hermes, &tools, &ToolChoice::Required, true, &special).unwrap().unwrap();
     assert!(!accepts(&compiler, &vocab, &g1, two, eos));
     assert!(accepts(&compiler, &vocab, &g2, two, eos));
     // Generic auto also allows an answer; family formats stay free under auto.
-    let g = tool_grammar(ToolFormat::Generic, &tools, &ToolChoice::Auto, true, &special).unwrap();
+    let g = tool_grammar(ToolFormat::Generic, &tools, &ToolChoice::Auto, true, &special).unwrap().unwrap();
     assert!(accepts(&compiler, &vocab, &g, "{\"response\": \"hi\"}", eos));
-    assert!(tool_grammar(ToolFormat::Hermes, &tools, &ToolChoice::Auto, true, &special).is_none());
-    assert!(tool_grammar(ToolFormat::Hermes, &tools, &ToolChoice::None, true, &special).is_none());
+    assert!(tool_grammar(ToolFormat::Hermes, &tools, &ToolChoice::Auto, true, &special).unwrap().is_none());
+    assert!(tool_grammar(ToolFormat::Hermes, &tools, &ToolChoice::None, true, &special).unwrap().is_none());
 }

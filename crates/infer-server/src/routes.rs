@@ -460,7 +460,9 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Byte
     if use_tools {
         let compiler = compiler(&ready).await?;
         let parallel = chat.parallel_tool_calls.unwrap_or(true);
-        if let Some(g) = tools::tool_grammar(format, &tools, &tool_choice, parallel, &|t| compiler.special_ref(t)) {
+        let grammar = tools::tool_grammar(format, &tools, &tool_choice, parallel, &|t| compiler.special_ref(t))
+            .map_err(|e| ApiError::bad_request(Some("tools"), format!("invalid `tools`: {e}")))?;
+        if let Some(g) = grammar {
             constraint = Some((Constraint::Lark(g), "tools".into()));
         }
     }

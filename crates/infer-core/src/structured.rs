@@ -256,7 +256,7 @@ impl ConstraintCompiler {
                 if serde_json::to_vec(&schema).map(|v| v.len()).unwrap_or(0) > MAX_CONSTRAINT_BYTES {
                     return Err(Error::Constraint(format!("the JSON schema is larger than {MAX_CONSTRAINT_BYTES} bytes")));
                 }
-                TopLevelGrammar::from_json_schema(prepare_schema(&schema)?)
+                TopLevelGrammar::from_json_schema(prepare_schema(schema)?)
             }
             Constraint::JsonObject => {
                 let mut schema = serde_json::json!({"type": "object"});

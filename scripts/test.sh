@@ -60,6 +60,10 @@ example() {
   echo "example answered: $answer"
   [ "$answer" = "The capital of France is Paris." ] || { echo "example: unexpected answer"; return 1; }
   echo "example: ok"
+  local contact
+  contact="$(cargo run --release --example extract -- "$INFER_TEST_MODEL")"
+  echo "extract example: $contact"
+  [[ "$contact" == Contact* ]] || { echo "extract example: no struct"; return 1; }
 }
 step "library example" example
 # The binary the test build made (the CLI's integration tests need it).

@@ -145,9 +145,52 @@ struct SamplingArgs {
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
+    /// Output valid under this JSON schema (a file, or the schema itself).
+    #[arg(long, value_name = "FILE|JSON", group = "constraint")]
+    json_schema: Option<String>,
+    /// Output is any JSON object.
+    #[arg(long, group = "constraint")]
+    json: bool,
+    /// Output matches this regular expression.
+    #[arg(long, value_name = "REGEX", group = "constraint")]
+    regex: Option<String>,
+    /// Output follows this grammar file (llguidance's Lark syntax, or llama.cpp's GBNF).
+    #[arg(long, value_name = "FILE", group = "constraint")]
+    grammar: Option<std::path::PathBuf>,
+    /// Output is one of these comma-separated strings.
+    #[arg(long, value_name = "A,B,...", group = "constraint")]
+    choice: Option<String>,
 }
 
 impl SamplingArgs {
+    /// The structured-output constraint the flags ask for.
+    fn constraint(&self) -> Result<Option<infer::Constraint>> {
+        use infer::Constraint;
+        if let Some(s) = &self.json_schema {
+            let text = if s.trim_start().starts_with('{') {
+                s.clone()
+            } else {
+                std::fs::read_to_string(s).with_context(|| format!("--json-schema: cannot read `{s}`"))?
+            };
+            let v: serde_json::Value = serde_json::from_str(&text).with_context(|| "--json-schema: not valid JSON")?;
+            return Ok(Some(Constraint::JsonSchema(v)));
+        }
+        if self.json {
+            return Ok(Some(Constraint::JsonObject));
+        }
+        if let Some(r) = &self.regex {
+            return Ok(Some(Constraint::Regex(r.clone())));
+        }
+        if let Some(p) = &self.grammar {
+            let src = std::fs::read_to_string(p).with_context(|| format!("--grammar: cannot read {}", p.display()))?;
+            return Ok(Some(Constraint::grammar(&src)));
+        }
+        if let Some(c) = &self.choice {
+            return Ok(Some(Constraint::Choice(c.split(',').map(String::from).collect())));
+        }
+        Ok(None)
+    }
+
     fn params(&self) -> Result<SamplingParams> {
         let mut logit_bias = std::collections::HashMap::new();
         for lb in &self.logit_bias {
@@ -170,7 +213,7 @@ impl SamplingArgs {
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
             logprobs: None,
-            constraint: None,
+            constraint: self.constraint()?,
         })
     }
 }

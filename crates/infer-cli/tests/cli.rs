@@ -279,3 +279,25 @@ fn eval_compares_models_by_perplexity() {
     assert_clean_error(&infer(&["eval", "--model", model, "--data", short.to_str().unwrap()]), &["fewer than one window", "--ctx"]);
     assert_clean_error(&infer(&["eval", "--model", model, "--data", "/nonexistent.txt"]), &["/nonexistent.txt"]);
 }
+
+#[test]
+fn constrained_output_flags() {
+    let Some(m) = smollm2() else { return };
+    let m = m.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", m, "Is Paris in France? Answer with a date, or yes or no.", "--temperature", "1", "-s", "3", "-n", "60"];
+        args.extend_from_slice(extra);
+        let out = infer(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    assert!(["yes", "no"].contains(&run(&["--choice", "yes,no"]).as_str()));
+    let date = run(&["--regex", "20[0-9]{2}-[01][0-9]-[0-3][0-9]"]);
+    assert!(date.len() == 10 && date.starts_with("20") && date.as_bytes()[4] == b'-', "{date}");
+    let v: serde_json::Value =
+        serde_json::from_str(&run(&["--json-schema", r#"{"type":"object","properties":{"ok":{"type":"boolean"}},"required":["ok"]}"#]))
+            .unwrap();
+    assert!(v["ok"].is_boolean() && v.as_object().unwrap().len() == 1, "{v}");
+    assert_clean_error(&infer(&["run", m, "x", "--regex", "a("]), &["invalid regex", "unclosed group"]);
+    assert_clean_error(&infer(&["run", m, "x", "--json-schema", r#"{"not": {}}"#]), &["invalid JSON schema", "not"]);
+}

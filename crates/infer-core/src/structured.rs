@@ -41,6 +41,15 @@ pub enum Constraint {
 }
 
 impl Constraint {
+    /// A grammar in llguidance's Lark syntax, or in llama.cpp's GBNF (`root ::= …`, converted).
+    pub fn grammar(src: &str) -> Self {
+        if src.contains("::=") {
+            Self::Lark(gbnf_to_lark(src))
+        } else {
+            Self::Lark(src.to_string())
+        }
+    }
+
     /// What kind of constraint this is, for messages.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -63,6 +72,90 @@ impl Constraint {
         let alts: Vec<String> = choices.iter().map(|c| serde_json::to_string(c).expect("strings serialize")).collect();
         Ok(format!("start: {}\n", alts.join(" | ")))
     }
+}
+
+/// GBNF as llama.cpp writes it, in Lark: `name ::= body` rules (`root` is `start`), `[...]` classes
+/// and `.` as regexes, `#` comments. Rules span lines until the next `name ::=`.
+pub fn gbnf_to_lark(src: &str) -> String {
+    let mut out = String::with_capacity(src.len() + 64);
+    let chars: Vec<char> = src.chars().collect();
+    let mut i = 0;
+    let rule_name = |s: &str| if s == "root" { "start".to_string() } else { s.replace('-', "_") };
+    // Rule heads: an identifier at the start of a line followed by `::=`.
+    let mut at_line_start = true;
+    while i < chars.len() {
+        let c = chars[i];
+        if at_line_start {
+            let rest: String = chars[i..].iter().take_while(|&&c| c != '\n').collect();
+            let trimmed = rest.trim_start();
+            if let Some(pos) = trimmed.find("::=") {
+                let name = trimmed[..pos].trim();
+                if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                    out.push('\n');
+                    out.push_str(&rule_name(name));
+                    out.push(':');
+                    i += rest.len() - trimmed.len() + pos + 3;
+                    at_line_start = false;
+                    continue;
+                }
+            }
+        }
+        at_line_start = false;
+        match c {
+            '#' => {
+                while i < chars.len() && chars[i] != '\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            '\n' => {
+                out.push(' ');
+                at_line_start = true;
+            }
+            '"' => {
+                out.push('"');
+                i += 1;
+                while i < chars.len() && chars[i] != '"' {
+                    if chars[i] == '\\' && i + 1 < chars.len() {
+                        out.push(chars[i]);
+                        i += 1;
+                    }
+                    out.push(chars[i]);
+                    i += 1;
+                }
+                out.push('"');
+            }
+            '[' => {
+                out.push('/');
+                out.push('[');
+                i += 1;
+                while i < chars.len() && chars[i] != ']' {
+                    if chars[i] == '\\' && i + 1 < chars.len() {
+                        out.push(chars[i]);
+                        i += 1;
+                    } else if chars[i] == '/' {
+                        out.push('\\');
+                    }
+                    out.push(chars[i]);
+                    i += 1;
+                }
+                out.push_str("]/");
+            }
+            '.' => out.push_str("/./"),
+            c if c.is_ascii_alphabetic() || c == '_' => {
+                let start = i;
+                while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '-' || chars[i] == '_') {
+                    i += 1;
+                }
+                let name: String = chars[start..i].iter().collect();
+                out.push_str(&rule_name(&name));
+                continue;
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    out.trim_start().to_string() + "\n"
 }
 
 /// Deepest nesting of a JSON schema accepted (llguidance's own limit is 128).
@@ -300,9 +393,10 @@ fn check_len(what: &str, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// The first line of an error, without llguidance's internal context.
+/// An error on one line (llguidance's span over several), at most 400 characters.
 fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or(s).trim().chars().take(500).collect()
+    let one: Vec<&str> = s.lines().map(str::trim).filter(|l| !l.is_empty() && !l.chars().all(|c| c == '^' || c == ' ')).collect();
+    one.join(" ").chars().take(400).collect()
 }
 
 /// JSON as people write it on one line: `{"a": 1, "b": [2, 3]}` (no other whitespace, so a small

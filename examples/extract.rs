@@ -40,5 +40,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let json = session.chat(&[ChatMessage::user(prompt)], params)?.text()?;
     let contact: Contact = serde_json::from_str(&json)?;
     println!("{contact:?}");
+    eprintln!("{} ({}) lives in {} and speaks {}", contact.name, contact.age, contact.city, contact.languages.join(", "));
     Ok(())
 }

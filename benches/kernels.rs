@@ -5,7 +5,7 @@
 //!   cargo bench --bench kernels
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use infer_kernels::cpu::attention::paged_attention_with;
+use infer_kernels::cpu::attention::paged_attention;
 use infer_kernels::{fused, write_kv, AttentionShape, HalfKind, HalfWeight, Isa, SeqAttention};
 
 fn values(n: usize, seed: u32) -> Vec<f32> {
@@ -55,7 +55,7 @@ fn attention(c: &mut Criterion) {
         let mut out = vec![0f32; q.len()];
         for isa in Isa::available() {
             g.bench_with_input(BenchmarkId::from_parameter(format!("{isa:?}")), &isa, |b, &isa| {
-                b.iter(|| paged_attention_with(isa, &q, &kc, &vc, &seqs, &sh, &mut out))
+                b.iter(|| paged_attention(isa, &q, &kc, &vc, &seqs, &sh, &mut out))
             });
         }
         g.finish();

@@ -114,31 +114,12 @@ pub fn gbnf_to_lark(src: &str) -> String {
             }
             '"' => {
                 out.push('"');
-                i += 1;
-                while i < chars.len() && chars[i] != '"' {
-                    if chars[i] == '\\' && i + 1 < chars.len() {
-                        out.push(chars[i]);
-                        i += 1;
-                    }
-                    out.push(chars[i]);
-                    i += 1;
-                }
+                i = copy_until(&chars, i + 1, '"', false, &mut out);
                 out.push('"');
             }
             '[' => {
-                out.push('/');
-                out.push('[');
-                i += 1;
-                while i < chars.len() && chars[i] != ']' {
-                    if chars[i] == '\\' && i + 1 < chars.len() {
-                        out.push(chars[i]);
-                        i += 1;
-                    } else if chars[i] == '/' {
-                        out.push('\\');
-                    }
-                    out.push(chars[i]);
-                    i += 1;
-                }
+                out.push_str("/[");
+                i = copy_until(&chars, i + 1, ']', true, &mut out);
                 out.push_str("]/");
             }
             '.' => out.push_str("/./"),
@@ -156,6 +137,22 @@ pub fn gbnf_to_lark(src: &str) -> String {
         i += 1;
     }
     out.trim_start().to_string() + "\n"
+}
+
+/// Copies `chars[i..]` up to the unescaped `close` (escapes kept; `/` escaped when `in_regex`);
+/// returns the index of `close` (or the end).
+fn copy_until(chars: &[char], mut i: usize, close: char, in_regex: bool, out: &mut String) -> usize {
+    while i < chars.len() && chars[i] != close {
+        if chars[i] == '\\' && i + 1 < chars.len() {
+            out.push(chars[i]);
+            i += 1;
+        } else if in_regex && chars[i] == '/' {
+            out.push('\\');
+        }
+        out.push(chars[i]);
+        i += 1;
+    }
+    i
 }
 
 /// Deepest nesting of a JSON schema accepted (llguidance's own limit is 128).

@@ -170,7 +170,7 @@ fn paged_attention_matches_the_cpu_kernel() {
         for (dt, tol) in DTYPES {
             let (qr, kr, vr) = (rounded(&q, dt), rounded(&kc, dt), rounded(&vc, dt));
             let mut want = vec![0f32; rows * num_heads * hd];
-            paged_attention(&qr, &kr, &vr, &seqs, &shape, &mut want);
+            paged_attention(infer_kernels::Isa::detect(), &qr, &kr, &vr, &seqs, &shape, &mut want);
             let up = |v: &[f32]| Tensor::new(v, &dev).unwrap().to_dtype(dt).unwrap();
             let meta = cuda::AttentionMeta::new(&seqs, &dev).unwrap();
             let out = cuda::paged_attention(&up(&q).reshape((rows, num_heads, hd)).unwrap(), &up(&kc), &up(&vc), &meta, &shape).unwrap();

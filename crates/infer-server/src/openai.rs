@@ -98,18 +98,20 @@ pub struct ContentPart {
     pub text: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// A chat message (`role` is checked by [`ChatParams::conversation`]).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
 pub struct Message {
     pub role: String,
-    #[serde(default)]
+    /// Text or parts; `null` for an assistant turn that only calls tools.
     pub content: Option<Content>,
-    #[serde(default)]
+    /// An assistant turn's calls, as a response gave them.
     pub tool_calls: Option<Vec<Value>>,
-    #[serde(default)]
+    /// A `tool` message's call.
     pub tool_call_id: Option<String>,
-    #[serde(default)]
+    /// A `tool` message's function (or a participant's name).
     pub name: Option<String>,
-    #[serde(default)]
+    /// An assistant turn's reasoning, passed to templates that render it.
     pub reasoning_content: Option<String>,
 }
 
@@ -286,6 +288,9 @@ impl ChatParams {
         }
         let mut out = Vec::with_capacity(self.messages.len());
         for (i, m) in self.messages.iter().enumerate() {
+            if m.role.is_empty() {
+                return Err(ApiError::bad_request(Some(&format!("messages[{i}].role")), "every message needs a `role`"));
+            }
             let role = match m.role.as_str() {
                 "developer" => "system",
                 r @ ("system" | "user" | "assistant" | "tool") => r,

@@ -16,7 +16,7 @@
 
 use candle_core::{DType, Tensor};
 
-use infer_kernels::cpu::attention::paged_attention_with;
+use infer_kernels::cpu::attention::paged_attention;
 use infer_kernels::{write_kv, Isa, SeqAttention};
 
 use super::layers::{grow, seq_attention_iter, RmsNorm};
@@ -42,11 +42,11 @@ pub(crate) fn host_attention_into(
     match layer {
         LayerKv::Host { k: kc, v: vc } => {
             write_kv(k, v, slots, shape, kc, vc);
-            paged_attention_with(isa, q, kc, vc, seqs, shape, out);
+            paged_attention(isa, q, kc, vc, seqs, shape, out);
         }
         LayerKv::HostF16 { k: kc, v: vc } => {
             write_kv(k, v, slots, shape, kc, vc);
-            paged_attention_with(isa, q, kc, vc, seqs, shape, out);
+            paged_attention(isa, q, kc, vc, seqs, shape, out);
         }
         #[allow(unreachable_patterns)]
         _ => return Err(Error::Model("the host decoder path needs a host KV cache".into())),

@@ -212,7 +212,7 @@ fn host_attention<E: KvElem>(
     };
     let mut out = vec![0.0f32; t * nh * hd];
     write_kv(kv.get(), vv.get(), &pass.batch.slots, shape, kc, vc);
-    paged_attention(qv.get(), kc, vc, &seq_attention(pass.batch), shape, &mut out);
+    paged_attention(infer_kernels::Isa::detect(), qv.get(), kc, vc, &seq_attention(pass.batch), shape, &mut out);
     Ok(Tensor::from_vec(out, (t, nh * hd), q.device())?)
 }
 

@@ -104,20 +104,9 @@ pub fn write_kv<E: KvElem>(k: &[f32], v: &[f32], slots: &[usize], shape: &Attent
 /// tokens' keys and values, see [`write_kv`]). `q` and `out` are `[num_tokens, num_heads, head_dim]`.
 /// Grouped-query attention: query head `h` reads KV head `h / (num_heads / num_kv_heads)`; the query
 /// heads of a group are processed together so each key and value row is read once per group. Token
-/// rows are spread over the kernels' thread pool.
+/// rows are spread over the kernels' thread pool. `isa` picks the kernels (the CPU must support it:
+/// [`Isa::detect`] gives the best it has).
 pub fn paged_attention<E: KvElem>(
-    q: &[f32],
-    k_cache: &[E],
-    v_cache: &[E],
-    seqs: &[SeqAttention<'_>],
-    shape: &AttentionShape,
-    out: &mut [f32],
-) {
-    paged_attention_with(Isa::detect(), q, k_cache, v_cache, seqs, shape, out)
-}
-
-/// [`paged_attention`] with a chosen instruction set (which the CPU must support).
-pub fn paged_attention_with<E: KvElem>(
     isa: Isa,
     q: &[f32],
     k_cache: &[E],
@@ -134,13 +123,34 @@ pub fn paged_attention_with<E: KvElem>(
         for (s, seq) in seqs.iter().enumerate() {
             row_seq[seq.q_start..seq.q_start + seq.q_len].fill(s);
         }
+        let call = Call { isa, q, k_cache, v_cache, seqs, shape, row_seq };
         #[cfg(target_arch = "x86_64")]
-        if tiled::attend(isa, q, k_cache, v_cache, seqs, shape, row_seq, out) {
+        if tiled::attend(&call, out) {
             return;
         }
-        row::attend(isa, q, k_cache, v_cache, seqs, shape, row_seq, out)
+        row::attend(&call, out)
     })
 }
+
+/// One attention call's inputs, as the per-row and tiled kernels take them: `q` is `[rows,
+/// num_heads, head_dim]`, `row_seq[r]` the sequence of row `r` (`usize::MAX`: padding).
+pub(super) struct Call<'a, E> {
+    pub isa: Isa,
+    pub q: &'a [f32],
+    pub k_cache: &'a [E],
+    pub v_cache: &'a [E],
+    pub seqs: &'a [SeqAttention<'a>],
+    pub shape: &'a AttentionShape,
+    pub row_seq: &'a [usize],
+}
+
+impl<E> Clone for Call<'_, E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<E> Copy for Call<'_, E> {}
 
 thread_local! {
     /// Reused buffer (see `scratch`): the sequence of each row.

@@ -2,7 +2,7 @@
 //! buffer; AVX2 for the usual head sizes, a portable loop otherwise (for what the tiled kernels do
 //! not take: scalar CPUs, other head sizes, aarch64).
 
-use super::{run_tasks, AttentionShape, KvElem, SeqAttention};
+use super::{run_tasks, AttentionShape, Call, KvElem};
 use crate::cpu::isa::Isa;
 use crate::cpu::{scratch, OutPtr};
 use std::cell::RefCell;
@@ -13,17 +13,8 @@ thread_local! {
 }
 
 /// Each row through [`attend_row`], the rows spread over the pool when the work is worth it.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn attend<E: KvElem>(
-    isa: Isa,
-    q: &[f32],
-    k_cache: &[E],
-    v_cache: &[E],
-    seqs: &[SeqAttention<'_>],
-    shape: &AttentionShape,
-    row_seq: &[usize],
-    out: &mut [f32],
-) {
+pub(super) fn attend<E: KvElem>(call: &Call<'_, E>, out: &mut [f32]) {
+    let Call { isa, q, k_cache, v_cache, seqs, shape, row_seq } = *call;
     let q_row = shape.num_heads * shape.head_dim;
     let dst = OutPtr(out.as_mut_ptr());
     let run_row = |r: usize| {
@@ -36,7 +27,8 @@ pub(super) fn attend<E: KvElem>(
         }
         let seq = &seqs[s];
         let pos = seq.context_len - seq.q_len + (r - seq.q_start);
-        attend_row(isa, &q[r * q_row..(r + 1) * q_row], pos, seq.block_table, k_cache, v_cache, shape, out_row);
+        let q = &q[r * q_row..(r + 1) * q_row];
+        scratch::with(&SCORES, |scores| attend_row(isa, q, pos, seq.block_table, k_cache, v_cache, shape, out_row, scores));
     };
     run_tasks(seqs, q_row, out.len() / q_row, &run_row);
 }
@@ -93,22 +85,6 @@ impl Iterator for Slots<'_> {
     }
 }
 
-/// All heads of one query row at position `pos`: the AVX2 kernel for the usual head sizes, else
-/// the portable loop.
-#[allow(clippy::too_many_arguments)]
-fn attend_row<E: KvElem>(
-    isa: Isa,
-    q: &[f32],
-    pos: usize,
-    table: &[u32],
-    k_cache: &[E],
-    v_cache: &[E],
-    shape: &AttentionShape,
-    out: &mut [f32],
-) {
-    scratch::with(&SCORES, |scores| attend_row_in(isa, q, pos, table, k_cache, v_cache, shape, out, scores))
-}
-
 /// Sizes the score buffer to `n`, its memory grown in large steps (powers of two, at least 4096
 /// scores) so that a decode step whose context grows by one token almost never allocates.
 fn reserve_scores(scores: &mut Vec<f32>, n: usize) {
@@ -118,9 +94,10 @@ fn reserve_scores(scores: &mut Vec<f32>, n: usize) {
     scores.resize(n, 0.0);
 }
 
-/// [`attend_row`] with this thread's score buffer.
+/// All heads of one query row at position `pos` (`scores`: this thread's score buffer): the AVX2
+/// kernel for the usual head sizes, else the portable loop.
 #[allow(clippy::too_many_arguments)]
-fn attend_row_in<E: KvElem>(
+fn attend_row<E: KvElem>(
     isa: Isa,
     q: &[f32],
     pos: usize,

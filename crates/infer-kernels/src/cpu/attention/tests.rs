@@ -93,7 +93,7 @@ fn paged_matches_dense_ragged_gqa_and_window() {
             SeqAttention { q_start: 1, q_len: 30, context_len: 30, block_table: &tables[1] },
         ];
         let mut out = vec![f32::NAN; q.len()];
-        paged_attention_with(isa, &q, &kc, &vc, &seqs, &sh, &mut out);
+        paged_attention(isa, &q, &kc, &vc, &seqs, &sh, &mut out);
         let qr = sh.num_heads * sh.head_dim;
         let r0 = reference(&q[..qr], &full[0].0, &full[0].1, new[0], ctx[0], &sh);
         let r1 = reference(&q[qr..], &full[1].0, &full[1].1, new[1], ctx[1], &sh);
@@ -104,7 +104,7 @@ fn paged_matches_dense_ragged_gqa_and_window() {
         // An f16 cache gives the reference over f16-rounded keys and values.
         let round = |x: &[f32]| -> Vec<f32> { x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect() };
         let mut out = vec![f32::NAN; q.len()];
-        paged_attention_with(isa, &q, &kh, &vh, &seqs, &sh, &mut out);
+        paged_attention(isa, &q, &kh, &vh, &seqs, &sh, &mut out);
         let r0 = reference(&q[..qr], &round(&full[0].0), &round(&full[0].1), new[0], ctx[0], &sh);
         let r1 = reference(&q[qr..], &round(&full[1].0), &round(&full[1].1), new[1], ctx[1], &sh);
         for (a, b) in out.iter().zip(r0.iter().chain(&r1)) {
@@ -133,7 +133,7 @@ fn chunked_prompt_matches_dense() {
         let want = reference(&q, &k, &v, new, ctx, &sh);
         for isa in Isa::available() {
             let mut out = vec![f32::NAN; q.len()];
-            paged_attention_with(isa, &q, &kc, &vc, &seqs, &sh, &mut out);
+            paged_attention(isa, &q, &kc, &vc, &seqs, &sh, &mut out);
             for (i, (a, b)) in out.iter().zip(&want).enumerate() {
                 assert!((a - b).abs() < 1e-5, "window {window:?} softcap {softcap:?} head_dim {head_dim} {isa:?} [{i}]: {a} vs {b}");
             }
@@ -166,7 +166,7 @@ fn results_do_not_depend_on_chunking() {
                     let n = chunk.min(ctx - start);
                     let seqs = [SeqAttention { q_start: 0, q_len: n, context_len: start + n, block_table: &table }];
                     let mut out = vec![f32::NAN; n * q_row];
-                    paged_attention_with(isa, &q[start * q_row..(start + n) * q_row], &kc, &vc, &seqs, &sh, &mut out);
+                    paged_attention(isa, &q[start * q_row..(start + n) * q_row], &kc, &vc, &seqs, &sh, &mut out);
                     all.extend(out);
                 }
                 all

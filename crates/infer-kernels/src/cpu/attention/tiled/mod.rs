@@ -10,7 +10,7 @@
 //! output accumulates transposed (`ot[d]`) the same way. Keys and values are copied per step into a
 //! small f32 buffer (widened from an f16 cache), so the paged block table is walked once per key.
 
-use super::{run_tasks, AttentionShape, KvElem, SeqAttention};
+use super::{run_tasks, AttentionShape, Call, KvElem};
 use crate::cpu::isa::Isa;
 use crate::cpu::scratch;
 use std::cell::RefCell;
@@ -85,17 +85,8 @@ fn key_range(lanes: &[Lane], window: Option<usize>, keys: usize) -> (usize, usiz
 /// Every row through the tiled kernel when there is one for this CPU and head size: prompt chunks as
 /// units of consecutive rows of one head, single rows (decode steps) as units of the query heads of
 /// one KV head. Returns false (nothing done) otherwise, for the per-row kernel.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn attend<E: KvElem>(
-    isa: Isa,
-    q: &[f32],
-    k_cache: &[E],
-    v_cache: &[E],
-    seqs: &[SeqAttention<'_>],
-    shape: &AttentionShape,
-    row_seq: &[usize],
-    out: &mut [f32],
-) -> bool {
+pub(super) fn attend<E: KvElem>(call: &Call<'_, E>, out: &mut [f32]) -> bool {
+    let Call { isa, q, k_cache, v_cache, seqs, shape, row_seq } = *call;
     let (hd, q_row) = (shape.head_dim, shape.num_heads * shape.head_dim);
     if isa == Isa::Scalar || !supports(hd) {
         return false;

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use llguidance::api::{ParserLimits, TopLevelGrammar};
+use llguidance::api::{GrammarWithLexer, ParserLimits, TopLevelGrammar};
 use llguidance::toktrie::{ApproximateTokEnv, TokEnv, TokRxInfo, TokTrie};
 use llguidance::{Matcher, ParserFactory};
 use serde_json::Value;
@@ -153,6 +153,17 @@ fn copy_until(chars: &[char], mut i: usize, close: char, in_regex: bool, out: &m
         i += 1;
     }
     i
+}
+
+/// Whether the output has a reasoning section before what a constraint governs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reasoning {
+    /// No: the constraint applies from the first token.
+    None,
+    /// The prompt opened the section: the output is reasoning up to `close`, then constrained.
+    Open { close: String },
+    /// The output may open the section with `open` (… `close`); what follows is constrained.
+    Tagged { open: String, close: String },
 }
 
 /// Deepest nesting of a JSON schema accepted (llguidance's own limit is 128).
@@ -329,6 +340,27 @@ impl ConstraintCompiler {
         Ok(Self { factory: Arc::new(factory), n_vocab, specials })
     }
 
+    /// The Lark grammar that lets the reasoning section through, then `@answer`.
+    fn reasoning_gate(&self, r: &Reasoning) -> Option<String> {
+        let (open, close) = match r {
+            Reasoning::None => return None,
+            Reasoning::Open { close } => (None, close),
+            Reasoning::Tagged { open, close } => (Some(open), close),
+        };
+        let quoted = |t: &str| serde_json::to_string(t).expect("strings serialize");
+        // A special closing token cannot come out of free text, so it ends the section; a textual
+        // one ends it at its first occurrence (a lazy rule).
+        let think = match self.special_ref(close) {
+            Some(t) => format!("think: REASONING {t}\n"),
+            None => format!("think[lazy]: REASONING {}\n", quoted(close)),
+        };
+        let start = match open {
+            None => "start: think WS @answer\n".to_string(),
+            Some(o) => format!("start: @answer | {} think WS @answer\n", self.special_ref(o).unwrap_or_else(|| quoted(o))),
+        };
+        Some(format!("{start}{think}REASONING: /(.|\\n)*/\nWS: /[ \\t\\n]{{0,4}}/\n"))
+    }
+
     /// How a Lark grammar names `text` when it is one special token of the vocabulary (`<[id]>`;
     /// plain text cannot produce it).
     pub fn special_ref(&self, text: &str) -> Option<String> {
@@ -338,7 +370,13 @@ impl ConstraintCompiler {
     /// Compiles `c` into a fresh per-sequence matcher; an invalid or unsupported schema, regex or
     /// grammar is an [`Error::Constraint`] saying what is wrong.
     pub fn compile(&self, c: &Constraint) -> Result<GrammarConstraint> {
-        let grammar = match c {
+        self.compile_with(c, &Reasoning::None)
+    }
+
+    /// [`compile`](Self::compile), the constraint applying after the model's reasoning section
+    /// (free text up to its closing marker) where `reasoning` says there is one.
+    pub fn compile_with(&self, c: &Constraint, reasoning: &Reasoning) -> Result<GrammarConstraint> {
+        let mut answer = match c {
             Constraint::JsonSchema(schema) => {
                 if !schema.is_object() {
                     return Err(Error::Constraint("a JSON schema must be an object".into()));
@@ -346,24 +384,31 @@ impl ConstraintCompiler {
                 if serde_json::to_vec(&schema).map(|v| v.len()).unwrap_or(0) > MAX_CONSTRAINT_BYTES {
                     return Err(Error::Constraint(format!("the JSON schema is larger than {MAX_CONSTRAINT_BYTES} bytes")));
                 }
-                TopLevelGrammar::from_json_schema(prepare_schema(schema)?)
+                GrammarWithLexer::from_json_schema(prepare_schema(schema)?)
             }
             Constraint::JsonObject => {
                 let mut schema = serde_json::json!({"type": "object"});
                 schema["x-guidance"] = json_options();
-                TopLevelGrammar::from_json_schema(schema)
+                GrammarWithLexer::from_json_schema(schema)
             }
             Constraint::Regex(rx) => {
                 check_len("regex", rx.len())?;
-                TopLevelGrammar::from_regex(rx)
+                GrammarWithLexer::from_regex(rx)
             }
             Constraint::Choice(choices) => {
                 check_len("choice list", choices.iter().map(String::len).sum())?;
-                TopLevelGrammar::from_lark(Constraint::choice_lark(choices)?)
+                GrammarWithLexer::from_lark(Constraint::choice_lark(choices)?)
             }
             Constraint::Lark(src) => {
                 check_len("grammar", src.len())?;
-                TopLevelGrammar::from_lark(src.clone())
+                GrammarWithLexer::from_lark(src.clone())
+            }
+        };
+        let grammar = match self.reasoning_gate(reasoning) {
+            None => TopLevelGrammar::from_grammar(answer),
+            Some(gate) => {
+                answer.name = Some("answer".into());
+                TopLevelGrammar { grammars: vec![GrammarWithLexer::from_lark(gate), answer], max_tokens: None }
             }
         };
         let factory = self.factory.clone();

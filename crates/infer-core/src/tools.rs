@@ -263,9 +263,12 @@ fn lark_json(schema: &Value) -> Result<String> {
     Ok(format!("%json {}", crate::structured::prepare_schema(schema)?))
 }
 
-/// The Lark grammar that makes the output a call (`Required`, `Named`) in `format`, or for the
-/// generic format also allows an answer (`Auto`). `None` when the output stays free (`Auto` in a
-/// family format: the calls are parsed afterwards; `None`).
+/// The Lark grammar of a tool choice. `Required` and `Named`: the output is a call (or up to
+/// [`MAX_PARALLEL_CALLS`]) of the tools in `format`, arguments valid under their schemas, from the
+/// first token. `Auto`: free text, and once the family's trigger appears (`<tool_call>`,
+/// `[TOOL_CALLS]`, `<|tool_call|>`; for Llama 3 a reply starting with `{`) the calls are constrained
+/// the same way (a "lazy" grammar); in the generic format the output is a call or `{"response": …}`.
+/// `None` (no constraint) for `ToolChoice::None`.
 pub fn tool_grammar(
     format: ToolFormat,
     tools: &[Tool],
@@ -275,62 +278,67 @@ pub fn tool_grammar(
 ) -> Result<Option<String>> {
     let named = match choice {
         ToolChoice::None => return Ok(None),
-        ToolChoice::Auto if format != ToolFormat::Generic => return Ok(None),
         ToolChoice::Named(n) => Some(n.as_str()),
         _ => None,
     };
-    let more = MAX_PARALLEL_CALLS - 1;
-    let repeat = |call: &str, sep: &str| if parallel { format!("{call} ({sep} {call}){{0,{more}}}") } else { call.to_string() };
-    let max_items = if parallel { MAX_PARALLEL_CALLS } else { 1 };
-    let g = match format {
+    let auto = *choice == ToolChoice::Auto;
+    let more = if parallel { MAX_PARALLEL_CALLS - 1 } else { 0 };
+    let max_items = more + 1;
+    // Up to `more` further calls after the first (Lark has no `{0,0}`).
+    let repeat = |item: &str| if more > 0 { format!(" {item}{{0,{more}}}") } else { String::new() };
+    let array =
+        |args_key: &str| json!({"type": "array", "items": call_schema(tools, named, args_key), "minItems": 1, "maxItems": max_items});
+    // The calls section as (trigger text, what follows the trigger, extra rules).
+    let (trigger, after, rules) = match format {
         ToolFormat::Hermes => {
-            let call = format!(
-                "{} \"\\n\" {} \"\\n\" {}",
-                marker("<tool_call>", special),
-                lark_json(&call_schema(tools, named, "arguments"))?,
-                marker("</tool_call>", special)
-            );
-            format!("start: {}\n", repeat(&format!("({call})"), "\"\\n\""))
+            let body =
+                format!("\"\\n\" {} \"\\n\" {}", lark_json(&call_schema(tools, named, "arguments"))?, marker("</tool_call>", special));
+            let call = format!("call: {} {body}\n", marker("<tool_call>", special));
+            ("<tool_call>", format!("{body}{}", repeat("(\"\\n\" call)")), call)
         }
-        ToolFormat::Llama3Json => format!("start: {}\n", lark_json(&call_schema(tools, named, "parameters"))?),
-        ToolFormat::Mistral => {
-            let items = call_schema(tools, named, "arguments");
-            let arr = json!({"type": "array", "items": items, "minItems": 1, "maxItems": max_items});
-            format!("start: {} {}\n", marker("[TOOL_CALLS]", special), lark_json(&arr)?)
-        }
+        ToolFormat::Mistral => ("[TOOL_CALLS]", lark_json(&array("arguments"))?, String::new()),
+        ToolFormat::Phi4Mini => ("<|tool_call|>", lark_json(&array("arguments"))?, String::new()),
         ToolFormat::MistralV11 => {
-            let calls: Vec<String> = tools
+            let alts: Vec<String> = tools
                 .iter()
                 .filter(|t| named.is_none_or(|n| n == t.name))
                 .map(|t| {
                     Ok(format!(
-                        "{} {} {} {}",
-                        marker("[TOOL_CALLS]", special),
+                        "{} {} {}",
                         serde_json::to_string(&t.name).expect("strings serialize"),
                         marker("[ARGS]", special),
                         lark_json(&t.parameters)?
                     ))
                 })
                 .collect::<Result<_>>()?;
-            format!("start: call{{1,{max_items}}}\ncall: {}\n", calls.join(" | "))
+            let rules = format!("one: {}\ncall: {} one\n", alts.join(" | "), marker("[TOOL_CALLS]", special));
+            ("[TOOL_CALLS]", format!("one{}", repeat("call")), rules)
         }
-        ToolFormat::Phi4Mini => {
-            let items = call_schema(tools, named, "arguments");
-            let arr = json!({"type": "array", "items": items, "minItems": 1, "maxItems": max_items});
-            format!("start: {} {}\n", marker("<|tool_call|>", special), lark_json(&arr)?)
+        ToolFormat::Llama3Json => {
+            let call = lark_json(&call_schema(tools, named, "parameters"))?;
+            // Llama 3 calls are the whole reply: under `auto`, a reply that starts with `{` is one.
+            let g = if auto { format!("start: FREE | {call}\nFREE: /([^{{ \\t\\n](.|\\n)*)?/\n") } else { format!("start: {call}\n") };
+            return Ok(Some(g));
         }
         ToolFormat::Generic => {
-            let items = call_schema(tools, named, "arguments");
-            let calls = json!({"type": "array", "items": items, "minItems": 1, "maxItems": max_items});
-            let with_calls =
-                json!({"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"], "additionalProperties": false});
-            let schema = if named.is_none() && *choice == ToolChoice::Auto {
+            let with_calls = json!({"type": "object", "properties": {"tool_calls": array("arguments")}, "required": ["tool_calls"], "additionalProperties": false});
+            let schema = if auto {
                 json!({"anyOf": [with_calls, {"type": "object", "properties": {"response": {"type": "string"}}, "required": ["response"], "additionalProperties": false}]})
             } else {
                 with_calls
             };
-            format!("start: {}\n", lark_json(&schema)?)
+            return Ok(Some(format!("start: {}\n", lark_json(&schema)?)));
         }
+    };
+    let g = match (auto, special(trigger)) {
+        (false, t) => format!("start: {} {after}\n{rules}", t.unwrap_or_else(|| marker(trigger, special))),
+        // Free text cannot produce a special token: the trigger token itself starts the calls.
+        (true, Some(t)) => format!("start: FREE | FREE {t} {after}\n{rules}FREE: /(.|\\n)*/\n"),
+        // A text trigger: the free text ends at its first occurrence.
+        (true, None) => format!(
+            "start: FREE | trig {after}\ntrig[lazy]: FREE {}\n{rules}FREE: /(.|\\n)*/\n",
+            serde_json::to_string(trigger).expect("strings serialize")
+        ),
     };
     Ok(Some(g))
 }

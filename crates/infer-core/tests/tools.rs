@@ -225,11 +225,16 @@ fn byte_vocab() -> (Vec<Vec<u8>>, u32) {
 
 /// Whether the grammar accepts `text` (markers as their special tokens) and then allows the end.
 fn accepts(compiler: &ConstraintCompiler, vocab: &[Vec<u8>], grammar: &str, text: &str, eos: u32) -> bool {
+    accepts_as(compiler, vocab, grammar, text, eos, true)
+}
+
+/// [`accepts`], with the markers written as special tokens or byte by byte.
+fn accepts_as(compiler: &ConstraintCompiler, vocab: &[Vec<u8>], grammar: &str, text: &str, eos: u32, specials: bool) -> bool {
     let mut c = compiler.compile(&Constraint::Lark(grammar.to_string())).unwrap_or_else(|e| panic!("{e}\n{grammar}"));
     let mut mask = TokenMask::none(vocab.len());
     let mut rest = text;
     while !rest.is_empty() {
-        let special = vocab.iter().position(|w| w.len() > 1 && w[0] == 0xFF && rest.as_bytes().starts_with(&w[1..]));
+        let special = vocab.iter().position(|w| specials && w.len() > 1 && w[0] == 0xFF && rest.as_bytes().starts_with(&w[1..]));
         let (tok, len) = match special {
             Some(t) => (t as u32, vocab[t].len() - 1),
             None => (rest.as_bytes()[0] as u32, 1),
@@ -299,9 +304,96 @@ fn tool_grammars_accept_exactly_calls_of_the_tools() {
     let g2 = tool_grammar(ToolFormat::Hermes, &tools, &ToolChoice::Required, true, &special).unwrap().unwrap();
     assert!(!accepts(&compiler, &vocab, &g1, two, eos));
     assert!(accepts(&compiler, &vocab, &g2, two, eos));
-    // Generic auto also allows an answer; family formats stay free under auto.
+    // Generic auto also allows an answer; `none` constrains nothing.
     let g = tool_grammar(ToolFormat::Generic, &tools, &ToolChoice::Auto, true, &special).unwrap().unwrap();
     assert!(accepts(&compiler, &vocab, &g, "{\"response\": \"hi\"}", eos));
-    assert!(tool_grammar(ToolFormat::Hermes, &tools, &ToolChoice::Auto, true, &special).unwrap().is_none());
     assert!(tool_grammar(ToolFormat::Hermes, &tools, &ToolChoice::None, true, &special).unwrap().is_none());
+}
+
+/// `auto`: free text, and calls constrained from their trigger on (a special token, or text).
+#[test]
+fn auto_tool_grammars_constrain_calls_after_the_trigger() {
+    let (vocab, eos) = byte_vocab();
+    let compiler = ConstraintCompiler::from_token_bytes(&vocab, &[eos]).unwrap();
+    let tools = parse_tools(&weather_tools()).unwrap();
+    let good = "<tool_call>\n{\"name\": \"get_time\", \"arguments\": {\"tz\": \"UTC\"}}\n</tool_call>";
+    let bad = "<tool_call>\n{\"name\": \"get_times\", \"arguments\": {\"tz\": \"UTC\"}}\n</tool_call>";
+    // `<tool_call>` a special token, then written as text (a vocabulary without it).
+    let as_token = |t: &str| compiler.special_ref(t);
+    let as_text = |_: &str| None;
+    for (specials, special) in [(true, &as_token as &dyn Fn(&str) -> Option<String>), (false, &as_text)] {
+        let g = tool_grammar(ToolFormat::Hermes, &tools, &ToolChoice::Auto, true, special).unwrap().unwrap();
+        let ok = |t: &str| accepts_as(&compiler, &vocab, &g, t, eos, specials);
+        assert!(ok("It is sunny in Paris, 21 degrees."), "{g}");
+        assert!(ok(""), "{g}");
+        assert!(ok(&format!("Let me check.\n{good}")), "{g}");
+        assert!(!ok(&format!("Let me check.\n{bad}")), "{g}");
+        assert!(!ok(&format!("{good}\n{bad}")), "{g}");
+    }
+    let g = tool_grammar(ToolFormat::Llama3Json, &tools, &ToolChoice::Auto, false, &as_token).unwrap().unwrap();
+    assert!(accepts(&compiler, &vocab, &g, "It is sunny.", eos), "{g}");
+    assert!(accepts(&compiler, &vocab, &g, "{\"name\": \"get_time\", \"parameters\": {\"tz\": \"UTC\"}}", eos), "{g}");
+    assert!(!accepts(&compiler, &vocab, &g, "{\"name\": \"get_tim\", \"parameters\": {\"tz\": \"UTC\"}}", eos), "{g}");
+    let g = tool_grammar(ToolFormat::MistralV11, &tools, &ToolChoice::Auto, true, &as_token).unwrap().unwrap();
+    assert!(
+        accepts(&compiler, &vocab, &g, "Sure.[TOOL_CALLS]get_time[ARGS]{\"tz\": \"UTC\"}[TOOL_CALLS]get_time[ARGS]{\"tz\": \"CET\"}", eos),
+        "{g}"
+    );
+    assert!(!accepts(&compiler, &vocab, &g, "Sure.[TOOL_CALLS]get_time[ARGS]{\"city\": \"UTC\"}", eos), "{g}");
+    assert!(tool_grammar(ToolFormat::Hermes, &tools, &ToolChoice::None, true, &as_token).unwrap().is_none());
+}
+
+/// A thinking model: the reasoning section is free, the constraint governs what follows it.
+#[test]
+fn constraints_apply_after_reasoning() {
+    use infer_core::structured::Reasoning;
+    let (mut vocab, _) = byte_vocab();
+    vocab.pop();
+    vocab.push(b"\xFF</think>".to_vec());
+    vocab.push(b"\xFF<think>".to_vec());
+    vocab.push(b"\xFF<eos>".to_vec());
+    let eos = (vocab.len() - 1) as u32;
+    let compiler = ConstraintCompiler::from_token_bytes(&vocab, &[eos]).unwrap();
+    let schema = Constraint::JsonSchema(json!({"type": "object", "properties": {"a": {"enum": ["b"]}}, "required": ["a"]}));
+    let check = |r: Reasoning, text: &str, specials: bool| {
+        let mut c = compiler.compile_with(&schema, &r).unwrap();
+        let mut mask = TokenMask::none(vocab.len());
+        let mut rest = text;
+        while !rest.is_empty() {
+            let special = vocab.iter().position(|w| specials && w.len() > 1 && w[0] == 0xFF && rest.as_bytes().starts_with(&w[1..]));
+            let (tok, len) = match special {
+                Some(t) => (t as u32, vocab[t].len() - 1),
+                None => (rest.as_bytes()[0] as u32, 1),
+            };
+            mask.clear();
+            c.fill_mask(&mut mask).unwrap();
+            if !mask.is_allowed(tok) {
+                return false;
+            }
+            c.commit(tok).unwrap();
+            rest = &rest[len..];
+        }
+        mask.clear();
+        c.fill_mask(&mut mask).unwrap();
+        mask.is_allowed(eos)
+    };
+    let open = || Reasoning::Open { close: "</think>".into() };
+    let tagged = || Reasoning::Tagged { open: "<think>".into(), close: "</think>".into() };
+    assert!(check(open(), "Hmm, {not json} yet.</think>\n\n{\"a\": \"b\"}", true));
+    assert!(!check(open(), "Hmm.</think>\n\nnot json", true));
+    assert!(!check(open(), "{\"a\": \"b\"}", true), "the answer comes after the reasoning");
+    assert!(check(tagged(), "{\"a\": \"b\"}", true));
+    assert!(check(tagged(), "<think>Let me see.</think>\n{\"a\": \"b\"}", true));
+    assert!(!check(tagged(), "Let me see.{\"a\": \"b\"}", true));
+    assert!(!check(Reasoning::None, "<think>x</think>{\"a\": \"b\"}", true));
+    // A vocabulary where `</think>` is text: the section ends at its first occurrence.
+    let compiler_text = ConstraintCompiler::from_token_bytes(&byte_vocab().0, &[byte_vocab().1]).unwrap();
+    let mut c = compiler_text.compile_with(&schema, &open()).unwrap();
+    let mut mask = TokenMask::none(byte_vocab().0.len());
+    for b in "Hmm.</think>{\"a\": \"b\"}".bytes() {
+        mask.clear();
+        c.fill_mask(&mut mask).unwrap();
+        assert!(mask.is_allowed(b as u32), "{}", b as char);
+        c.commit(b as u32).unwrap();
+    }
 }

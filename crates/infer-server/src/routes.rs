@@ -13,6 +13,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, Stream};
+use infer_core::structured::Reasoning;
 use infer_core::tools::{self, OutputDelta, OutputParser, ThinkMode, ToolChoice, ToolFormat};
 use infer_core::{Constraint, FinishReason, TokenConstraint, TokenEvent};
 use serde_json::{json, Value};
@@ -71,10 +72,15 @@ fn choices(
 
 /// Compiles a request's constraint on a blocking thread (large schemas take a while); the error of
 /// an invalid one names `field`.
-async fn compile(ready: &Arc<Ready>, c: Constraint, field: String) -> Result<infer_core::GrammarConstraint, ApiError> {
+async fn compile(ready: &Arc<Ready>, c: Constraint, field: String, think: ThinkMode) -> Result<infer_core::GrammarConstraint, ApiError> {
     let r = ready.clone();
+    let reasoning = match think {
+        ThinkMode::Off => Reasoning::None,
+        ThinkMode::Open => Reasoning::Open { close: "</think>".into() },
+        ThinkMode::Tagged => Reasoning::Tagged { open: "<think>".into(), close: "</think>".into() },
+    };
     tokio::task::spawn_blocking(move || {
-        r.compiler()?.compile(&c).map_err(|e| ApiError::bad_request(Some(&field), format!("invalid `{field}`: {e}")))
+        r.compiler()?.compile_with(&c, &reasoning).map_err(|e| ApiError::bad_request(Some(&field), format!("invalid `{field}`: {e}")))
     })
     .await
     .map_err(|e| ApiError::internal(format!("the grammar compiler stopped: {e}")))?
@@ -466,16 +472,17 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Byte
             constraint = Some((Constraint::Lark(g), "tools".into()));
         }
     }
-    let compiled = match constraint {
-        Some((c, field)) => Some(compile(&ready, c, field).await?),
-        None => None,
-    };
     let think = if !ready.thinks {
         ThinkMode::Off
     } else if text.trim_end().ends_with("<think>") {
         ThinkMode::Open
     } else {
         ThinkMode::Tagged
+    };
+    // With a reasoning model the constraint governs what follows its reasoning.
+    let compiled = match constraint {
+        Some((c, field)) => Some(compile(&ready, c, field, think).await?),
+        None => None,
     };
     let run = Run::submit(&st, choices(&prompt, &params, n, compiled.as_ref())).await?;
     let meta = Meta {
@@ -523,7 +530,7 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, By
     params.logprobs = cp.logprobs()?;
     let n = common.n()?;
     let compiled = match common.constraint()? {
-        Some((c, field)) => Some(compile(&ready, c, field).await?),
+        Some((c, field)) => Some(compile(&ready, c, field, ThinkMode::Off).await?),
         None => None,
     };
     let mut seqs = Vec::new();

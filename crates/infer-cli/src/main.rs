@@ -48,6 +48,8 @@ enum Command {
         system: Option<String>,
         #[command(flatten)]
         sampling: SamplingArgs,
+        #[command(flatten)]
+        tools: ToolArgs,
     },
     /// Interactive chat with history. Commands: /clear, /system TEXT, /exit. Ctrl-C stops an answer.
     Chat {
@@ -58,6 +60,8 @@ enum Command {
         system: Option<String>,
         #[command(flatten)]
         sampling: SamplingArgs,
+        #[command(flatten)]
+        tools: ToolArgs,
     },
     /// Download a model from the Hugging Face Hub into the HF cache (HF_HOME, HF_TOKEN, HF_ENDPOINT).
     Pull {
@@ -162,6 +166,32 @@ struct SamplingArgs {
     choice: Option<String>,
 }
 
+#[derive(Args, Clone)]
+struct ToolArgs {
+    /// Tools the model may call: a JSON file with OpenAI's `tools` list. Calls are shown as
+    /// `[call NAME] {arguments}`; in `chat`, `/tool TEXT` answers the last call.
+    #[arg(long, value_name = "FILE")]
+    tools: Option<std::path::PathBuf>,
+    /// auto, none, required, or a tool's name (default: auto).
+    #[arg(long, value_name = "CHOICE", default_value = "auto")]
+    tool_choice: String,
+}
+
+/// The tools and tool choice the flags give, if any.
+fn tool_setup(args: &ToolArgs) -> Result<Option<(Vec<infer::tools::Tool>, infer::tools::ToolChoice)>> {
+    let Some(path) = &args.tools else { return Ok(None) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("--tools: cannot read {}", path.display()))?;
+    let list: Vec<serde_json::Value> =
+        serde_json::from_str(&text).with_context(|| format!("--tools: {} is not a JSON list of tools", path.display()))?;
+    let tools = infer::tools::parse_tools(&list).map_err(|(at, msg)| anyhow!("--tools: {at}: {msg}"))?;
+    let choice = match args.tool_choice.as_str() {
+        c @ ("auto" | "none" | "required") => serde_json::Value::from(c),
+        name => serde_json::json!({"type": "function", "function": {"name": name}}),
+    };
+    let choice = infer::tools::parse_tool_choice(Some(&choice), &tools).map_err(|m| anyhow!("--tool-choice: {m}"))?;
+    Ok(Some((tools, choice)))
+}
+
 impl SamplingArgs {
     /// The structured-output constraint the flags ask for.
     fn constraint(&self) -> Result<Option<infer::Constraint>> {
@@ -237,8 +267,9 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Run { model, prompt, raw, system, sampling } => {
-            let params = sampling.params()?;
+        Command::Run { model, prompt, raw, system, sampling, tools } => {
+            let mut params = sampling.params()?;
+            let tools = tool_setup(&tools)?;
             let prompt = match prompt {
                 Some(p) => p,
                 None => {
@@ -260,19 +291,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     msgs.push(ChatMessage::system(s));
                 }
                 msgs.push(ChatMessage::user(prompt));
+                if let Some((tools, choice)) = &tools {
+                    let (ids, format, constraint) = session.tool_prompt(&msgs, tools, choice)?;
+                    if constraint.is_some() && params.constraint.is_some() {
+                        bail!("--tools cannot be combined with --json-schema, --json, --regex, --grammar or --choice");
+                    }
+                    params.constraint = params.constraint.or(constraint);
+                    let parser = infer::tools::OutputParser::new(Some(format), infer::tools::ThinkMode::Off);
+                    stream_answer_parsed(&mut session, ids, params, Some(parser))?;
+                    return Ok(if INTERRUPTED.load(Ordering::SeqCst) { ExitCode::from(130) } else { ExitCode::SUCCESS });
+                }
                 session.chat_prompt(&msgs)?
             };
             stream_answer(&mut session, ids, params)?;
             Ok(if INTERRUPTED.load(Ordering::SeqCst) { ExitCode::from(130) } else { ExitCode::SUCCESS })
         }
-        Command::Chat { model, system, sampling } => {
+        Command::Chat { model, system, sampling, tools } => {
             let params = sampling.params()?;
+            let tools = tool_setup(&tools)?;
             let mut session = load(&model)?;
             if session.model().chat_template.is_none() {
                 bail!("{} has no chat template, so it cannot chat; use `infer run --raw` for plain completion", session.model().name);
             }
             install_ctrlc()?;
-            chat_repl(&mut session, system, params)?;
+            chat_repl(&mut session, system, params, tools)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Pull { model, gguf_file } => {
@@ -399,14 +441,54 @@ fn install_ctrlc() -> Result<()> {
 
 /// Streams one answer to stdout; returns its text. Ctrl-C ends it early.
 fn stream_answer(session: &mut Session, ids: Vec<u32>, params: SamplingParams) -> Result<String> {
+    Ok(stream_answer_parsed(session, ids, params, None)?.0)
+}
+
+/// Prints what an output parser makes of streamed text: content as it comes, tool calls as
+/// `[call NAME] {arguments}`, reasoning on stderr.
+fn show(out: &mut impl Write, deltas: Vec<infer::tools::OutputDelta>) -> Result<()> {
+    use infer::tools::OutputDelta as D;
+    for d in deltas {
+        match d {
+            D::Content(t) => out.write_all(t.as_bytes())?,
+            D::Reasoning(t) => eprint!("{t}"),
+            D::CallStart { index, name, .. } => write!(out, "{}[call {name}] ", if index > 0 { "\n" } else { "" })?,
+            D::CallArguments { fragment, .. } => out.write_all(fragment.as_bytes())?,
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// [`stream_answer`], the text going through `parser` when given (tools); returns the raw text and
+/// the parsed answer.
+fn stream_answer_parsed(
+    session: &mut Session,
+    ids: Vec<u32>,
+    params: SamplingParams,
+    mut parser: Option<infer::tools::OutputParser>,
+) -> Result<(String, Option<infer::tools::ParsedOutput>)> {
     INTERRUPTED.store(false, Ordering::SeqCst);
+    let markers: std::collections::HashMap<u32, &str> =
+        infer::tools::MARKERS.iter().filter_map(|&m| session.model().tokenizer.token_to_id(m).map(|id| (id, m))).collect();
     let mut out = std::io::stdout().lock();
     let mut answer = String::new();
     let mut stream = session.generate_ids(ids, params)?;
     for chunk in stream.by_ref() {
         let chunk = chunk?;
-        out.write_all(chunk.text.as_bytes())?;
-        out.flush()?;
+        match parser.as_mut() {
+            Some(p) => {
+                let piece = match markers.get(&chunk.token) {
+                    Some(m) if !chunk.text.ends_with(m) => format!("{}{m}", chunk.text),
+                    _ => chunk.text.clone(),
+                };
+                show(&mut out, p.push(&piece))?;
+            }
+            None => {
+                out.write_all(chunk.text.as_bytes())?;
+                out.flush()?;
+            }
+        }
         answer.push_str(&chunk.text);
         if INTERRUPTED.load(Ordering::SeqCst) {
             break;
@@ -414,6 +496,14 @@ fn stream_answer(session: &mut Session, ids: Vec<u32>, params: SamplingParams) -
     }
     let stats: EngineStats = stream.stats();
     drop(stream);
+    let parsed = match parser.as_mut() {
+        Some(p) => {
+            let (deltas, parsed) = p.finish();
+            show(&mut out, deltas)?;
+            Some(parsed)
+        }
+        None => None,
+    };
     writeln!(out)?;
     let interrupted = if INTERRUPTED.load(Ordering::SeqCst) { " (stopped)" } else { "" };
     eprintln!(
@@ -423,7 +513,7 @@ fn stream_answer(session: &mut Session, ids: Vec<u32>, params: SamplingParams) -
         stats.generated_tokens,
         rate(stats.generated_tokens.saturating_sub(1), stats.decode_time),
     );
-    Ok(answer)
+    Ok((answer, parsed))
 }
 
 fn rate(n: usize, d: std::time::Duration) -> f64 {
@@ -434,7 +524,12 @@ fn rate(n: usize, d: std::time::Duration) -> f64 {
     }
 }
 
-fn chat_repl(session: &mut Session, mut system: Option<String>, params: SamplingParams) -> Result<()> {
+fn chat_repl(
+    session: &mut Session,
+    mut system: Option<String>,
+    params: SamplingParams,
+    tools: Option<(Vec<infer::tools::Tool>, infer::tools::ToolChoice)>,
+) -> Result<()> {
     use rustyline::error::ReadlineError;
     let mut rl = rustyline::DefaultEditor::new().context("starting the line editor")?;
     let history_file = std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/infer/chat_history"));
@@ -477,8 +572,18 @@ fn chat_repl(session: &mut Session, mut system: Option<String>, params: Sampling
                 continue;
             }
             ("/help", _) => {
-                eprintln!("/clear  forget the conversation\n/system TEXT  set the system prompt (empty: remove)\n/exit  quit\nCtrl-C stops the current answer; Ctrl-D quits");
+                eprintln!("/clear  forget the conversation\n/system TEXT  set the system prompt (empty: remove)\n/tool TEXT  answer the last tool call with TEXT\n/exit  quit\nCtrl-C stops the current answer; Ctrl-D quits");
                 continue;
+            }
+            ("/tool", rest) => {
+                let last = history.last().filter(|m| m.role == "assistant").and_then(|m| m.tool_calls.last());
+                let Some(id) = last.and_then(|c| c.get("id")).and_then(|v| v.as_str()).map(String::from) else {
+                    eprintln!("(no tool call to answer)");
+                    continue;
+                };
+                let mut result = ChatMessage::new("tool", rest);
+                result.tool_call_id = Some(id);
+                history.push(result);
             }
             (cmd, _) if cmd.starts_with('/') && cmd.len() > 1 && !cmd[1..].contains('/') => {
                 eprintln!("unknown command {cmd}; try /help");
@@ -486,22 +591,43 @@ fn chat_repl(session: &mut Session, mut system: Option<String>, params: Sampling
             }
             _ => {}
         }
-        history.push(ChatMessage::user(text));
+        if !text.starts_with("/tool") {
+            history.push(ChatMessage::user(text));
+        }
         let mut msgs: Vec<ChatMessage> = system.iter().map(|s| ChatMessage::system(s.clone())).collect();
         msgs.extend(history.iter().cloned());
-        let ids = match session.chat_prompt(&msgs) {
-            Ok(ids) => ids,
+        // A fixed seed stays reproducible per turn without repeating the same draw every turn.
+        let mut p = SamplingParams { seed: seed.map(|s| s.wrapping_add(turn)), ..params.clone() };
+        turn += 1;
+        let prompt = match &tools {
+            Some((tools, choice)) => session.tool_prompt(&msgs, tools, choice).map(|(ids, format, c)| {
+                p.constraint = p.constraint.clone().or(c);
+                (ids, Some(infer::tools::OutputParser::new(Some(format), infer::tools::ThinkMode::Off)))
+            }),
+            None => session.chat_prompt(&msgs).map(|ids| (ids, None)),
+        };
+        let (ids, parser) = match prompt {
+            Ok(x) => x,
             Err(e) => {
                 history.pop();
                 eprintln!("error: {e}");
                 continue;
             }
         };
-        // A fixed seed stays reproducible per turn without repeating the same draw every turn.
-        let p = SamplingParams { seed: seed.map(|s| s.wrapping_add(turn)), ..params.clone() };
-        turn += 1;
-        match stream_answer(session, ids, p) {
-            Ok(answer) => history.push(ChatMessage::assistant(answer.trim())),
+        match stream_answer_parsed(session, ids, p, parser) {
+            Ok((_, Some(parsed))) => {
+                let mut m = ChatMessage::assistant(parsed.content.trim());
+                m.tool_calls = parsed
+                    .calls
+                    .iter()
+                    .map(|c| {
+                        let args = serde_json::from_str::<serde_json::Value>(&c.arguments).unwrap_or_default();
+                        serde_json::json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": args}})
+                    })
+                    .collect();
+                history.push(m);
+            }
+            Ok((answer, None)) => history.push(ChatMessage::assistant(answer.trim())),
             Err(e) => {
                 history.pop();
                 eprintln!("error: {e}");

@@ -301,3 +301,37 @@ fn constrained_output_flags() {
     assert_clean_error(&infer(&["run", m, "x", "--regex", "a("]), &["invalid regex", "unclosed group"]);
     assert_clean_error(&infer(&["run", m, "x", "--json-schema", r#"{"not": {}}"#]), &["invalid JSON schema", "not"]);
 }
+
+#[test]
+fn tool_calls_are_shown() {
+    let Some(m) = smollm2() else { return };
+    let dir = tmpdir("tools");
+    let tools = dir.join("tools.json");
+    std::fs::write(
+        &tools,
+        r#"[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object","properties":{"city":{"type":"string","maxLength":24}},"required":["city"]}}}]"#,
+    )
+    .unwrap();
+    let out = infer(&[
+        "run",
+        m.to_str().unwrap(),
+        "Weather in Paris?",
+        "--tools",
+        tools.to_str().unwrap(),
+        "--tool-choice",
+        "required",
+        "--temperature",
+        "1",
+        "-s",
+        "5",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let args = stdout.trim().strip_prefix("[call get_weather] ").unwrap_or_else(|| panic!("{stdout}"));
+    let v: serde_json::Value = serde_json::from_str(args).unwrap();
+    assert!(v["city"].is_string() && v.as_object().unwrap().len() == 1, "{v}");
+    assert_clean_error(
+        &infer(&["run", m.to_str().unwrap(), "x", "--tools", tools.to_str().unwrap(), "--tool-choice", "nope"]),
+        &["--tool-choice", "nope"],
+    );
+}

@@ -164,6 +164,42 @@ impl Session {
         self.model.tokenizer.encode(&text, false)
     }
 
+    /// A conversation with tools the model may call: the prompt's token ids (tools given to the
+    /// template, or described in a system message for templates without tool syntax), the format
+    /// the model writes calls in, and the constraint `choice` asks for (set it as
+    /// [`SamplingParams::constraint`]; parse the answer with [`crate::tools::OutputParser`]).
+    pub fn tool_prompt(
+        &mut self,
+        messages: &[ChatMessage],
+        tools: &[crate::tools::Tool],
+        choice: &crate::tools::ToolChoice,
+    ) -> Result<(Vec<u32>, crate::tools::ToolFormat, Option<crate::structured::Constraint>)> {
+        use crate::tools::{self, ToolChoice, ToolFormat};
+        let tmpl = self
+            .model
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| Error::Model(format!("{} has no chat template, so it cannot call tools", self.model.name)))?;
+        let format = ToolFormat::detect(tmpl.source());
+        let mut msgs = messages.to_vec();
+        let mut listed = Vec::new();
+        if tools.is_empty() || *choice == ToolChoice::None {
+        } else if format == ToolFormat::Generic {
+            let prompt = tools::generic_system_prompt(tools, choice);
+            match msgs.first_mut() {
+                Some(m) if m.role == "system" => m.content = format!("{}\n\n{prompt}", m.content),
+                _ => msgs.insert(0, ChatMessage::system(prompt)),
+            }
+        } else {
+            listed = tools.iter().map(tools::Tool::to_openai).collect();
+        }
+        let text = tmpl.render_with(&msgs, true, &listed, &serde_json::Map::new())?;
+        let ids = self.model.tokenizer.encode(&text, false)?;
+        let compiler = self.engine.constraint_compiler()?;
+        let grammar = if tools.is_empty() { None } else { tools::tool_grammar(format, tools, choice, true, &|t| compiler.special_ref(t))? };
+        Ok((ids, format, grammar.map(crate::structured::Constraint::Lark)))
+    }
+
     /// Token ids of a plain prompt (with BOS if the model adds one).
     pub fn raw_prompt(&self, prompt: &str) -> Result<Vec<u32>> {
         self.model.tokenizer.encode(prompt, true)

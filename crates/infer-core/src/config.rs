@@ -134,6 +134,19 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
 }
 
+/// Most layers a model file may declare (the largest real models have about 128).
+pub const MAX_LAYERS: usize = 1024;
+/// Longest context a model file may declare (16M tokens; the longest real ones have 10M).
+pub const MAX_CONTEXT: usize = 1 << 24;
+
+/// Refuses an implausible layer count before anything is sized by it.
+fn check_layer_count(n: usize, path: &Path) -> Result<()> {
+    if n > MAX_LAYERS {
+        return Err(Error::bad_file(path, format!("the model declares {n} layers, more than any real model's ({MAX_LAYERS} at most)")));
+    }
+    Ok(())
+}
+
 impl ModelConfig {
     /// The sliding window of layer `layer`, if it has one.
     pub fn window_for_layer(&self, layer: usize) -> Option<usize> {
@@ -150,6 +163,24 @@ impl ModelConfig {
 
     fn validate(self, path: &Path) -> Result<Self> {
         let bad = |msg: String| Err(Error::bad_file(path, msg));
+        // Sizes no real model has: a file claiming them is broken or hostile, and would make the
+        // loader or the KV cache allocate without bound.
+        for (name, v, max) in [
+            ("vocab_size", self.vocab_size, 1 << 22),
+            ("hidden_size", self.hidden_size, 1 << 17),
+            ("intermediate_size", self.intermediate_size, 1 << 20),
+            ("num_attention_heads", self.num_attention_heads, 1 << 12),
+            ("num_key_value_heads", self.num_key_value_heads, 1 << 12),
+            ("head_dim", self.head_dim, 1 << 12),
+            ("max_position_embeddings", self.max_position_embeddings, MAX_CONTEXT),
+        ] {
+            if v > max {
+                return bad(format!("`{name}` is {v}, more than any real model's ({max} at most)"));
+            }
+        }
+        if self.sliding_window == Some(0) {
+            return bad("`sliding_window` is 0; a window must hold at least one token".into());
+        }
         for (name, v) in [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -222,6 +253,7 @@ impl ModelConfig {
         };
         let rope_theta = rope.and_then(|r| r.get("rope_theta")).and_then(|v| v.as_f64()).or(raw.rope_theta).unwrap_or(10_000.0);
         let max_position_embeddings = raw.max_position_embeddings.unwrap_or(4096);
+        check_layer_count(raw.num_hidden_layers, path)?;
         let original_max = rope
             .and_then(|r| r.get("original_max_position_embeddings"))
             .and_then(|v| v.as_f64())
@@ -352,6 +384,7 @@ impl ModelConfig {
         };
         let eos = md.u32_opt("tokenizer.ggml.eos_token_id")?;
         let num_hidden_layers = md.usize(&key("block_count"))?;
+        check_layer_count(num_hidden_layers, path)?;
         // As llama.cpp: Gemma 2 alternates sliding and global layers (even ones slide), Gemma 3 has
         // five sliding layers per global one with a rotary base of 10000, and the 27B models scale
         // queries by (hidden / heads)^-1/2 instead of head_dim^-1/2.

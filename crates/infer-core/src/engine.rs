@@ -202,7 +202,7 @@ impl Engine {
             return Err(Error::ContextOverflow { needed: prompt.len() + 1, limit });
         }
         let max_len = match params.max_tokens {
-            Some(n) => (prompt.len() + n).min(limit),
+            Some(n) => prompt.len().saturating_add(n).min(limit),
             None => limit,
         };
         let constraint = match (constraint, &params.constraint) {

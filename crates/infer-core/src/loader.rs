@@ -296,7 +296,7 @@ pub fn load_files(files: &ModelFiles, name: &str, opts: &mut LoadOptions) -> Res
                 has_qkv_bias: w.contains("model.layers.0.self_attn.q_proj.bias"),
                 rope_freqs: vector("rope_freqs.weight")?,
                 rope_factors,
-                embedding_rows: content.tensor_infos.get("token_embd.weight").map(|i| i.shape.dims()[0]),
+                embedding_rows: content.tensor_infos.get("token_embd.weight").and_then(|i| i.shape.dims().first().copied()),
             };
             let cfg = ModelConfig::from_gguf(&md, path, tensors)?;
             let tokenizer = Tokenizer::from_gguf(&md)?;

@@ -9,6 +9,9 @@ use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
 
+/// Below this temperature sampling is greedy (`1 / t` would overflow the scaled logits).
+pub const MIN_TEMPERATURE: f32 = 1e-5;
+
 /// What to generate and how to choose each token. The defaults match llama.cpp's.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -224,7 +227,8 @@ impl Sampler {
                 }
             }
         }
-        let greedy = p.temperature == 0.0;
+        // Temperatures this small make the softmax overflow: they mean greedy (as in vLLM).
+        let greedy = p.temperature < MIN_TEMPERATURE;
         let token = if greedy { argmax(&l) } else { self.sample_stochastic(&l) };
         self.l = l;
         *self.output_counts.entry(token).or_default() += 1;

@@ -397,11 +397,23 @@ impl WeightSource {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let mut reader = BufReader::new(file);
-        let content = gguf_file::Content::read(&mut reader).map_err(|e| {
-            Error::bad_file(path, format!("not a valid GGUF file ({}); it may be truncated or corrupt — download it again", root_cause(&e)))
-        })?;
+        // candle's reader panics on some malformed headers (an alignment of 0): caught, as an error.
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| gguf_file::Content::read(&mut reader)));
+        let content = match read {
+            Ok(r) => r.map_err(|e| {
+                Error::bad_file(
+                    path,
+                    format!("not a valid GGUF file ({}); it may be truncated or corrupt — download it again", root_cause(&e)),
+                )
+            })?,
+            Err(_) => return Err(Error::bad_file(path, "not a valid GGUF file (its header is malformed, e.g. an alignment of 0)")),
+        };
         for (name, info) in &content.tensor_infos {
-            let elems = info.shape.elem_count();
+            let dims = info.shape.dims();
+            let elems = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).filter(|&n| n <= 1 << 40);
+            let Some(elems) = elems.filter(|_| !dims.is_empty()) else {
+                return Err(Error::bad_file(path, format!("tensor `{name}` has impossible dimensions {dims:?}")));
+            };
             let block = info.ggml_dtype.block_size();
             if elems % block != 0 {
                 return Err(Error::bad_file(
@@ -409,7 +421,12 @@ impl WeightSource {
                     format!("tensor `{name}` has {elems} elements, not a multiple of its type's block size {block}"),
                 ));
             }
-            let end = content.tensor_data_offset + info.offset + (elems / block * info.ggml_dtype.type_size()) as u64;
+            let end = (elems / block)
+                .checked_mul(info.ggml_dtype.type_size())
+                .and_then(|b| content.tensor_data_offset.checked_add(info.offset)?.checked_add(b as u64));
+            let Some(end) = end else {
+                return Err(Error::bad_file(path, format!("tensor `{name}` has impossible dimensions {dims:?}")));
+            };
             if end > len {
                 return Err(Error::bad_file(
                     path,

@@ -515,3 +515,26 @@ fn preemption_when_blocks_run_out_keeps_the_text_right() {
     assert_eq!(concurrent, sequential);
     s.stop().unwrap();
 }
+
+/// Extreme but valid values: a temperature so small that 1/t overflows is greedy (not NaN
+/// probabilities), `max_tokens` of 2^64-1 means "up to the context" (no wrap-around to one token).
+#[test]
+fn extreme_temperature_and_max_tokens() {
+    let Some(url) = shared() else { return };
+    let greedy = post(
+        url,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}], "temperature": 0}),
+    );
+    let want = greedy.1["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    for body in [
+        json!({"messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}], "temperature": 1e-40}),
+        json!({"messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}], "temperature": 0, "max_tokens": u64::MAX}),
+        json!({"messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}], "temperature": 0, "max_completion_tokens": u64::MAX}),
+    ] {
+        let (status, r) = post(url, "/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(r["choices"][0]["message"]["content"], want.as_str(), "{body}");
+        assert_eq!(r["choices"][0]["finish_reason"], "stop", "{body}");
+    }
+}

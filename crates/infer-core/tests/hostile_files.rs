@@ -1,0 +1,161 @@
+//! Hostile model files, crafted here byte by byte (no committed blobs): each must be one clear error,
+//! never a panic, an abort or a hang.
+
+use std::path::{Path, PathBuf};
+
+use infer_core::LoadOptions;
+
+/// A GGUF value.
+enum V<'a> {
+    U32(u32),
+    Str(&'a str),
+    Strs(&'a [&'a str]),
+}
+
+fn put_str(b: &mut Vec<u8>, s: &str) {
+    b.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    b.extend_from_slice(s.as_bytes());
+}
+
+/// GGUF v3 bytes: metadata, then tensor infos (name, dims, ggml type, offset), then `data` at the
+/// alignment (32).
+fn gguf(kvs: &[(&str, V)], tensors: &[(&str, &[u64], u32, u64)], data: &[u8]) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    b.extend_from_slice(&(kvs.len() as u64).to_le_bytes());
+    for (k, v) in kvs {
+        put_str(&mut b, k);
+        match v {
+            V::U32(x) => {
+                b.extend_from_slice(&4u32.to_le_bytes());
+                b.extend_from_slice(&x.to_le_bytes());
+            }
+            V::Str(s) => {
+                b.extend_from_slice(&8u32.to_le_bytes());
+                put_str(&mut b, s);
+            }
+            V::Strs(list) => {
+                b.extend_from_slice(&9u32.to_le_bytes());
+                b.extend_from_slice(&8u32.to_le_bytes());
+                b.extend_from_slice(&(list.len() as u64).to_le_bytes());
+                for s in *list {
+                    put_str(&mut b, s);
+                }
+            }
+        }
+    }
+    for (name, dims, ty, off) in tensors {
+        put_str(&mut b, name);
+        b.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        for d in *dims {
+            b.extend_from_slice(&d.to_le_bytes());
+        }
+        b.extend_from_slice(&ty.to_le_bytes());
+        b.extend_from_slice(&off.to_le_bytes());
+    }
+    while !b.len().is_multiple_of(32) {
+        b.push(0);
+    }
+    b.extend_from_slice(data);
+    b
+}
+
+fn write(name: &str, bytes: &[u8]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("infer-hostile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+/// Loading fails with an error whose text has every needle (and the call returns: no panic, no abort).
+fn refused(path: &Path, needles: &[&str]) {
+    let r = std::panic::catch_unwind(|| infer_core::load(path.to_str().unwrap(), LoadOptions::default()));
+    let err = match r {
+        Ok(Ok(_)) => panic!("{} loaded", path.display()),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => panic!("{}: loading panicked", path.display()),
+    };
+    for n in needles {
+        assert!(err.contains(n), "{n:?} not in {err:?}");
+    }
+}
+
+fn llama_kvs<'a>(layers: u32) -> Vec<(&'a str, V<'a>)> {
+    vec![
+        ("general.architecture", V::Str("llama")),
+        ("llama.block_count", V::U32(layers)),
+        ("llama.embedding_length", V::U32(64)),
+        ("llama.feed_forward_length", V::U32(128)),
+        ("llama.attention.head_count", V::U32(4)),
+        ("llama.context_length", V::U32(256)),
+        ("tokenizer.ggml.model", V::Str("gpt2")),
+        ("tokenizer.ggml.tokens", V::Strs(&["a", "b"])),
+        ("tokenizer.ggml.merges", V::Strs(&[])),
+    ]
+}
+
+#[test]
+fn gguf_alignment_zero() {
+    let mut kvs = llama_kvs(1);
+    kvs.push(("general.alignment", V::U32(0)));
+    refused(&write("align0.gguf", &gguf(&kvs, &[], &[])), &["align0.gguf", "not a valid GGUF file"]);
+}
+
+#[test]
+fn gguf_tensor_without_dimensions_or_with_overflowing_ones() {
+    let f32_type = 0;
+    let p = write("nodims.gguf", &gguf(&llama_kvs(1), &[("token_embd.weight", &[], f32_type, 0)], &[0; 64]));
+    refused(&p, &["nodims.gguf", "token_embd.weight", "impossible dimensions"]);
+    let huge: &[u64] = &[1 << 40, 1 << 40];
+    let p = write("overflow.gguf", &gguf(&llama_kvs(1), &[("token_embd.weight", huge, f32_type, 0)], &[0; 64]));
+    refused(&p, &["overflow.gguf", "token_embd.weight", "impossible dimensions"]);
+}
+
+#[test]
+fn gguf_huge_block_count() {
+    for arch in ["llama", "gemma2", "gemma3"] {
+        let mut kvs = llama_kvs(0);
+        for (k, v) in kvs.iter_mut() {
+            if *k == "general.architecture" {
+                *v = V::Str(arch);
+            }
+        }
+        let keys: Vec<String> = ["block_count", "embedding_length", "feed_forward_length", "attention.head_count", "context_length"]
+            .iter()
+            .map(|k| format!("{arch}.{k}"))
+            .collect();
+        let vals = [u32::MAX, 64, 128, 4, 256];
+        let mut kvs: Vec<(&str, V)> = kvs.into_iter().filter(|(k, _)| !k.starts_with("llama.")).collect();
+        for (k, v) in keys.iter().zip(vals) {
+            kvs.push((k.as_str(), V::U32(v)));
+        }
+        let p = write(&format!("layers-{arch}.gguf"), &gguf(&kvs, &[], &[]));
+        refused(&p, &["layers", "more than any real model"]);
+    }
+}
+
+/// config.json values no real model has.
+#[test]
+fn config_json_out_of_range() {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama");
+    let cfg = std::fs::read_to_string(fixtures.join("config.json")).unwrap();
+    for (i, (from, to, needle)) in [
+        ("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1000000000000000000", "layers"),
+        ("\"max_position_embeddings\": ", "\"max_position_embeddings\": 1099511627776, \"x\": ", "max_position_embeddings"),
+        ("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 2, \"sliding_window\": 0", "sliding_window"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert!(cfg.contains(from), "{from}");
+        let dir = std::env::temp_dir().join(format!("infer-hostile-{}-cfg{i}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for e in std::fs::read_dir(&fixtures).unwrap().flatten() {
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+        std::fs::write(dir.join("config.json"), cfg.replacen(from, to, 1)).unwrap();
+        refused(&dir, &["config.json", needle]);
+    }
+}

@@ -130,6 +130,8 @@ impl Ready {
 /// State shared by all handlers.
 pub struct AppState {
     cfg: ServerConfig,
+    /// Bound to a loopback address: requests must name a loopback host (DNS rebinding).
+    loopback_only: bool,
     ready: OnceLock<Arc<Ready>>,
     commands: mpsc::Sender<worker::Command>,
     metrics: Arc<Metrics>,
@@ -169,6 +171,7 @@ fn router(state: Arc<AppState>) -> Router {
         .merge(protected)
         .fallback(routes::not_found)
         .route_layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(middleware::from_fn_with_state(state.clone(), browser_guard))
         .layer(DefaultBodyLimit::max(state.cfg.max_body_bytes))
         .layer(CatchPanicLayer::custom(|_| ApiError::internal("internal error while handling the request").into_response()));
     if !state.cfg.cors_origins.is_empty() {
@@ -186,6 +189,41 @@ fn router(state: Arc<AppState>) -> Router {
         );
     }
     app.with_state(state)
+}
+
+/// Keeps web pages out of a local server: a POST whose body a page can send without a CORS preflight
+/// (`text/plain`, form encodings) is refused (415), and on a loopback-only server a request naming
+/// another host (a DNS-rebinding page) is refused (403).
+async fn browser_guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    use axum::http::StatusCode;
+    if st.loopback_only {
+        let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+        let name = match host.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(""),
+            None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+        };
+        let local =
+            name.is_empty() || name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        if !local {
+            return ApiError::status(
+                StatusCode::FORBIDDEN,
+                format!("Host `{host}` is not this loopback server's; run `infer serve --host 0.0.0.0` to accept requests for other names"),
+            )
+            .into_response();
+        }
+    }
+    if req.method() == Method::POST {
+        let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+        let essence = ct.split(';').next().unwrap_or("").trim();
+        if matches!(essence, "text/plain" | "application/x-www-form-urlencoded" | "multipart/form-data") {
+            return ApiError::status(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("send the body as `Content-Type: application/json`, not `{essence}`"),
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 async fn require_api_key(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
@@ -218,8 +256,10 @@ where
 {
     let (commands, rx) = mpsc::channel();
     let metrics = Arc::new(Metrics::new());
+    let loopback_only = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
     let state = Arc::new(AppState {
         cfg,
+        loopback_only,
         ready: OnceLock::new(),
         commands,
         metrics: metrics.clone(),
@@ -263,7 +303,11 @@ where
                 };
                 Ok((engine, ready))
             };
-            match setup() {
+            let setup = std::panic::catch_unwind(std::panic::AssertUnwindSafe(setup)).unwrap_or_else(|p| {
+                let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+                Err(infer_core::Error::Model(format!("loading the model failed: {}", msg.unwrap_or_else(|| "internal error".into()))))
+            });
+            match setup {
                 Ok((engine, ready)) => {
                     tracing::info!(
                         "model `{}` ready in {:.1}s: context {} tokens, {} KV blocks of {} tokens",
@@ -306,10 +350,10 @@ where
     tokio::pin!(server);
     tokio::select! {
         r = &mut server => return r.map_err(|e| format!("server error: {e}")),
-        loaded = loaded_rx => {
-            if let Ok(Err(e)) = loaded {
-                return Err(e);
-            }
+        loaded = loaded_rx => match loaded {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err("the engine thread stopped while loading the model".into()),
         }
     }
     server.await.map_err(|e| format!("server error: {e}"))

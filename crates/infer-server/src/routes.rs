@@ -86,6 +86,12 @@ async fn compile(ready: &Arc<Ready>, c: Constraint, field: String, think: ThinkM
     .map_err(|e| ApiError::internal(format!("the grammar compiler stopped: {e}")))?
 }
 
+/// Runs CPU-heavy request work (template rendering, tokenizing) on the blocking pool, so the async
+/// workers keep answering other requests (`/health`, streams) meanwhile.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(format!("a request worker failed: {e}")))?
+}
+
 /// The constraint compiler, built on a blocking thread at its first use.
 async fn compiler(ready: &Arc<Ready>) -> Result<Arc<infer_core::ConstraintCompiler>, ApiError> {
     let r = ready.clone();
@@ -440,9 +446,12 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Byte
             ));
         }
     }
-    let template = ready.chat_template.as_ref().ok_or_else(|| {
-        ApiError::bad_request(None, format!("the model `{}` has no chat template; use /v1/completions with a plain prompt", ready.model_id))
-    })?;
+    if ready.chat_template.is_none() {
+        return Err(ApiError::bad_request(
+            None,
+            format!("the model `{}` has no chat template; use /v1/completions with a plain prompt", ready.model_id),
+        ));
+    }
     let format = ready.tool_format;
     let mut template_tools = Vec::new();
     if use_tools {
@@ -457,8 +466,14 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Byte
         }
     }
     let kwargs = chat.chat_template_kwargs.clone().unwrap_or_default();
-    let text = template.render_with(&conversation, true, &template_tools, &kwargs)?;
-    let prompt = ready.tokenizer.encode(&text, false)?;
+    let r = ready.clone();
+    let (text, prompt) = blocking(move || {
+        let template = r.chat_template.as_ref().expect("checked above");
+        let text = template.render_with(&conversation, true, &template_tools, &kwargs)?;
+        let prompt = r.tokenizer.encode(&text, false)?;
+        Ok((text, prompt))
+    })
+    .await?;
     ready.check_context(prompt.len(), "messages")?;
     let mut params = common.sampling(&ready.defaults, ready.vocab_size, None)?;
     params.logprobs = chat.logprobs()?;
@@ -505,9 +520,31 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, By
     let cp: CompletionParams = parse_request(&json_body(body)?)?;
     let common = &cp.common;
     ready.check_model(common.model.as_deref())?;
+    // Before any prompt is tokenized or copied per choice: the request must fit the server at all.
+    let count = match &cp.prompt {
+        Prompt::Texts(v) => v.len(),
+        Prompt::TokenLists(v) => v.len(),
+        _ => 1,
+    };
+    let limit = st.cfg.engine.max_seqs + st.cfg.max_queue;
+    if count.saturating_mul(common.n()?) > limit {
+        return Err(ApiError::bad_request(
+            Some("prompt"),
+            format!(
+                "{count} prompts × n = {} sequences; this server holds at most {limit} (--max-seqs + --max-queue)",
+                count.saturating_mul(common.n()?)
+            ),
+        ));
+    }
     let prompts: Vec<Vec<u32>> = match &cp.prompt {
-        Prompt::Text(s) => vec![ready.tokenizer.encode(s, true)?],
-        Prompt::Texts(v) => v.iter().map(|s| ready.tokenizer.encode(s, true)).collect::<Result<_, _>>()?,
+        Prompt::Text(s) => {
+            let (r, s) = (ready.clone(), s.clone());
+            blocking(move || Ok(vec![r.tokenizer.encode(&s, true)?])).await?
+        }
+        Prompt::Texts(v) => {
+            let (r, v) = (ready.clone(), v.clone());
+            blocking(move || Ok(v.iter().map(|s| r.tokenizer.encode(s, true)).collect::<Result<_, _>>()?)).await?
+        }
         Prompt::Tokens(t) => vec![t.clone()],
         Prompt::TokenLists(v) => v.clone(),
     };
@@ -590,8 +627,9 @@ pub async fn tokenize(State(st): State<Arc<AppState>>, body: Result<Bytes, Bytes
     let ready = st.ready()?;
     let req: Req = parse(&json_body(body)?)?;
     ready.check_model(req.model.as_deref())?;
+    let r = ready.clone();
     let tokens = match (req.content.or(req.prompt), req.messages) {
-        (Some(text), None) => ready.tokenizer.encode(&text, req.add_special.unwrap_or(true))?,
+        (Some(text), None) => blocking(move || Ok(r.tokenizer.encode(&text, req.add_special.unwrap_or(true))?)).await?,
         (None, Some(messages)) => {
             let chat = ChatParams {
                 common: Default::default(),
@@ -603,9 +641,13 @@ pub async fn tokenize(State(st): State<Arc<AppState>>, body: Result<Bytes, Bytes
                 parallel_tool_calls: None,
                 chat_template_kwargs: None,
             };
-            let template =
-                ready.chat_template.as_ref().ok_or_else(|| ApiError::bad_request(Some("messages"), "the model has no chat template"))?;
-            ready.tokenizer.encode(&template.render(&chat.conversation()?, true)?, false)?
+            let conversation = chat.conversation()?;
+            blocking(move || {
+                let template =
+                    r.chat_template.as_ref().ok_or_else(|| ApiError::bad_request(Some("messages"), "the model has no chat template"))?;
+                Ok(r.tokenizer.encode(&template.render(&conversation, true)?, false)?)
+            })
+            .await?
         }
         _ => return Err(ApiError::bad_request(None, "send one of `content` (or `prompt`) and `messages`")),
     };

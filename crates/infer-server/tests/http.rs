@@ -538,3 +538,83 @@ fn extreme_temperature_and_max_tokens() {
         assert_eq!(r["choices"][0]["finish_reason"], "stop", "{body}");
     }
 }
+
+/// A web page cannot reach a local server: bodies it can send without a CORS preflight are refused,
+/// and so are requests for another host name (DNS rebinding).
+#[test]
+fn browser_requests_are_refused() {
+    let Some(url) = shared() else { return };
+    let body = r#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}"#;
+    for ct in ["text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"] {
+        let r = client().post(format!("{url}/v1/chat/completions")).header("Content-Type", ct).body(body).send().unwrap();
+        assert_eq!(r.status().as_u16(), 415, "{ct}");
+    }
+    let r = client().post(format!("{url}/v1/chat/completions")).header("Content-Type", "application/json").body(body).send().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let r = client().get(format!("{url}/v1/models")).header("Host", "attacker.example:8080").send().unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let v: Value = r.json().unwrap();
+    assert!(v["error"]["message"].as_str().unwrap().contains("attacker.example"), "{v}");
+    for host in ["localhost:1234", "127.0.0.1", "[::1]:80"] {
+        let r = client().get(format!("{url}/v1/models")).header("Host", host).send().unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{host}");
+    }
+}
+
+/// A model whose loading panics ends the server with the error (it does not stay up answering 503).
+#[test]
+fn a_panic_while_loading_ends_the_server() {
+    let s = BackgroundServer::start(config(), || panic!("hostile model file")).unwrap();
+    let url = s.url();
+    let t0 = Instant::now();
+    // The server goes away by itself (before: 503 "loading" forever).
+    while client().get(format!("{url}/health")).send().is_ok() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the server stays up after a failed load");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let e = s.stop().unwrap_err();
+    assert!(e.contains("loading the model failed") && e.contains("hostile model file"), "{e}");
+}
+
+/// Many prompts × n is refused before the prompts are copied per choice (it used to cost GBs first).
+#[test]
+fn too_many_sequences_are_refused_up_front() {
+    let Some(url) = shared() else { return };
+    let prompts: Vec<Vec<u32>> = (0..50_000).map(|i| vec![1 + i % 100, 2, 3]).collect();
+    let t0 = Instant::now();
+    let (status, r) = post(url, "/v1/completions", &json!({"prompt": prompts, "n": 128, "max_tokens": 1}));
+    assert_eq!(status, 400, "{r}");
+    assert_eq!(r["error"]["param"], "prompt", "{r}");
+    assert!(r["error"]["message"].as_str().unwrap().contains("6400000 sequences"), "{r}");
+    assert!(t0.elapsed() < Duration::from_secs(10));
+}
+
+/// Tokenizing huge bodies runs off the async workers: `/health` answers meanwhile.
+#[test]
+fn tokenizing_does_not_block_other_requests() {
+    let Some(url) = shared() else { return };
+    let text = "All work and no play makes Jack a dull boy. ".repeat(150_000); // 6.6 MB
+    let done = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, text, done) = (url.to_string(), text.clone(), done.clone());
+            std::thread::spawn(move || {
+                let r = client().post(format!("{url}/tokenize")).json(&json!({"content": text})).send().unwrap();
+                done.store(true, Ordering::SeqCst);
+                r.status().as_u16()
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut slowest = Duration::ZERO;
+    while !done.load(Ordering::SeqCst) {
+        let t0 = Instant::now();
+        assert_eq!(client().get(format!("{url}/health")).send().unwrap().status().as_u16(), 200);
+        slowest = slowest.max(t0.elapsed());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for w in workers {
+        assert_eq!(w.join().unwrap(), 200);
+    }
+    assert!(slowest < Duration::from_secs(2), "/health took {slowest:?} while tokenizing");
+}

@@ -45,6 +45,32 @@ impl ChatMessage {
     }
 }
 
+/// Instructions a template may run per render (a conversation of thousands of messages takes a few
+/// hundred thousand).
+const TEMPLATE_FUEL: u64 = 20_000_000;
+/// Largest rendered prompt (far beyond any context).
+const TEMPLATE_OUTPUT_CAP: usize = 64 << 20;
+
+/// A writer that fails past `cap` bytes.
+struct Capped {
+    buf: Vec<u8>,
+    cap: usize,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + b.len() > self.cap {
+            self.buf.resize(self.cap, 0);
+            return Err(std::io::Error::other("template output too large"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -70,7 +96,17 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
-        env.add_function("strftime_now", |fmt: String| chrono::Local::now().format(&fmt).to_string());
+        env.add_function("strftime_now", |fmt: String| -> std::result::Result<String, minijinja::Error> {
+            // chrono panics when it displays an unknown specifier: check the format first.
+            let items: Vec<chrono::format::Item> = chrono::format::StrftimeItems::new(&fmt).collect();
+            if items.iter().any(|i| matches!(i, chrono::format::Item::Error)) || fmt.len() > 256 {
+                return Err(minijinja::Error::new(ErrorKind::InvalidOperation, format!("strftime_now: invalid format `{fmt}`")));
+            }
+            Ok(chrono::Local::now().format_with_items(items.into_iter()).to_string())
+        });
+        // Templates come with model files: untrusted code. Bounded in instructions (a loop cannot
+        // run forever) and, at render time, in output size.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_template_owned("chat", source.to_string()).map_err(|e| Error::Template(describe(&e)))?;
         Ok(Self { env, source: source.to_string(), bos_token: bos_token.into(), eos_token: eos_token.into() })
     }
@@ -103,7 +139,14 @@ impl ChatTemplate {
             eos_token => self.eos_token,
             tools => (!tools.is_empty()).then_some(tools),
         };
-        tmpl.render(context! { ..base, ..minijinja::Value::from_serialize(kwargs) }).map_err(|e| Error::Template(describe(&e)))
+        let mut out = Capped { buf: Vec::new(), cap: TEMPLATE_OUTPUT_CAP };
+        match tmpl.render_captured_to(context! { ..base, ..minijinja::Value::from_serialize(kwargs) }, &mut out) {
+            Ok(_) => String::from_utf8(out.buf).map_err(|_| Error::Template("the template wrote invalid UTF-8".into())),
+            Err(_) if out.buf.len() >= TEMPLATE_OUTPUT_CAP => {
+                Err(Error::Template(format!("the template's output is larger than {} MB", TEMPLATE_OUTPUT_CAP >> 20)))
+            }
+            Err(e) => Err(Error::Template(describe(&e))),
+        }
     }
 }
 
@@ -117,6 +160,26 @@ fn describe(e: &minijinja::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hostile templates (they come with model files): a loop that never ends, output without
+    /// bound, a format chrono panics on. Each is one error, quickly.
+    #[test]
+    fn hostile_templates_are_bounded() {
+        let msgs = [ChatMessage::user("hi")];
+        for (src, want) in [
+            ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", "fuel"),
+            ("{% for i in range(100) %}{{ 'x' * 90000000 }}{% endfor %}", "larger than"),
+            ("{{ strftime_now('%Q') }}", "strftime_now"),
+        ] {
+            let t = ChatTemplate::new(src, "", "").unwrap();
+            let t0 = std::time::Instant::now();
+            let e = t.render(&msgs, true).unwrap_err().to_string();
+            assert!(e.contains(want), "{src}: {e}");
+            assert!(t0.elapsed() < std::time::Duration::from_secs(20), "{src}: {:?}", t0.elapsed());
+        }
+        let t = ChatTemplate::new("{{ strftime_now('%d %b %Y') }}", "", "").unwrap();
+        assert_eq!(t.render(&msgs, true).unwrap().len(), 11);
+    }
 
     // A Llama-3-style template exercising the HF extensions.
     const LLAMA3: &str = "{{ bos_token }}{% for message in messages %}{% if message['role'] not in ['system','user','assistant'] %}{{ raise_exception('bad role ' + message['role']) }}{% endif %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}";

@@ -26,7 +26,10 @@ impl HubId {
         };
         let (org, name) = repo.split_once('/')?;
         let ok = |p: &str| !p.is_empty() && !p.starts_with('.') && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-        (ok(org) && ok(name)).then(|| Self { repo: repo.to_string(), revision: revision.to_string() })
+        // A revision names a file under the cache (`refs/REVISION`): a branch, tag or commit, whose
+        // path components may not climb out (`..`) or be empty.
+        let rev_ok = revision.len() <= 256 && revision.split('/').all(ok);
+        (ok(org) && ok(name) && rev_ok).then(|| Self { repo: repo.to_string(), revision: revision.to_string() })
     }
 
     fn repo(&self) -> Repo {
@@ -195,7 +198,20 @@ mod tests {
             Some(HubId { repo: "HuggingFaceTB/SmolLM2-135M-Instruct".into(), revision: "main".into() })
         );
         assert_eq!(HubId::parse("org/name@v1.0").unwrap().revision, "v1.0");
-        for bad in ["name", "./a/b", "/abs/path", "a/b/c", "org/name@", "../x"] {
+        assert_eq!(HubId::parse("org/name@refs/pr/1").unwrap().revision, "refs/pr/1");
+        // A revision is a path under the cache: it may not climb out of it.
+        for bad in [
+            "name",
+            "./a/b",
+            "/abs/path",
+            "a/b/c",
+            "org/name@",
+            "../x",
+            "org/name@../../x",
+            "org/name@a/../../b",
+            "org/name@/etc",
+            "org/name@a//b",
+        ] {
             assert_eq!(HubId::parse(bad), None, "{bad}");
         }
     }

@@ -176,6 +176,8 @@ impl Default for Defaults {
 
 /// Most choices one request may ask for.
 pub const MAX_N: u32 = 128;
+/// Longest stop string (each is searched at every token of every choice).
+pub const MAX_STOP_LEN: usize = 1024;
 /// Most alternatives per token in logprobs.
 pub const MAX_TOP_LOGPROBS: u32 = 20;
 
@@ -251,6 +253,7 @@ impl CommonParams {
         };
         check(stop.len() <= 16, "stop", format!("{} stop strings given; at most 16", stop.len()))?;
         check(stop.iter().all(|s| !s.is_empty()), "stop", "stop strings must not be empty".into())?;
+        check(stop.iter().all(|s| s.len() <= MAX_STOP_LEN), "stop", format!("stop strings may be at most {MAX_STOP_LEN} bytes long"))?;
         let mut logit_bias = HashMap::new();
         for (k, &v) in self.logit_bias.iter().flatten() {
             let tok: u32 = k

@@ -576,6 +576,15 @@ fn a_panic_while_loading_ends_the_server() {
     assert!(e.contains("loading the model failed") && e.contains("hostile model file"), "{e}");
 }
 
+/// Stop strings are bounded in length (each is searched at every token of every choice).
+#[test]
+fn long_stop_strings_are_refused() {
+    let Some(url) = shared() else { return };
+    let (status, r) = post(url, "/v1/completions", &json!({"prompt": "hi", "stop": ["x".repeat(100_000)], "n": 100}));
+    assert_eq!(status, 400, "{r}");
+    assert_eq!(r["error"]["param"], "stop", "{r}");
+}
+
 /// Many prompts × n is refused before the prompts are copied per choice (it used to cost GBs first).
 #[test]
 fn too_many_sequences_are_refused_up_front() {

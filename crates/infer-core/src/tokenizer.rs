@@ -211,6 +211,9 @@ fn spm_merges(tokens: &[String], scores: &[f32], types: &[i32]) -> Vec<(String, 
     ranked.into_iter().map(|(_, _, l, r)| (tokens[l].clone(), tokens[r].clone())).collect()
 }
 
+/// Most tokens the decoder waits on for a character (a UTF-8 character spans at most 4 byte tokens).
+const MAX_PENDING_TOKENS: usize = 16;
+
 /// Turns a stream of token ids into text pieces that never end inside a multi-byte character.
 #[derive(Debug, Clone, Default)]
 pub struct IncrementalDecoder {
@@ -237,9 +240,21 @@ impl IncrementalDecoder {
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
             Ok(Some(new))
+        } else if self.ids.len() - self.read_offset > MAX_PENDING_TOKENS {
+            // Tokens without text (special tokens) or bytes that never form a character: stop
+            // decoding them again at every token (quadratic), emitting what they hold.
+            let new = full.get(prefix.len()..).unwrap_or("").to_string();
+            self.prefix_offset = self.ids.len();
+            self.read_offset = self.ids.len();
+            Ok((!new.is_empty()).then_some(new))
         } else {
             Ok(None)
         }
+    }
+
+    /// Tokens pushed whose text has not come out yet.
+    pub fn pending_tokens(&self) -> usize {
+        self.ids.len() - self.read_offset
     }
 
     /// Whatever text is still held back (an incomplete character at the very end).

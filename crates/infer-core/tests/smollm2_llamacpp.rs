@@ -53,6 +53,20 @@ fn streaming_never_splits_a_character() {
     out.extend(dec.flush(tok).unwrap());
     assert_eq!(out, text);
     assert!(pieces > 3);
+    // Tokens without text (special tokens) do not pile up to be decoded again at every token
+    // (that was quadratic: a sequence emitting them forever slowed down without bound).
+    let special = tok.token_to_id("<|im_start|>").unwrap();
+    let mut dec = IncrementalDecoder::new();
+    for _ in 0..10_000 {
+        assert_eq!(dec.push(tok, special).unwrap(), None);
+        assert!(dec.pending_tokens() <= 17, "{}", dec.pending_tokens());
+    }
+    let mut out = String::new();
+    for id in tok.encode(" fine", false).unwrap() {
+        out.extend(dec.push(tok, id).unwrap());
+    }
+    out.extend(dec.flush(tok).unwrap());
+    assert_eq!(out, " fine");
 }
 
 #[test]

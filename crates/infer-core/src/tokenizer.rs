@@ -191,13 +191,18 @@ fn pre_tokenizer_regexes(pre: &str) -> Vec<&'static str> {
     }
 }
 
+/// Longest SentencePiece token that merges are derived for (bytes).
+const MAX_MERGED_TOKEN_LEN: usize = 256;
+
 /// Merges for a SentencePiece vocabulary: every pair of tokens whose concatenation is a token,
 /// ranked by that token's score (highest first), as llama.cpp's SPM tokenizer merges.
 fn spm_merges(tokens: &[String], scores: &[f32], types: &[i32]) -> Vec<(String, String)> {
     let ids: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
     let mut ranked: Vec<(f32, usize, usize, usize)> = Vec::new();
     for (id, tok) in tokens.iter().enumerate() {
-        if types.get(id).copied().unwrap_or(1) != 1 {
+        // Each split of a token is looked up (quadratic in its length): a hostile vocabulary with
+        // one huge token would hang the load. Real pieces are far shorter.
+        if types.get(id).copied().unwrap_or(1) != 1 || tok.len() > MAX_MERGED_TOKEN_LEN {
             continue;
         }
         for (split, _) in tok.char_indices().skip(1) {

@@ -159,3 +159,21 @@ fn config_json_out_of_range() {
         refused(&dir, &["config.json", needle]);
     }
 }
+
+/// A SentencePiece vocabulary with one very long token: the merge table is built in linear time
+/// (it was quadratic in the token's length: the load hung).
+#[test]
+fn sentencepiece_vocabulary_with_a_huge_token() {
+    let huge = "▁a".repeat(300_000);
+    let tokens = ["<unk>", "<s>", "</s>", "▁", "a", "▁a", huge.as_str()];
+    let mut kvs = llama_kvs(1);
+    kvs.retain(|(k, _)| !k.starts_with("tokenizer."));
+    kvs.push(("tokenizer.ggml.model", V::Str("llama")));
+    kvs.push(("tokenizer.ggml.tokens", V::Strs(&tokens)));
+    kvs.push(("llama.vocab_size", V::U32(tokens.len() as u32)));
+    let p = write("huge-token.gguf", &gguf(&kvs, &[], &[]));
+    let t0 = std::time::Instant::now();
+    // No weights in the file: loading ends at the first missing tensor, after the tokenizer.
+    refused(&p, &["huge-token.gguf", "token_embd.weight", "missing"]);
+    assert!(t0.elapsed() < std::time::Duration::from_secs(20), "{:?}", t0.elapsed());
+}

@@ -174,7 +174,7 @@ impl Session {
         tools: &[crate::tools::Tool],
         choice: &crate::tools::ToolChoice,
     ) -> Result<(Vec<u32>, crate::tools::ToolFormat, Option<crate::structured::Constraint>)> {
-        use crate::tools::{self, ToolChoice, ToolFormat};
+        use crate::tools::{self, ToolFormat};
         let tmpl = self
             .model
             .chat_template
@@ -182,17 +182,7 @@ impl Session {
             .ok_or_else(|| Error::Model(format!("{} has no chat template, so it cannot call tools", self.model.name)))?;
         let format = ToolFormat::detect(tmpl.source());
         let mut msgs = messages.to_vec();
-        let mut listed = Vec::new();
-        if tools.is_empty() || *choice == ToolChoice::None {
-        } else if format == ToolFormat::Generic {
-            let prompt = tools::generic_system_prompt(tools, choice);
-            match msgs.first_mut() {
-                Some(m) if m.role == "system" => m.content = format!("{}\n\n{prompt}", m.content),
-                _ => msgs.insert(0, ChatMessage::system(prompt)),
-            }
-        } else {
-            listed = tools.iter().map(tools::Tool::to_openai).collect();
-        }
+        let listed = tools::prepare_messages(&mut msgs, tools, choice, format);
         let text = tmpl.render_with(&msgs, true, &listed, &serde_json::Map::new())?;
         let ids = self.model.tokenizer.encode(&text, false)?;
         let compiler = self.engine.constraint_compiler()?;

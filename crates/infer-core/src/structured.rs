@@ -458,11 +458,6 @@ impl GrammarConstraint {
     pub fn fork(&self) -> Self {
         Self { matcher: self.matcher.deep_clone(), n_vocab: self.n_vocab }
     }
-
-    /// Whether the output so far is complete (the end-of-sequence token is allowed).
-    pub fn is_accepting(&mut self) -> bool {
-        self.matcher.is_stopped() || self.matcher.is_accepting().unwrap_or(false)
-    }
 }
 
 impl TokenConstraint for GrammarConstraint {

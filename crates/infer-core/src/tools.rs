@@ -13,7 +13,8 @@
 
 use serde_json::{json, Value};
 
-use crate::error::{Error, Result};
+use crate::chat::ChatMessage;
+use crate::error::Result;
 
 /// The marker texts of every format and of reasoning sections (special tokens in some vocabularies,
 /// which a detokenizer may drop: the server adds them back for the parser).
@@ -233,6 +234,24 @@ pub fn generic_system_prompt(tools: &[Tool], choice: &ToolChoice) -> String {
         _ => "Respond in JSON, either with the calls to make: {\"tool_calls\": [{\"name\": <tool name>, \"arguments\": <arguments object>}]}, or with an answer to the user: {\"response\": <answer>}",
     };
     format!("You can call these tools:\n{list}\n{how}")
+}
+
+/// Readies a conversation for tools in `format`: for the generic format the tools are described in
+/// the system message (added, or appended to the first one); for the others the template receives
+/// them. Returns the list to pass as the template's `tools` (empty when no tools are in play).
+pub fn prepare_messages(messages: &mut Vec<ChatMessage>, tools: &[Tool], choice: &ToolChoice, format: ToolFormat) -> Vec<Value> {
+    if tools.is_empty() || *choice == ToolChoice::None {
+        return Vec::new();
+    }
+    if format != ToolFormat::Generic {
+        return tools.iter().map(Tool::to_openai).collect();
+    }
+    let prompt = generic_system_prompt(tools, choice);
+    match messages.first_mut() {
+        Some(m) if m.role == "system" => m.content = format!("{}\n\n{prompt}", m.content),
+        _ => messages.insert(0, ChatMessage::system(prompt)),
+    }
+    Vec::new()
 }
 
 /// How the grammar names a marker: as the special token when the vocabulary has it as one (it
@@ -857,14 +876,4 @@ fn decode_partial_json_string(v: &str) -> String {
         }
     }
     serde_json::from_str::<String>(&format!("\"{}\"", &inner[..end])).unwrap_or_default()
-}
-
-/// Checks a parsed call against the declared tools: a known name.
-pub fn check_calls(calls: &[ToolCall], tools: &[Tool]) -> Result<()> {
-    for c in calls {
-        if !tools.iter().any(|t| t.name == c.name) {
-            return Err(Error::Model(format!("the model called `{}`, which is not among the tools", c.name)));
-        }
-    }
-    Ok(())
 }

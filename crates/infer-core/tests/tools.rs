@@ -230,7 +230,13 @@ fn accepts(compiler: &ConstraintCompiler, vocab: &[Vec<u8>], grammar: &str, text
 
 /// [`accepts`], with the markers written as special tokens or byte by byte.
 fn accepts_as(compiler: &ConstraintCompiler, vocab: &[Vec<u8>], grammar: &str, text: &str, eos: u32, specials: bool) -> bool {
-    let mut c = compiler.compile(&Constraint::Lark(grammar.to_string())).unwrap_or_else(|e| panic!("{e}\n{grammar}"));
+    let c = compiler.compile(&Constraint::Lark(grammar.to_string())).unwrap_or_else(|e| panic!("{e}\n{grammar}"));
+    walks(c, vocab, text, eos, specials)
+}
+
+/// Whether constraint `c` allows `text` token by token (markers as their special tokens when
+/// `specials`), then the end.
+fn walks(mut c: infer_core::GrammarConstraint, vocab: &[Vec<u8>], text: &str, eos: u32, specials: bool) -> bool {
     let mut mask = TokenMask::none(vocab.len());
     let mut rest = text;
     while !rest.is_empty() {
@@ -355,28 +361,7 @@ fn constraints_apply_after_reasoning() {
     let eos = (vocab.len() - 1) as u32;
     let compiler = ConstraintCompiler::from_token_bytes(&vocab, &[eos]).unwrap();
     let schema = Constraint::JsonSchema(json!({"type": "object", "properties": {"a": {"enum": ["b"]}}, "required": ["a"]}));
-    let check = |r: Reasoning, text: &str, specials: bool| {
-        let mut c = compiler.compile_with(&schema, &r).unwrap();
-        let mut mask = TokenMask::none(vocab.len());
-        let mut rest = text;
-        while !rest.is_empty() {
-            let special = vocab.iter().position(|w| specials && w.len() > 1 && w[0] == 0xFF && rest.as_bytes().starts_with(&w[1..]));
-            let (tok, len) = match special {
-                Some(t) => (t as u32, vocab[t].len() - 1),
-                None => (rest.as_bytes()[0] as u32, 1),
-            };
-            mask.clear();
-            c.fill_mask(&mut mask).unwrap();
-            if !mask.is_allowed(tok) {
-                return false;
-            }
-            c.commit(tok).unwrap();
-            rest = &rest[len..];
-        }
-        mask.clear();
-        c.fill_mask(&mut mask).unwrap();
-        mask.is_allowed(eos)
-    };
+    let check = |r: Reasoning, text: &str, specials: bool| walks(compiler.compile_with(&schema, &r).unwrap(), &vocab, text, eos, specials);
     let open = || Reasoning::Open { close: "</think>".into() };
     let tagged = || Reasoning::Tagged { open: "<think>".into(), close: "</think>".into() };
     assert!(check(open(), "Hmm, {not json} yet.</think>\n\n{\"a\": \"b\"}", true));

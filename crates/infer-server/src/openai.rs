@@ -398,11 +398,6 @@ fn schema_value(v: &Value, param: &str) -> Result<Value, ApiError> {
     }
 }
 
-/// A grammar: llguidance's Lark syntax, or llama.cpp's GBNF (`root ::= …`) turned into it.
-fn grammar(src: &str) -> Constraint {
-    Constraint::grammar(src)
-}
-
 impl CommonParams {
     /// The structured-output constraint the request asks for, if any, and the field that asked:
     /// OpenAI's `response_format`, vLLM's `structured_outputs` (and its older `guided_*` fields),
@@ -454,7 +449,7 @@ impl CommonParams {
                         _ => return Err(bad(&param, "must be true or false")),
                     },
                     "regex" => Constraint::Regex(v.as_str().ok_or_else(|| bad(&param, "must be a string"))?.to_string()),
-                    "grammar" => grammar(v.as_str().ok_or_else(|| bad(&param, "must be a string"))?),
+                    "grammar" => Constraint::grammar(v.as_str().ok_or_else(|| bad(&param, "must be a string"))?),
                     "choice" => Constraint::Choice(
                         v.as_array()
                             .and_then(|a| a.iter().map(|s| s.as_str().map(String::from)).collect::<Option<Vec<_>>>())
@@ -480,13 +475,13 @@ impl CommonParams {
             found.push((Constraint::Choice(c.clone()), "guided_choice".into()));
         }
         if let Some(g) = &self.guided_grammar {
-            found.push((grammar(g), "guided_grammar".into()));
+            found.push((Constraint::grammar(g), "guided_grammar".into()));
         }
         if let Some(v) = &self.json_schema {
             found.push((Constraint::JsonSchema(schema_value(v, "json_schema")?), "json_schema".into()));
         }
         if let Some(g) = self.grammar.as_ref().filter(|g| !g.trim().is_empty()) {
-            found.push((grammar(g), "grammar".into()));
+            found.push((Constraint::grammar(g), "grammar".into()));
         }
         if found.len() > 1 {
             let names: Vec<&str> = found.iter().map(|(_, p)| p.as_str()).collect();

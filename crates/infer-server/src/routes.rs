@@ -453,18 +453,7 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Byte
         ));
     }
     let format = ready.tool_format;
-    let mut template_tools = Vec::new();
-    if use_tools {
-        if format == ToolFormat::Generic {
-            let prompt = tools::generic_system_prompt(&tools, &tool_choice);
-            match conversation.first_mut() {
-                Some(m) if m.role == "system" => m.content = format!("{}\n\n{prompt}", m.content),
-                _ => conversation.insert(0, infer_core::ChatMessage::system(prompt)),
-            }
-        } else {
-            template_tools = tools.iter().map(|t| t.to_openai()).collect();
-        }
-    }
+    let template_tools = tools::prepare_messages(&mut conversation, &tools, &tool_choice, format);
     let kwargs = chat.chat_template_kwargs.clone().unwrap_or_default();
     let r = ready.clone();
     let (text, prompt) = blocking(move || {

@@ -39,8 +39,12 @@ fn tk_err(e: impl std::fmt::Display) -> Error {
 impl Tokenizer {
     /// Loads a Hugging Face `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let inner =
-            tokenizers::Tokenizer::from_file(path).map_err(|e| Error::bad_file(path, format!("not a valid tokenizer.json: {e}")))?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let bad = |e: &dyn std::fmt::Display| Error::bad_file(path, format!("not a valid tokenizer.json: {e}"));
+        // `tokenizers` panics on a JSON syntax error inside `decoder` (0.23: `expect("Helper")`):
+        // the syntax is checked first.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| bad(&e))?;
+        let inner: tokenizers::Tokenizer = text.parse().map_err(|e| bad(&e))?;
         Ok(Self { inner })
     }
 

@@ -177,3 +177,23 @@ fn sentencepiece_vocabulary_with_a_huge_token() {
     refused(&p, &["huge-token.gguf", "token_embd.weight", "missing"]);
     assert!(t0.elapsed() < std::time::Duration::from_secs(20), "{:?}", t0.elapsed());
 }
+
+/// A tokenizer.json with a JSON syntax error inside `decoder` (found by infer-fuzz): `tokenizers`
+/// panicked (`expect("Helper")`); now one error naming the file.
+#[test]
+fn tokenizer_json_with_a_syntax_error_in_the_decoder() {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama");
+    let tok = std::fs::read_to_string(fixtures.join("tokenizer.json")).unwrap();
+    let from = "\"decoder\": {\"type\": \"ByteLevel\", \"add_prefix_space\": true, \"trim_offsets\": true, \"use_regex\"";
+    assert!(tok.contains(from), "{from}");
+    let broken =
+        tok.replacen(from, "\"decoder\": {\"type\": \"ByteLevel\", \"add_prefix_space\": true, \"trim_offsets\": true,  use_regex\"", 1);
+    let p = write("tokenizer.json", broken.as_bytes());
+    let r = std::panic::catch_unwind(|| infer_core::Tokenizer::from_file(&p));
+    let err = match r {
+        Ok(Ok(_)) => panic!("the broken tokenizer.json loaded"),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => panic!("loading the broken tokenizer.json panicked"),
+    };
+    assert!(err.contains("tokenizer.json") && err.contains("not a valid tokenizer.json"), "{err}");
+}

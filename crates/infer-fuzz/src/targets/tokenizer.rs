@@ -50,7 +50,7 @@ pub fn seed_tokenizers() -> Vec<Vec<u8>> {
     let vocab = bpe["model"]["vocab"].as_object_mut().expect("vocab");
     vocab.insert("he".into(), json!(256));
     vocab.insert("hel".into(), json!(257));
-    bpe["model"]["merges"] = json!(["h e", ["he", "l"]]);
+    bpe["model"]["merges"] = json!([["h", "e"], ["he", "l"]]);
     bpe["added_tokens"] = json!([added(258, "<|im_start|>", true), added(259, "<|im_end|>", true), added(260, "<tool_call>", false)]);
     bpe["normalizer"] =
         json!({"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Replace", "pattern": {"String": "\t"}, "content": "    "}]});

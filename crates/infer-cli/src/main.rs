@@ -244,6 +244,7 @@ impl SamplingArgs {
             ignore_eos: self.ignore_eos,
             logprobs: None,
             constraint: self.constraint()?,
+            cache_salt: None,
         })
     }
 }
@@ -252,8 +253,10 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The server says when the model is ready and how its KV cache was sized.
+    let default_log = if matches!(cli.command, Command::Serve(_)) { "warn,infer_server=info" } else { "warn" };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("INFER_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("INFER_LOG").unwrap_or_else(|_| default_log.into()))
         .with_writer(std::io::stderr)
         .init();
     match run(cli) {
@@ -415,7 +418,7 @@ fn load(args: &ModelArgs) -> Result<Session> {
     let t0 = Instant::now();
     let session = builder.build();
     bar.finish_and_clear();
-    let session = session?;
+    let mut session = session?;
     let cfg = session.model().config();
     eprintln!(
         "loaded {} ({:?}, {} layers, {} heads, vocab {}) in {:.1}s",
@@ -426,6 +429,7 @@ fn load(args: &ModelArgs) -> Result<Session> {
         cfg.vocab_size,
         t0.elapsed().as_secs_f64()
     );
+    eprintln!("{}", session.engine().cache_sizing());
     Ok(session)
 }
 

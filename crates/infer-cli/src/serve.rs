@@ -30,7 +30,8 @@ pub struct ServeArgs {
     /// Sequences that may wait beyond --max-seqs; further requests get 429.
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
-    /// KV cache memory, e.g. 512M or 2G (default: room for --max-seqs full contexts).
+    /// KV cache memory, e.g. 512M or 2G (default: room for --max-seqs full contexts, at most half
+    /// the memory available once the model is loaded).
     #[arg(long, value_name = "SIZE")]
     pub kv_cache_mem: Option<String>,
     /// Most tokens one engine step processes; longer prompts are prefilled in chunks this size,
@@ -46,6 +47,21 @@ pub struct ServeArgs {
     /// Allow browser requests from these origins (`*` for any). Off by default.
     #[arg(long, value_name = "ORIGIN", num_args = 1..)]
     pub cors: Vec<String>,
+    /// Report `usage.prompt_tokens_details.cached_tokens` (off by default: with the shared prefix
+    /// cache it tells one client what prompts others sent; clients can also send a `cache_salt`).
+    #[arg(long)]
+    pub enable_prompt_tokens_details: bool,
+    /// Most open connections; beyond, new ones get 503 and are closed.
+    #[arg(long, default_value_t = 512)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers (idle keep-alive connections close after
+    /// this too).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub header_timeout: u64,
+    /// Seconds a client may read nothing of a response before it is disconnected (its sequences
+    /// are cancelled and their KV blocks freed).
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub write_timeout: u64,
     /// Seconds in-flight requests may finish after SIGINT/SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 10)]
     pub shutdown_timeout: u64,
@@ -83,6 +99,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if args.max_batch_tokens == 0 {
         bail!("--max-batch-tokens must be at least 1");
     }
+    if args.max_connections == 0 || args.header_timeout == 0 || args.write_timeout == 0 {
+        bail!("--max-connections, --header-timeout and --write-timeout must be at least 1");
+    }
     let device = infer::parse_device(&args.model.device)?;
     let dtype: DTypeChoice = args.model.dtype.parse()?;
     if let Some(c) = args.model.ctx_size {
@@ -109,6 +128,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_body_bytes,
         cors_origins: args.cors.clone(),
         shutdown_grace: Duration::from_secs(args.shutdown_timeout),
+        report_cached_tokens: args.enable_prompt_tokens_details,
+        connections: infer_server::ConnLimits {
+            max_connections: args.max_connections,
+            header_read_timeout: Duration::from_secs(args.header_timeout),
+            write_timeout: Duration::from_secs(args.write_timeout),
+            ..Default::default()
+        },
         tool_call_parser: match args.tool_call_parser.as_deref() {
             None | Some("auto") => None,
             Some(name) => Some(infer::tools::ToolFormat::from_name(name).ok_or_else(|| {

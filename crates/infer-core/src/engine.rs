@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::kv_cache::{PagedKvCache, DEFAULT_BLOCK_SIZE};
+use crate::kv_cache::{CacheLimit, CacheSizing, PagedKvCache, DEFAULT_BLOCK_SIZE};
 use crate::models::{BatchInput, CausalLm, LogitsWanted};
 use crate::sampling::{top_logprobs, SamplingParams, TokenMask};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput};
@@ -21,8 +21,8 @@ use crate::tokenizer::Tokenizer;
 pub struct EngineConfig {
     /// Tokens per KV cache block.
     pub block_size: usize,
-    /// KV cache memory in bytes; `None`: room for `max_seqs` full contexts (on a GPU at most 80% of
-    /// its free memory).
+    /// KV cache memory in bytes; `None`: room for `max_seqs` full contexts, but at most half the
+    /// memory available once the weights are loaded (on a GPU at most 80% of its free memory).
     pub kv_cache_bytes: Option<usize>,
     /// Keys and values stored as f32 or f16 (bf16 too on a GPU); `None`: f32 on the CPU, the
     /// model's dtype on a GPU.
@@ -77,6 +77,7 @@ pub struct Engine {
     tokenizer: Tokenizer,
     eos: Vec<u32>,
     cache: PagedKvCache,
+    cache_sizing: CacheSizing,
     max_context: usize,
     scheduler: Scheduler,
     next_id: SeqId,
@@ -97,9 +98,16 @@ impl Engine {
         }
         let device = model.device();
         let dtype = cfg.kv_cache_dtype.unwrap_or_else(|| crate::kv_cache::default_cache_dtype(&device, model.dtype()));
-        let cache = match cfg.kv_cache_bytes {
-            Some(bytes) => PagedKvCache::with_memory_budget_on(mcfg, cfg.block_size, bytes, &device, dtype)?,
-            None => PagedKvCache::default_for(mcfg, cfg.block_size, max_context.div_ceil(cfg.block_size) * cfg.max_seqs, &device, dtype)?,
+        let (cache, cache_sizing) = match cfg.kv_cache_bytes {
+            Some(bytes) => {
+                let cache = PagedKvCache::with_memory_budget_on(mcfg, cfg.block_size, bytes, &device, dtype)?;
+                let blocks = cache.num_blocks();
+                let bytes = blocks * PagedKvCache::bytes_per_block_of(mcfg, cfg.block_size, dtype);
+                let limit = CacheLimit::Requested;
+                let sizing = CacheSizing { blocks, block_size: cfg.block_size, dtype, bytes, max_context, max_seqs: cfg.max_seqs, limit };
+                (cache, sizing)
+            }
+            None => PagedKvCache::default_for(mcfg, cfg.block_size, max_context, cfg.max_seqs, &device, dtype)?,
         };
         let scheduler = Scheduler::new(SchedulerConfig {
             max_batch_tokens: cfg.max_batch_tokens,
@@ -111,6 +119,7 @@ impl Engine {
             tokenizer,
             eos: eos_token_ids,
             cache,
+            cache_sizing,
             max_context,
             scheduler,
             next_id: 0,
@@ -119,6 +128,11 @@ impl Engine {
             compiler: None,
             overlap_masks: cfg.overlap_masks,
         })
+    }
+
+    /// How the KV cache was sized (its `Display` is the line the CLI and the server print).
+    pub fn cache_sizing(&self) -> &CacheSizing {
+        &self.cache_sizing
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {

@@ -29,6 +29,13 @@ pub fn block_hash(parent: BlockHash, tokens: &[u32]) -> BlockHash {
     ((half(1) as u128) << 64) | half(2) as u128
 }
 
+/// The root a salted sequence's block hashes start from instead of `0` (see
+/// [`SamplingParams::cache_salt`](crate::SamplingParams)).
+pub fn salt_root(salt: &str) -> BlockHash {
+    let words: Vec<u32> = salt.bytes().map(u32::from).collect();
+    block_hash(u128::MAX, &words)
+}
+
 #[derive(Debug, Clone, Default)]
 struct BlockMeta {
     refs: u32,
@@ -199,6 +206,14 @@ pub fn parse_cache_dtype(s: &str) -> Result<DType> {
     }
 }
 
+/// `n` zero f16s from zeroed memory: like `vec![0.0f32; n]`, the pages are only committed when
+/// written (`vec![f16::ZERO; n]` would write, and so commit, all of them at once).
+fn zeroed_f16(n: usize) -> Vec<half::f16> {
+    let mut v = std::mem::ManuallyDrop::new(vec![0u16; n]);
+    // SAFETY: `f16` is `repr(transparent)` over `u16` (same size and alignment) and 0 is +0.0.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<half::f16>(), v.len(), v.capacity()) }
+}
+
 /// Checks a cache dtype for `device`: f32/f16/bf16 on a GPU, f32/f16 on the host.
 fn check_cache_dtype(device: &Device, dtype: DType) -> Result<()> {
     let ok = match dtype {
@@ -218,20 +233,121 @@ fn check_cache_dtype(device: &Device, dtype: DType) -> Result<()> {
 }
 
 /// Share of the device memory still free (after the weights) that a GPU cache takes by default.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const DEVICE_MEMORY_SHARE: f64 = 0.8;
 
-impl PagedKvCache {
-    /// The cache the engine makes when no budget is given: `want` blocks on the host; on a GPU at
-    /// most as many as fit in 80% of its free memory (as vLLM's `gpu_memory_utilization` does).
-    pub fn default_for(cfg: &ModelConfig, block_size: usize, want: usize, device: &Device, dtype: DType) -> Result<Self> {
-        #[cfg(feature = "cuda")]
-        if cache_on_device(device) {
-            let (free, _) = infer_kernels::cuda::memory_info(device)?;
-            let fit = (free as f64 * DEVICE_MEMORY_SHARE) as usize / Self::bytes_per_block_of(cfg, block_size, dtype);
-            return Self::new_on(cfg, block_size, want.min(fit).max(1), device, dtype);
+/// What limited the size of an engine's KV cache.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CacheLimit {
+    /// The size asked for (`--kv-cache-mem`, [`EngineConfig::kv_cache_bytes`](crate::EngineConfig)).
+    Requested,
+    /// What `max_seqs` full contexts can use.
+    Demand,
+    /// `share` of the `available` bytes (host: `MemAvailable` after loading; GPU: free memory).
+    Memory { available: u64, share: f64 },
+}
+
+/// How an engine's KV cache was sized (printed at start by the CLI and the server).
+#[derive(Debug, Clone)]
+pub struct CacheSizing {
+    pub blocks: usize,
+    pub block_size: usize,
+    pub dtype: DType,
+    /// Bytes the blocks take over all layers.
+    pub bytes: usize,
+    /// Tokens one sequence may hold (before the cache's own capacity bounds it).
+    pub max_context: usize,
+    pub max_seqs: usize,
+    pub limit: CacheLimit,
+}
+
+impl CacheSizing {
+    /// Whole contexts of `max_context` tokens the cache holds at once.
+    pub fn full_contexts(&self) -> f64 {
+        (self.blocks * self.block_size) as f64 / self.max_context.max(1) as f64
+    }
+}
+
+impl std::fmt::Display for CacheSizing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tokens = self.blocks * self.block_size;
+        write!(
+            f,
+            "KV cache: {} tokens in {} blocks, {} {:?}; room for {:.1} full contexts of {} tokens ({} sequences at most)",
+            tokens,
+            self.blocks,
+            crate::memory::human(self.bytes as u64),
+            self.dtype,
+            self.full_contexts(),
+            self.max_context,
+            self.max_seqs
+        )?;
+        match self.limit {
+            CacheLimit::Requested => write!(f, "; size as asked"),
+            CacheLimit::Demand => write!(f, "; all that --max-seqs × the context can use"),
+            CacheLimit::Memory { available, share } => {
+                write!(f, "; limited to {:.0}% of the {} available", share * 100.0, crate::memory::human(available))?;
+                if tokens < self.max_context {
+                    write!(f, " (one sequence may hold {tokens} tokens; give it more with --kv-cache-mem or lower --ctx-size)")?;
+                }
+                Ok(())
+            }
         }
-        let _ = DEVICE_MEMORY_SHARE;
-        Self::new_on(cfg, block_size, want, device, dtype)
+    }
+}
+
+impl PagedKvCache {
+    /// The cache the engine makes when no budget is given: room for `max_seqs` contexts of
+    /// `max_context` tokens, but at most [`KV_MEMORY_SHARE`](crate::memory::KV_MEMORY_SHARE) of the
+    /// memory available now (call it after the weights are loaded, so they are counted); on a GPU
+    /// at most 80% of its free memory (as vLLM's `gpu_memory_utilization` does).
+    pub fn default_for(
+        cfg: &ModelConfig,
+        block_size: usize,
+        max_context: usize,
+        max_seqs: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<(Self, CacheSizing)> {
+        if block_size == 0 {
+            return Err(Error::param("kv-cache", "block size must be positive"));
+        }
+        let want = max_context.div_ceil(block_size).saturating_mul(max_seqs);
+        let per = Self::bytes_per_block_of(cfg, block_size, dtype).max(1);
+        let room: Option<(u64, f64)> = if cache_on_device(device) {
+            #[cfg(feature = "cuda")]
+            {
+                Some((infer_kernels::cuda::memory_info(device)?.0 as u64, DEVICE_MEMORY_SHARE))
+            }
+            #[cfg(not(feature = "cuda"))]
+            None
+        } else {
+            crate::memory::available_bytes().map(|a| (a, crate::memory::KV_MEMORY_SHARE))
+        };
+        let (blocks, limit) = match room {
+            Some((available, share)) => {
+                let fit = (available as f64 * share) as usize / per;
+                if fit < want {
+                    (fit, CacheLimit::Memory { available, share })
+                } else {
+                    (want, CacheLimit::Demand)
+                }
+            }
+            None => (want, CacheLimit::Demand),
+        };
+        if blocks == 0 {
+            return Err(Error::param(
+                "kv-cache",
+                format!(
+                    "not enough memory for the KV cache: one block of {block_size} tokens takes {}, more than {:.0}% of the memory available; free some memory or give --kv-cache-mem",
+                    crate::memory::human(per as u64),
+                    room.map_or(0.0, |r| r.1 * 100.0)
+                ),
+            ));
+        }
+        let cache = Self::new_on(cfg, block_size, blocks, device, dtype)?;
+        let sizing = CacheSizing { blocks, block_size, dtype, bytes: blocks * per, max_context, max_seqs, limit };
+        Ok((cache, sizing))
     }
 
     /// A host (f32) cache of `num_blocks` blocks of `block_size` tokens for the model `cfg`.
@@ -252,7 +368,7 @@ impl PagedKvCache {
                 Ok(if cache_on_device(device) {
                     LayerKv::Device { k: Tensor::zeros(per_layer, dtype, device)?, v: Tensor::zeros(per_layer, dtype, device)? }
                 } else if dtype == DType::F16 {
-                    LayerKv::HostF16 { k: vec![half::f16::ZERO; per_layer], v: vec![half::f16::ZERO; per_layer] }
+                    LayerKv::HostF16 { k: zeroed_f16(per_layer), v: zeroed_f16(per_layer) }
                 } else {
                     LayerKv::Host { k: vec![0.0; per_layer], v: vec![0.0; per_layer] }
                 })
@@ -352,12 +468,13 @@ impl PagedKvCache {
 
     /// Points an empty block table at the cached blocks of the longest cached prefix of `tokens`
     /// (whole blocks, leaving at least one token to compute), recording their hashes in `hashes`;
-    /// returns how many tokens they hold.
-    pub fn match_prefix(&mut self, tokens: &[u32], table: &mut Vec<u32>, hashes: &mut Vec<BlockHash>) -> usize {
+    /// returns how many tokens they hold. `root` is the sequence's namespace (`0`, or a
+    /// [`salt_root`]).
+    pub fn match_prefix(&mut self, tokens: &[u32], root: BlockHash, table: &mut Vec<u32>, hashes: &mut Vec<BlockHash>) -> usize {
         debug_assert!(table.is_empty() && hashes.is_empty());
         let bs = self.block_size;
         let full = tokens.len().saturating_sub(1) / bs;
-        let mut parent = 0;
+        let mut parent = root;
         for i in 0..full {
             let h = block_hash(parent, &tokens[i * bs..(i + 1) * bs]);
             let Some(b) = self.allocator.acquire_cached(h) else { break };
@@ -370,12 +487,12 @@ impl PagedKvCache {
 
     /// Makes the full blocks of a sequence whose first `computed.len()` tokens are in the cache
     /// shareable (content-hashed in the prefix cache); `hashes` holds the hashes of the blocks
-    /// committed before and grows by the new ones.
-    pub fn commit_full_blocks(&mut self, computed: &[u32], table: &[u32], hashes: &mut Vec<BlockHash>) {
+    /// committed before and grows by the new ones; `root` as for [`match_prefix`](Self::match_prefix).
+    pub fn commit_full_blocks(&mut self, computed: &[u32], root: BlockHash, table: &[u32], hashes: &mut Vec<BlockHash>) {
         let bs = self.block_size;
         while (hashes.len() + 1) * bs <= computed.len() {
             let i = hashes.len();
-            let h = block_hash(hashes.last().copied().unwrap_or(0), &computed[i * bs..(i + 1) * bs]);
+            let h = block_hash(hashes.last().copied().unwrap_or(root), &computed[i * bs..(i + 1) * bs]);
             self.allocator.register(table[i], h);
             hashes.push(h);
         }

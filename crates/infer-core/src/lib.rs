@@ -19,6 +19,7 @@ pub mod eval;
 pub mod hub;
 pub mod kv_cache;
 pub mod loader;
+pub mod memory;
 pub mod models;
 pub mod sampling;
 pub mod scheduler;

@@ -44,6 +44,10 @@ pub struct SamplingParams {
     /// What the output must match (a JSON schema, a regex, a choice, a grammar); compiled by the
     /// engine when the sequence is added.
     pub constraint: Option<crate::structured::Constraint>,
+    /// Prefix-cache namespace (vLLM's `cache_salt`): a sequence reuses cached KV blocks only from
+    /// sequences with the same salt, so clients that do not share it cannot learn from cache hits
+    /// (or timing) what the others sent. `None` is one namespace of its own.
+    pub cache_salt: Option<String>,
 }
 
 impl Default for SamplingParams {
@@ -63,6 +67,7 @@ impl Default for SamplingParams {
             ignore_eos: false,
             logprobs: None,
             constraint: None,
+            cache_salt: None,
         }
     }
 }

@@ -192,7 +192,7 @@ impl Scheduler {
         while self.running.len() < self.cfg.max_seqs {
             let Some(mut seq) = self.waiting.pop_front() else { break };
             if self.cfg.prefix_caching {
-                seq.computed = cache.match_prefix(&seq.tokens, &mut seq.block_table, &mut seq.block_hashes);
+                seq.computed = cache.match_prefix(&seq.tokens, seq.cache_root, &mut seq.block_table, &mut seq.block_hashes);
             }
             let need = cache.blocks_for(seq.tokens.len() + 1) - seq.block_table.len();
             let reserved: usize =
@@ -234,7 +234,7 @@ impl Scheduler {
             seq.computed += p.num_tokens + acc;
             seq.draft.clear();
             if self.cfg.prefix_caching {
-                cache.commit_full_blocks(&seq.tokens[..seq.computed], &seq.block_table, &mut seq.block_hashes);
+                cache.commit_full_blocks(&seq.tokens[..seq.computed], seq.cache_root, &seq.block_table, &mut seq.block_hashes);
             }
         }
         for &id in finished {

@@ -71,6 +71,8 @@ pub(crate) struct Sequence {
     pub(crate) block_table: Vec<u32>,
     /// Content hashes of the full blocks computed so far (registered in the prefix cache).
     pub(crate) block_hashes: Vec<BlockHash>,
+    /// Where its block hashes start: `0`, or its cache salt's root (its own prefix-cache namespace).
+    pub(crate) cache_root: BlockHash,
     /// Prompt tokens found in the prefix cache at first admission.
     pub(crate) cached_tokens: Option<usize>,
     /// Tokens proposed after `tokens` (speculative decoding), verified by the next step that runs
@@ -95,6 +97,7 @@ impl Sequence {
             computed: 0,
             block_table: Vec::new(),
             block_hashes: Vec::new(),
+            cache_root: params.cache_salt.as_deref().map_or(0, crate::kv_cache::salt_root),
             cached_tokens: None,
             draft: Vec::new(),
             constraint: None,

@@ -6,6 +6,7 @@
 //! request's sequences continuously (they join and leave at each step) over a paged KV cache with
 //! prefix caching; handlers only parse, tokenize and stream.
 
+mod conn;
 mod error;
 mod metrics;
 mod openai;
@@ -13,7 +14,7 @@ mod routes;
 mod run;
 mod worker;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, OnceLock};
@@ -30,6 +31,7 @@ use infer_core::{ChatTemplate, ConstraintCompiler, Engine, EngineConfig, LoadedM
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+pub use conn::ConnLimits;
 pub use error::ApiError;
 pub use metrics::Metrics;
 
@@ -58,6 +60,11 @@ pub struct ServerConfig {
     /// Split `<think>…</think>` into `reasoning_content` (vLLM's and llama.cpp's default); off: it
     /// stays in the content.
     pub reasoning: bool,
+    /// Connections at once, header-read and write timeouts.
+    pub connections: ConnLimits,
+    /// Report `usage.prompt_tokens_details.cached_tokens` (vLLM's `--enable-prompt-tokens-details`).
+    /// Off by default: with a shared prefix cache it tells one client what prompts others sent.
+    pub report_cached_tokens: bool,
 }
 
 impl Default for ServerConfig {
@@ -72,6 +79,8 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             tool_call_parser: None,
             reasoning: true,
+            connections: ConnLimits::default(),
+            report_cached_tokens: false,
         }
     }
 }
@@ -82,6 +91,7 @@ pub struct Ready {
     pub tokenizer: Tokenizer,
     pub chat_template: Option<ChatTemplate>,
     pub max_context: usize,
+    pub report_cached_tokens: bool,
     pub vocab_size: usize,
     pub eos: Vec<u32>,
     pub defaults: openai::Defaults,
@@ -296,6 +306,7 @@ where
                     tokenizer: m.tokenizer.clone(),
                     chat_template: m.chat_template.take(),
                     max_context: engine.max_context(),
+                    report_cached_tokens: st.cfg.report_cached_tokens,
                     vocab_size: m.config().vocab_size,
                     eos: m.eos_token_ids.clone(),
                     defaults,
@@ -310,12 +321,11 @@ where
             match setup {
                 Ok((engine, ready)) => {
                     tracing::info!(
-                        "model `{}` ready in {:.1}s: context {} tokens, {} KV blocks of {} tokens",
+                        "model `{}` ready in {:.1}s: context {} tokens; {}",
                         ready.model_id,
                         started.elapsed().as_secs_f64(),
                         ready.max_context,
-                        engine.cache().num_blocks(),
-                        engine.cache().block_size()
+                        engine.cache_sizing()
                     );
                     let _ = st.ready.set(Arc::new(ready));
                     let _ = loaded_tx.send(Ok(()));
@@ -330,9 +340,14 @@ where
         .map_err(|e| format!("cannot start the engine thread: {e}"))?;
 
     let st = state.clone();
-    let graceful = async move {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
         shutdown.await;
         st.shutting_down.store(true, Ordering::SeqCst);
+        let _ = stop_tx.send(());
+    };
+    let st = state.clone();
+    let drain = async move {
         let deadline = Instant::now() + st.cfg.shutdown_grace;
         let busy = st.inflight.load(Ordering::SeqCst);
         if busy > 0 {
@@ -345,18 +360,29 @@ where
             let _ = st.commands.send(worker::Command::AbortAll("the server is shutting down".into()));
         }
     };
+    tokio::spawn(signal);
     let app = router(state.clone());
-    let server = axum::serve(listener, app).with_graceful_shutdown(graceful).into_future();
+    let limits = state.cfg.connections;
+    let server = conn::serve_connections(
+        listener,
+        app,
+        limits,
+        async move {
+            let _ = stop_rx.await;
+        },
+        drain,
+    );
     tokio::pin!(server);
     tokio::select! {
-        r = &mut server => return r.map_err(|e| format!("server error: {e}")),
+        () = &mut server => return Ok(()),
         loaded = loaded_rx => match loaded {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err("the engine thread stopped while loading the model".into()),
         }
     }
-    server.await.map_err(|e| format!("server error: {e}"))
+    server.await;
+    Ok(())
 }
 
 /// A server running on its own threads (for tests, benchmarks and embedding).

@@ -80,6 +80,8 @@ pub struct CommonParams {
     pub guided_grammar: Option<String>,
     pub json_schema: Option<Value>,
     pub grammar: Option<String>,
+    /// Prefix-cache namespace (vLLM's extension; see `SamplingParams::cache_salt`).
+    pub cache_salt: Option<String>,
 }
 
 /// Message content: a string or a list of parts.
@@ -279,6 +281,7 @@ impl CommonParams {
             ignore_eos: self.ignore_eos.unwrap_or(false),
             logprobs: None,
             constraint: None,
+            cache_salt: self.cache_salt.clone(),
         })
     }
 }

@@ -151,13 +151,18 @@ fn chat_finish(f: Option<FinishReason>, calls: usize) -> Value {
     }
 }
 
-fn usage(prompt_tokens: usize, completion_tokens: usize, cached: usize) -> Value {
-    json!({
+/// Token counts; `prompt_tokens_details.cached_tokens` only when the server reports it (it tells a
+/// client which prompts others sent, so it is off by default, as in vLLM).
+fn usage(ready: &Ready, prompt_tokens: usize, completion_tokens: usize, cached: usize) -> Value {
+    let mut u = json!({
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    })
+    });
+    if ready.report_cached_tokens {
+        u["prompt_tokens_details"] = json!({"cached_tokens": cached});
+    }
+    u
 }
 
 fn token_str(ready: &Ready, id: u32) -> String {
@@ -256,7 +261,7 @@ fn full_response(ready: &Ready, meta: &Meta, outs: Vec<ChoiceOutput>) -> Value {
         "model": meta.model,
         "system_fingerprint": crate::FINGERPRINT,
         "choices": choices,
-        "usage": usage(meta.prompt_tokens, completion_tokens, cached),
+        "usage": usage(ready, meta.prompt_tokens, completion_tokens, cached),
     })
 }
 
@@ -379,7 +384,7 @@ impl Chunker {
     fn end(&self) -> Option<String> {
         self.meta.include_usage.then(|| {
             let mut c: Value = serde_json::from_str(&self.chunk(vec![])).expect("own JSON");
-            c["usage"] = usage(self.meta.prompt_tokens, self.completion_tokens, self.cached);
+            c["usage"] = usage(&self.ready, self.meta.prompt_tokens, self.completion_tokens, self.cached);
             c.to_string()
         })
     }

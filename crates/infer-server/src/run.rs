@@ -77,15 +77,25 @@ impl Run {
             Some(SeqMsg::Token(event)) => {
                 if event.finish.is_some() {
                     self.unfinished.retain(|&id| id != event.seq_id);
+                    self.release_if_done();
                 }
                 let index = *self.index.get(&event.seq_id)?;
                 Some(Ok(ChoiceToken { index, event }))
             }
             Some(SeqMsg::Failed { seq_id, message }) => {
                 self.unfinished.retain(|&id| id != seq_id);
+                self.release_if_done();
                 Some(Err(message))
             }
             None => Some(Err("the engine stopped".into())),
+        }
+    }
+
+    /// Once every sequence has finished, its admission slots are free for other requests, even if
+    /// this response is still being written to a slow (or stalled) client.
+    fn release_if_done(&mut self) {
+        if self.unfinished.is_empty() {
+            self.state.inflight.fetch_sub(std::mem::take(&mut self.slots), Ordering::SeqCst);
         }
     }
 

@@ -23,7 +23,11 @@ fn start(cfg: ServerConfig) -> Option<BackgroundServer> {
 }
 
 fn config() -> ServerConfig {
-    ServerConfig { engine: EngineConfig { max_context: Some(2048), max_seqs: 16, ..Default::default() }, ..Default::default() }
+    ServerConfig {
+        engine: EngineConfig { max_context: Some(2048), max_seqs: 16, ..Default::default() },
+        report_cached_tokens: true,
+        ..Default::default()
+    }
 }
 
 /// One server shared by the tests that need no special configuration.
@@ -626,4 +630,158 @@ fn tokenizing_does_not_block_other_requests() {
         assert_eq!(w.join().unwrap(), 200);
     }
     assert!(slowest < Duration::from_secs(2), "/health took {slowest:?} while tokenizing");
+}
+
+/// A raw connection that sends a streaming completion whose chunks are large (20 top logprobs per
+/// token) and then never reads: the socket buffers fill within a few hundred tokens.
+fn stalled_reader(url: &str, max_tokens: usize) -> std::net::TcpStream {
+    use std::io::Write;
+    let addr = url.trim_start_matches("http://");
+    let body = json!({"prompt": "Once upon a time", "max_tokens": max_tokens, "ignore_eos": true, "stream": true,
+        "temperature": 0, "logprobs": 20})
+    .to_string();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    s
+}
+
+/// Reads a raw connection to its end; `true` if the server closed it within `within`.
+fn closed_within(s: &mut std::net::TcpStream, within: Duration) -> bool {
+    let t0 = Instant::now();
+    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    while t0.elapsed() < within {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// A client that stops reading its stream is disconnected after `write_timeout`: its sequence is
+/// cancelled (long before its 1900 tokens), its slot serves the next request (before: every later
+/// request got 429 while the engine sat idle).
+#[test]
+fn a_stalled_reader_is_disconnected_and_frees_its_slot() {
+    let Some(s) = start(ServerConfig {
+        max_queue: 0,
+        engine: EngineConfig { max_context: Some(2048), max_seqs: 1, ..Default::default() },
+        // A small send buffer: the stall shows after a few dozen tokens even on a loaded machine.
+        connections: infer_server::ConnLimits { write_timeout: Duration::from_secs(1), send_buffer: 4096, ..Default::default() },
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let url = s.url();
+    wait_ready(&url);
+    let mut stalled = stalled_reader(&url, 1900);
+    wait_for(&url, "infer_running_sequences", 1.0);
+    let (status, _) = post(&url, "/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}));
+    assert_eq!(status, 429, "the only slot is taken");
+    let t0 = Instant::now();
+    while metric(&url, "infer_running_sequences") != 0.0 {
+        assert!(t0.elapsed() < Duration::from_secs(90), "the stalled stream was never cut off");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let generated = metric(&url, "infer_generation_tokens_total");
+    assert!(generated < 1800.0, "the stalled stream ran to its end ({generated} tokens) instead of being cut off");
+    let (status, r) = post(&url, "/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}));
+    assert_eq!(status, 200, "{r}");
+    wait_for(&url, "infer_kv_blocks_used", 0.0);
+    assert!(closed_within(&mut stalled, Duration::from_secs(10)), "the stalled connection is still open");
+    s.stop().unwrap();
+}
+
+/// Shutdown ends even when a client never reads its stream (before: the server waited for that
+/// connection forever).
+#[test]
+fn shutdown_finishes_despite_a_stalled_reader() {
+    let Some(s) = start(ServerConfig { shutdown_grace: Duration::ZERO, ..config() }) else { return };
+    let url = s.url();
+    wait_ready(&url);
+    let _stalled = stalled_reader(&url, 1900);
+    wait_for(&url, "infer_running_sequences", 1.0);
+    std::thread::sleep(Duration::from_secs(3)); // its buffers fill
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(s.stop()));
+    let stopped = rx.recv_timeout(Duration::from_secs(20)).expect("the server did not stop within 20 s");
+    stopped.unwrap();
+}
+
+/// Slow headers are cut off after the header timeout; connections beyond the limit get 503 and the
+/// others keep working.
+#[test]
+fn header_timeout_and_connection_limit() {
+    use std::io::Write;
+    let Some(s) = start(ServerConfig {
+        connections: infer_server::ConnLimits { max_connections: 2, header_read_timeout: Duration::from_secs(1), ..Default::default() },
+        ..config()
+    }) else {
+        return;
+    };
+    let url = s.url();
+    wait_ready(&url);
+    std::thread::sleep(Duration::from_millis(1500)); // wait_ready's keep-alive connections time out
+    let addr = url.trim_start_matches("http://").to_string();
+    // Slowloris: half a request, then nothing.
+    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+    write!(slow, "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\n").unwrap();
+    let mut idle = std::net::TcpStream::connect(&addr).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // A third connection is over the limit.
+    let mut third = std::net::TcpStream::connect(&addr).unwrap();
+    let _ = write!(third, "GET /health HTTP/1.1\r\nHost: {addr}\r\n\r\n"); // the answer may come first
+    let mut answer = String::new();
+    third.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = third.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 503") && answer.contains("--max-connections 2"), "{answer}");
+    // Both stalled connections are closed by the header timeout.
+    assert!(closed_within(&mut slow, Duration::from_secs(10)), "slow headers were never cut off");
+    assert!(closed_within(&mut idle, Duration::from_secs(10)), "an idle connection stayed open");
+    std::thread::sleep(Duration::from_millis(100));
+    let r = client().get(format!("{url}/health")).send().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    s.stop().unwrap();
+}
+
+/// The prefix cache as a side channel: by default `cached_tokens` is not reported, and requests with
+/// different `cache_salt`s never share cached blocks (the same salt does).
+#[test]
+fn cached_tokens_are_private_by_default_and_salts_separate_caches() {
+    let Some(s) =
+        start(ServerConfig { engine: EngineConfig { max_context: Some(2048), max_seqs: 4, ..Default::default() }, ..Default::default() })
+    else {
+        return;
+    };
+    let url = s.url();
+    wait_ready(&url);
+    let secret = "The launch code of the other tenant is 7-4-1-9-9-3, and the meeting with Alice Example is on Thursday \
+                  at the harbour office; nobody else may know this.";
+    let ask = |salt: Option<&str>, q: &str| {
+        let mut body = json!({"messages": [{"role": "system", "content": secret}, {"role": "user", "content": q}], "max_tokens": 2});
+        if let Some(salt) = salt {
+            body["cache_salt"] = json!(salt);
+        }
+        let (status, r) = post(&url, "/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{r}");
+        r
+    };
+    let hits = || metric(&url, "infer_prefix_cache_hit_tokens_total");
+    let r = ask(Some("tenant-a"), "Hello");
+    assert!(r["usage"].get("prompt_tokens_details").is_none(), "cached_tokens reported by default: {}", r["usage"]);
+    let before = hits();
+    ask(Some("tenant-b"), "Hi");
+    ask(None, "Hi");
+    assert_eq!(hits(), before, "another salt (or none) reused tenant-a's cached prompt");
+    ask(Some("tenant-a"), "Hi");
+    assert!(hits() >= before + 32.0, "the same salt should hit the cache");
+    s.stop().unwrap();
 }

@@ -217,20 +217,26 @@ pub fn run_generation(
             _ => Ok(None),
         })
         .collect::<Result<_>>()?;
-    let cfg = EngineConfig { max_seqs: 16, max_context: Some(m.model.config().max_position_embeddings.min(8192)), ..Default::default() };
+    let prompts = items
+        .iter()
+        .map(|it| match (&m.chat_template, &it.raw_prompt) {
+            (Some(t), _) => m.tokenizer.encode(&t.render(&it.messages, true)?, false),
+            (None, Some(p)) => m.tokenizer.encode(p, true),
+            (None, None) => {
+                let text: String = it.messages.iter().map(|msg| format!("{}\n", msg.content)).collect();
+                m.tokenizer.encode(&text, true)
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // The KV cache is sized for what runs: 16 sequences of the longest prompt and answer.
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0).saturating_add(max_tokens).saturating_add(1);
+    let context = m.model.config().max_position_embeddings.min(longest).max(2);
+    let cfg = EngineConfig { max_seqs: 16, max_context: Some(context), ..Default::default() };
     let mut engine = Engine::new(m.model.clone(), m.tokenizer.clone(), m.eos_token_ids.clone(), cfg)?;
     let mut ids = HashMap::new();
     let mut tokens = 0usize;
     let params = SamplingParams { max_tokens: Some(max_tokens), ..SamplingParams::greedy() };
-    for (i, it) in items.iter().enumerate() {
-        let prompt = match (&m.chat_template, &it.raw_prompt) {
-            (Some(t), _) => m.tokenizer.encode(&t.render(&it.messages, true)?, false)?,
-            (None, Some(p)) => m.tokenizer.encode(p, true)?,
-            (None, None) => {
-                let text: String = it.messages.iter().map(|msg| format!("{}\n", msg.content)).collect();
-                m.tokenizer.encode(&text, true)?
-            }
-        };
+    for (i, prompt) in prompts.into_iter().enumerate() {
         tokens += prompt.len();
         ids.insert(engine.add_request(prompt, params.clone())?, i);
     }

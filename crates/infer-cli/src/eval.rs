@@ -154,9 +154,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
     for spec in &args.models {
         reset_peak_rss();
         let t0 = Instant::now();
-        let model =
-            infer::load(spec, LoadOptions { device: device.clone(), dtype, kernels: crate::kernels_from_env()?, ..Default::default() })
-                .with_context(|| format!("loading {spec}"))?;
+        let load_opts = || -> Result<LoadOptions> {
+            Ok(LoadOptions { device: device.clone(), dtype, kernels: crate::kernels_from_env()?, ..Default::default() })
+        };
+        let model = infer::load(spec, load_opts()?).with_context(|| format!("loading {spec}"))?;
         let load_secs = t0.elapsed().as_secs_f64();
         let bar = indicatif::ProgressBar::new(0).with_style(
             indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len}, {per_sec}, ETA {eta}")
@@ -169,7 +170,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
             b.set_length(total as u64);
             b.set_position(done as u64);
         };
-        let mut cache = EvalCache::open(&model_fingerprint(spec)?, !args.no_cache)?;
+        if !args.no_cache && crate::eval_cache::cache_dir().is_none() {
+            eprintln!("note: results are not cached (no HOME, XDG_CACHE_HOME or INFER_EVAL_CACHE)");
+        }
+        let mut cache = EvalCache::open(&model_fingerprint(spec, &load_opts()?, &model)?, !args.no_cache)?;
         let cached_before = cache.len();
         let name = model.name.clone();
         let row = |task, metric: String, value, ci, n, tps| Row {

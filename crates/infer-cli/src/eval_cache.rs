@@ -2,9 +2,14 @@
 //! (`INFER_EVAL_CACHE` elsewhere, `--no-cache` off), appended as items finish, so a rerun after
 //! Ctrl-C continues where it stopped and a finished one costs nothing.
 //!
-//! The model fingerprint hashes the weights files' sizes and their first and last MiB (a full hash
-//! of many gigabytes would take longer than some evaluations); the item key hashes the task, its
-//! settings and the item itself.
+//! The model fingerprint hashes every file the model was loaded from (weights, config, tokenizer,
+//! tokenizer config, generation config, chat template; for the weights their sizes and first and
+//! last MiB, as a full hash of many gigabytes would take longer than some evaluations), the chat
+//! template and end-of-sequence tokens in effect, and the settings that change results (device,
+//! dtype, kernels); the item key hashes the task, its settings and the item itself.
+//!
+//! Without `HOME` (or `XDG_CACHE_HOME`, or `INFER_EVAL_CACHE`) nothing is cached: the fallback of a
+//! shared temporary folder would let other users plant results.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -12,6 +17,8 @@ use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use infer::loader::ModelFiles;
+use infer::{LoadOptions, LoadedModel};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -41,31 +48,45 @@ fn fingerprint_file(h: &mut Sha256, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A fingerprint of the model `spec` names: a file, a folder (its weights, config and tokenizer), or
-/// a Hub id (the id itself).
-pub fn model_fingerprint(spec: &str) -> Result<String> {
+/// A fingerprint of the model `spec` loaded with `opts` as `model` (see the module docs).
+pub fn model_fingerprint(spec: &str, opts: &LoadOptions, model: &LoadedModel) -> Result<String> {
     let mut h = Sha256::new();
-    let p = Path::new(spec);
-    if p.is_file() {
-        fingerprint_file(&mut h, p)?;
-    } else if p.is_dir() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(p)?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|f| {
-                let name = f.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-                name.ends_with(".safetensors") || name.ends_with(".gguf") || name == "config.json" || name == "tokenizer.json"
-            })
-            .collect();
-        files.sort();
-        for f in files {
-            h.update(f.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default().as_bytes());
-            fingerprint_file(&mut h, &f)?;
+    let resolve = LoadOptions { device: opts.device.clone(), dtype: opts.dtype, gguf_file: opts.gguf_file.clone(), ..Default::default() };
+    match infer::loader::resolve(spec, &resolve).with_context(|| format!("finding the files of {spec}"))? {
+        ModelFiles::Gguf(p) => fingerprint_file(&mut h, &p)?,
+        ModelFiles::Hf { config, weights, tokenizer, tokenizer_config, generation_config, chat_template } => {
+            let files = [Some(config), Some(tokenizer), tokenizer_config, generation_config, chat_template];
+            for f in weights.iter().chain(files.iter().flatten()) {
+                h.update(f.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default().as_bytes());
+                fingerprint_file(&mut h, f)?;
+            }
         }
-    } else {
-        h.update(spec.as_bytes());
+    }
+    let template = model.chat_template.as_ref().map(|t| t.source()).unwrap_or("");
+    let settings = format!(
+        "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}",
+        opts.device,
+        opts.dtype,
+        opts.quantize,
+        opts.kernels,
+        model.model.dtype(),
+        model.eos_token_ids,
+        model.tokenizer.vocab_size()
+    );
+    for part in [template, &settings] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
     }
     Ok(hex(h.finalize()))
+}
+
+/// Where results are cached: `INFER_EVAL_CACHE`, else `$XDG_CACHE_HOME/infer/eval`, else
+/// `$HOME/.cache/infer/eval`; `None` when none is set.
+pub fn cache_dir() -> Option<PathBuf> {
+    let nonempty = |v: &str| std::env::var_os(v).filter(|s| !s.is_empty()).map(PathBuf::from);
+    nonempty("INFER_EVAL_CACHE")
+        .or_else(|| nonempty("XDG_CACHE_HOME").map(|d| d.join("infer/eval")))
+        .or_else(|| nonempty("HOME").map(|d| d.join(".cache/infer/eval")))
 }
 
 /// The key of one item under given task settings.
@@ -81,14 +102,10 @@ pub fn item_key(parts: &[&str]) -> String {
 impl EvalCache {
     /// The cache of one model (`enabled: false` keeps nothing).
     pub fn open(fingerprint: &str, enabled: bool) -> Result<Self> {
-        let dir = match std::env::var_os("INFER_EVAL_CACHE") {
-            Some(d) => PathBuf::from(d),
-            None => std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir).join(".cache/infer/eval"),
+        let Some(dir) = cache_dir().filter(|_| enabled) else {
+            return Ok(Self { entries: HashMap::new(), file: None, path: PathBuf::new() });
         };
         let path = dir.join(format!("{fingerprint}.jsonl"));
-        if !enabled {
-            return Ok(Self { entries: HashMap::new(), file: None, path });
-        }
         std::fs::create_dir_all(&dir).with_context(|| format!("creating the eval cache {}", dir.display()))?;
         let mut entries = HashMap::new();
         if let Ok(f) = File::open(&path) {

@@ -270,6 +270,39 @@ fn eval_compares_models_by_perplexity() {
     let (resumed, partly_cached, _) = run(&[]);
     assert!(!partly_cached, "three items ran again");
     assert_eq!(resumed, first);
+    // The key covers the settings and every file of the model: other kernels, or a folder whose
+    // chat template changed, run again; without HOME (or another cache location) nothing is cached.
+    let eval = |model: &str, env: &[(&str, &str)], home: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_infer"));
+        c.args(["eval", "--model", model, "--data", mc.to_str().unwrap(), "--json", json.to_str().unwrap()]);
+        if home {
+            c.env("INFER_EVAL_CACHE", &cache);
+        } else {
+            c.env_remove("INFER_EVAL_CACHE").env_remove("HOME").env_remove("XDG_CACHE_HOME").current_dir(&dir);
+        }
+        let out = c.envs(env.iter().copied()).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    assert!(!eval(model, &[("INFER_ISA", "scalar")], true).contains("cached results"), "other kernels reused the results");
+    let folder = dir.join("tiny");
+    std::fs::create_dir_all(&folder).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixtures().join("tiny-llama").join(f), folder.join(f)).unwrap();
+    }
+    let folder = folder.to_str().unwrap();
+    eval(folder, &[], true);
+    assert!(eval(folder, &[], true).contains("4 cached results"));
+    std::fs::write(dir.join("tiny/tokenizer_config.json"), r#"{"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}"#)
+        .unwrap();
+    assert!(!eval(folder, &[], true).contains("cached results"), "a new chat template reused the results");
+    let count = |d: &std::path::Path| std::fs::read_dir(d).map(|r| r.count()).unwrap_or(0);
+    let shared_tmp = std::env::temp_dir().join(".cache/infer/eval");
+    let (entries, in_tmp) = (count(&cache), count(&shared_tmp));
+    let stderr = eval(model, &[], false);
+    assert!(stderr.contains("not cached"), "{stderr}");
+    assert_eq!((count(&cache), count(&shared_tmp)), (entries, in_tmp), "written without HOME");
+    assert!(!dir.join(".cache").exists());
     // Bad input: one clear line each.
     let jsonl = dir.join("items.jsonl");
     std::fs::write(&jsonl, "{\"prompt\": \"hi\", \"answer\": \"x\"}\n{\"prompt\": 3, \"answer\": \"x\"}\n").unwrap();

@@ -3,7 +3,7 @@
 //! stay quantized behind [`Linear`].
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -306,6 +306,102 @@ pub enum WeightSource {
     Gguf { content: gguf_file::Content, reader: Mutex<BufReader<File>>, path: PathBuf, device: Device, kernels: KernelChoice },
 }
 
+/// Most metadata array elements (over all arrays) a GGUF file may hold: read into memory they take
+/// 32-64 bytes each, so this bounds the header's cost to about 1 GiB. Real files hold a few
+/// million at most (a 256k vocabulary with its scores, types and merges).
+pub const MAX_GGUF_METADATA_ELEMENTS: u64 = 1 << 24;
+
+/// Counts the array elements in a GGUF file's metadata without keeping any of them (strings and
+/// fixed-size values are skipped by seeking); stops early once over the limit. Reads from the
+/// reader's start; stops with an error at anything malformed (candle's reader then says what).
+pub fn gguf_metadata_elements<R: Read + Seek>(r: &mut R) -> std::io::Result<u64> {
+    fn u32_of<R: Read>(r: &mut R) -> std::io::Result<u32> {
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn len_of<R: Read>(r: &mut R, wide: bool) -> std::io::Result<u64> {
+        if wide {
+            let mut b = [0u8; 8];
+            r.read_exact(&mut b)?;
+            Ok(u64::from_le_bytes(b))
+        } else {
+            u32_of(r).map(u64::from)
+        }
+    }
+    fn bad(what: &str) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("malformed GGUF {what}"))
+    }
+    fn skip_bytes<R: Seek>(r: &mut R, n: u64) -> std::io::Result<()> {
+        r.seek(SeekFrom::Current(i64::try_from(n).map_err(|_| bad("length"))?)).map(|_| ())
+    }
+    /// Bytes of one value of a fixed-size type; `None` for strings and arrays.
+    fn fixed_size(ty: u32) -> std::io::Result<Option<u64>> {
+        Ok(match ty {
+            0 | 1 | 7 => Some(1),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            8 | 9 => None,
+            _ => return Err(bad("value type")),
+        })
+    }
+    /// Skips one value of type `ty`, adding the elements of arrays to `count`.
+    fn skip<R: Read + Seek>(r: &mut R, ty: u32, wide: bool, depth: usize, end: u64, count: &mut u64) -> std::io::Result<()> {
+        if let Some(n) = fixed_size(ty)? {
+            return skip_bytes(r, n);
+        }
+        if ty == 8 {
+            let n = len_of(r, wide)?;
+            return skip_bytes(r, n);
+        }
+        if depth > 64 {
+            return Err(bad("nesting"));
+        }
+        let elem = u32_of(r)?;
+        let n = len_of(r, wide)?;
+        *count = count.saturating_add(n);
+        if *count > MAX_GGUF_METADATA_ELEMENTS {
+            return Ok(());
+        }
+        match fixed_size(elem)? {
+            Some(size) => skip_bytes(r, n.saturating_mul(size)),
+            None => {
+                // Strings or arrays one by one; each takes at least 4 bytes, so the loop stops
+                // at the end of the file.
+                for _ in 0..n {
+                    skip(r, elem, wide, depth + 1, end, count)?;
+                    if r.stream_position()? > end || *count > MAX_GGUF_METADATA_ELEMENTS {
+                        break;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+    let end = r.seek(SeekFrom::End(0))?;
+    r.seek(SeekFrom::Start(0))?;
+    let mut magic = [0u8; 4];
+    r.read_exact(&mut magic)?;
+    if &magic != b"GGUF" {
+        return Err(bad("magic"));
+    }
+    let wide = u32_of(r)? >= 2;
+    let _tensors = len_of(r, wide)?;
+    let kvs = len_of(r, wide)?;
+    let mut count = 0u64;
+    for _ in 0..kvs {
+        let key = len_of(r, wide)?;
+        skip_bytes(r, key)?;
+        let ty = u32_of(r)?;
+        skip(r, ty, wide, 0, end, &mut count)?;
+        if r.stream_position()? > end || count > MAX_GGUF_METADATA_ELEMENTS {
+            break;
+        }
+    }
+    Ok(count)
+}
+
 /// The GGUF name of a Hugging Face tensor name of the Llama family.
 pub fn gguf_name(hf: &str) -> String {
     match hf {
@@ -397,6 +493,18 @@ impl WeightSource {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let mut reader = BufReader::new(file);
+        // candle keeps each metadata array element as a 32-byte value: count them first.
+        if let Ok(n) = gguf_metadata_elements(&mut reader) {
+            if n > MAX_GGUF_METADATA_ELEMENTS {
+                return Err(Error::bad_file(
+                    path,
+                    format!(
+                        "its metadata holds {n} array elements (at most {MAX_GGUF_METADATA_ELEMENTS}: the largest vocabularies have a few million); refusing to read them into memory"
+                    ),
+                ));
+            }
+        }
+        reader.seek(SeekFrom::Start(0)).map_err(|e| Error::io(path, e))?;
         // candle's reader panics on some malformed headers (an alignment of 0): caught, as an error.
         let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| gguf_file::Content::read(&mut reader)));
         let content = match read {

@@ -197,3 +197,21 @@ fn tokenizer_json_with_a_syntax_error_in_the_decoder() {
     };
     assert!(err.contains("tokenizer.json") && err.contains("not a valid tokenizer.json"), "{err}");
 }
+
+/// Metadata arrays cost 32-64 bytes per element once read: a 20 MB array of bytes would take about
+/// a gigabyte. Refused from a count made before reading (before: read, then failed elsewhere).
+#[test]
+fn gguf_huge_metadata_array() {
+    let mut b = b"GGUF".to_vec();
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes());
+    b.extend_from_slice(&1u64.to_le_bytes());
+    put_str(&mut b, "junk.bytes");
+    b.extend_from_slice(&9u32.to_le_bytes()); // array
+    b.extend_from_slice(&0u32.to_le_bytes()); // of u8
+    let n = 20_000_000u64;
+    b.extend_from_slice(&n.to_le_bytes());
+    b.resize(b.len() + n as usize, 7);
+    let path = write("huge-metadata-array.gguf", &b);
+    refused(&path, &["20000000 array elements"]);
+}

@@ -247,6 +247,22 @@ pub enum CacheLimit {
     Memory { available: u64, share: f64 },
 }
 
+/// Blocks for a default cache: the `want`ed ones, or as many of `per` bytes as fit in `share` of
+/// the `available` bytes when that is fewer.
+fn blocks_that_fit(want: usize, per: usize, room: Option<(u64, f64)>) -> (usize, CacheLimit) {
+    match room {
+        Some((available, share)) => {
+            let fit = (available as f64 * share) as usize / per.max(1);
+            if fit < want {
+                (fit, CacheLimit::Memory { available, share })
+            } else {
+                (want, CacheLimit::Demand)
+            }
+        }
+        None => (want, CacheLimit::Demand),
+    }
+}
+
 /// How an engine's KV cache was sized (printed at start by the CLI and the server).
 #[derive(Debug, Clone)]
 pub struct CacheSizing {
@@ -324,17 +340,7 @@ impl PagedKvCache {
         } else {
             crate::memory::available_bytes().map(|a| (a, crate::memory::KV_MEMORY_SHARE))
         };
-        let (blocks, limit) = match room {
-            Some((available, share)) => {
-                let fit = (available as f64 * share) as usize / per;
-                if fit < want {
-                    (fit, CacheLimit::Memory { available, share })
-                } else {
-                    (want, CacheLimit::Demand)
-                }
-            }
-            None => (want, CacheLimit::Demand),
-        };
+        let (blocks, limit) = blocks_that_fit(want, per, room);
         if blocks == 0 {
             return Err(Error::param(
                 "kv-cache",
@@ -530,6 +536,30 @@ impl PagedKvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_cache_fits_the_memory() {
+        // 8 sequences of 2048 tokens in blocks of 16 = 1024 blocks of 1 MiB.
+        let mib = 1 << 20;
+        assert_eq!(blocks_that_fit(1024, mib, Some((4 << 30, 0.5))), (1024, CacheLimit::Demand));
+        let (n, limit) = blocks_that_fit(1024, mib, Some((512 << 20, 0.5)));
+        assert_eq!((n, limit), (256, CacheLimit::Memory { available: 512 << 20, share: 0.5 }));
+        assert_eq!(blocks_that_fit(1024, mib, None), (1024, CacheLimit::Demand));
+        assert_eq!(blocks_that_fit(1024, mib, Some((mib as u64, 0.5))).0, 0, "no room: the caller reports it");
+        // What the engine prints says what limited it.
+        let sizing = CacheSizing {
+            blocks: 256,
+            block_size: 16,
+            dtype: DType::F32,
+            bytes: 256 * mib,
+            max_context: 8192,
+            max_seqs: 4,
+            limit: CacheLimit::Memory { available: 512 << 20, share: 0.5 },
+        };
+        let line = sizing.to_string();
+        assert!(line.contains("4096 tokens") && line.contains("0.5 full contexts") && line.contains("50% of the 512.0 MiB"), "{line}");
+        assert!(line.contains("one sequence may hold 4096 tokens"), "{line}");
+    }
 
     #[test]
     fn allocator_refuses_cleanly_and_recycles() {

@@ -397,12 +397,44 @@ struct PartialCall {
     complete: bool,
 }
 
+/// A piece of the parser's text: a byte range of it (no copy), or text decoded from it.
+#[derive(Debug, Clone)]
+enum Piece {
+    At(usize, usize),
+    Owned(String),
+}
+
+impl Default for Piece {
+    fn default() -> Self {
+        Self::At(0, 0)
+    }
+}
+
+impl Piece {
+    /// `part`, a slice of `text` (or an empty string from anywhere), as a range.
+    fn of(text: &str, part: &str) -> Self {
+        if part.is_empty() {
+            return Self::At(0, 0);
+        }
+        let start = part.as_ptr() as usize - text.as_ptr() as usize;
+        debug_assert!(start + part.len() <= text.len());
+        Self::At(start, start + part.len())
+    }
+
+    fn get<'a>(&'a self, text: &'a str) -> &'a str {
+        match self {
+            Self::At(a, b) => &text[*a..*b],
+            Self::Owned(s) => s,
+        }
+    }
+}
+
 /// What a scan of the text so far found.
 #[derive(Debug, Default)]
 struct Scan {
-    reasoning: Option<String>,
+    reasoning: Option<Piece>,
     /// Content that is final (a possible trigger at the end is held back while partial).
-    content: String,
+    content: Piece,
     calls: Vec<PartialCall>,
     /// The text after the first trigger could not be read as calls.
     malformed: bool,
@@ -420,6 +452,26 @@ pub struct OutputParser {
     sent_content: usize,
     /// Per call: the id given, and how much of its arguments was sent.
     sent_calls: Vec<(String, usize)>,
+    /// Where to look for `</think>` and for the first call trigger: the text before was searched
+    /// already (each token's scan searches only the new text, so a long answer is not quadratic).
+    close_from: std::cell::Cell<usize>,
+    trigger_from: std::cell::Cell<usize>,
+}
+
+/// The first of `needles` in `hay` (a slice of the parser's text starting at byte `at`), searching
+/// from the absolute offset `*from` on; when none is there, `*from` moves to where a needle cut off
+/// at the end could start.
+fn find_from<'n>(hay: &str, at: usize, needles: &[&'n str], from: &std::cell::Cell<usize>) -> Option<(usize, &'n str)> {
+    let mut skip = from.get().saturating_sub(at).min(hay.len());
+    while !hay.is_char_boundary(skip) {
+        skip -= 1;
+    }
+    let found = needles.iter().filter_map(|n| hay[skip..].find(n).map(|p| (skip + p, *n))).min();
+    if found.is_none() {
+        let longest = needles.iter().map(|n| n.len()).max().unwrap_or(1);
+        from.set(at + hay.len().saturating_sub(longest - 1).max(skip));
+    }
+    found
 }
 
 /// Whether and how the output may hold a `<think>…</think>` section.
@@ -569,7 +621,16 @@ fn scan_call_object(s: &str) -> Option<(PartialCall, Option<usize>)> {
 impl OutputParser {
     /// A parser for text generated under `format` (`None`: no tools, content only).
     pub fn new(format: Option<ToolFormat>, think: ThinkMode) -> Self {
-        Self { format, think, text: String::new(), sent_reasoning: 0, sent_content: 0, sent_calls: Vec::new() }
+        Self {
+            format,
+            think,
+            text: String::new(),
+            sent_reasoning: 0,
+            sent_content: 0,
+            sent_calls: Vec::new(),
+            close_from: Default::default(),
+            trigger_from: Default::default(),
+        }
     }
 
     /// Whether anything beyond plain content may come out (tools or reasoning).
@@ -593,7 +654,8 @@ impl OutputParser {
                 }
             }
         };
-        match body.find(THINK_CLOSE) {
+        let at = body.as_ptr() as usize - self.text.as_ptr() as usize;
+        match find_from(body, at, &[THINK_CLOSE], &self.close_from).map(|f| f.0) {
             Some(p) => (Some(&body[..p]), body[p + THINK_CLOSE.len()..].trim_start(), false),
             None => {
                 let hold = if partial { partial_marker_len(body, &[THINK_CLOSE]) } else { 0 };
@@ -605,12 +667,12 @@ impl OutputParser {
     fn scan(&self, partial: bool) -> Scan {
         let mut out = Scan::default();
         let (reasoning, rest, in_reasoning) = self.split_reasoning(&self.text, partial);
-        out.reasoning = reasoning.map(|r| r.trim_start().to_string());
+        out.reasoning = reasoning.map(|r| Piece::of(&self.text, r.trim_start()));
         if in_reasoning {
             return out;
         }
         let Some(format) = self.format else {
-            out.content = rest.to_string();
+            out.content = Piece::of(&self.text, rest);
             return out;
         };
         let (content, calls) = match format {
@@ -627,8 +689,8 @@ impl OutputParser {
                 }
             }
             _ => {
-                let first = format.triggers().iter().filter_map(|t| rest.find(t).map(|p| (p, *t))).min();
-                match first {
+                let at = if rest.is_empty() { self.text.len() } else { rest.as_ptr() as usize - self.text.as_ptr() as usize };
+                match find_from(rest, at, format.triggers(), &self.trigger_from) {
                     Some((p, _)) => (&rest[..p], &rest[p..]),
                     None => {
                         let hold = if partial { partial_marker_len(rest, format.triggers()) } else { 0 };
@@ -637,7 +699,7 @@ impl OutputParser {
                 }
             }
         };
-        out.content = content.to_string();
+        out.content = Piece::of(&self.text, content);
         if !calls.is_empty() {
             match self.scan_calls(format, calls) {
                 Some(c) => out.calls = c,
@@ -734,7 +796,7 @@ impl OutputParser {
     fn scan_generic(&self, rest: &str, partial: bool, mut out: Scan) -> Scan {
         let t = rest.trim_start();
         if !t.starts_with('{') {
-            out.content = if partial && t.is_empty() { String::new() } else { rest.to_string() };
+            out.content = if partial && t.is_empty() { Piece::default() } else { Piece::of(&self.text, rest) };
             return out;
         }
         if let Some(p) = t.find("\"tool_calls\"") {
@@ -763,10 +825,10 @@ impl OutputParser {
             let after = t[p + "\"response\"".len()..].trim_start();
             if let Some(v) = after.strip_prefix(':').map(str::trim_start) {
                 if v.starts_with('"') {
-                    out.content = match json_value_end(v) {
+                    out.content = Piece::Owned(match json_value_end(v) {
                         Some(e) => serde_json::from_str::<String>(&v[..e]).unwrap_or_default(),
                         None => decode_partial_json_string(v),
-                    };
+                    });
                     return out;
                 }
             }
@@ -774,7 +836,7 @@ impl OutputParser {
         if partial {
             return out; // not decided yet
         }
-        out.content = rest.to_string();
+        out.content = Piece::of(&self.text, rest);
         out
     }
 
@@ -792,13 +854,17 @@ impl OutputParser {
 
     fn deltas(&mut self, scan: Scan, last: bool) -> Vec<OutputDelta> {
         let mut out = Vec::new();
-        if let Some(r) = &scan.reasoning {
+        if let Some(r) = scan.reasoning.as_ref().map(|r| r.get(&self.text)) {
             if r.len() > self.sent_reasoning && r.is_char_boundary(self.sent_reasoning) {
                 out.push(OutputDelta::Reasoning(r[self.sent_reasoning..].to_string()));
                 self.sent_reasoning = r.len();
             }
         }
-        let content = if scan.malformed && last { self.raw_content() } else { scan.content.clone() };
+        let content = if scan.malformed && last {
+            std::borrow::Cow::Owned(self.raw_content())
+        } else {
+            std::borrow::Cow::Borrowed(scan.content.get(&self.text))
+        };
         if content.len() > self.sent_content && content.is_char_boundary(self.sent_content) {
             out.push(OutputDelta::Content(content[self.sent_content..].to_string()));
             self.sent_content = content.len();
@@ -833,7 +899,11 @@ impl OutputParser {
         let scan = self.scan(false);
         let valid = !scan.malformed
             && scan.calls.iter().all(|c| c.name.is_some() && serde_json::from_str::<Value>(&c.args).is_ok_and(|v| v.is_object()));
-        let mut parsed = ParsedOutput { reasoning: scan.reasoning.clone(), content: scan.content.clone(), calls: Vec::new() };
+        let mut parsed = ParsedOutput {
+            reasoning: scan.reasoning.as_ref().map(|r| r.get(&self.text).to_string()),
+            content: scan.content.get(&self.text).to_string(),
+            calls: Vec::new(),
+        };
         let deltas = if valid {
             let d = self.deltas(scan, true);
             parsed.calls = self

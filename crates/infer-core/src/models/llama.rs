@@ -8,7 +8,8 @@ use candle_core::{DType, Device, Tensor};
 
 use super::host::{embed_host, head_host, host_attention_into, HostPath, Workspace};
 use super::layers::{
-    batch_tensors, check_tokens, grow, output_head, paged_attention_op, silu_mul, silu_mul_fused, wanted_rows, RmsNorm, TensorPass,
+    batch_tensors, check_tokens, grow, output_head, paged_attention_op, silu_mul, silu_mul_fused, wanted_rows, Embeddings, RmsNorm,
+    TensorPass,
 };
 use super::moe::Moe;
 use super::rope::{RopeInput, Rotary};
@@ -83,7 +84,7 @@ struct Layer {
 #[derive(Debug)]
 pub struct LlamaModel {
     cfg: ModelConfig,
-    embed: Tensor,
+    embed: Embeddings,
     layers: Vec<Layer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -100,7 +101,7 @@ impl LlamaModel {
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let total = cfg.num_hidden_layers + 2;
-        let embed = w.tensor("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let embed = Embeddings::load(w, "model.embed_tokens.weight", cfg.vocab_size, h)?;
         progress(1, total);
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
@@ -299,7 +300,7 @@ impl Decoder for LlamaModel {
         let (ids, positions) = batch_tensors(batch, self.cfg.vocab_size, &self.device)?;
         let rope = self.rotary.prepare(&positions, &batch.positions, self.dtype)?;
         let pass = TensorPass::new(batch, cache, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let mut x = self.embed.select(&ids)?;
         let mut h = match self.layers.first() {
             Some(l) => l.input_norm.forward(&x)?,
             None => x.clone(),

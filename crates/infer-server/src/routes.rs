@@ -436,6 +436,14 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Byte
     let chat: ChatParams = parse_request(&json_body(body)?)?;
     let common = &chat.common;
     ready.check_model(common.model.as_deref())?;
+    // `n` beyond what the server holds could never be admitted: 400, not a 429 to retry forever.
+    let limit = st.cfg.engine.max_seqs + st.cfg.max_queue;
+    if common.n()? > limit {
+        return Err(ApiError::bad_request(
+            Some("n"),
+            format!("n = {} sequences; this server holds at most {limit} (--max-seqs + --max-queue)", common.n()?),
+        ));
+    }
     let mut conversation = chat.conversation()?;
     let tools = tools::parse_tools(chat.tools.as_deref().unwrap_or(&[]))
         .map_err(|(p, m)| ApiError::bad_request(Some(&p), format!("invalid `{p}`: {m}")))?;

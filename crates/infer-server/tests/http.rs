@@ -682,6 +682,9 @@ fn a_stalled_reader_is_disconnected_and_frees_its_slot() {
     };
     let url = s.url();
     wait_ready(&url);
+    // More choices than the server holds at all: 400 (a 429 would be retried forever).
+    let (status, r) = post(&url, "/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "Hi"}], "n": 2}));
+    assert_eq!((status, r["error"]["param"].as_str()), (400, Some("n")), "{r}");
     let mut stalled = stalled_reader(&url, 1900);
     wait_for(&url, "infer_running_sequences", 1.0);
     let (status, _) = post(&url, "/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}));

@@ -183,6 +183,9 @@ pub const MAX_STOP_LEN: usize = 1024;
 /// Most alternatives per token in logprobs.
 pub const MAX_TOP_LOGPROBS: u32 = 20;
 
+/// Longest `cache_salt` (it is copied per choice and hashed per sequence).
+const MAX_CACHE_SALT: usize = 1024;
+
 fn check(ok: bool, param: &str, msg: String) -> Result<(), ApiError> {
     if ok {
         Ok(())
@@ -266,6 +269,8 @@ impl CommonParams {
             check((-100.0..=100.0).contains(&v), "logit_bias", format!("bias {v} for token {tok} must be between -100 and 100"))?;
             logit_bias.insert(tok, v);
         }
+        let salt_len = self.cache_salt.as_deref().map_or(0, str::len);
+        check(salt_len <= MAX_CACHE_SALT, "cache_salt", format!("{salt_len} bytes; at most {MAX_CACHE_SALT}"))?;
         Ok(SamplingParams {
             temperature,
             top_k,

@@ -786,5 +786,8 @@ fn cached_tokens_are_private_by_default_and_salts_separate_caches() {
     assert_eq!(hits(), before, "another salt (or none) reused tenant-a's cached prompt");
     ask(Some("tenant-a"), "Hi");
     assert!(hits() >= before + 32.0, "the same salt should hit the cache");
+    let body = json!({"messages": [{"role": "user", "content": "Hi"}], "cache_salt": "x".repeat(2000)});
+    let (status, r) = post(&url, "/v1/chat/completions", &body);
+    assert_eq!((status, r["error"]["param"].as_str()), (400, Some("cache_salt")), "{r}");
     s.stop().unwrap();
 }

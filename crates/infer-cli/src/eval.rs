@@ -111,15 +111,6 @@ fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-fn human_bytes(b: u64) -> String {
-    let mib = b as f64 / (1024.0 * 1024.0);
-    if mib >= 1024.0 {
-        format!("{:.2} GiB", mib / 1024.0)
-    } else {
-        format!("{mib:.0} MiB")
-    }
-}
-
 pub fn run(args: EvalArgs) -> Result<()> {
     crate::set_threads(args.threads)?;
     if !args.data.is_file() {
@@ -297,7 +288,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 ci: r.ci,
                 n: r.n,
                 tokens_per_second: r.tokens_per_second,
-                peak: r.peak_bytes.map(human_bytes).unwrap_or_else(|| "n/a".into()),
+                peak: r.peak_bytes.map(infer::memory::human).unwrap_or_else(|| "n/a".into()),
                 load_secs: r.load_secs,
             })
             .collect();
@@ -341,7 +332,7 @@ fn print_table(rows: &[Row]) {
             r.ci.1,
             r.n,
             if r.tokens_per_second.is_nan() { "cached".to_string() } else { format!("{:.1}", r.tokens_per_second) },
-            r.peak_bytes.map(human_bytes).unwrap_or_else(|| "n/a".into()),
+            r.peak_bytes.map(infer::memory::human).unwrap_or_else(|| "n/a".into()),
             r.load_secs
         );
     }

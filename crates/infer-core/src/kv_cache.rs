@@ -557,7 +557,7 @@ mod tests {
             limit: CacheLimit::Memory { available: 512 << 20, share: 0.5 },
         };
         let line = sizing.to_string();
-        assert!(line.contains("4096 tokens") && line.contains("0.5 full contexts") && line.contains("50% of the 512.0 MiB"), "{line}");
+        assert!(line.contains("4096 tokens") && line.contains("0.5 full contexts") && line.contains("50% of the 512 MiB"), "{line}");
         assert!(line.contains("one sequence may hold 4096 tokens"), "{line}");
     }
 

@@ -39,15 +39,13 @@ pub fn cgroup_room(root: &Path) -> Option<u64> {
     (limit < 1 << 60).then(|| limit.saturating_sub(used))
 }
 
-/// `bytes` as `1.5 GiB` / `300.0 MiB`.
+/// `bytes` as `1.52 GiB` / `300 MiB`.
 pub fn human(bytes: u64) -> String {
-    const GIB: f64 = (1u64 << 30) as f64;
-    const MIB: f64 = (1u64 << 20) as f64;
-    let b = bytes as f64;
-    if b >= GIB {
-        format!("{:.1} GiB", b / GIB)
+    let mib = bytes as f64 / (1024.0 * 1024.0);
+    if mib >= 1024.0 {
+        format!("{:.2} GiB", mib / 1024.0)
     } else {
-        format!("{:.1} MiB", b / MIB)
+        format!("{mib:.0} MiB")
     }
 }
 

@@ -171,7 +171,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let cpu_kernels = kernels.isa().name();
     let backend_md = if backend == "CPU" { format!("CPU ({cpu_kernels})") } else { backend.to_string() };
     let opts = LoadOptions { device, dtype, gguf_file: args.gguf_file.clone(), quantize, kernels, ..Default::default() };
-    let model = infer::load(&args.model, opts)?;
+    let model = crate::alloc::while_loading(|| infer::load(&args.model, opts))?;
     let kv_name = kv.unwrap_or_else(|| default_cache_dtype(&model.model.device(), model.model.dtype())).as_str();
     let name = Path::new(&args.model).file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_else(|| args.model.clone());
     let size = model_bytes(&args.model);

@@ -148,7 +148,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
         let load_opts = || -> Result<LoadOptions> {
             Ok(LoadOptions { device: device.clone(), dtype, kernels: crate::kernels_from_env()?, ..Default::default() })
         };
-        let model = infer::load(spec, load_opts()?).with_context(|| format!("loading {spec}"))?;
+        let load_options = load_opts()?;
+        let model = crate::alloc::while_loading(|| infer::load(spec, load_options)).with_context(|| format!("loading {spec}"))?;
         let load_secs = t0.elapsed().as_secs_f64();
         let bar = indicatif::ProgressBar::new(0).with_style(
             indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len}, {per_sec}, ETA {eta}")

@@ -10,6 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use infer::{ChatMessage, DTypeChoice, EngineStats, ModelBuilder, SamplingParams, Session};
 
+mod alloc;
 mod bench;
 mod eval;
 mod eval_cache;
@@ -416,7 +417,7 @@ fn load(args: &ModelArgs) -> Result<Session> {
         builder = builder.ctx_size(c);
     }
     let t0 = Instant::now();
-    let session = builder.build();
+    let session = alloc::while_loading(|| builder.build());
     bar.finish_and_clear();
     let mut session = session?;
     let cfg = session.model().config();

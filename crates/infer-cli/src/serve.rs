@@ -153,7 +153,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let kernels = crate::kernels_from_env()?;
     let load = move || {
         let opts = LoadOptions { device, dtype, gguf_file, quantize, kernels, ..Default::default() };
-        infer::load(&spec, opts)
+        crate::alloc::while_loading(|| infer::load(&spec, opts))
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")?;
     rt.block_on(async move {

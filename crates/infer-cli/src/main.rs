@@ -110,6 +110,38 @@ pub(crate) struct ModelArgs {
     /// the model's dtype on a GPU).
     #[arg(long, value_name = "TYPE")]
     pub kv_cache_dtype: Option<String>,
+    /// Speculative decoding: `ngram` (prompt lookup: drafts copied from where the text so far
+    /// occurred earlier in the prompt or answer; no second model) or a draft model (a .gguf file,
+    /// folder or Hub id with the same tokenizer). The output is the same as without it.
+    #[arg(long, value_name = "ngram|MODEL")]
+    pub draft: Option<String>,
+    /// Most tokens drafted per step and sequence.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub draft_max: usize,
+    /// Fewest drafted tokens worth checking (shorter drafts are dropped).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub draft_min: usize,
+}
+
+impl ModelArgs {
+    /// The speculative decoding the flags ask for, and the draft model to load (if any).
+    pub(crate) fn speculative(&self) -> Result<(Option<infer::SpeculativeConfig>, Option<String>)> {
+        let Some(draft) = &self.draft else { return Ok((None, None)) };
+        let most = infer::speculative::MAX_DRAFT;
+        if self.draft_max == 0 || self.draft_max > most {
+            bail!("--draft-max must be in 1..={most}");
+        }
+        if self.draft_min > self.draft_max {
+            bail!("--draft-min ({}) is more than --draft-max ({})", self.draft_min, self.draft_max);
+        }
+        let mut cfg = infer::SpeculativeConfig::ngram(self.draft_max);
+        cfg.draft_min = self.draft_min;
+        if draft == "ngram" {
+            return Ok((Some(cfg), None));
+        }
+        // The draft model replaces the source when loaded; these are its limits.
+        Ok((Some(cfg), Some(draft.clone())))
+    }
 }
 
 #[derive(Args, Clone)]
@@ -246,6 +278,8 @@ impl SamplingArgs {
             logprobs: None,
             constraint: self.constraint()?,
             cache_salt: None,
+            draft_max: None,
+            draft_min: None,
         })
     }
 }
@@ -416,6 +450,13 @@ fn load(args: &ModelArgs) -> Result<Session> {
         }
         builder = builder.ctx_size(c);
     }
+    let (spec, draft_model) = args.speculative()?;
+    if let Some(spec) = spec {
+        builder = builder.speculative(spec);
+    }
+    if let Some(d) = draft_model {
+        builder = builder.draft_model(d, args.draft_max);
+    }
     let t0 = Instant::now();
     let session = alloc::while_loading(|| builder.build());
     bar.finish_and_clear();
@@ -511,8 +552,16 @@ fn stream_answer_parsed(
     };
     writeln!(out)?;
     let interrupted = if INTERRUPTED.load(Ordering::SeqCst) { " (stopped)" } else { "" };
+    let drafts = match stats.draft_tokens {
+        0 => String::new(),
+        n => format!(
+            " | drafts: {} of {n} kept ({:.0}%)",
+            stats.accepted_draft_tokens,
+            100.0 * stats.accepted_draft_tokens as f64 / n as f64
+        ),
+    };
     eprintln!(
-        "prompt: {} tokens, {:.1} t/s | generation: {} tokens, {:.1} t/s{interrupted}",
+        "prompt: {} tokens, {:.1} t/s | generation: {} tokens, {:.1} t/s{drafts}{interrupted}",
         stats.prompt_tokens,
         rate(stats.prompt_tokens, stats.prefill_time),
         stats.generated_tokens,

@@ -112,6 +112,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let kv_cache_bytes = args.kv_cache_mem.as_deref().map(parse_size).transpose().context("--kv-cache-mem")?;
     let kv_cache_dtype = args.model.kv_cache_dtype.as_deref().map(infer::kv_cache::parse_cache_dtype).transpose()?;
     let max_body_bytes = parse_size(&args.max_body_size).context("--max-body-size")?;
+    let (speculative, draft_spec) = args.model.speculative()?;
     let cfg = ServerConfig {
         served_model_name: args.served_model_name.clone(),
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
@@ -122,6 +123,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             kv_cache_dtype,
             max_batch_tokens: args.max_batch_tokens,
             prefix_caching: !args.no_prefix_caching,
+            speculative,
             ..Default::default()
         },
         max_queue: args.max_queue,
@@ -152,8 +154,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let quantize = args.model.quantize.as_deref().map(str::parse).transpose()?;
     let kernels = crate::kernels_from_env()?;
     let load = move || {
-        let opts = LoadOptions { device, dtype, gguf_file, quantize, kernels, ..Default::default() };
-        crate::alloc::while_loading(|| infer::load(&spec, opts))
+        let opts = LoadOptions { device: device.clone(), dtype, gguf_file, quantize, kernels, ..Default::default() };
+        let main = crate::alloc::while_loading(|| infer::load(&spec, opts))?;
+        let draft = match &draft_spec {
+            None => None,
+            Some(d) => {
+                let opts = LoadOptions { device, dtype, quantize, kernels, ..Default::default() };
+                Some(crate::alloc::while_loading(|| infer::load(d, opts))?)
+            }
+        };
+        Ok(infer_server::Models { main, draft })
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")?;
     rt.block_on(async move {

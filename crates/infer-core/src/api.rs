@@ -57,11 +57,13 @@ pub struct ModelBuilder {
     spec: String,
     opts: LoadOptions,
     engine: EngineConfig,
+    /// A draft model to load next to the model (speculative decoding) and its most drafted tokens.
+    draft: Option<(String, usize)>,
 }
 
 impl ModelBuilder {
     pub fn new(model: impl Into<String>) -> Self {
-        Self { spec: model.into(), opts: LoadOptions::default(), engine: EngineConfig { max_seqs: 1, ..Default::default() } }
+        Self { spec: model.into(), opts: LoadOptions::default(), engine: EngineConfig { max_seqs: 1, ..Default::default() }, draft: None }
     }
     /// Device to run on (default: CPU).
     pub fn device(mut self, device: Device) -> Self {
@@ -114,9 +116,36 @@ impl ModelBuilder {
         self.engine = cfg;
         self
     }
+    /// Speculative decoding (prompt lookup, or a draft model already loaded); see
+    /// [`draft_model`](Self::draft_model) to have the builder load one.
+    pub fn speculative(mut self, cfg: crate::speculative::SpeculativeConfig) -> Self {
+        self.engine.speculative = Some(cfg);
+        self
+    }
+    /// Speculative decoding with a draft model (a `.gguf` file, folder or Hub id with the model's
+    /// tokenizer), loaded with the same device, dtype and kernels; at most `draft_max` drafted
+    /// tokens per step.
+    pub fn draft_model(mut self, spec: impl Into<String>, draft_max: usize) -> Self {
+        self.draft = Some((spec.into(), draft_max));
+        self
+    }
     /// Loads the model and sets up its engine.
-    pub fn build(self) -> Result<Session> {
+    pub fn build(mut self) -> Result<Session> {
+        let draft_opts = LoadOptions {
+            device: self.opts.device.clone(),
+            dtype: self.opts.dtype,
+            quantize: self.opts.quantize,
+            kernels: self.opts.kernels,
+            ..Default::default()
+        };
         let model = loader::load(&self.spec, self.opts)?;
+        if let Some((spec, draft_max)) = self.draft {
+            let d = loader::load(&spec, draft_opts)?;
+            let min = self.engine.speculative.as_ref().map_or(1, |s| s.draft_min);
+            let mut sc = crate::speculative::SpeculativeConfig::draft_model(d.model, d.tokenizer, draft_max);
+            sc.draft_min = min.min(draft_max);
+            self.engine.speculative = Some(sc);
+        }
         Session::new(model, self.engine)
     }
 }
@@ -236,6 +265,8 @@ impl TextStream<'_> {
             prefix_lookup_tokens: now.prefix_lookup_tokens - self.before.prefix_lookup_tokens,
             prefix_hit_tokens: now.prefix_hit_tokens - self.before.prefix_hit_tokens,
             preemptions: now.preemptions - self.before.preemptions,
+            draft_tokens: now.draft_tokens - self.before.draft_tokens,
+            accepted_draft_tokens: now.accepted_draft_tokens - self.before.accepted_draft_tokens,
         }
     }
 

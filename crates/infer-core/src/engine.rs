@@ -13,6 +13,7 @@ use crate::sampling::{top_logprobs, SamplingParams, TokenMask};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput};
 use crate::sequence::Sequence;
 pub use crate::sequence::{FinishReason, SeqId, TokenConstraint, TokenEvent};
+use crate::speculative::{ngram_draft, DraftModel, DraftSource, DraftWork, SpeculativeConfig};
 use crate::structured::ConstraintCompiler;
 use crate::tokenizer::Tokenizer;
 
@@ -38,6 +39,9 @@ pub struct EngineConfig {
     /// Compute constrained sequences' token masks on another thread while the forward pass runs
     /// (vLLM's and llguidance's advice); off: just before it.
     pub overlap_masks: bool,
+    /// Speculative decoding: draft tokens by prompt lookup or with a draft model and verify them
+    /// in the step's forward pass (speculative.rs). `None`: off.
+    pub speculative: Option<SpeculativeConfig>,
 }
 
 impl Default for EngineConfig {
@@ -51,6 +55,7 @@ impl Default for EngineConfig {
             max_seqs: 16,
             prefix_caching: true,
             overlap_masks: true,
+            speculative: None,
         }
     }
 }
@@ -67,6 +72,9 @@ pub struct EngineStats {
     pub prefix_hit_tokens: usize,
     /// Sequences sent back to the queue because the KV cache ran out of blocks.
     pub preemptions: usize,
+    /// Speculative decoding: drafted tokens the model checked, and how many of them it kept.
+    pub draft_tokens: usize,
+    pub accepted_draft_tokens: usize,
 }
 
 /// Runs sequences over one model and one paged KV cache. Each [`step`](Self::step) reads as vLLM
@@ -87,6 +95,15 @@ pub struct Engine {
     /// Compiles [`SamplingParams::constraint`]s; built at the first one.
     compiler: Option<Arc<ConstraintCompiler>>,
     overlap_masks: bool,
+    max_batch_tokens: usize,
+    spec: Option<Speculator>,
+}
+
+/// The engine's speculative decoding state: its settings, the draft model if any, and buffers.
+struct Speculator {
+    cfg: SpeculativeConfig,
+    model: Option<DraftModel>,
+    drafts: Vec<Vec<u32>>,
 }
 
 impl Engine {
@@ -109,6 +126,23 @@ impl Engine {
             }
             None => PagedKvCache::default_for(mcfg, cfg.block_size, max_context, cfg.max_seqs, &device, dtype)?,
         };
+        let spec = match cfg.speculative {
+            None => None,
+            Some(sc) => {
+                sc.validate()?;
+                let model = match &sc.source {
+                    DraftSource::Ngram { .. } => None,
+                    DraftSource::Model { model: draft, tokenizer: dtok } => {
+                        let ddevice = draft.device();
+                        let ddtype = cfg.kv_cache_dtype.unwrap_or_else(|| crate::kv_cache::default_cache_dtype(&ddevice, draft.dtype()));
+                        let dctx = max_context.min(draft.config().max_position_embeddings);
+                        let (dcache, _) = PagedKvCache::default_for(draft.config(), cfg.block_size, dctx, cfg.max_seqs, &ddevice, ddtype)?;
+                        Some(DraftModel::new(draft.clone(), dtok, model.as_ref(), &tokenizer, dcache, cfg.max_batch_tokens)?)
+                    }
+                };
+                Some(Speculator { cfg: sc, model, drafts: Vec::new() })
+            }
+        };
         let scheduler = Scheduler::new(SchedulerConfig {
             max_batch_tokens: cfg.max_batch_tokens,
             max_seqs: cfg.max_seqs,
@@ -127,7 +161,14 @@ impl Engine {
             logits: Vec::new(),
             compiler: None,
             overlap_masks: cfg.overlap_masks,
+            max_batch_tokens: cfg.max_batch_tokens,
+            spec,
         })
+    }
+
+    /// The draft model's KV cache, when speculative decoding uses one.
+    pub fn draft_cache(&self) -> Option<&PagedKvCache> {
+        self.spec.as_ref().and_then(|s| s.model.as_ref()).map(|m| m.cache())
     }
 
     /// How the KV cache was sized (its `Display` is the line the CLI and the server print).
@@ -261,6 +302,14 @@ impl Engine {
     /// One step: plan → batch → forward (constrained sequences' masks computed meanwhile) → sample
     /// → append. Returns the tokens it produced.
     pub fn step(&mut self) -> Result<Vec<TokenEvent>> {
+        if self.spec.is_some() {
+            // Drafting is decode work (a draft model's steps count with the steps they save).
+            let t0 = Instant::now();
+            // Admitted first, so that prompts starting now get drafts too.
+            self.scheduler.admit(&mut self.cache);
+            self.propose_drafts()?;
+            self.stats.decode_time += t0.elapsed();
+        }
         let mut plan = self.scheduler.schedule(&mut self.cache)?;
         if plan.is_empty() {
             return Ok(Vec::new());
@@ -270,6 +319,60 @@ impl Engine {
         let (events, accepted, finished) = self.sample_and_append(&mut plan)?;
         self.scheduler.update_from_output(&plan, &accepted, &finished, &mut self.cache);
         Ok(events)
+    }
+
+    /// Drafts tokens for the running sequences whose next step samples and that have none yet,
+    /// within the step's row limit (speculative.rs).
+    fn propose_drafts(&mut self) -> Result<()> {
+        let spec = self.spec.as_mut().expect("speculative decoding is on");
+        let limit = self.max_context.min(self.cache.capacity_tokens());
+        let running = self.scheduler.running();
+        if let Some(m) = spec.model.as_mut() {
+            m.retain(|id| running.iter().any(|s| s.id == id));
+        }
+        // Sequences whose next step reaches their end: decoding ones, and prompts that fit in a
+        // step (the lookup then drafts from the prompt itself).
+        let max_batch = self.max_batch_tokens;
+        let ready = |s: &Sequence| s.draft.is_empty() && (1..=max_batch).contains(&s.num_uncomputed());
+        let sampling = running.iter().filter(|s| ready(s)).count();
+        if sampling == 0 {
+            return Ok(());
+        }
+        // Rows the step may spend on drafts, shared evenly among those sequences.
+        let per_seq = spec.cfg.max_rows.saturating_sub(sampling) / sampling;
+        let mut work = Vec::new();
+        for s in running.iter().filter(|s| ready(s)) {
+            let (max, min) = s.draft_limits(spec.cfg.draft_max, spec.cfg.draft_min);
+            // Room left for drafts plus the token sampled after them.
+            let room = s.max_len().min(limit).saturating_sub(s.tokens.len() + 1);
+            let k = max.min(per_seq).min(room);
+            if k == 0 || k < min {
+                continue;
+            }
+            work.push(DraftWork { id: s.id, tokens: &s.tokens, k });
+        }
+        if work.is_empty() {
+            return Ok(());
+        }
+        spec.drafts.resize_with(work.len().max(spec.drafts.len()), Vec::new);
+        if let Some(m) = spec.model.as_mut() {
+            m.draft(&work, &mut spec.drafts)?;
+        } else if let DraftSource::Ngram { min_n, max_n } = spec.cfg.source {
+            for (w, out) in work.iter().zip(spec.drafts.iter_mut()) {
+                ngram_draft(w.tokens, min_n, max_n, w.k, out);
+            }
+        }
+        let ids: Vec<SeqId> = work.iter().map(|w| w.id).collect();
+        drop(work);
+        for (i, id) in ids.into_iter().enumerate() {
+            let seq = self.scheduler.get_mut(id).expect("running");
+            let (_, min) = seq.draft_limits(spec.cfg.draft_max, spec.cfg.draft_min);
+            if spec.drafts[i].len() >= min.max(1) {
+                seq.draft.clear();
+                seq.draft.extend_from_slice(&spec.drafts[i]);
+            }
+        }
+        Ok(())
     }
 
     /// Runs the forward pass and fills the mask of each constrained sequence's first sampled row:
@@ -384,6 +487,9 @@ impl Engine {
                     _ => Vec::new(),
                 };
                 let event = seq.append(s, top, &self.tokenizer, &self.eos)?;
+                if j == 0 {
+                    self.stats.draft_tokens += p.num_draft;
+                }
                 self.stats.generated_tokens += 1;
                 let done = event.finish.is_some();
                 events.push(event);
@@ -395,6 +501,7 @@ impl Engine {
                 // next row (computed after it) is valid.
                 if j < p.num_draft && seq.draft[j] == s.token {
                     *acc += 1;
+                    self.stats.accepted_draft_tokens += 1;
                 } else {
                     break;
                 }

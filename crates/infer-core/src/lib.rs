@@ -24,6 +24,7 @@ pub mod models;
 pub mod sampling;
 pub mod scheduler;
 pub mod sequence;
+pub mod speculative;
 pub mod stop;
 pub mod structured;
 #[doc(hidden)]
@@ -41,6 +42,7 @@ pub use error::{Error, Result};
 pub use infer_kernels::Isa;
 pub use loader::{load, DTypeChoice, LoadOptions, LoadedModel};
 pub use sampling::{Sampler, SamplingParams, TokenMask};
+pub use speculative::{DraftSource, SpeculativeConfig};
 pub use structured::{Constraint, ConstraintCompiler, GrammarConstraint};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
 pub use weights::{cpu_kernels, KernelChoice, Quantize};

@@ -48,6 +48,10 @@ pub struct SamplingParams {
     /// sequences with the same salt, so clients that do not share it cannot learn from cache hits
     /// (or timing) what the others sent. `None` is one namespace of its own.
     pub cache_salt: Option<String>,
+    /// Speculative decoding, where the engine does it: most tokens drafted per step for this
+    /// request (`Some(0)` turns it off) and fewest worth checking; `None`: the engine's settings.
+    pub draft_max: Option<usize>,
+    pub draft_min: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -68,6 +72,8 @@ impl Default for SamplingParams {
             logprobs: None,
             constraint: None,
             cache_salt: None,
+            draft_max: None,
+            draft_min: None,
         }
     }
 }
@@ -108,6 +114,13 @@ impl SamplingParams {
             if !bias.is_finite() && bias != f32::NEG_INFINITY {
                 return Err(Error::param("logit_bias", format!("bias {bias} for token {tok} is not a number")));
             }
+        }
+        let most = crate::speculative::MAX_DRAFT;
+        if self.draft_max.is_some_and(|n| n > most) {
+            return Err(Error::param("draft_max", format!("{} must be at most {most}", self.draft_max.unwrap_or(0))));
+        }
+        if self.draft_min.is_some_and(|n| n > most) {
+            return Err(Error::param("draft_min", format!("{} must be at most {most}", self.draft_min.unwrap_or(0))));
         }
         if self.stop.iter().any(String::is_empty) {
             return Err(Error::param("stop", "stop strings must not be empty"));

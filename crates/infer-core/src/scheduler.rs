@@ -101,6 +101,11 @@ impl Scheduler {
         !self.running.is_empty() || !self.waiting.is_empty()
     }
 
+    /// The running sequences.
+    pub(crate) fn running(&self) -> &[Sequence] {
+        &self.running
+    }
+
     /// A running or waiting sequence.
     pub(crate) fn get_mut(&mut self, id: SeqId) -> Option<&mut Sequence> {
         self.running.iter_mut().chain(self.waiting.iter_mut()).find(|s| s.id == id)
@@ -188,7 +193,7 @@ impl Scheduler {
 
     /// Admits waiting sequences (oldest first) while their prompts fit in the free blocks next to
     /// what the running ones still need, pointing each at its longest cached prefix.
-    fn admit(&mut self, cache: &mut PagedKvCache) {
+    pub(crate) fn admit(&mut self, cache: &mut PagedKvCache) {
         while self.running.len() < self.cfg.max_seqs {
             let Some(mut seq) = self.waiting.pop_front() else { break };
             if self.cfg.prefix_caching {
@@ -226,13 +231,17 @@ impl Scheduler {
     }
 
     /// After the step: each planned sequence holds `num_tokens` more tokens in the cache, plus the
-    /// drafted tokens `accepted[i]` says were confirmed (its other drafts are dropped); its newly
+    /// drafted tokens `accepted[i]` says were confirmed (its other drafts are dropped once it has
+    /// sampled); its newly
     /// full blocks join the prefix cache; the sequences in `finished` leave, freeing their blocks.
     pub(crate) fn update_from_output(&mut self, plan: &SchedulerOutput, accepted: &[usize], finished: &[SeqId], cache: &mut PagedKvCache) {
         for (p, &acc) in plan.seqs.iter().zip(accepted) {
             let Some(seq) = self.running.iter_mut().find(|s| s.id == p.id) else { continue };
             seq.computed += p.num_tokens + acc;
-            seq.draft.clear();
+            // A prompt chunk short of the end keeps its draft for the step that reaches the end.
+            if p.sample {
+                seq.draft.clear();
+            }
             if self.cfg.prefix_caching {
                 cache.commit_full_blocks(&seq.tokens[..seq.computed], seq.cache_root, &seq.block_table, &mut seq.block_hashes);
             }

@@ -78,6 +78,9 @@ pub(crate) struct Sequence {
     /// Tokens proposed after `tokens` (speculative decoding), verified by the next step that runs
     /// the sequence: fed after its last token, each checked against what the model samples there.
     pub(crate) draft: Vec<u32>,
+    /// The request's own draft limits (most, fewest tokens), over the engine's.
+    draft_max: Option<usize>,
+    draft_min: Option<usize>,
     pub(crate) constraint: Option<Box<dyn TokenConstraint>>,
     pub(crate) sampler: Sampler,
     max_len: usize,
@@ -100,12 +103,24 @@ impl Sequence {
             cache_root: params.cache_salt.as_deref().map_or(0, crate::kv_cache::salt_root),
             cached_tokens: None,
             draft: Vec::new(),
+            draft_max: params.draft_max,
+            draft_min: params.draft_min,
             constraint: None,
             max_len,
             decoder: IncrementalDecoder::new(),
             stop: StopMatcher::new(params.stop.clone()),
             ignore_eos: params.ignore_eos,
         }
+    }
+
+    /// Most tokens the sequence may hold.
+    pub(crate) fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Most and fewest tokens to draft per step: the request's limits, else the engine's.
+    pub(crate) fn draft_limits(&self, engine_max: usize, engine_min: usize) -> (usize, usize) {
+        (self.draft_max.unwrap_or(engine_max), self.draft_min.unwrap_or(engine_min))
     }
 
     /// Tokens not yet in the cache (the rest of the prompt, or the last sampled token).

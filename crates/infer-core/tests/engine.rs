@@ -167,3 +167,122 @@ fn constraints_hold_per_sequence_in_a_batch_with_and_without_drafts() {
         assert!(tokens(&out[2]).iter().any(|t| !allowed.contains(t)), "the unconstrained sequence is free");
     }
 }
+
+/// Three sequences batched (a document to copy, a code edit, an open question), greedy: the engine
+/// drafting by prompt lookup, and with a draft model (the same file loaded again), gives the tokens
+/// and text of plain decoding, in fewer steps where the answer copies its input.
+#[test]
+fn speculative_decoding_keeps_greedy_output() {
+    use infer_core::speculative::SpeculativeConfig;
+    let Some(path) = common::smollm2() else { return };
+    let path = path.to_str().unwrap();
+    let doc = "The Great Barrier Reef is the world's largest coral reef system, composed of over 2,900 individual reefs and \
+               900 islands stretching for over 2,300 kilometres. The reef is located in the Coral Sea, off the coast of \
+               Queensland, Australia.";
+    let code = "def area(w, h):\n    return w * h\n\ndef perimeter(w, h):\n    return 2 * (w + h)\n";
+    let prompts = [
+        format!("Repeat the following text exactly, word for word:\n\n{doc}"),
+        format!("Rename the function `area` to `rect_area` in this code and show the whole code:\n\n{code}"),
+        "What is the capital of France?".to_string(),
+    ];
+    let run_with = |spec: Option<SpeculativeConfig>| {
+        let cfg = EngineConfig { max_context: Some(1024), max_seqs: 4, speculative: spec, ..Default::default() };
+        let mut s = Session::new(infer_core::load(path, LoadOptions::default()).unwrap(), cfg).unwrap();
+        let ids: Vec<Vec<u32>> = prompts.iter().map(|p| s.chat_prompt(&[infer_core::ChatMessage::user(p.clone())]).unwrap()).collect();
+        let engine = s.engine();
+        let params = SamplingParams { max_tokens: Some(80), ..SamplingParams::greedy() };
+        let seqs: Vec<SeqId> = ids.iter().map(|p| engine.add_request(p.clone(), params.clone()).unwrap()).collect();
+        let (out, steps) = run(engine, &seqs, |_, _| {});
+        (out, steps, engine.stats())
+    };
+    let (plain, plain_steps, _) = run_with(None);
+    let mut lookup = SpeculativeConfig::ngram(8);
+    lookup.max_rows = 64;
+    let (ngram, ngram_steps, st) = run_with(Some(lookup));
+    let draft = infer_core::load(path, LoadOptions::default()).unwrap();
+    let mut dm = SpeculativeConfig::draft_model(draft.model, draft.tokenizer, 4);
+    dm.max_rows = 64;
+    let (drafted, drafted_steps, dst) = run_with(Some(dm));
+    for i in 0..prompts.len() {
+        assert_eq!(tokens(&ngram[i]), tokens(&plain[i]), "prompt lookup, sequence {i}: the tokens");
+        assert_eq!(text(&ngram[i]), text(&plain[i]), "prompt lookup, sequence {i}: the text");
+        assert_eq!(tokens(&drafted[i]), tokens(&plain[i]), "draft model, sequence {i}: the tokens");
+        assert_eq!(ngram[i].last().unwrap().finish, plain[i].last().unwrap().finish);
+    }
+    eprintln!(
+        "steps: plain {plain_steps}, lookup {ngram_steps} ({} of {} drafts kept), draft model {drafted_steps} ({} of {} kept)",
+        st.accepted_draft_tokens, st.draft_tokens, dst.accepted_draft_tokens, dst.draft_tokens
+    );
+    assert!(st.accepted_draft_tokens > 0 && st.accepted_draft_tokens <= st.draft_tokens);
+    assert!(ngram_steps * 3 < plain_steps * 2, "lookup saved steps: {ngram_steps} vs {plain_steps}");
+    // The same weights draft: nearly every drafted token is the model's own greedy choice.
+    assert!(dst.accepted_draft_tokens * 10 >= dst.draft_tokens * 9, "{dst:?}");
+    assert!(drafted_steps * 2 < plain_steps, "draft model saved steps: {drafted_steps} vs {plain_steps}");
+}
+
+/// At temperature > 0, checking drafts keeps the model's distribution: 3000 samples of the first
+/// two tokens (top-3 sampling at T = 1 on the tiny random Llama, so 9 outcomes), each sequence
+/// drafting the likeliest first token (kept about as often as it is sampled), against the exact
+/// probabilities from the model's logits: chi-square with 8 degrees of freedom below 26.1
+/// (p = 0.001; the seeds are fixed, so the test is deterministic).
+#[test]
+fn speculative_sampling_keeps_the_distribution() {
+    let load = || infer_core::load(common::fixture("tiny-llama").to_str().unwrap(), LoadOptions::default()).unwrap();
+    let mut plain = Session::new(load(), EngineConfig { max_seqs: 1, ..Default::default() }).unwrap();
+    // The top-3 tokens after a prompt and their renormalized probabilities at T = 1.
+    let mut top3 = |prompt: &[u32]| -> Vec<(u32, f64)> {
+        let params = SamplingParams { max_tokens: Some(1), logprobs: Some(3), ..SamplingParams::greedy() };
+        let e = plain.engine();
+        let id = e.add_request(prompt.to_vec(), params).unwrap();
+        let (out, _) = run(e, &[id], |_, _| {});
+        let top = &out[0][0].top_logprobs;
+        let z: f64 = top.iter().map(|&(_, l)| (l as f64).exp()).sum();
+        top.iter().map(|&(t, l)| (t, (l as f64).exp() / z)).collect()
+    };
+    let prompt = [1u32, 7, 30, 31, 50, 60, 40, 41, 42, 7];
+    let first = top3(&prompt);
+    let mut want = Vec::new();
+    for &(t1, p1) in &first {
+        let mut p = prompt.to_vec();
+        p.push(t1);
+        for (t2, p2) in top3(&p) {
+            want.push(((t1, t2), p1 * p2));
+        }
+    }
+    let draft = first[0].0;
+    let mut s = Session::new(load(), EngineConfig { max_seqs: 64, max_batch_tokens: 1024, ..Default::default() }).unwrap();
+    let e = s.engine();
+    let n = 3000;
+    let params = |seed| SamplingParams {
+        temperature: 1.0,
+        top_k: 3,
+        top_p: 1.0,
+        min_p: 0.0,
+        max_tokens: Some(2),
+        ignore_eos: true,
+        seed: Some(seed),
+        ..Default::default()
+    };
+    let ids: Vec<SeqId> = (0..n)
+        .map(|i| {
+            let id = e.add_request(prompt.to_vec(), params(i as u64)).unwrap();
+            e.propose_draft(id, vec![draft]).unwrap();
+            id
+        })
+        .collect();
+    let (out, _) = run(e, &ids, |_, _| {});
+    let st = e.stats();
+    assert_eq!(st.draft_tokens, n, "every sequence's draft was checked: {st:?}");
+    let kept = st.accepted_draft_tokens as f64 / n as f64;
+    assert!((kept - first[0].1).abs() < 0.05, "the draft is kept as often as the model samples it: {kept:.3} vs {:.3}", first[0].1);
+    let mut chi2 = 0.0;
+    for &((t1, t2), p) in &want {
+        let seen = out.iter().filter(|o| o[0].token == t1 && o[1].token == t2).count() as f64;
+        let expect = p * n as f64;
+        chi2 += (seen - expect).powi(2) / expect;
+    }
+    let covered = out.iter().filter(|o| want.iter().any(|&((a, b), _)| o[0].token == a && o[1].token == b)).count();
+    assert_eq!(covered, n, "every sample is one of the 9 top-3 pairs");
+    eprintln!("chi-square {chi2:.1} over 9 cells; draft kept {kept:.3}, sampled with p {:.3}", first[0].1);
+    assert!(chi2 < 26.1, "the sampled pairs do not follow the model's distribution: chi-square {chi2:.1}");
+}

@@ -38,6 +38,19 @@ pub use metrics::Metrics;
 /// Reported as `system_fingerprint`.
 pub const FINGERPRINT: &str = concat!("infer-", env!("CARGO_PKG_VERSION"));
 
+/// What the server's loader gives it: the model, and a draft model for speculative decoding (its
+/// limits from [`EngineConfig::speculative`], else 8 tokens).
+pub struct Models {
+    pub main: LoadedModel,
+    pub draft: Option<LoadedModel>,
+}
+
+impl From<LoadedModel> for Models {
+    fn from(main: LoadedModel) -> Self {
+        Self { main, draft: None }
+    }
+}
+
 /// How the server runs.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -259,9 +272,10 @@ async fn count_requests(State(st): State<Arc<AppState>>, req: Request, next: Nex
 /// requests get 503, in-flight ones may finish for `shutdown_grace`, the rest are cancelled (each
 /// stream ends with an error event) and the function returns. A model that fails to load ends it
 /// with that error.
-pub async fn serve<L, S>(listener: tokio::net::TcpListener, cfg: ServerConfig, load: L, shutdown: S) -> Result<(), String>
+pub async fn serve<L, M, S>(listener: tokio::net::TcpListener, cfg: ServerConfig, load: L, shutdown: S) -> Result<(), String>
 where
-    L: FnOnce() -> infer_core::Result<LoadedModel> + Send + 'static,
+    L: FnOnce() -> infer_core::Result<M> + Send + 'static,
+    M: Into<Models>,
     S: Future<Output = ()> + Send + 'static,
 {
     let (commands, rx) = mpsc::channel();
@@ -283,8 +297,15 @@ where
         .spawn(move || {
             let started = Instant::now();
             let setup = || -> infer_core::Result<(Engine, Ready)> {
-                let mut m = load()?;
-                let engine = Engine::new(m.model.clone(), m.tokenizer.clone(), m.eos_token_ids.clone(), st.cfg.engine.clone())?;
+                let Models { main: mut m, draft } = load()?.into();
+                let mut engine_cfg = st.cfg.engine.clone();
+                if let Some(d) = draft {
+                    let (draft_max, draft_min) = engine_cfg.speculative.as_ref().map_or((8, 1), |s| (s.draft_max, s.draft_min));
+                    let mut sc = infer_core::SpeculativeConfig::draft_model(d.model, d.tokenizer, draft_max);
+                    sc.draft_min = draft_min;
+                    engine_cfg.speculative = Some(sc);
+                }
+                let engine = Engine::new(m.model.clone(), m.tokenizer.clone(), m.eos_token_ids.clone(), engine_cfg)?;
                 let gc = &m.generation_config;
                 let d = openai::Defaults::default();
                 let defaults = openai::Defaults {
@@ -394,9 +415,10 @@ pub struct BackgroundServer {
 
 impl BackgroundServer {
     /// Binds `127.0.0.1` on a free port and serves there until [`stop`](Self::stop) or drop.
-    pub fn start<L>(cfg: ServerConfig, load: L) -> std::io::Result<Self>
+    pub fn start<L, M>(cfg: ServerConfig, load: L) -> std::io::Result<Self>
     where
-        L: FnOnce() -> infer_core::Result<LoadedModel> + Send + 'static,
+        L: FnOnce() -> infer_core::Result<M> + Send + 'static,
+        M: Into<Models> + 'static,
     {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;

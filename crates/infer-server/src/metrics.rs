@@ -17,6 +17,9 @@ pub struct Metrics {
     pub prefix_lookup_tokens: IntCounter,
     pub prefix_hit_tokens: IntCounter,
     pub prefix_hit_rate: prometheus::Gauge,
+    pub spec_draft_tokens: IntCounter,
+    pub spec_accepted_tokens: IntCounter,
+    pub spec_acceptance_rate: prometheus::Gauge,
     pub preemptions: IntCounter,
     pub ttft: Histogram,
     pub itl: Histogram,
@@ -66,6 +69,12 @@ impl Metrics {
         )
         .expect("valid gauge");
         registry.register(Box::new(prefix_hit_rate.clone())).expect("unique metric");
+        let spec_acceptance_rate = prometheus::Gauge::new(
+            "infer_spec_decode_acceptance_rate",
+            "Speculative decoding: share of drafted tokens the model kept since start (accepted / drafted).",
+        )
+        .expect("valid gauge");
+        registry.register(Box::new(spec_acceptance_rate.clone())).expect("unique metric");
         Self {
             requests,
             prompt_tokens: counter("infer_prompt_tokens_total", "Prompt tokens of accepted sequences."),
@@ -80,6 +89,12 @@ impl Metrics {
             prefix_hit_tokens: counter("infer_prefix_cache_hit_tokens_total", "Prompt tokens found in the prefix cache."),
             preemptions: counter("infer_preemptions_total", "Sequences preempted (recomputed later) because the KV cache was full."),
             prefix_hit_rate,
+            spec_draft_tokens: counter("infer_spec_decode_draft_tokens_total", "Speculative decoding: drafted tokens the model checked."),
+            spec_accepted_tokens: counter(
+                "infer_spec_decode_accepted_tokens_total",
+                "Speculative decoding: drafted tokens the model kept.",
+            ),
+            spec_acceptance_rate,
             ttft,
             itl,
             e2e,

@@ -82,6 +82,21 @@ pub struct CommonParams {
     pub grammar: Option<String>,
     /// Prefix-cache namespace (vLLM's extension; see `SamplingParams::cache_salt`).
     pub cache_salt: Option<String>,
+    /// Speculative decoding for this request where the server does it (`--draft`): llama.cpp's
+    /// `speculative.n_max` (most tokens drafted per step; 0 turns it off) and `speculative.n_min`,
+    /// as an object or as those two flat keys.
+    pub speculative: Option<SpeculativeParams>,
+    #[serde(rename = "speculative.n_max")]
+    pub speculative_n_max: Option<i64>,
+    #[serde(rename = "speculative.n_min")]
+    pub speculative_n_min: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct SpeculativeParams {
+    pub n_max: Option<i64>,
+    pub n_min: Option<i64>,
 }
 
 /// Message content: a string or a list of parts.
@@ -269,6 +284,17 @@ impl CommonParams {
             check((-100.0..=100.0).contains(&v), "logit_bias", format!("bias {v} for token {tok} must be between -100 and 100"))?;
             logit_bias.insert(tok, v);
         }
+        let most = infer_core::speculative::MAX_DRAFT as i64;
+        let spec = self.speculative.as_ref();
+        let draft = |field: &str, v: Option<i64>| -> Result<Option<usize>, ApiError> {
+            match v {
+                None => Ok(None),
+                Some(n) if (0..=most).contains(&n) => Ok(Some(n as usize)),
+                Some(n) => Err(ApiError::bad_request(Some(field), format!("invalid `{field}`: {n} must be in 0..={most}"))),
+            }
+        };
+        let draft_max = draft("speculative.n_max", spec.and_then(|s| s.n_max).or(self.speculative_n_max))?;
+        let draft_min = draft("speculative.n_min", spec.and_then(|s| s.n_min).or(self.speculative_n_min))?;
         let salt_len = self.cache_salt.as_deref().map_or(0, str::len);
         check(salt_len <= MAX_CACHE_SALT, "cache_salt", format!("{salt_len} bytes; at most {MAX_CACHE_SALT}"))?;
         Ok(SamplingParams {
@@ -287,6 +313,8 @@ impl CommonParams {
             logprobs: None,
             constraint: None,
             cache_salt: self.cache_salt.clone(),
+            draft_max,
+            draft_min,
         })
     }
 }

@@ -192,5 +192,10 @@ fn update_gauges(engine: &Engine, m: &Metrics, last: &mut EngineStats) {
     if s.prefix_lookup_tokens > 0 {
         m.prefix_hit_rate.set(s.prefix_hit_tokens as f64 / s.prefix_lookup_tokens as f64);
     }
+    m.spec_draft_tokens.inc_by((s.draft_tokens - last.draft_tokens) as u64);
+    m.spec_accepted_tokens.inc_by((s.accepted_draft_tokens - last.accepted_draft_tokens) as u64);
+    if s.draft_tokens > 0 {
+        m.spec_acceptance_rate.set(s.accepted_draft_tokens as f64 / s.draft_tokens as f64);
+    }
     *last = s;
 }

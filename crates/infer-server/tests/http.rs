@@ -568,7 +568,7 @@ fn browser_requests_are_refused() {
 /// A model whose loading panics ends the server with the error (it does not stay up answering 503).
 #[test]
 fn a_panic_while_loading_ends_the_server() {
-    let s = BackgroundServer::start(config(), || panic!("hostile model file")).unwrap();
+    let s = BackgroundServer::start(config(), || -> infer_core::Result<infer_core::LoadedModel> { panic!("hostile model file") }).unwrap();
     let url = s.url();
     let t0 = Instant::now();
     // The server goes away by itself (before: 503 "loading" forever).
@@ -790,4 +790,49 @@ fn cached_tokens_are_private_by_default_and_salts_separate_caches() {
     let (status, r) = post(&url, "/v1/chat/completions", &body);
     assert_eq!((status, r["error"]["param"].as_str()), (400, Some("cache_salt")), "{r}");
     s.stop().unwrap();
+}
+
+/// `--draft ngram`: the answers are those of a server without it, the drafted and kept tokens
+/// show in /metrics, `speculative.n_max: 0` turns it off for one request, and a bad value is a 400
+/// naming the field.
+#[test]
+fn speculative_decoding_by_flag_and_per_request() {
+    let Some(plain) = shared() else { return };
+    let mut cfg = config();
+    cfg.engine.speculative = Some(infer_core::SpeculativeConfig::ngram(8));
+    let Some(s) = start(cfg) else { return };
+    let url = s.url();
+    wait_ready(&url);
+    let doc = "Speculative decoding guesses several tokens ahead and lets one forward pass of the model check them \
+               all, keeping the guesses as far as the model agrees with them, so the answer stays the same.";
+    let body = |extra: Value| {
+        let mut b = json!({"messages": [{"role": "user", "content": format!("Repeat this text exactly:\n\n{doc}")}],
+                           "temperature": 0, "max_tokens": 48});
+        b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        b
+    };
+    let content = |r: &Value| r["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let (st, want) = post(plain, "/v1/chat/completions", &body(json!({})));
+    assert_eq!(st, 200, "{want}");
+    let (st, got) = post(&url, "/v1/chat/completions", &body(json!({})));
+    assert_eq!(st, 200, "{got}");
+    assert_eq!(content(&got), content(&want));
+    let drafted = metric(&url, "infer_spec_decode_draft_tokens_total");
+    let kept = metric(&url, "infer_spec_decode_accepted_tokens_total");
+    assert!(drafted > 0.0 && kept > 0.0 && kept <= drafted, "drafted {drafted}, kept {kept}");
+    assert!((metric(&url, "infer_spec_decode_acceptance_rate") - kept / drafted).abs() < 1e-9);
+    // Off for one request, as an object and as llama.cpp's flat key: same answer, no drafts.
+    for off in [json!({"speculative": {"n_max": 0}}), json!({"speculative.n_max": 0})] {
+        let (st, r) = post(&url, "/v1/chat/completions", &body(off));
+        assert_eq!(st, 200, "{r}");
+        assert_eq!(content(&r), content(&want));
+        assert_eq!(metric(&url, "infer_spec_decode_draft_tokens_total"), drafted);
+    }
+    for (bad, field) in
+        [(json!({"speculative": {"n_max": 1000}}), "speculative.n_max"), (json!({"speculative.n_min": -1}), "speculative.n_min")]
+    {
+        let (st, r) = post(&url, "/v1/chat/completions", &body(bad));
+        assert_eq!(st, 400, "{r}");
+        assert_eq!(r["error"]["param"], field, "{r}");
+    }
 }

@@ -51,6 +51,21 @@ pub struct BenchArgs {
     /// dtype on a GPU.
     #[arg(long, value_name = "TYPE")]
     pub kv_cache_dtype: Option<String>,
+    /// Also time decode steps that verify K drafted tokens (comma-separated): each of the tg
+    /// steps feeds 1 + K tokens and computes their logits; reported as steps/s (`tgN+vK`), to set
+    /// against tgN: what checking a draft costs.
+    #[arg(long, value_name = "K", value_delimiter = ',')]
+    pub verify: Vec<usize>,
+    /// Also time generation through the engine on a real prompt (--prompt-file, chat template,
+    /// greedy), without and with speculative decoding: `ngram` (prompt lookup) or a draft model.
+    #[arg(long, value_name = "ngram|MODEL")]
+    pub draft: Option<String>,
+    /// Most tokens drafted per step (with --draft).
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub draft_max: usize,
+    /// The prompt for --draft: a text file (the user message of a chat).
+    #[arg(long, value_name = "FILE")]
+    pub prompt_file: Option<std::path::PathBuf>,
 }
 
 fn mean_sd(v: &[f64]) -> (f64, f64) {
@@ -93,21 +108,50 @@ fn run_pp(m: &LoadedModel, n: usize, kv: Option<DType>, seed: u64) -> Result<f64
     Ok(t0.elapsed().as_secs_f64())
 }
 
-/// Seconds for `n` single-token decode steps from an empty cache.
-fn run_tg(m: &LoadedModel, n: usize, kv: Option<DType>, seed: u64) -> Result<f64> {
+/// Seconds for `n` decode steps from an empty cache, each feeding one token plus `verify` drafted
+/// ones (their logits too) and keeping the first: the cache grows by one token per step.
+fn run_tg(m: &LoadedModel, n: usize, verify: usize, kv: Option<DType>, seed: u64) -> Result<f64> {
     let cfg = m.config();
-    let mut cache = new_cache(m, n, kv)?;
+    let mut cache = new_cache(m, n + verify, kv)?;
     let mut table = Vec::new();
-    cache.reserve(&mut table, n)?;
-    let toks = tokens(n, cfg.vocab_size, seed);
+    cache.reserve(&mut table, n + verify)?;
+    let toks = tokens(n + verify, cfg.vocab_size, seed);
     let mut logits = Vec::new();
     let t0 = Instant::now();
-    for (pos, &t) in toks.iter().enumerate() {
+    for pos in 0..n {
         let mut batch = BatchInput::default();
-        batch.push_sequence(&[t], pos, &table, 16, LogitsWanted::Last);
+        let want = if verify == 0 { LogitsWanted::Last } else { LogitsWanted::LastN(verify + 1) };
+        batch.push_sequence(&toks[pos..pos + 1 + verify], pos, &table, 16, want);
         m.model.forward_into(&batch, &mut cache, &mut logits)?;
     }
     Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Generation through the engine on `prompt` (greedy, at most `n` tokens), with the speculative
+/// decoding of `spec` if any: (tokens per second of decoding, tokens, drafted, kept).
+fn run_engine(
+    m: &LoadedModel,
+    prompt: &[u32],
+    n: usize,
+    kv: Option<DType>,
+    spec: Option<infer::SpeculativeConfig>,
+) -> Result<(f64, usize, usize, usize)> {
+    let cfg = infer::EngineConfig {
+        max_seqs: 1,
+        max_context: Some(prompt.len() + n + 1),
+        kv_cache_dtype: kv,
+        speculative: spec,
+        ..Default::default()
+    };
+    let mut engine = infer::Engine::new(m.model.clone(), m.tokenizer.clone(), m.eos_token_ids.clone(), cfg)?;
+    let params = infer::SamplingParams { max_tokens: Some(n), ..infer::SamplingParams::greedy() };
+    engine.add_request(prompt.to_vec(), params)?;
+    while engine.has_work() {
+        engine.step()?;
+    }
+    let s = engine.stats();
+    let rate = s.generated_tokens.saturating_sub(1) as f64 / s.decode_time.as_secs_f64().max(1e-9);
+    Ok((rate, s.generated_tokens, s.draft_tokens, s.accepted_draft_tokens))
 }
 
 fn model_bytes(spec: &str) -> u64 {
@@ -176,12 +220,39 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let name = Path::new(&args.model).file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_else(|| args.model.clone());
     let size = model_bytes(&args.model);
     let params = model_params(&model);
-    let mut tests: Vec<(usize, usize)> = args.n_prompt.iter().filter(|&&p| p > 0).map(|&p| (p, 0)).collect();
-    tests.extend(args.n_gen.iter().filter(|&&n| n > 0).map(|&n| (0, n)));
-    let max_ctx = model.config().max_position_embeddings;
-    if let Some(&(p, n)) = tests.iter().find(|&&(p, n)| p.max(n) > max_ctx) {
-        bail!("test of {} tokens exceeds the model's context ({max_ctx})", p.max(n));
+    // (prompt tokens, generated tokens, drafted tokens verified per step)
+    let mut tests: Vec<(usize, usize, usize)> = args.n_prompt.iter().filter(|&&p| p > 0).map(|&p| (p, 0, 0)).collect();
+    for &n in args.n_gen.iter().filter(|&&n| n > 0) {
+        tests.push((0, n, 0));
+        tests.extend(args.verify.iter().filter(|&&k| k > 0).map(|&k| (0, n, k)));
     }
+    let max_ctx = model.config().max_position_embeddings;
+    if let Some(&(p, n, k)) = tests.iter().find(|&&(p, n, k)| p.max(n + k) > max_ctx) {
+        bail!("test of {} tokens exceeds the model's context ({max_ctx})", p.max(n + k));
+    }
+    let spec = match &args.draft {
+        None => None,
+        Some(d) => {
+            let most = infer::speculative::MAX_DRAFT;
+            if args.draft_max == 0 || args.draft_max > most {
+                bail!("--draft-max must be in 1..={most}");
+            }
+            let path = args.prompt_file.as_ref().context("--draft needs --prompt-file (the text to answer)")?;
+            let text = std::fs::read_to_string(path).with_context(|| format!("--prompt-file: cannot read {}", path.display()))?;
+            let tmpl = model.chat_template.as_ref().context("--draft: the model has no chat template")?;
+            let rendered = tmpl.render(&[infer::ChatMessage::user(text)], true)?;
+            let prompt = model.tokenizer.encode(&rendered, false)?;
+            let cfg = if d == "ngram" {
+                infer::SpeculativeConfig::ngram(args.draft_max)
+            } else {
+                let dm = crate::alloc::while_loading(|| {
+                    infer::load(d, LoadOptions { device: model.device.clone(), dtype, quantize, kernels, ..Default::default() })
+                })?;
+                infer::SpeculativeConfig::draft_model(dm.model, dm.tokenizer, args.draft_max)
+            };
+            Some((prompt, cfg))
+        }
+    };
     if !json_out {
         println!("| model | size | params | backend | threads | test | t/s |");
         println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
@@ -189,8 +260,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut records = Vec::new();
     for &t in &threads {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().context("starting the thread pool")?;
-        for &(p, n) in &tests {
-            let run = |seed| if p > 0 { run_pp(&model, p, kv, seed) } else { run_tg(&model, n, kv, seed) };
+        for &(p, n, k) in &tests {
+            let run = |seed| if p > 0 { run_pp(&model, p, kv, seed) } else { run_tg(&model, n, k, kv, seed) };
             // One warm-up run, as llama-bench does.
             pool.install(|| run(0))?;
             let mut secs = Vec::with_capacity(args.repetitions);
@@ -201,7 +272,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let ns: Vec<u64> = secs.iter().map(|s| (s * 1e9) as u64).collect();
             let (avg_ts, sd_ts) = mean_sd(&ts);
             let (avg_ns, sd_ns) = mean_sd(&ns.iter().map(|&x| x as f64).collect::<Vec<_>>());
-            let test = if p > 0 { format!("pp{p}") } else { format!("tg{n}") };
+            let test = match (p, k) {
+                (0, 0) => format!("tg{n}"),
+                (0, k) => format!("tg{n}+v{k}"),
+                _ => format!("pp{p}"),
+            };
             if json_out {
                 records.push(json!({
                     "build_commit": env!("CARGO_PKG_VERSION"),
@@ -219,6 +294,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     "type_v": kv_name,
                     "n_prompt": p,
                     "n_gen": n,
+                    "n_verify": k,
                     "test_time": chrono_now(),
                     "avg_ns": avg_ns as u64,
                     "stddev_ns": sd_ns as u64,
@@ -232,6 +308,45 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     "| {name} | {:.2} MiB | {:.2} M | {backend_md} | {t} | {test} | {avg_ts:.2} ± {sd_ts:.2} |",
                     size as f64 / (1 << 20) as f64,
                     params as f64 / 1e6
+                );
+            }
+        }
+        // Generation on the prompt, without and with drafts, alternated.
+        if let Some((prompt, cfg)) = &spec {
+            let n = args.n_gen.iter().copied().find(|&n| n > 0).unwrap_or(128);
+            let label = if args.draft.as_deref() == Some("ngram") { "ngram".to_string() } else { "draft model".to_string() };
+            let (mut plain, mut drafted, mut counts) = (Vec::new(), Vec::new(), (0, 0, 0));
+            pool.install(|| run_engine(&model, prompt, n, kv, Some(cfg.clone())))?;
+            for _ in 0..args.repetitions {
+                plain.push(pool.install(|| run_engine(&model, prompt, n, kv, None))?.0);
+                let (rate, toks, d, a) = pool.install(|| run_engine(&model, prompt, n, kv, Some(cfg.clone())))?;
+                drafted.push(rate);
+                counts = (toks, d, a);
+            }
+            for (test, ts) in [(format!("gen{n} chat"), &plain), (format!("gen{n} chat +{label}"), &drafted)] {
+                let (avg_ts, sd_ts) = mean_sd(ts);
+                if json_out {
+                    records.push(json!({
+                        "model_filename": args.model, "n_threads": t, "test": test, "n_prompt": prompt.len(),
+                        "n_gen": counts.0, "draft_tokens": counts.1, "accepted_draft_tokens": counts.2,
+                        "avg_ts": avg_ts, "stddev_ts": sd_ts, "samples_ts": ts,
+                    }));
+                } else {
+                    println!(
+                        "| {name} | {:.2} MiB | {:.2} M | {backend_md} | {t} | {test} | {avg_ts:.2} ± {sd_ts:.2} |",
+                        size as f64 / (1 << 20) as f64,
+                        params as f64 / 1e6
+                    );
+                }
+            }
+            if !json_out {
+                eprintln!(
+                    "gen: {} prompt tokens, {} generated; drafts: {} of {} kept ({:.0}%)",
+                    prompt.len(),
+                    counts.0,
+                    counts.2,
+                    counts.1,
+                    100.0 * counts.2 as f64 / counts.1.max(1) as f64
                 );
             }
         }

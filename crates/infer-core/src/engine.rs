@@ -345,7 +345,7 @@ impl Engine {
             let (max, min) = s.draft_limits(spec.cfg.draft_max, spec.cfg.draft_min);
             // Room left for drafts plus the token sampled after them.
             let room = s.max_len().min(limit).saturating_sub(s.tokens.len() + 1);
-            let k = max.min(per_seq).min(room);
+            let k = max.min(s.draft_len.unwrap_or(max)).min(per_seq).min(room);
             if k == 0 || k < min {
                 continue;
             }

@@ -238,6 +238,9 @@ impl Scheduler {
         for (p, &acc) in plan.seqs.iter().zip(accepted) {
             let Some(seq) = self.running.iter_mut().find(|s| s.id == p.id) else { continue };
             seq.computed += p.num_tokens + acc;
+            if p.num_draft > 0 {
+                seq.draft_len = Some(if acc == p.num_draft { p.num_draft + 2 } else { (p.num_draft - 1).max(1) });
+            }
             // A prompt chunk short of the end keeps its draft for the step that reaches the end.
             if p.sample {
                 seq.draft.clear();

@@ -78,6 +78,11 @@ pub(crate) struct Sequence {
     /// Tokens proposed after `tokens` (speculative decoding), verified by the next step that runs
     /// the sequence: fed after its last token, each checked against what the model samples there.
     pub(crate) draft: Vec<u32>,
+    /// How many tokens to draft next (speculative decoding; `None`: the most allowed): two more
+    /// after a step that kept its whole draft, one fewer after one that did not (the schedule
+    /// of Hugging Face's assisted generation), so a text that stops copying stops paying for long
+    /// drafts.
+    pub(crate) draft_len: Option<usize>,
     /// The request's own draft limits (most, fewest tokens), over the engine's.
     draft_max: Option<usize>,
     draft_min: Option<usize>,
@@ -103,6 +108,7 @@ impl Sequence {
             cache_root: params.cache_salt.as_deref().map_or(0, crate::kv_cache::salt_root),
             cached_tokens: None,
             draft: Vec::new(),
+            draft_len: None,
             draft_max: params.draft_max,
             draft_min: params.draft_min,
             constraint: None,

@@ -170,6 +170,56 @@ fn model_bytes(spec: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Memory read bandwidth in bytes/s with `threads` threads: each sums its share of a 512 MiB
+/// buffer (far larger than any cache), best of three passes, as the weights are read in decoding.
+fn read_bandwidth(threads: usize) -> f64 {
+    const WORDS: usize = 64 << 20;
+    let mut buf = vec![0u64; WORDS];
+    for (i, w) in buf.iter_mut().enumerate() {
+        *w = i as u64;
+    }
+    let chunk = WORDS.div_ceil(threads);
+    let mut best = f64::MAX;
+    let mut sink = 0u64;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        sink ^= std::thread::scope(|s| {
+            let hs: Vec<_> = buf
+                .chunks(chunk)
+                .map(|c| {
+                    s.spawn(move || {
+                        // Eight independent sums, so the loads are not serialized by one add chain.
+                        let mut acc = [0u64; 8];
+                        for w in c.chunks_exact(8) {
+                            for j in 0..8 {
+                                acc[j] = acc[j].wrapping_add(w[j]);
+                            }
+                        }
+                        acc.iter().fold(0, |a, &b| a ^ b)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap_or(0)).fold(0, |a, b| a ^ b)
+        });
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(sink);
+    (WORDS * 8) as f64 / best
+}
+
+/// Bytes of weights one decode step reads: the file, less the token embedding table when the
+/// output head has its own (only one row of it is read per token).
+fn bytes_per_token(m: &LoadedModel, file_bytes: u64, params: u64) -> f64 {
+    let c = m.config();
+    let emb = (c.vocab_size * c.hidden_size) as f64;
+    let per_param = file_bytes as f64 / params.max(1) as f64;
+    if c.tie_word_embeddings {
+        file_bytes as f64
+    } else {
+        file_bytes as f64 - emb * per_param
+    }
+}
+
 /// Parameters from the config (embeddings, attention, MLP, norms, head).
 fn model_params(m: &LoadedModel) -> u64 {
     let c = m.config();
@@ -258,8 +308,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
     }
     let mut records = Vec::new();
+    let weight_bytes = bytes_per_token(&model, size, params);
     for &t in &threads {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().context("starting the thread pool")?;
+        // Decoding streams the weights once per step: its rate against the machine's.
+        let bandwidth = if backend == "CPU" && tests.iter().any(|&(p, _, _)| p == 0) { Some(read_bandwidth(t)) } else { None };
         for &(p, n, k) in &tests {
             let run = |seed| if p > 0 { run_pp(&model, p, kv, seed) } else { run_tg(&model, n, k, kv, seed) };
             // One warm-up run, as llama-bench does.
@@ -295,6 +348,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     "n_prompt": p,
                     "n_gen": n,
                     "n_verify": k,
+                    "weights_read_gbps": (p == 0).then(|| weight_bytes * avg_ts / 1e9),
+                    "read_bandwidth_gbps": bandwidth.map(|b| b / 1e9),
                     "test_time": chrono_now(),
                     "avg_ns": avg_ns as u64,
                     "stddev_ns": sd_ns as u64,
@@ -309,6 +364,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     size as f64 / (1 << 20) as f64,
                     params as f64 / 1e6
                 );
+                if let (0, 0, Some(bw)) = (p, k, bandwidth) {
+                    let used = weight_bytes * avg_ts;
+                    eprintln!(
+                        "{test}: weights read at {:.1} GB/s = {:.0}% of the {:.1} GB/s this machine reads with {t} threads",
+                        used / 1e9,
+                        100.0 * used / bw,
+                        bw / 1e9
+                    );
+                }
             }
         }
         // Generation on the prompt, without and with drafts, alternated.

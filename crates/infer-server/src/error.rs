@@ -48,7 +48,7 @@ impl ApiError {
             ..Self::new(
                 StatusCode::UNAUTHORIZED,
                 "invalid_request_error",
-                "Incorrect or missing API key: send the key given to `infer serve --api-key` as `Authorization: Bearer KEY`",
+                "Incorrect or missing API key: send the key given to `infer serve --api-key` as `Authorization: Bearer KEY` (or `x-api-key: KEY`)",
             )
         }
     }

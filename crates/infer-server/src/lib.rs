@@ -6,6 +6,7 @@
 //! request's sequences continuously (they join and leave at each step) over a paged KV cache with
 //! prefix caching; handlers only parse, tokenize and stream.
 
+mod anthropic;
 mod conn;
 mod error;
 mod metrics;
@@ -183,6 +184,7 @@ fn router(state: Arc<AppState>) -> Router {
     let protected = Router::new()
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
+        .route("/v1/messages", post(anthropic::messages))
         .route("/v1/models", get(routes::list_models))
         .route("/v1/models/{*id}", get(routes::get_model))
         .route("/tokenize", post(routes::tokenize))
@@ -251,10 +253,15 @@ async fn browser_guard(State(st): State<Arc<AppState>>, req: Request, next: Next
 
 async fn require_api_key(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if let Some(key) = &st.cfg.api_key {
-        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        // `Authorization: Bearer KEY` (OpenAI's clients) or `x-api-key: KEY` (Anthropic's).
+        let bearer = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let given = bearer.or_else(|| req.headers().get("x-api-key").and_then(|v| v.to_str().ok()));
         // Compare in time independent of where the strings differ.
         let ok = given.is_some_and(|g| g.len() == key.len() && g.bytes().zip(key.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0);
         if !ok {
+            if req.uri().path().starts_with("/v1/messages") {
+                return anthropic::AnthropicError(ApiError::unauthorized()).into_response();
+            }
             return ApiError::unauthorized().into_response();
         }
     }

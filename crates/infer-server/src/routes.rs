@@ -27,7 +27,7 @@ use crate::{AppState, Ready};
 /// Legacy completions generate 16 tokens unless told otherwise (OpenAI's default).
 const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
 
-fn json_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+pub(crate) fn json_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
     let bytes = body.map_err(|r| {
         let status = r.status();
         if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -103,11 +103,11 @@ fn finish_str(f: Option<FinishReason>) -> Value {
 }
 
 /// What the response builders need to know about the request.
-struct Meta {
-    id: String,
+pub(crate) struct Meta {
+    pub(crate) id: String,
     created: u64,
-    model: String,
-    prompt_tokens: usize,
+    pub(crate) model: String,
+    pub(crate) prompt_tokens: usize,
     chat: bool,
     /// Alternatives per token when logprobs were asked for.
     logprobs: Option<usize>,
@@ -121,14 +121,14 @@ struct Meta {
 }
 
 impl Meta {
-    fn parser(&self) -> OutputParser {
+    pub(crate) fn parser(&self) -> OutputParser {
         OutputParser::new(self.tool_format, self.think)
     }
 }
 
 /// The text a token adds to what the output parser reads: its text, plus the marker it stands for
 /// when the detokenizer leaves special tokens out (`[TOOL_CALLS]`, `<|tool_call|>`).
-fn parser_text(ready: &Ready, ev: &TokenEvent) -> String {
+pub(crate) fn parser_text(ready: &Ready, ev: &TokenEvent) -> String {
     match ready.markers.get(&ev.token) {
         Some(m) if !ev.text.ends_with(m.as_str()) => format!("{}{m}", ev.text),
         _ => ev.text.clone(),
@@ -170,7 +170,7 @@ fn token_str(ready: &Ready, id: u32) -> String {
 }
 
 /// Whether a token is the end-of-sequence token that ended a choice (it has no text to report).
-fn is_final_eos(ready: &Ready, ev: &TokenEvent) -> bool {
+pub(crate) fn is_final_eos(ready: &Ready, ev: &TokenEvent) -> bool {
     ev.finish == Some(FinishReason::Stop) && ev.text.is_empty() && ready.eos.contains(&ev.token)
 }
 
@@ -432,8 +432,16 @@ async fn respond(ready: Arc<Ready>, run: Run, meta: Meta, stream: bool) -> Resul
 }
 
 pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let ready = st.ready()?;
     let chat: ChatParams = parse_request(&json_body(body)?)?;
+    let stream = chat.common.stream();
+    let (ready, run, meta) = start_chat(&st, chat).await?;
+    respond(ready, run, meta, stream).await
+}
+
+/// A chat request's generation started: the prompt rendered (with its tools), the sequences
+/// submitted; what the response builders of each API need.
+pub(crate) async fn start_chat(st: &Arc<AppState>, chat: ChatParams) -> Result<(Arc<Ready>, Run, Meta), ApiError> {
+    let ready = st.ready()?;
     let common = &chat.common;
     ready.check_model(common.model.as_deref())?;
     // `n` beyond what the server holds could never be admitted: 400, not a 429 to retry forever.
@@ -501,7 +509,7 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Byte
         Some((c, field)) => Some(compile(&ready, c, field, think).await?),
         None => None,
     };
-    let run = Run::submit(&st, choices(&prompt, &params, n, compiled.as_ref())).await?;
+    let run = Run::submit(st, choices(&prompt, &params, n, compiled.as_ref())).await?;
     let meta = Meta {
         id: random_id("chatcmpl-"),
         created: now_secs(),
@@ -514,7 +522,7 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Byte
         tool_format: use_tools.then_some(format),
         think,
     };
-    respond(ready, run, meta, common.stream()).await
+    Ok((ready, run, meta))
 }
 
 pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {

@@ -389,7 +389,77 @@ fn api_key_is_required_and_cors_is_opt_in() {
     let r = c.get(format!("{url}/v1/models")).bearer_auth("sekret").send().unwrap();
     assert_eq!(r.status().as_u16(), 200);
     assert_eq!(c.get(format!("{url}/health")).send().unwrap().status().as_u16(), 200, "health needs no key");
+    // Anthropic's clients send the key as `x-api-key`, and get errors in Anthropic's shape.
+    let body = json!({"max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]});
+    let r = c.post(format!("{url}/v1/messages")).header("x-api-key", "sekret").json(&body).send().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let r = c.post(format!("{url}/v1/messages")).header("x-api-key", "wrong").json(&body).send().unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(r.json::<Value>().unwrap()["error"]["type"], "authentication_error");
     s.stop().unwrap();
+}
+
+/// `/v1/messages`: Anthropic's message shape, the same text as chat completions, its stream of
+/// named events in order with the same text, and errors in its shape naming the field.
+#[test]
+fn anthropic_messages() {
+    let Some(url) = shared() else { return };
+    let ask = json!([{"role": "user", "content": "What is the capital of France?"}]);
+    // Cut by max_tokens: stop_reason `max_tokens`.
+    let (st, chat) = post(url, "/v1/chat/completions", &json!({"messages": ask, "temperature": 0, "max_tokens": 5}));
+    assert_eq!(st, 200, "{chat}");
+    assert_eq!(chat["choices"][0]["finish_reason"], "length");
+    let body = json!({"model": chat["model"], "messages": ask, "temperature": 0, "max_tokens": 5});
+    let (st, m) = post(url, "/v1/messages", &body);
+    assert_eq!(st, 200, "{m}");
+    assert_eq!(m["type"], "message");
+    assert_eq!(m["role"], "assistant");
+    assert!(m["id"].as_str().unwrap().starts_with("msg_"));
+    assert_eq!(m["content"][0]["type"], "text");
+    assert_eq!(m["content"][0]["text"], chat["choices"][0]["message"]["content"]);
+    assert_eq!(m["stop_reason"], "max_tokens");
+    let (_, whole) = post(url, "/v1/messages", &json!({"messages": ask, "temperature": 0, "max_tokens": 40}));
+    assert_eq!(whole["stop_reason"], "end_turn", "{whole}");
+    assert_eq!(m["usage"]["input_tokens"], chat["usage"]["prompt_tokens"]);
+    assert_eq!(m["usage"]["output_tokens"], chat["usage"]["completion_tokens"]);
+    // The stream: `event:` names and `data:` payloads of the same type.
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let text = client().post(format!("{url}/v1/messages")).json(&sbody).send().unwrap().text().unwrap();
+    let mut kinds = Vec::new();
+    let mut streamed = String::new();
+    for e in text.split("\n\n").filter(|e| !e.trim().is_empty()) {
+        let name = e.lines().find_map(|l| l.strip_prefix("event: ")).expect("named event");
+        let data: Value = serde_json::from_str(e.lines().find_map(|l| l.strip_prefix("data: ")).expect("data")).unwrap();
+        assert_eq!(data["type"], name, "{e}");
+        if name == "content_block_delta" {
+            streamed.push_str(data["delta"]["text"].as_str().unwrap());
+        }
+        if name == "message_delta" {
+            assert_eq!(data["delta"]["stop_reason"], m["stop_reason"]);
+            assert_eq!(data["usage"]["output_tokens"], m["usage"]["output_tokens"]);
+        }
+        if kinds.last() != Some(&name.to_string()) {
+            kinds.push(name.to_string());
+        }
+    }
+    assert_eq!(
+        kinds,
+        ["message_start", "content_block_start", "content_block_delta", "content_block_stop", "message_delta", "message_stop"]
+    );
+    assert_eq!(streamed, m["content"][0]["text"].as_str().unwrap());
+    // Errors: Anthropic's shape, the field named.
+    for (bad, field) in [
+        (json!({"messages": ask}), "max_tokens"),
+        (json!({"max_tokens": 5, "messages": ask, "stop_sequences": [""]}), "stop_sequences"),
+        (json!({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image"}]}]}), "messages[0].content[0].type"),
+    ] {
+        let (st, e) = post(url, "/v1/messages", &bad);
+        assert_eq!(st, 400, "{e}");
+        assert_eq!(e["type"], "error");
+        assert_eq!(e["error"]["type"], "invalid_request_error");
+        assert!(e["error"]["message"].as_str().unwrap().contains(field), "{e}");
+    }
 }
 
 /// Starts a long generation and returns the open response after its first event arrived.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the official `openai` Python client (tests/clients/openai_client.py: the API; openai_agents.py:
-# tools and structured output) and `anthropic` client (tests/clients/anthropic_client.py: /v1/messages) (pinned in scripts/requirements-client.txt, installed into
+# tools and structured output) and `anthropic` client (tests/clients/anthropic_client.py: /v1/messages; openai_responses.py: /v1/responses) (pinned in scripts/requirements-client.txt, installed into
 # a venv under ~/.cache/infer) against `infer serve` on the test model, then stops the server with
 # SIGTERM and checks it exits cleanly.
 #
@@ -42,6 +42,7 @@ PY
 "$venv/bin/python" tests/clients/openai_client.py "http://127.0.0.1:$port" "$key"
 "$venv/bin/python" tests/clients/openai_agents.py "http://127.0.0.1:$port" "$key"
 "$venv/bin/python" tests/clients/anthropic_client.py "http://127.0.0.1:$port" "$key"
+"$venv/bin/python" tests/clients/openai_responses.py "http://127.0.0.1:$port" "$key"
 kill -TERM "$pid"
 status=0
 wait "$pid" || status=$?

@@ -11,6 +11,7 @@ mod conn;
 mod error;
 mod metrics;
 mod openai;
+mod responses;
 mod routes;
 mod run;
 mod worker;
@@ -185,6 +186,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/responses", post(responses::responses))
         .route("/v1/models", get(routes::list_models))
         .route("/v1/models/{*id}", get(routes::get_model))
         .route("/tokenize", post(routes::tokenize))

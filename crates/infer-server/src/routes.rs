@@ -48,7 +48,7 @@ fn random_id(prefix: &str) -> String {
     format!("{prefix}{}", Alphanumeric.sample_string(&mut rand::rng(), 24))
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 

@@ -906,3 +906,71 @@ fn speculative_decoding_by_flag_and_per_request() {
         assert_eq!(r["error"]["param"], field, "{r}");
     }
 }
+
+/// `/v1/responses`: the response object with the same text as chat completions, `incomplete` at
+/// `max_output_tokens`, the typed stream in order with the same text, and errors naming the field.
+#[test]
+fn openai_responses() {
+    let Some(url) = shared() else { return };
+    let q = "What is the capital of France?";
+    let (st, chat) =
+        post(url, "/v1/chat/completions", &json!({"messages": [{"role": "user", "content": q}], "temperature": 0, "max_tokens": 5}));
+    assert_eq!(st, 200, "{chat}");
+    let body = json!({"input": q, "temperature": 0, "max_output_tokens": 5});
+    let (st, r) = post(url, "/v1/responses", &body);
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["object"], "response");
+    assert_eq!(r["status"], "incomplete");
+    assert_eq!(r["incomplete_details"]["reason"], "max_output_tokens");
+    assert_eq!(r["output"][0]["type"], "message");
+    let text = r["output"][0]["content"][0]["text"].as_str().unwrap();
+    assert_eq!(text, chat["choices"][0]["message"]["content"].as_str().unwrap());
+    assert_eq!(r["usage"]["output_tokens"], 5);
+    assert_eq!(r["usage"]["input_tokens"], chat["usage"]["prompt_tokens"]);
+    let (_, whole) = post(url, "/v1/responses", &json!({"input": q, "temperature": 0, "max_output_tokens": 40}));
+    assert_eq!(whole["status"], "completed", "{whole}");
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let raw = client().post(format!("{url}/v1/responses")).json(&sbody).send().unwrap().text().unwrap();
+    let mut kinds: Vec<String> = Vec::new();
+    let mut streamed = String::new();
+    for (i, e) in raw.split("\n\n").filter(|e| !e.trim().is_empty()).enumerate() {
+        let name = e.lines().find_map(|l| l.strip_prefix("event: ")).expect("named event");
+        let data: Value = serde_json::from_str(e.lines().find_map(|l| l.strip_prefix("data: ")).expect("data")).unwrap();
+        assert_eq!(data["type"], name);
+        assert_eq!(data["sequence_number"], i, "events are numbered in order");
+        if name == "response.output_text.delta" {
+            streamed.push_str(data["delta"].as_str().unwrap());
+        }
+        if name == "response.incomplete" {
+            assert_eq!(data["response"]["output"][0]["content"][0]["text"], text);
+        }
+        if kinds.last().map(String::as_str) != Some(name) {
+            kinds.push(name.to_string());
+        }
+    }
+    assert_eq!(
+        kinds,
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.incomplete"
+        ]
+    );
+    assert_eq!(streamed, text);
+    for (bad, field) in [
+        (json!({"input": "hi", "max_output_tokens": 0}), "max_output_tokens"),
+        (json!({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}), "input[0].content[0].type"),
+        (json!({"input": "hi", "text": {"format": {"type": "json_schema", "schema": {"type": "banana"}}}}), "text.format.schema"),
+    ] {
+        let (st, e) = post(url, "/v1/responses", &bad);
+        assert_eq!(st, 400, "{e}");
+        assert_eq!(e["error"]["param"], field, "{e}");
+    }
+}

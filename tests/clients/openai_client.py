@@ -126,8 +126,27 @@ def disconnect():
         time.sleep(0.05)
 
 
+def embeddings():
+    texts = ["The cat sat on the mat.", "A kitten rested on the rug.", "Quarterly revenue grew 8%."]
+    r = client.embeddings.create(model=MODEL, input=texts)  # the SDK asks for base64 and decodes it
+    assert [d.index for d in r.data] == [0, 1, 2] and r.usage.prompt_tokens > 10, r.usage
+    v = [d.embedding for d in r.data]
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b))
+    assert all(abs(dot(x, x) - 1) < 1e-4 for x in v)
+    assert dot(v[0], v[1]) > dot(v[0], v[2])
+    f = client.embeddings.create(model=MODEL, input=texts[1], encoding_format="float").data[0].embedding
+    assert max(abs(a - b) for a, b in zip(f, v[1])) < 1e-4
+    assert len(client.embeddings.create(model=MODEL, input=texts[0], dimensions=32).data[0].embedding) == 32
+    try:
+        client.embeddings.create(model=MODEL, input=texts[0], dimensions=100000)
+        raise AssertionError("dimensions beyond the model were accepted")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "dimensions", e.body
+
+
 for name, fn in [
     ("models", models_list),
+    ("embeddings", embeddings),
     ("chat", chat),
     ("chat stream + usage", chat_stream),
     ("completions n / stop / seed", completions_n_stop_seed),

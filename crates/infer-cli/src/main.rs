@@ -64,6 +64,17 @@ enum Command {
         #[command(flatten)]
         tools: ToolArgs,
     },
+    /// Print the embedding of each TEXT (one JSON array per line): the model's final hidden states
+    /// pooled (last token or mean) and L2-normalized, all texts in one forward pass.
+    Embed {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The texts (read from stdin, one per line, when none are given).
+        texts: Vec<String>,
+        /// last (decoder embedding models such as Qwen3-Embedding) or mean.
+        #[arg(long, default_value = "last", value_name = "last|mean")]
+        pooling: String,
+    },
     /// Download a model from the Hugging Face Hub into the HF cache (HF_HOME, HF_TOKEN, HF_ENDPOINT).
     Pull {
         /// Hub id: org/name[@revision].
@@ -353,6 +364,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             install_ctrlc()?;
             chat_repl(&mut session, system, params, tools)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Embed { model, texts, pooling } => {
+            let pooling: infer::embeddings::Pooling = pooling.parse()?;
+            let texts = if texts.is_empty() {
+                let mut s = String::new();
+                std::io::stdin().read_to_string(&mut s).context("reading the texts from stdin")?;
+                s.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect()
+            } else {
+                texts
+            };
+            if texts.is_empty() {
+                bail!("no text to embed");
+            }
+            let session = load(&model)?;
+            let m = session.model();
+            let ids = texts.iter().map(|t| m.tokenizer.encode(t, true)).collect::<infer::Result<Vec<_>>>()?;
+            let vectors = infer::embeddings::embed(m.model.as_ref(), &ids, pooling, true)?;
+            let mut out = std::io::stdout().lock();
+            for v in vectors {
+                writeln!(out, "{}", serde_json::to_string(&v)?)?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Pull { model, gguf_file } => {

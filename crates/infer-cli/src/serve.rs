@@ -51,6 +51,10 @@ pub struct ServeArgs {
     /// cache it tells one client what prompts others sent; clients can also send a `cache_salt`).
     #[arg(long)]
     pub enable_prompt_tokens_details: bool,
+    /// How /v1/embeddings pools the model's token states: last (decoder embedding models such as
+    /// Qwen3-Embedding) or mean.
+    #[arg(long, default_value = "last", value_name = "last|mean")]
+    pub pooling: String,
     /// Most open connections; beyond, new ones get 503 and are closed.
     #[arg(long, default_value_t = 512)]
     pub max_connections: usize,
@@ -131,6 +135,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         cors_origins: args.cors.clone(),
         shutdown_grace: Duration::from_secs(args.shutdown_timeout),
         report_cached_tokens: args.enable_prompt_tokens_details,
+        pooling: args.pooling.parse().map_err(|e| anyhow::anyhow!("--pooling: {e}"))?,
         connections: infer_server::ConnLimits {
             max_connections: args.max_connections,
             header_read_timeout: Duration::from_secs(args.header_timeout),

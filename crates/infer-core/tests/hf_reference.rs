@@ -210,3 +210,40 @@ fn in_situ_quantized_weights_stay_close() {
         }
     }
 }
+
+/// Decoder embeddings (last-token and mean pooling, L2-normalized) of token-id inputs, several per
+/// forward pass, against HF transformers' `last_hidden_state` (tests/fixtures/embeddings.json from
+/// scripts/make_embedding_refs.py): cosine ≥ 0.9999 for every vector, in f32.
+#[test]
+fn embeddings_match_transformers() {
+    use infer_core::embeddings::{embed, Pooling};
+    let refs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("embeddings.json")).unwrap()).unwrap();
+    let inputs: Vec<Vec<u32>> = serde_json::from_value(refs["inputs"].clone()).unwrap();
+    // The safetensors folders (f32, candle's tensor path) and, where the fixture has one, the f16
+    // GGUF llama.cpp's conventions make of it (infer's host path).
+    let mut models = Vec::new();
+    for (name, want) in refs["models"].as_object().unwrap() {
+        models.push((name.clone(), fixture(name), want));
+        let gguf = fixture(name).join("model-f16.gguf");
+        if gguf.exists() {
+            models.push((format!("{name} (f16 GGUF)"), gguf, want));
+        }
+    }
+    for (name, path, want) in models {
+        let m = infer_core::load(path.to_str().unwrap(), infer_core::LoadOptions::default()).unwrap();
+        for (pooling, key) in [(Pooling::Last, "last"), (Pooling::Mean, "mean")] {
+            let got = embed(m.model.as_ref(), &inputs, pooling, true).unwrap();
+            let want: Vec<Vec<f32>> = serde_json::from_value(want[key].clone()).unwrap();
+            assert_eq!(got.len(), want.len());
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.len(), w.len());
+                let cos: f64 = g.iter().zip(w).map(|(a, b)| *a as f64 * *b as f64).sum();
+                assert!(cos >= 0.9999, "{name} {key} pooling, input {i}: cosine {cos}");
+            }
+            // One input at a time gives the same vectors as the batch.
+            let alone = embed(m.model.as_ref(), &inputs[1..2], pooling, true).unwrap();
+            let d: f32 = alone[0].iter().zip(&got[1]).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(d < 1e-4, "{name} {key}: batched and alone differ by {d}");
+        }
+    }
+}

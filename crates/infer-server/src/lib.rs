@@ -8,6 +8,7 @@
 
 mod anthropic;
 mod conn;
+mod embeddings;
 mod error;
 mod metrics;
 mod openai;
@@ -77,6 +78,8 @@ pub struct ServerConfig {
     pub reasoning: bool,
     /// Connections at once, header-read and write timeouts.
     pub connections: ConnLimits,
+    /// How `/v1/embeddings` pools a decoder's token states (last token or mean).
+    pub pooling: infer_core::embeddings::Pooling,
     /// Report `usage.prompt_tokens_details.cached_tokens` (vLLM's `--enable-prompt-tokens-details`).
     /// Off by default: with a shared prefix cache it tells one client what prompts others sent.
     pub report_cached_tokens: bool,
@@ -88,6 +91,7 @@ impl Default for ServerConfig {
             served_model_name: None,
             api_key: None,
             engine: EngineConfig::default(),
+            pooling: infer_core::embeddings::Pooling::Last,
             max_queue: 256,
             max_body_bytes: 8 << 20,
             cors_origins: Vec::new(),
@@ -119,6 +123,10 @@ pub struct Ready {
     pub markers: std::collections::HashMap<u32, String>,
     /// Compiles structured-output constraints; built at the first request that has one.
     compiler: OnceLock<Result<Arc<ConstraintCompiler>, String>>,
+    /// The model itself, for `/v1/embeddings` (run beside the engine on a blocking thread).
+    pub model: Arc<dyn infer_core::models::CausalLm>,
+    /// How `/v1/embeddings` pools token states.
+    pub pooling: infer_core::embeddings::Pooling,
 }
 
 impl Ready {
@@ -130,7 +138,7 @@ impl Ready {
             .map_err(ApiError::internal)
     }
 
-    fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+    pub(crate) fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
         match model {
             Some(m) if !m.is_empty() && m != self.model_id => Err(ApiError::model_not_found(m, &self.model_id)),
             _ => Ok(()),
@@ -166,7 +174,7 @@ pub struct AppState {
 }
 
 impl AppState {
-    fn ready(&self) -> Result<Arc<Ready>, ApiError> {
+    pub(crate) fn ready(&self) -> Result<Arc<Ready>, ApiError> {
         if self.is_shutting_down() {
             return Err(ApiError::unavailable("the server is shutting down"));
         }
@@ -187,6 +195,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(routes::completions))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/responses", post(responses::responses))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(routes::list_models))
         .route("/v1/models/{*id}", get(routes::get_model))
         .route("/tokenize", post(routes::tokenize))
@@ -340,6 +349,8 @@ where
                     vocab_size: m.config().vocab_size,
                     eos: m.eos_token_ids.clone(),
                     defaults,
+                    model: m.model.clone(),
+                    pooling: st.cfg.pooling,
                     created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
                 };
                 Ok((engine, ready))

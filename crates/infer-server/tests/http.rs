@@ -974,3 +974,64 @@ fn openai_responses() {
         assert_eq!(e["error"]["param"], field, "{e}");
     }
 }
+
+/// `/v1/embeddings`: one vector per input (texts or token ids, batched = alone), unit length,
+/// base64 = float, `dimensions` cut and renormalized, usage, and errors naming the field.
+#[test]
+fn embeddings_endpoint() {
+    let Some(url) = shared() else { return };
+    let texts = ["The cat sat on the mat.", "A kitten rested on the rug.", "Quarterly revenue grew 8%."];
+    let (st, r) = post(url, "/v1/embeddings", &json!({"input": texts}));
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["object"], "list");
+    let vecs: Vec<Vec<f64>> =
+        r["data"].as_array().unwrap().iter().map(|d| serde_json::from_value(d["embedding"].clone()).unwrap()).collect();
+    assert_eq!(vecs.len(), 3);
+    assert!(r["data"].as_array().unwrap().iter().enumerate().all(|(i, d)| d["index"] == i && d["object"] == "embedding"));
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    for v in &vecs {
+        assert_eq!(v.len(), 576);
+        assert!((dot(v, v) - 1.0).abs() < 1e-5);
+    }
+    assert!(dot(&vecs[0], &vecs[1]) > dot(&vecs[0], &vecs[2]), "the two cat sentences are closer");
+    // Alone, as token ids, and as base64: the same vector.
+    let (_, alone) = post(url, "/v1/embeddings", &json!({"input": texts[1], "encoding_format": "float"}));
+    let a: Vec<f64> = serde_json::from_value(alone["data"][0]["embedding"].clone()).unwrap();
+    assert!(a.iter().zip(&vecs[1]).all(|(x, y)| (x - y).abs() < 1e-4));
+    let (_, tok) = post(url, "/tokenize", &json!({"content": texts[1]}));
+    let (_, by_ids) = post(url, "/v1/embeddings", &json!({"input": [tok["tokens"]]}));
+    assert_eq!(by_ids["usage"]["prompt_tokens"], tok["count"]);
+    let (_, b64) = post(url, "/v1/embeddings", &json!({"input": texts[1], "encoding_format": "base64"}));
+    let s = b64["data"][0]["embedding"].as_str().unwrap();
+    let bytes = {
+        let val = |c: u8| "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".bytes().position(|x| x == c).unwrap() as u32;
+        let mut out = Vec::new();
+        for q in s.as_bytes().chunks(4) {
+            let n = q.iter().filter(|&&c| c != b'=').fold(0u32, |n, &c| n << 6 | val(c)) << (6 * q.iter().filter(|&&c| c == b'=').count());
+            let keep = 3 - q.iter().filter(|&&c| c == b'=').count();
+            out.extend_from_slice(&n.to_be_bytes()[1..1 + keep]);
+        }
+        out
+    };
+    let decoded: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    assert_eq!(decoded.len(), 576);
+    assert!(decoded.iter().zip(&a).all(|(x, y)| (*x as f64 - y).abs() < 1e-6));
+    let (_, short) = post(url, "/v1/embeddings", &json!({"input": texts[0], "dimensions": 64}));
+    let sv: Vec<f64> = serde_json::from_value(short["data"][0]["embedding"].clone()).unwrap();
+    assert_eq!(sv.len(), 64);
+    assert!((dot(&sv, &sv) - 1.0).abs() < 1e-5);
+    assert_eq!(r["usage"]["prompt_tokens"], r["usage"]["total_tokens"]);
+    for (bad, field) in [
+        (json!({}), "input"),
+        (json!({"input": []}), "input"),
+        (json!({"input": "x", "encoding_format": "hex"}), "encoding_format"),
+        (json!({"input": "x", "dimensions": 100000}), "dimensions"),
+        (json!({"input": [[1, 2], "x"]}), "input[1]"),
+        (json!({"input": [[]]}), "input[0]"),
+        (json!({"input": [[99999999]]}), "input"),
+    ] {
+        let (st, e) = post(url, "/v1/embeddings", &bad);
+        assert_eq!(st, 400, "{bad}: {e}");
+        assert_eq!(e["error"]["param"], field, "{bad}: {e}");
+    }
+}

@@ -238,8 +238,8 @@ impl Decoder for GemmaModel {
         }
         ws.give_back(seqs);
         let scratch = (&mut ws.x1, &mut ws.h);
-        head_host(&ws.x, hs, &batch.logits_rows, &self.norm, &self.lm_head, self.cfg.vocab_size, scratch, logits)?;
-        if let Some(c) = self.cfg.final_softcap {
+        head_host(&ws.x, hs, &batch.logits_rows, &self.norm, &self.lm_head, self.cfg.vocab_size, scratch, batch.hidden, logits)?;
+        if let (Some(c), false) = (self.cfg.final_softcap, batch.hidden) {
             let c = c as f32;
             logits.iter_mut().for_each(|l| *l = (*l / c).tanh() * c);
         }
@@ -282,6 +282,9 @@ impl Decoder for GemmaModel {
             return Ok(Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?);
         };
         let x = self.norm.forward(&x)?;
+        if batch.hidden {
+            return Ok(x.to_dtype(DType::F32)?.contiguous()?);
+        }
         let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         let logits = match self.cfg.final_softcap {
             Some(c) => ((logits / c)?.tanh()? * c)?,

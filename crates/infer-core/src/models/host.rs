@@ -149,11 +149,17 @@ pub(crate) fn head_host(
     head: &Linear,
     vocab: usize,
     (picked, normed): (&mut Vec<f32>, &mut Vec<f32>),
+    hidden_only: bool,
     logits: &mut Vec<f32>,
 ) -> Result<()> {
     let picked = grow(picked, rows.len() * hidden);
     for (dst, &r) in picked.chunks_exact_mut(hidden).zip(rows) {
         dst.copy_from_slice(&x[r as usize * hidden..(r as usize + 1) * hidden]);
+    }
+    if hidden_only {
+        logits.resize(rows.len() * hidden, 0.0);
+        norm.forward_host(picked, logits);
+        return Ok(());
     }
     let normed = grow(normed, rows.len() * hidden);
     norm.forward_host(picked, normed);
@@ -166,7 +172,8 @@ pub(crate) fn head_host(
 pub(crate) fn logits_tensor(m: &dyn super::CausalLm, batch: &BatchInput, cache: &mut PagedKvCache) -> Result<Tensor> {
     let mut logits = Vec::new();
     m.forward_into(batch, cache, &mut logits)?;
-    Ok(Tensor::from_vec(logits, (batch.logits_rows.len(), m.config().vocab_size), &m.device())?)
+    let width = if batch.hidden { m.config().hidden_size } else { m.config().vocab_size };
+    Ok(Tensor::from_vec(logits, (batch.logits_rows.len(), width), &m.device())?)
 }
 
 /// Logits from the tensor path into `logits`.

@@ -293,7 +293,7 @@ impl Decoder for LlamaModel {
         }
         ws.give_back(seqs);
         let scratch = (&mut ws.x1, &mut ws.h);
-        head_host(&ws.x, hs, &batch.logits_rows, &self.norm, &self.lm_head, self.cfg.vocab_size, scratch, logits)
+        head_host(&ws.x, hs, &batch.logits_rows, &self.norm, &self.lm_head, self.cfg.vocab_size, scratch, batch.hidden, logits)
     }
 
     fn forward_tensors(&self, batch: &BatchInput, cache: &mut PagedKvCache) -> Result<Tensor> {
@@ -322,6 +322,9 @@ impl Decoder for LlamaModel {
             return Ok(Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?);
         };
         let x = self.norm.forward(&x)?;
+        if batch.hidden {
+            return Ok(x.to_dtype(DType::F32)?.contiguous()?);
+        }
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?.contiguous()?)
     }
 

@@ -53,6 +53,9 @@ pub struct BatchInput {
     pub seqs: Vec<SeqBatch>,
     /// The rows whose logits are wanted (usually each sequence's last token).
     pub logits_rows: Vec<u32>,
+    /// Embeddings: the wanted rows' final hidden states (after the last norm), `[rows, hidden]`,
+    /// instead of their logits.
+    pub hidden: bool,
 }
 
 impl BatchInput {

@@ -1,0 +1,164 @@
+//! `POST /v1/embeddings` (OpenAI's shape): `input` as a string, strings, token ids or lists of them;
+//! `encoding_format` `float` or `base64` (little-endian f32); `dimensions` (the first N values,
+//! normalized again); usage. The model's final hidden states are pooled per input (`infer serve
+//! --pooling last|mean`, infer_core::embeddings) on a blocking thread, many inputs per forward pass.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::Json;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::routes::json_body;
+use crate::AppState;
+
+/// Most inputs one request may embed (OpenAI's limit).
+const MAX_INPUTS: usize = 2048;
+/// Most tokens one request may embed in all.
+const MAX_TOKENS: usize = 300_000;
+
+fn bad(field: &str, msg: impl std::fmt::Display) -> ApiError {
+    ApiError::bad_request(Some(field), format!("invalid `{field}`: {msg}"))
+}
+
+/// Standard base64 of bytes (RFC 4648, with padding).
+fn base64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for c in bytes.chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            out.push(if i <= c.len() { A[(n >> shift & 63) as usize] as char } else { '=' });
+        }
+    }
+    out
+}
+
+/// The inputs as texts or token-id lists.
+enum Inputs {
+    Texts(Vec<String>),
+    Tokens(Vec<Vec<u32>>),
+}
+
+fn parse_input(v: Option<&Value>) -> Result<Inputs, ApiError> {
+    let ids = |v: &Value, at: &str| -> Result<Vec<u32>, ApiError> {
+        v.as_array()
+            .ok_or_else(|| bad(at, "must be a list of token ids"))?
+            .iter()
+            .map(|t| t.as_u64().filter(|&t| t <= u32::MAX as u64).map(|t| t as u32).ok_or_else(|| bad(at, "token ids are integers >= 0")))
+            .collect()
+    };
+    match v {
+        Some(Value::String(s)) => Ok(Inputs::Texts(vec![s.clone()])),
+        Some(Value::Array(items)) if items.is_empty() => Err(bad("input", "must not be empty")),
+        Some(Value::Array(items)) if items.len() > MAX_INPUTS => Err(bad("input", format!("at most {MAX_INPUTS} inputs per request"))),
+        Some(Value::Array(items)) => match &items[0] {
+            Value::String(_) => Ok(Inputs::Texts(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        s.as_str().map(str::to_string).ok_or_else(|| bad(&format!("input[{i}]"), "must be a string like the others"))
+                    })
+                    .collect::<Result<_, _>>()?,
+            )),
+            Value::Number(_) => Ok(Inputs::Tokens(vec![ids(v.expect("some"), "input")?])),
+            Value::Array(_) => {
+                Ok(Inputs::Tokens(items.iter().enumerate().map(|(i, l)| ids(l, &format!("input[{i}]"))).collect::<Result<_, _>>()?))
+            }
+            _ => Err(bad("input", "must be a string, a list of strings, token ids or lists of token ids")),
+        },
+        Some(_) => Err(bad("input", "must be a string, a list of strings, token ids or lists of token ids")),
+        None => Err(bad("input", "is required")),
+    }
+}
+
+pub async fn embeddings(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    let ready = st.ready()?;
+    let body = json_body(body)?;
+    ready.check_model(body.get("model").and_then(Value::as_str))?;
+    let base64_out = match body.get("encoding_format").and_then(|v| if v.is_null() { None } else { Some(v) }) {
+        None => false,
+        Some(v) => match v.as_str() {
+            Some("float") => false,
+            Some("base64") => true,
+            _ => return Err(bad("encoding_format", "must be `float` or `base64`")),
+        },
+    };
+    let hidden = ready.model.config().hidden_size;
+    let dimensions = match body.get("dimensions").filter(|v| !v.is_null()) {
+        None => None,
+        Some(v) => Some(
+            v.as_u64()
+                .filter(|&d| d >= 1 && d as usize <= hidden)
+                .ok_or_else(|| bad("dimensions", format!("must be in 1..={hidden} (this model's size)")))? as usize,
+        ),
+    };
+    let inputs = parse_input(body.get("input"))?;
+    let r = ready.clone();
+    let (vectors, tokens) = tokio::task::spawn_blocking(move || -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+        let ids: Vec<Vec<u32>> = match inputs {
+            Inputs::Tokens(t) => t,
+            Inputs::Texts(texts) => texts.iter().map(|t| r.tokenizer.encode(t, true)).collect::<Result<_, _>>()?,
+        };
+        let limit = r.max_context.min(r.model.config().max_position_embeddings);
+        for (i, t) in ids.iter().enumerate() {
+            if t.is_empty() {
+                return Err(bad(&format!("input[{i}]"), "is empty"));
+            }
+            if t.len() > limit {
+                return Err(bad(&format!("input[{i}]"), format!("{} tokens; this model's context holds {limit}", t.len()))
+                    .with_code("context_length_exceeded"));
+            }
+        }
+        let tokens: usize = ids.iter().map(Vec::len).sum();
+        if tokens > MAX_TOKENS {
+            return Err(bad("input", format!("{tokens} tokens in all; at most {MAX_TOKENS} per request")));
+        }
+        let v = infer_core::embeddings::embed(r.model.as_ref(), &ids, r.pooling, true)?;
+        Ok((v, tokens))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("an embedding worker failed: {e}")))??;
+    let data: Vec<Value> = vectors
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut v)| {
+            if let Some(d) = dimensions {
+                v.truncate(d);
+                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                if norm > 0.0 {
+                    v.iter_mut().for_each(|x| *x /= norm);
+                }
+            }
+            let embedding = if base64_out {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                Value::from(base64(&bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list",
+        "data": data,
+        "model": ready.model_id,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_rfc_4648() {
+        for (raw, want) in
+            [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE="), ("foobar", "Zm9vYmFy")]
+        {
+            assert_eq!(super::base64(raw.as_bytes()), want);
+        }
+    }
+}

@@ -223,7 +223,7 @@ pub const NR: usize = 4;
 /// Activation rows handled together against each group (at most).
 pub const MR: usize = 6;
 /// Tokens whose activations are kept hot while a task's row groups pass over them.
-const TOKEN_BLOCK: usize = 32;
+const TOKEN_BLOCK: usize = 40;
 
 impl QType {
     /// Bytes of quants in one block (without its scales).

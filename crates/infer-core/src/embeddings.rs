@@ -28,20 +28,36 @@ impl std::str::FromStr for Pooling {
     }
 }
 
-/// Most tokens one forward pass of [`embed`] takes (inputs are grouped up to this many).
+/// Most tokens one forward pass of [`embed`] takes (inputs are grouped up to this many; a longer
+/// input goes through in chunks of this many, its earlier chunks in the scratch cache).
 pub const EMBED_BATCH_TOKENS: usize = 2048;
+
+/// Longest input [`embed`] takes: its scratch KV cache is made for the input, beside the engine's.
+pub const MAX_EMBED_TOKENS: usize = 8192;
 
 /// The pooled, L2-normalized (when `normalize`) embedding of each input (token ids, each non-empty
 /// and within the model's context).
 pub fn embed(model: &dyn CausalLm, inputs: &[Vec<u32>], pooling: Pooling, normalize: bool) -> Result<Vec<Vec<f32>>> {
+    embed_in_batches(model, inputs, pooling, normalize, EMBED_BATCH_TOKENS)
+}
+
+/// [`embed`] with at most `batch_tokens` tokens per forward pass (the results do not depend on it).
+pub fn embed_in_batches(
+    model: &dyn CausalLm,
+    inputs: &[Vec<u32>],
+    pooling: Pooling,
+    normalize: bool,
+    batch_tokens: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let batch_tokens = batch_tokens.max(1);
     let cfg = model.config();
     let (hidden, vocab, ctx) = (cfg.hidden_size, cfg.vocab_size, cfg.max_position_embeddings);
     for (i, t) in inputs.iter().enumerate() {
         if t.is_empty() {
             return Err(Error::param("input", format!("input {i} is empty")));
         }
-        if t.len() > ctx {
-            return Err(Error::ContextOverflow { needed: t.len(), limit: ctx });
+        if t.len() > ctx.min(MAX_EMBED_TOKENS) {
+            return Err(Error::ContextOverflow { needed: t.len(), limit: ctx.min(MAX_EMBED_TOKENS) });
         }
         if let Some(&bad) = t.iter().find(|&&x| x as usize >= vocab) {
             return Err(Error::param("input", format!("token id {bad} is outside the vocabulary (size {vocab})")));
@@ -55,7 +71,7 @@ pub fn embed(model: &dyn CausalLm, inputs: &[Vec<u32>], pooling: Pooling, normal
         // A group of inputs up to the batch size (one input alone when it is longer).
         let mut end = start + 1;
         let mut tokens = inputs[start].len();
-        while end < inputs.len() && tokens + inputs[end].len() <= EMBED_BATCH_TOKENS {
+        while end < inputs.len() && tokens + inputs[end].len() <= batch_tokens {
             tokens += inputs[end].len();
             end += 1;
         }
@@ -67,19 +83,36 @@ pub fn embed(model: &dyn CausalLm, inputs: &[Vec<u32>], pooling: Pooling, normal
             &model.device(),
             crate::kv_cache::default_cache_dtype(&model.device(), model.dtype()),
         )?;
-        let mut batch = BatchInput { hidden: true, ..Default::default() };
-        let mut tables = Vec::with_capacity(end - start);
-        for t in &inputs[start..end] {
+        let want = match pooling {
+            Pooling::Last => LogitsWanted::Last,
+            Pooling::Mean => LogitsWanted::All,
+        };
+        if end - start == 1 && inputs[start].len() > batch_tokens {
+            // One long input: chunk by chunk; mean pooling keeps every chunk's states.
+            let t = &inputs[start];
             let mut table = Vec::new();
             cache.reserve(&mut table, t.len())?;
-            let want = match pooling {
-                Pooling::Last => LogitsWanted::Last,
-                Pooling::Mean => LogitsWanted::All,
-            };
-            batch.push_sequence(t, 0, &table, block, want);
-            tables.push(table);
+            let mut all = Vec::with_capacity(if pooling == Pooling::Mean { t.len() * hidden } else { hidden });
+            for (c, chunk) in t.chunks(batch_tokens).enumerate() {
+                let last = (c + 1) * batch_tokens >= t.len();
+                let mut batch = BatchInput { hidden: true, ..Default::default() };
+                let w = if pooling == Pooling::Mean || last { want } else { LogitsWanted::None };
+                batch.push_sequence(chunk, c * batch_tokens, &table, block, w);
+                model.forward_into(&batch, &mut cache, &mut states)?;
+                if pooling == Pooling::Mean || last {
+                    all.extend_from_slice(&states[..batch.logits_rows.len() * hidden]);
+                }
+            }
+            states = all;
+        } else {
+            let mut batch = BatchInput { hidden: true, ..Default::default() };
+            for t in &inputs[start..end] {
+                let mut table = Vec::new();
+                cache.reserve(&mut table, t.len())?;
+                batch.push_sequence(t, 0, &table, block, want);
+            }
+            model.forward_into(&batch, &mut cache, &mut states)?;
         }
-        model.forward_into(&batch, &mut cache, &mut states)?;
         let mut row = 0;
         for t in &inputs[start..end] {
             let n = if pooling == Pooling::Mean { t.len() } else { 1 };

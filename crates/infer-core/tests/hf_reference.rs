@@ -240,10 +240,16 @@ fn embeddings_match_transformers() {
                 let cos: f64 = g.iter().zip(w).map(|(a, b)| *a as f64 * *b as f64).sum();
                 assert!(cos >= 0.9999, "{name} {key} pooling, input {i}: cosine {cos}");
             }
-            // One input at a time gives the same vectors as the batch.
+            // One input at a time gives the same vectors as the batch, and so do long inputs
+            // taken in chunks of 5 tokens (earlier chunks in the cache).
             let alone = embed(m.model.as_ref(), &inputs[1..2], pooling, true).unwrap();
             let d: f32 = alone[0].iter().zip(&got[1]).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
             assert!(d < 1e-4, "{name} {key}: batched and alone differ by {d}");
+            let chunked = infer_core::embeddings::embed_in_batches(m.model.as_ref(), &inputs, pooling, true, 5).unwrap();
+            for (c, g) in chunked.iter().zip(&got) {
+                let d: f32 = c.iter().zip(g).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                assert!(d < 1e-4, "{name} {key}: in chunks of 5 tokens the vectors differ by {d}");
+            }
         }
     }
 }

@@ -104,14 +104,15 @@ pub async fn embeddings(State(st): State<Arc<AppState>>, body: Result<Bytes, Byt
             Inputs::Tokens(t) => t,
             Inputs::Texts(texts) => texts.iter().map(|t| r.tokenizer.encode(t, true)).collect::<Result<_, _>>()?,
         };
-        let limit = r.max_context.min(r.model.config().max_position_embeddings);
+        let limit = r.max_context.min(r.model.config().max_position_embeddings).min(infer_core::embeddings::MAX_EMBED_TOKENS);
         for (i, t) in ids.iter().enumerate() {
             if t.is_empty() {
                 return Err(bad(&format!("input[{i}]"), "is empty"));
             }
             if t.len() > limit {
-                return Err(bad(&format!("input[{i}]"), format!("{} tokens; this model's context holds {limit}", t.len()))
-                    .with_code("context_length_exceeded"));
+                return Err(
+                    bad(&format!("input[{i}]"), format!("{} tokens; at most {limit} here", t.len())).with_code("context_length_exceeded")
+                );
             }
         }
         let tokens: usize = ids.iter().map(Vec::len).sum();

@@ -64,8 +64,9 @@ enum Command {
         #[command(flatten)]
         tools: ToolArgs,
     },
-    /// Print the embedding of each TEXT (one JSON array per line): the model's final hidden states
-    /// pooled (last token or mean) and L2-normalized, all texts in one forward pass.
+    /// Print the embedding of each TEXT (one JSON array per line): a decoder's final hidden states
+    /// pooled (--pooling) and L2-normalized, or an encoder folder's (BERT family, with
+    /// sentence-transformers' pooling config) as it is configured.
     Embed {
         #[command(flatten)]
         model: ModelArgs,
@@ -377,6 +378,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             if texts.is_empty() {
                 bail!("no text to embed");
+            }
+            let dir = std::path::Path::new(&model.model);
+            if dir.is_dir() && infer::encoder::is_encoder(dir) {
+                // An encoder (BERT family) with sentence-transformers' pooling and normalization.
+                set_threads(model.threads)?;
+                let enc = infer::encoder::Encoder::load(dir, &infer::parse_device(&model.device)?)?;
+                let mut out = std::io::stdout().lock();
+                for v in enc.embed_texts(&texts)? {
+                    writeln!(out, "{}", serde_json::to_string(&v)?)?;
+                }
+                return Ok(ExitCode::SUCCESS);
             }
             let session = load(&model)?;
             let m = session.model();

@@ -14,6 +14,7 @@ pub mod api;
 pub mod chat;
 pub mod config;
 pub mod embeddings;
+pub mod encoder;
 pub mod engine;
 pub mod error;
 pub mod eval;

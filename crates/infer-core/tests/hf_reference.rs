@@ -253,3 +253,34 @@ fn embeddings_match_transformers() {
         }
     }
 }
+
+/// A BERT encoder in sentence-transformers' layout (tests/fixtures/tiny-bert from
+/// scripts/make_encoder_fixtures.py: mean pooling + Normalize as configured, random LayerNorms)
+/// against sentence-transformers: the token ids, and every vector (cosine ≥ 0.9999) with the
+/// configured mean pooling and with CLS and max pooling, texts of different lengths batched.
+#[test]
+fn encoder_matches_sentence_transformers() {
+    use infer_core::encoder::{Encoder, EncoderPooling};
+    let dir = fixture("tiny-bert");
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let texts: Vec<String> = serde_json::from_value(want["texts"].clone()).unwrap();
+    let mut enc = Encoder::load(&dir, &infer_core::Device::Cpu).unwrap();
+    assert_eq!(enc.pooling, EncoderPooling::Mean);
+    assert!(enc.normalize);
+    let ids: Vec<Vec<u32>> = serde_json::from_value(want["input_ids"].clone()).unwrap();
+    for (t, want_ids) in texts.iter().zip(&ids) {
+        let got = enc.tokenizer.encode(t, true).unwrap();
+        let unpadded: Vec<u32> = want_ids.iter().copied().take(got.len()).collect();
+        assert_eq!(got, unpadded, "{t}");
+        assert!(want_ids[got.len()..].iter().all(|&p| p == 0), "{t}: only padding after");
+    }
+    for (pooling, key) in [(EncoderPooling::Mean, "mean"), (EncoderPooling::Cls, "cls"), (EncoderPooling::Max, "max")] {
+        enc.pooling = pooling;
+        let got = enc.embed_texts(&texts).unwrap();
+        let want: Vec<Vec<f32>> = serde_json::from_value(want[key].clone()).unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let cos: f64 = g.iter().zip(w).map(|(a, b)| *a as f64 * *b as f64).sum();
+            assert!(cos >= 0.9999, "{key} pooling, text {i}: cosine {cos}");
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! Encoder models for embeddings: the BERT family (BERT, and RoBERTa / XLM-R, whose positions start
+//! after the padding id) from a sentence-transformers folder — `config.json`, `model.safetensors`,
+//! `tokenizer.json`, and the pooling of `modules.json` + `1_Pooling/config.json` (CLS, mean, max or
+//! last token; `Normalize` when listed). Bidirectional attention over each padded batch, no KV
+//! cache: candle's tensor ops on the CPU (or the device asked for).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+
+#[derive(Debug, Clone, Deserialize)]
+struct BertConfig {
+    model_type: Option<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    intermediate_size: usize,
+    max_position_embeddings: usize,
+    #[serde(default = "one")]
+    type_vocab_size: usize,
+    #[serde(default = "eps")]
+    layer_norm_eps: f64,
+    #[serde(default = "gelu")]
+    hidden_act: String,
+    #[serde(default)]
+    pad_token_id: Option<usize>,
+}
+
+fn one() -> usize {
+    1
+}
+fn eps() -> f64 {
+    1e-12
+}
+fn gelu() -> String {
+    "gelu".into()
+}
+
+/// How token states become one vector (sentence-transformers' pooling modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncoderPooling {
+    Cls,
+    Mean,
+    Max,
+    Last,
+}
+
+struct Layer {
+    q: (Tensor, Tensor),
+    k: (Tensor, Tensor),
+    v: (Tensor, Tensor),
+    o: (Tensor, Tensor),
+    ln1: (Tensor, Tensor),
+    up: (Tensor, Tensor),
+    down: (Tensor, Tensor),
+    ln2: (Tensor, Tensor),
+}
+
+/// A loaded encoder with its tokenizer and pooling.
+pub struct Encoder {
+    cfg: BertConfig,
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    ln: (Tensor, Tensor),
+    layers: Vec<Layer>,
+    /// First position id (RoBERTa / XLM-R: padding id + 1).
+    position_offset: usize,
+    pub tokenizer: Tokenizer,
+    pub pooling: EncoderPooling,
+    pub normalize: bool,
+    device: Device,
+}
+
+fn linear(x: &Tensor, (w, b): &(Tensor, Tensor)) -> Result<Tensor> {
+    Ok(x.broadcast_matmul(&w.t()?)?.broadcast_add(b)?)
+}
+
+fn layer_norm(x: &Tensor, (w, b): &(Tensor, Tensor), eps: f64) -> Result<Tensor> {
+    Ok(candle_nn::ops::layer_norm(&x.contiguous()?, w, b, eps as f32)?)
+}
+
+/// Whether `dir` holds an encoder this module loads (`config.json` of a BERT-family model).
+pub fn is_encoder(dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else { return false };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { return false };
+    matches!(v.get("model_type").and_then(|m| m.as_str()), Some("bert" | "roberta" | "xlm-roberta"))
+}
+
+impl Encoder {
+    /// Loads a sentence-transformers (or plain transformers) BERT-family folder.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let bad = |msg: String| Error::bad_file(dir, msg);
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let cfg: BertConfig = serde_json::from_str(&text).map_err(|e| Error::bad_file(&cfg_path, e.to_string()))?;
+        let kind = cfg.model_type.clone().unwrap_or_default();
+        if !matches!(kind.as_str(), "bert" | "roberta" | "xlm-roberta") {
+            return Err(bad(format!("model_type `{kind}` is not an encoder this loader knows (bert, roberta, xlm-roberta)")));
+        }
+        if cfg.hidden_size == 0 || cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
+            return Err(bad(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                cfg.hidden_size, cfg.num_attention_heads
+            )));
+        }
+        if cfg.num_hidden_layers > 256 || cfg.hidden_size > 65536 || cfg.intermediate_size > 1 << 20 {
+            return Err(bad("the config's sizes are out of range".into()));
+        }
+        if cfg.hidden_act != "gelu" {
+            return Err(bad(format!("hidden_act `{}` is not supported (gelu)", cfg.hidden_act)));
+        }
+        let weights_path = dir.join("model.safetensors");
+        let raw = candle_core::safetensors::load(&weights_path, device).map_err(|e| Error::bad_file(&weights_path, e.to_string()))?;
+        // Names with or without the `bert.` / `roberta.` prefix of the task heads' checkpoints.
+        let mut w: HashMap<String, Tensor> = HashMap::new();
+        for (k, v) in raw {
+            let k = k.strip_prefix("bert.").or_else(|| k.strip_prefix("roberta.")).unwrap_or(&k).to_string();
+            w.insert(k, v.to_dtype(DType::F32)?);
+        }
+        let h = cfg.hidden_size;
+        let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let t = w.get(name).ok_or_else(|| bad(format!("tensor `{name}` is missing")))?;
+            if t.dims() != shape {
+                return Err(bad(format!("tensor `{name}` has shape {:?}, expected {shape:?}", t.dims())));
+            }
+            Ok(t.clone())
+        };
+        let pair = |p: &str, out: usize, inp: Option<usize>| -> Result<(Tensor, Tensor)> {
+            let wt = match inp {
+                Some(i) => get(&format!("{p}.weight"), &[out, i])?,
+                None => get(&format!("{p}.weight"), &[out])?,
+            };
+            Ok((wt, get(&format!("{p}.bias"), &[out])?))
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("encoder.layer.{i}");
+            layers.push(Layer {
+                q: pair(&format!("{p}.attention.self.query"), h, Some(h))?,
+                k: pair(&format!("{p}.attention.self.key"), h, Some(h))?,
+                v: pair(&format!("{p}.attention.self.value"), h, Some(h))?,
+                o: pair(&format!("{p}.attention.output.dense"), h, Some(h))?,
+                ln1: pair(&format!("{p}.attention.output.LayerNorm"), h, None)?,
+                up: pair(&format!("{p}.intermediate.dense"), cfg.intermediate_size, Some(h))?,
+                down: pair(&format!("{p}.output.dense"), h, Some(cfg.intermediate_size))?,
+                ln2: pair(&format!("{p}.output.LayerNorm"), h, None)?,
+            });
+        }
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&tok_path)?;
+        let (pooling, normalize) = pooling_config(dir)?;
+        let position_offset = if kind == "bert" { 0 } else { cfg.pad_token_id.unwrap_or(1) + 1 };
+        Ok(Self {
+            word: get("embeddings.word_embeddings.weight", &[cfg.vocab_size, h])?,
+            position: get("embeddings.position_embeddings.weight", &[cfg.max_position_embeddings, h])?,
+            token_type: get("embeddings.token_type_embeddings.weight", &[cfg.type_vocab_size, h])?,
+            ln: pair("embeddings.LayerNorm", h, None)?,
+            layers,
+            position_offset,
+            tokenizer,
+            pooling,
+            normalize,
+            device: device.clone(),
+            cfg,
+        })
+    }
+
+    /// Most tokens one input may have.
+    pub fn max_tokens(&self) -> usize {
+        self.cfg.max_position_embeddings.saturating_sub(self.position_offset)
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+
+    /// The pooled (and, as configured, normalized) vector of each text.
+    pub fn embed_texts(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+        let ids = texts.iter().map(|t| self.tokenizer.encode(t, true)).collect::<Result<Vec<_>>>()?;
+        self.embed_ids(&ids)
+    }
+
+    /// [`embed_texts`](Self::embed_texts) of token ids (with their special tokens), 16 per batch.
+    pub fn embed_ids(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(inputs.len());
+        for chunk in inputs.chunks(16) {
+            out.extend(self.batch(chunk)?);
+        }
+        Ok(out)
+    }
+
+    fn batch(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let (h, heads) = (self.cfg.hidden_size, self.cfg.num_attention_heads);
+        let hd = h / heads;
+        let len = inputs.iter().map(Vec::len).max().unwrap_or(0);
+        for (i, t) in inputs.iter().enumerate() {
+            if t.is_empty() {
+                return Err(Error::param("input", format!("input {i} is empty")));
+            }
+            if t.len() > self.max_tokens() {
+                return Err(Error::ContextOverflow { needed: t.len(), limit: self.max_tokens() });
+            }
+            if let Some(&bad) = t.iter().find(|&&x| x as usize >= self.cfg.vocab_size) {
+                return Err(Error::param("input", format!("token id {bad} is outside the vocabulary (size {})", self.cfg.vocab_size)));
+            }
+        }
+        let b = inputs.len();
+        let pad = self.cfg.pad_token_id.unwrap_or(0) as u32;
+        let mut ids = Vec::with_capacity(b * len);
+        let mut mask = Vec::with_capacity(b * len);
+        for t in inputs {
+            ids.extend(t.iter().copied().chain(std::iter::repeat_n(pad, len - t.len())));
+            mask.extend((0..len).map(|j| if j < t.len() { 1f32 } else { 0.0 }));
+        }
+        let dev = &self.device;
+        let ids = Tensor::from_vec(ids, (b, len), dev)?;
+        let mask = Tensor::from_vec(mask, (b, len), dev)?;
+        let positions: Vec<u32> = (0..len as u32).map(|p| p + self.position_offset as u32).collect();
+        let pos = Tensor::from_vec(positions, len, dev)?;
+        let x = self.word.embedding(&ids.flatten_all()?)?.reshape((b, len, h))?;
+        let x = x.broadcast_add(&self.position.embedding(&pos)?)?;
+        let x = x.broadcast_add(&self.token_type.get(0)?)?;
+        let mut x = layer_norm(&x, &self.ln, self.cfg.layer_norm_eps)?;
+        // Padding keys get -1e9 before the softmax: [b, 1, 1, len].
+        let bias = ((mask.clone() - 1.0)? * 1e9)?.reshape((b, 1, 1, len))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for l in &self.layers {
+            let split = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((b, len, heads, hd))?.transpose(1, 2)?.contiguous()?) };
+            let q = split(linear(&x, &l.q)?)?;
+            let k = split(linear(&x, &l.k)?)?;
+            let v = split(linear(&x, &l.v)?)?;
+            let s = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&bias)?;
+            let p = candle_nn::ops::softmax_last_dim(&s)?;
+            let a = p.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, len, h))?;
+            x = layer_norm(&(linear(&a, &l.o)? + &x)?, &l.ln1, self.cfg.layer_norm_eps)?;
+            let m = linear(&linear(&x, &l.up)?.gelu_erf()?, &l.down)?;
+            x = layer_norm(&(m + &x)?, &l.ln2, self.cfg.layer_norm_eps)?;
+        }
+        let mut out = Vec::with_capacity(b);
+        for (i, t) in inputs.iter().enumerate() {
+            let n = t.len();
+            let states = x.get(i)?.narrow(0, 0, n)?;
+            let v = match self.pooling {
+                EncoderPooling::Cls => states.get(0)?,
+                EncoderPooling::Last => states.get(n - 1)?,
+                EncoderPooling::Mean => states.mean(0)?,
+                EncoderPooling::Max => states.max(0)?,
+            };
+            let mut v: Vec<f32> = v.to_vec1()?;
+            if self.normalize {
+                let norm = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt() as f32;
+                if norm > 0.0 {
+                    v.iter_mut().for_each(|x| *x /= norm);
+                }
+            }
+            out.push(v);
+        }
+        Ok(out)
+    }
+}
+
+/// sentence-transformers' pooling (`1_Pooling/config.json`, else mean) and whether `modules.json`
+/// lists a `Normalize` module.
+fn pooling_config(dir: &Path) -> Result<(EncoderPooling, bool)> {
+    let modules: Vec<serde_json::Value> = match std::fs::read_to_string(dir.join("modules.json")) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| Error::bad_file(&dir.join("modules.json"), e.to_string()))?,
+        Err(_) => Vec::new(),
+    };
+    let normalize = modules.iter().any(|m| m.get("type").and_then(|t| t.as_str()).is_some_and(|t| t.ends_with("Normalize")));
+    let pool_dir = modules
+        .iter()
+        .find(|m| m.get("type").and_then(|t| t.as_str()).is_some_and(|t| t.ends_with("Pooling")))
+        .and_then(|m| m.get("path").and_then(|p| p.as_str()))
+        .unwrap_or("1_Pooling");
+    if pool_dir.contains("..") || pool_dir.starts_with('/') {
+        return Err(Error::bad_file(&dir.join("modules.json"), format!("pooling path `{pool_dir}` leaves the model folder")));
+    }
+    let path = dir.join(pool_dir).join("config.json");
+    let cfg: serde_json::Value = match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| Error::bad_file(&path, e.to_string()))?,
+        Err(_) => return Ok((EncoderPooling::Mean, normalize)),
+    };
+    let on = |k: &str| cfg.get(k).and_then(|v| v.as_bool()) == Some(true);
+    let pooling = if on("pooling_mode_cls_token") {
+        EncoderPooling::Cls
+    } else if on("pooling_mode_lasttoken") {
+        EncoderPooling::Last
+    } else if on("pooling_mode_max_tokens") {
+        EncoderPooling::Max
+    } else {
+        EncoderPooling::Mean
+    };
+    Ok((pooling, normalize))
+}

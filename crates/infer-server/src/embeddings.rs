@@ -98,6 +98,10 @@ pub async fn embeddings(State(st): State<Arc<AppState>>, body: Result<Bytes, Byt
         ),
     };
     let inputs = parse_input(body.get("input"))?;
+    // One embedding job at a time (each has a scratch KV cache and shares the model's workspace
+    // with the engine); the others wait here, holding no thread.
+    static RUNNING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+    let _turn = RUNNING.acquire().await.map_err(|e| ApiError::internal(e.to_string()))?;
     let r = ready.clone();
     let (vectors, tokens) = tokio::task::spawn_blocking(move || -> Result<(Vec<Vec<f32>>, usize), ApiError> {
         let ids: Vec<Vec<u32>> = match inputs {

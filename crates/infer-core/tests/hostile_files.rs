@@ -215,3 +215,56 @@ fn gguf_huge_metadata_array() {
     let path = write("huge-metadata-array.gguf", &b);
     refused(&path, &["20000000 array elements"]);
 }
+
+/// Encoder folders that lie: sizes out of range, a tensor of the wrong shape, a truncated weights
+/// file, a pooling path leaving the folder, an unsupported family. Each is one error naming the
+/// problem (no panic), and an input longer than the positions is refused.
+#[test]
+fn encoder_folders_out_of_range() {
+    use infer_core::encoder::Encoder;
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-bert");
+    let copy = |i: usize| -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("infer-hostile-{}-enc{i}", std::process::id()));
+        std::fs::create_dir_all(dir.join("1_Pooling")).unwrap();
+        for e in std::fs::read_dir(&fixtures).unwrap().flatten().filter(|e| e.path().is_file()) {
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+        std::fs::copy(fixtures.join("1_Pooling/config.json"), dir.join("1_Pooling/config.json")).unwrap();
+        dir
+    };
+    let cfg = std::fs::read_to_string(fixtures.join("config.json")).unwrap();
+    let load = |dir: &Path| -> String {
+        match std::panic::catch_unwind(|| Encoder::load(dir, &infer_core::Device::Cpu)) {
+            Ok(Ok(_)) => panic!("{} loaded", dir.display()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => panic!("{}: loading panicked", dir.display()),
+        }
+    };
+    for (i, (from, to, needle)) in [
+        ("\"num_attention_heads\": 4", "\"num_attention_heads\": 5", "num_attention_heads"),
+        ("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 100000000", "out of range"),
+        ("\"intermediate_size\": 64", "\"intermediate_size\": 65", "intermediate.dense"),
+        ("\"model_type\": \"bert\"", "\"model_type\": \"xlm-roberta\"", "not an encoder this loader supports"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert!(cfg.contains(from), "{from}");
+        let dir = copy(i);
+        std::fs::write(dir.join("config.json"), cfg.replacen(from, to, 1)).unwrap();
+        let err = load(&dir);
+        assert!(err.contains(needle), "{needle:?} not in {err:?}");
+    }
+    let dir = copy(10);
+    let w = std::fs::read(fixtures.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("model.safetensors"), &w[..w.len() / 2]).unwrap();
+    assert!(load(&dir).contains("model.safetensors"));
+    let dir = copy(11);
+    std::fs::write(dir.join("modules.json"), r#"[{"type": "sentence_transformers.models.Pooling", "path": "../../etc"}]"#).unwrap();
+    assert!(load(&dir).contains("leaves the model folder"));
+    let enc = Encoder::load(&fixtures, &infer_core::Device::Cpu).unwrap();
+    let long = vec![5u32; enc.max_tokens() + 1];
+    assert!(enc.embed_ids(&[long]).is_err());
+    assert!(enc.embed_ids(&[vec![]]).is_err());
+    assert!(enc.embed_ids(&[vec![1_000_000]]).is_err());
+}

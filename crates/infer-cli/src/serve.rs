@@ -159,6 +159,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let quantize = args.model.quantize.as_deref().map(str::parse).transpose()?;
     let kernels = crate::kernels_from_env()?;
     let load = move || {
+        let dir = std::path::Path::new(&spec);
+        if dir.is_dir() && infer::encoder::is_encoder(dir) {
+            // An encoder (BERT family): /v1/embeddings only.
+            return Ok(infer_server::Loaded::Encoder(Box::new(infer::encoder::Encoder::load(dir, &device)?)));
+        }
         let opts = LoadOptions { device: device.clone(), dtype, gguf_file, quantize, kernels, ..Default::default() };
         let main = crate::alloc::while_loading(|| infer::load(&spec, opts))?;
         let draft = match &draft_spec {
@@ -168,7 +173,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 Some(crate::alloc::while_loading(|| infer::load(d, opts))?)
             }
         };
-        Ok(infer_server::Models { main, draft })
+        Ok(infer_server::Loaded::from(infer_server::Models { main, draft }))
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")?;
     rt.block_on(async move {

@@ -64,6 +64,8 @@ struct Layer {
 
 /// A loaded encoder with its tokenizer and pooling.
 pub struct Encoder {
+    /// A short display name (the folder's).
+    pub name: String,
     cfg: BertConfig,
     word: Tensor,
     position: Tensor,
@@ -163,6 +165,7 @@ impl Encoder {
         let (pooling, normalize) = pooling_config(dir)?;
         let position_offset = if kind == "bert" { 0 } else { cfg.pad_token_id.unwrap_or(1) + 1 };
         Ok(Self {
+            name: dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "encoder".into()),
             word: get("embeddings.word_embeddings.weight", &[cfg.vocab_size, h])?,
             position: get("embeddings.position_embeddings.weight", &[cfg.max_position_embeddings, h])?,
             token_type: get("embeddings.token_type_embeddings.weight", &[cfg.type_vocab_size, h])?,

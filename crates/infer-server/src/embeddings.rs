@@ -88,7 +88,7 @@ pub async fn embeddings(State(st): State<Arc<AppState>>, body: Result<Bytes, Byt
             _ => return Err(bad("encoding_format", "must be `float` or `base64`")),
         },
     };
-    let hidden = ready.model.config().hidden_size;
+    let hidden = ready.embedder.hidden_size();
     let dimensions = match body.get("dimensions").filter(|v| !v.is_null()) {
         None => None,
         Some(v) => Some(
@@ -108,7 +108,12 @@ pub async fn embeddings(State(st): State<Arc<AppState>>, body: Result<Bytes, Byt
             Inputs::Tokens(t) => t,
             Inputs::Texts(texts) => texts.iter().map(|t| r.tokenizer.encode(t, true)).collect::<Result<_, _>>()?,
         };
-        let limit = r.max_context.min(r.model.config().max_position_embeddings).min(infer_core::embeddings::MAX_EMBED_TOKENS);
+        let limit = match &r.embedder {
+            crate::Embedder::Decoder { model, .. } => {
+                r.max_context.min(model.config().max_position_embeddings).min(infer_core::embeddings::MAX_EMBED_TOKENS)
+            }
+            crate::Embedder::Encoder(e) => e.max_tokens(),
+        };
         for (i, t) in ids.iter().enumerate() {
             if t.is_empty() {
                 return Err(bad(&format!("input[{i}]"), "is empty"));
@@ -123,7 +128,10 @@ pub async fn embeddings(State(st): State<Arc<AppState>>, body: Result<Bytes, Byt
         if tokens > MAX_TOKENS {
             return Err(bad("input", format!("{tokens} tokens in all; at most {MAX_TOKENS} per request")));
         }
-        let v = infer_core::embeddings::embed(r.model.as_ref(), &ids, r.pooling, true)?;
+        let v = match &r.embedder {
+            crate::Embedder::Decoder { model, pooling } => infer_core::embeddings::embed(model.as_ref(), &ids, *pooling, true)?,
+            crate::Embedder::Encoder(e) => e.embed_ids(&ids)?,
+        };
         Ok((v, tokens))
     })
     .await

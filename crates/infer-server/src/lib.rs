@@ -48,9 +48,22 @@ pub struct Models {
     pub draft: Option<LoadedModel>,
 }
 
-impl From<LoadedModel> for Models {
+/// A loaded model of either kind: a decoder (generation, and embeddings of its hidden states) or an
+/// encoder (embeddings only).
+pub enum Loaded {
+    Decoder(Box<Models>),
+    Encoder(Box<infer_core::encoder::Encoder>),
+}
+
+impl From<LoadedModel> for Loaded {
     fn from(main: LoadedModel) -> Self {
-        Self { main, draft: None }
+        Self::Decoder(Box::new(Models { main, draft: None }))
+    }
+}
+
+impl From<Models> for Loaded {
+    fn from(m: Models) -> Self {
+        Self::Decoder(Box::new(m))
     }
 }
 
@@ -123,10 +136,28 @@ pub struct Ready {
     pub markers: std::collections::HashMap<u32, String>,
     /// Compiles structured-output constraints; built at the first request that has one.
     compiler: OnceLock<Result<Arc<ConstraintCompiler>, String>>,
-    /// The model itself, for `/v1/embeddings` (run beside the engine on a blocking thread).
-    pub model: Arc<dyn infer_core::models::CausalLm>,
-    /// How `/v1/embeddings` pools token states.
-    pub pooling: infer_core::embeddings::Pooling,
+    /// What `/v1/embeddings` runs (beside the engine, on a blocking thread).
+    pub embedder: Embedder,
+    /// Whether the model generates text (an encoder only embeds: the generation endpoints refuse it).
+    pub generates: bool,
+}
+
+/// The model behind `/v1/embeddings`.
+#[derive(Clone)]
+pub enum Embedder {
+    /// A decoder's final hidden states, pooled.
+    Decoder { model: Arc<dyn infer_core::models::CausalLm>, pooling: infer_core::embeddings::Pooling },
+    /// An encoder (BERT family) with its own pooling.
+    Encoder(Arc<infer_core::encoder::Encoder>),
+}
+
+impl Embedder {
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            Self::Decoder { model, .. } => model.config().hidden_size,
+            Self::Encoder(e) => e.hidden_size(),
+        }
+    }
 }
 
 impl Ready {
@@ -136,6 +167,14 @@ impl Ready {
             .get_or_init(|| ConstraintCompiler::new(&self.tokenizer, self.vocab_size, &self.eos).map(Arc::new).map_err(|e| e.to_string()))
             .clone()
             .map_err(ApiError::internal)
+    }
+
+    /// Generation endpoints on an encoder: a 400 pointing at /v1/embeddings.
+    pub(crate) fn check_generates(&self) -> Result<(), ApiError> {
+        if self.generates {
+            return Ok(());
+        }
+        Err(ApiError::bad_request(Some("model"), format!("`{}` is an embedding model: it serves /v1/embeddings only", self.model_id)))
     }
 
     pub(crate) fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
@@ -293,7 +332,7 @@ async fn count_requests(State(st): State<Arc<AppState>>, req: Request, next: Nex
 pub async fn serve<L, M, S>(listener: tokio::net::TcpListener, cfg: ServerConfig, load: L, shutdown: S) -> Result<(), String>
 where
     L: FnOnce() -> infer_core::Result<M> + Send + 'static,
-    M: Into<Models>,
+    M: Into<Loaded>,
     S: Future<Output = ()> + Send + 'static,
 {
     let (commands, rx) = mpsc::channel();
@@ -314,8 +353,30 @@ where
         .name("infer-engine".into())
         .spawn(move || {
             let started = Instant::now();
-            let setup = || -> infer_core::Result<(Engine, Ready)> {
-                let Models { main: mut m, draft } = load()?.into();
+            let setup = || -> infer_core::Result<(Option<Engine>, Ready)> {
+                let (mut m, draft) = match load()?.into() {
+                    Loaded::Decoder(m) => (m.main, m.draft),
+                    Loaded::Encoder(e) => {
+                        let ready = Ready {
+                            model_id: st.cfg.served_model_name.clone().unwrap_or_else(|| e.name.clone()),
+                            tokenizer: e.tokenizer.clone(),
+                            chat_template: None,
+                            max_context: e.max_tokens(),
+                            report_cached_tokens: false,
+                            vocab_size: e.tokenizer.vocab_size(),
+                            eos: Vec::new(),
+                            defaults: openai::Defaults::default(),
+                            created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                            tool_format: ToolFormat::detect(""),
+                            thinks: false,
+                            markers: Default::default(),
+                            compiler: OnceLock::new(),
+                            embedder: Embedder::Encoder(Arc::from(e)),
+                            generates: false,
+                        };
+                        return Ok((None, ready));
+                    }
+                };
                 let mut engine_cfg = st.cfg.engine.clone();
                 if let Some(d) = draft {
                     let (draft_max, draft_min) = engine_cfg.speculative.as_ref().map_or((8, 1), |s| (s.draft_max, s.draft_min));
@@ -349,18 +410,18 @@ where
                     vocab_size: m.config().vocab_size,
                     eos: m.eos_token_ids.clone(),
                     defaults,
-                    model: m.model.clone(),
-                    pooling: st.cfg.pooling,
+                    embedder: Embedder::Decoder { model: m.model.clone(), pooling: st.cfg.pooling },
+                    generates: true,
                     created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
                 };
-                Ok((engine, ready))
+                Ok((Some(engine), ready))
             };
             let setup = std::panic::catch_unwind(std::panic::AssertUnwindSafe(setup)).unwrap_or_else(|p| {
                 let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
                 Err(infer_core::Error::Model(format!("loading the model failed: {}", msg.unwrap_or_else(|| "internal error".into()))))
             });
             match setup {
-                Ok((engine, ready)) => {
+                Ok((Some(engine), ready)) => {
                     tracing::info!(
                         "model `{}` ready in {:.1}s: context {} tokens; {}",
                         ready.model_id,
@@ -372,6 +433,16 @@ where
                     let _ = loaded_tx.send(Ok(()));
                     drop(st);
                     worker::run(engine, rx, metrics);
+                }
+                Ok((None, ready)) => {
+                    tracing::info!(
+                        "encoder `{}` ready in {:.1}s: embeddings only, inputs up to {} tokens",
+                        ready.model_id,
+                        started.elapsed().as_secs_f64(),
+                        ready.max_context
+                    );
+                    let _ = st.ready.set(Arc::new(ready));
+                    let _ = loaded_tx.send(Ok(()));
                 }
                 Err(e) => {
                     let _ = loaded_tx.send(Err(e.to_string()));
@@ -438,7 +509,7 @@ impl BackgroundServer {
     pub fn start<L, M>(cfg: ServerConfig, load: L) -> std::io::Result<Self>
     where
         L: FnOnce() -> infer_core::Result<M> + Send + 'static,
-        M: Into<Models> + 'static,
+        M: Into<Loaded> + 'static,
     {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;

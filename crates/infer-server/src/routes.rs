@@ -442,6 +442,7 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Byte
 /// submitted; what the response builders of each API need.
 pub(crate) async fn start_chat(st: &Arc<AppState>, chat: ChatParams) -> Result<(Arc<Ready>, Run, Meta), ApiError> {
     let ready = st.ready()?;
+    ready.check_generates()?;
     let common = &chat.common;
     ready.check_model(common.model.as_deref())?;
     // `n` beyond what the server holds could never be admitted: 400, not a 429 to retry forever.
@@ -527,6 +528,7 @@ pub(crate) async fn start_chat(st: &Arc<AppState>, chat: ChatParams) -> Result<(
 
 pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let ready = st.ready()?;
+    ready.check_generates()?;
     let cp: CompletionParams = parse_request(&json_body(body)?)?;
     let common = &cp.common;
     ready.check_model(common.model.as_deref())?;

@@ -1035,3 +1035,38 @@ fn embeddings_endpoint() {
         assert_eq!(e["error"]["param"], field, "{bad}: {e}");
     }
 }
+
+/// An encoder served on its own (`infer serve tests/fixtures/tiny-bert`): `/v1/embeddings` gives
+/// sentence-transformers' vectors, `/v1/models` lists it, the generation endpoints answer 400.
+#[test]
+fn an_encoder_serves_embeddings_only() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-bert");
+    let want: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let cfg = ServerConfig { served_model_name: Some("tiny-bert".into()), ..config() };
+    let d = dir.clone();
+    let s = BackgroundServer::start(cfg, move || {
+        Ok(infer_server::Loaded::Encoder(Box::new(infer_core::encoder::Encoder::load(&d, &infer_core::Device::Cpu)?)))
+    })
+    .unwrap();
+    let url = s.url();
+    wait_ready(&url);
+    let (st, r) = post(&url, "/v1/embeddings", &json!({"input": want["texts"], "model": "tiny-bert"}));
+    assert_eq!(st, 200, "{r}");
+    for (i, d) in r["data"].as_array().unwrap().iter().enumerate() {
+        let g: Vec<f64> = serde_json::from_value(d["embedding"].clone()).unwrap();
+        let w: Vec<f64> = serde_json::from_value(want["mean"][i].clone()).unwrap();
+        let cos: f64 = g.iter().zip(&w).map(|(a, b)| a * b).sum();
+        assert!(cos >= 0.9999, "text {i}: cosine {cos}");
+    }
+    let models = client().get(format!("{url}/v1/models")).send().unwrap().json::<Value>().unwrap();
+    assert_eq!(models["data"][0]["id"], "tiny-bert");
+    for path in ["/v1/chat/completions", "/v1/messages", "/v1/responses"] {
+        let body = json!({"messages": [{"role": "user", "content": "hi"}], "input": "hi", "max_tokens": 4});
+        let (st, e) = post(&url, path, &body);
+        assert_eq!(st, 400, "{path}: {e}");
+    }
+    let (st, e) = post(&url, "/v1/completions", &json!({"prompt": "hi"}));
+    assert_eq!(st, 400, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("/v1/embeddings"), "{e}");
+    s.stop().unwrap();
+}

@@ -346,7 +346,7 @@ fn nucleus(cand: &mut [(u32, f32)], probs: &mut Vec<f32>, max: f32, total: f32, 
     }
 }
 
-fn argmax(l: &[f32]) -> u32 {
+pub(crate) fn argmax(l: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &x) in l.iter().enumerate() {
         if x > l[best] {

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::kv_cache::PagedKvCache;
 use crate::models::{BatchInput, CausalLm, LogitsWanted};
+use crate::sampling::argmax;
 use crate::sequence::SeqId;
 use crate::tokenizer::Tokenizer;
 
@@ -276,16 +277,6 @@ impl DraftModel {
         }
         Ok(())
     }
-}
-
-fn argmax(l: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in l.iter().enumerate() {
-        if x > l[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 #[cfg(test)]

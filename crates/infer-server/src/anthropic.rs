@@ -17,14 +17,13 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::stream;
 use infer_core::tools::{OutputDelta, OutputParser};
 use infer_core::{FinishReason, TokenEvent};
 use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
 use crate::openai::{parse_request, ChatParams};
-use crate::routes::{is_final_eos, json_body, parser_text, start_chat, Meta};
+use crate::routes::{is_final_eos, json_body, parser_text, shaped_stream, start_chat, EventShape, Meta};
 use crate::run::Run;
 use crate::{AppState, Ready};
 
@@ -65,10 +64,6 @@ impl IntoResponse for AnthropicError {
     }
 }
 
-fn bad(field: &str, msg: impl std::fmt::Display) -> ApiError {
-    ApiError::bad_request(Some(field), format!("invalid `{field}`: {msg}"))
-}
-
 /// The text of a `content` that is a string or a list of blocks of which only `text` ones count
 /// (a tool result's or the system prompt's).
 fn plain_text(v: &Value, field: &str) -> Result<String, ApiError> {
@@ -85,15 +80,18 @@ fn plain_text(v: &Value, field: &str) -> Result<String, ApiError> {
                         out.push_str(t);
                     }
                     (Some(kind), _) if kind != "text" => {
-                        return Err(bad(&format!("{field}[{i}].type"), format!("`{kind}` blocks are not supported here (text only)")))
+                        return Err(ApiError::invalid(
+                            &format!("{field}[{i}].type"),
+                            format!("`{kind}` blocks are not supported here (text only)"),
+                        ))
                     }
-                    _ => return Err(bad(&format!("{field}[{i}]"), "a text block needs a string `text`")),
+                    _ => return Err(ApiError::invalid(&format!("{field}[{i}]"), "a text block needs a string `text`")),
                 }
             }
             Ok(out)
         }
         Value::Null => Ok(String::new()),
-        _ => Err(bad(field, "must be a string or a list of content blocks")),
+        _ => Err(ApiError::invalid(field, "must be a string or a list of content blocks")),
     }
 }
 
@@ -104,9 +102,9 @@ pub(crate) fn to_chat_request(body: &Value) -> Result<Value, ApiError> {
     if let Some(m) = obj.get("model") {
         out.insert("model".into(), m.clone());
     }
-    let max_tokens = obj.get("max_tokens").ok_or_else(|| bad("max_tokens", "is required"))?;
+    let max_tokens = obj.get("max_tokens").ok_or_else(|| ApiError::invalid("max_tokens", "is required"))?;
     if max_tokens.as_u64().is_none_or(|n| n < 1) {
-        return Err(bad("max_tokens", "must be an integer >= 1"));
+        return Err(ApiError::invalid("max_tokens", "must be an integer >= 1"));
     }
     out.insert("max_tokens".into(), max_tokens.clone());
     for (from, to) in [("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"), ("stream", "stream")] {
@@ -115,9 +113,9 @@ pub(crate) fn to_chat_request(body: &Value) -> Result<Value, ApiError> {
         }
     }
     if let Some(stop) = obj.get("stop_sequences").filter(|v| !v.is_null()) {
-        let list = stop.as_array().ok_or_else(|| bad("stop_sequences", "must be a list of strings"))?;
+        let list = stop.as_array().ok_or_else(|| ApiError::invalid("stop_sequences", "must be a list of strings"))?;
         if list.iter().any(|s| !s.is_string()) {
-            return Err(bad("stop_sequences", "must be a list of strings"));
+            return Err(ApiError::invalid("stop_sequences", "must be a list of strings"));
         }
         out.insert("stop".into(), stop.clone());
     }
@@ -125,35 +123,45 @@ pub(crate) fn to_chat_request(body: &Value) -> Result<Value, ApiError> {
     if let Some(system) = obj.get("system").filter(|v| !v.is_null()) {
         messages.push(json!({"role": "system", "content": plain_text(system, "system")?}));
     }
-    let list = obj.get("messages").and_then(Value::as_array).ok_or_else(|| bad("messages", "must be a list of messages"))?;
+    let list = obj.get("messages").and_then(Value::as_array).ok_or_else(|| ApiError::invalid("messages", "must be a list of messages"))?;
     if list.is_empty() {
-        return Err(bad("messages", "must hold at least one message"));
+        return Err(ApiError::invalid("messages", "must hold at least one message"));
     }
     for (i, m) in list.iter().enumerate() {
         let at = format!("messages[{i}]");
-        let role = m.get("role").and_then(Value::as_str).ok_or_else(|| bad(&format!("{at}.role"), "must be `user` or `assistant`"))?;
+        let role = m
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::invalid(&format!("{at}.role"), "must be `user` or `assistant`"))?;
         if role != "user" && role != "assistant" {
-            return Err(bad(&format!("{at}.role"), format!("`{role}` is not `user` or `assistant`")));
+            return Err(ApiError::invalid(&format!("{at}.role"), format!("`{role}` is not `user` or `assistant`")));
         }
-        let content = m.get("content").ok_or_else(|| bad(&format!("{at}.content"), "is required"))?;
+        let content = m.get("content").ok_or_else(|| ApiError::invalid(&format!("{at}.content"), "is required"))?;
         let blocks = match content {
             Value::String(s) => vec![json!({"type": "text", "text": s})],
             Value::Array(b) => b.clone(),
-            _ => return Err(bad(&format!("{at}.content"), "must be a string or a list of content blocks")),
+            _ => return Err(ApiError::invalid(&format!("{at}.content"), "must be a string or a list of content blocks")),
         };
         let mut text = String::new();
         let mut calls = Vec::new();
         for (j, b) in blocks.iter().enumerate() {
             let bat = format!("{at}.content[{j}]");
-            let kind = b.get("type").and_then(Value::as_str).ok_or_else(|| bad(&format!("{bat}.type"), "is required"))?;
+            let kind = b.get("type").and_then(Value::as_str).ok_or_else(|| ApiError::invalid(&format!("{bat}.type"), "is required"))?;
             match (kind, role) {
                 ("text", _) => {
-                    let t = b.get("text").and_then(Value::as_str).ok_or_else(|| bad(&format!("{bat}.text"), "must be a string"))?;
+                    let t = b
+                        .get("text")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| ApiError::invalid(&format!("{bat}.text"), "must be a string"))?;
                     text.push_str(t);
                 }
                 ("tool_use", "assistant") => {
-                    let id = b.get("id").and_then(Value::as_str).ok_or_else(|| bad(&format!("{bat}.id"), "must be a string"))?;
-                    let name = b.get("name").and_then(Value::as_str).ok_or_else(|| bad(&format!("{bat}.name"), "must be a string"))?;
+                    let id =
+                        b.get("id").and_then(Value::as_str).ok_or_else(|| ApiError::invalid(&format!("{bat}.id"), "must be a string"))?;
+                    let name = b
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| ApiError::invalid(&format!("{bat}.name"), "must be a string"))?;
                     let input = b.get("input").cloned().unwrap_or_else(|| json!({}));
                     calls.push(json!({"id": id, "type": "function", "function": {"name": name, "arguments": input.to_string()}}));
                 }
@@ -161,7 +169,7 @@ pub(crate) fn to_chat_request(body: &Value) -> Result<Value, ApiError> {
                     let id = b
                         .get("tool_use_id")
                         .and_then(Value::as_str)
-                        .ok_or_else(|| bad(&format!("{bat}.tool_use_id"), "must be a string"))?;
+                        .ok_or_else(|| ApiError::invalid(&format!("{bat}.tool_use_id"), "must be a string"))?;
                     let mut result = plain_text(b.get("content").unwrap_or(&Value::Null), &format!("{bat}.content"))?;
                     if b.get("is_error").and_then(Value::as_bool) == Some(true) {
                         result = format!("Error: {result}");
@@ -169,7 +177,9 @@ pub(crate) fn to_chat_request(body: &Value) -> Result<Value, ApiError> {
                     messages.push(json!({"role": "tool", "tool_call_id": id, "content": result}));
                 }
                 ("thinking" | "redacted_thinking", "assistant") => {}
-                (k, r) => return Err(bad(&format!("{bat}.type"), format!("`{k}` blocks are not supported in a `{r}` message"))),
+                (k, r) => {
+                    return Err(ApiError::invalid(&format!("{bat}.type"), format!("`{k}` blocks are not supported in a `{r}` message")))
+                }
             }
         }
         if role == "assistant" {
@@ -184,11 +194,13 @@ pub(crate) fn to_chat_request(body: &Value) -> Result<Value, ApiError> {
     }
     out.insert("messages".into(), Value::Array(messages));
     if let Some(tools) = obj.get("tools").filter(|v| !v.is_null()) {
-        let list = tools.as_array().ok_or_else(|| bad("tools", "must be a list of tools"))?;
+        let list = tools.as_array().ok_or_else(|| ApiError::invalid("tools", "must be a list of tools"))?;
         let mut converted = Vec::with_capacity(list.len());
         for (i, t) in list.iter().enumerate() {
-            let name = t.get("name").and_then(Value::as_str).ok_or_else(|| bad(&format!("tools[{i}].name"), "must be a string"))?;
-            let schema = t.get("input_schema").cloned().ok_or_else(|| bad(&format!("tools[{i}].input_schema"), "is required"))?;
+            let name =
+                t.get("name").and_then(Value::as_str).ok_or_else(|| ApiError::invalid(&format!("tools[{i}].name"), "must be a string"))?;
+            let schema =
+                t.get("input_schema").cloned().ok_or_else(|| ApiError::invalid(&format!("tools[{i}].input_schema"), "is required"))?;
             let mut f = json!({"name": name, "parameters": schema});
             if let Some(d) = t.get("description") {
                 f["description"] = d.clone();
@@ -198,16 +210,17 @@ pub(crate) fn to_chat_request(body: &Value) -> Result<Value, ApiError> {
         out.insert("tools".into(), Value::Array(converted));
     }
     if let Some(choice) = obj.get("tool_choice").filter(|v| !v.is_null()) {
-        let kind = choice.get("type").and_then(Value::as_str).ok_or_else(|| bad("tool_choice.type", "is required"))?;
+        let kind = choice.get("type").and_then(Value::as_str).ok_or_else(|| ApiError::invalid("tool_choice.type", "is required"))?;
         let c = match kind {
             "auto" => json!("auto"),
             "any" => json!("required"),
             "none" => json!("none"),
             "tool" => {
-                let name = choice.get("name").and_then(Value::as_str).ok_or_else(|| bad("tool_choice.name", "must be a string"))?;
+                let name =
+                    choice.get("name").and_then(Value::as_str).ok_or_else(|| ApiError::invalid("tool_choice.name", "must be a string"))?;
                 json!({"type": "function", "function": {"name": name}})
             }
-            other => return Err(bad("tool_choice.type", format!("`{other}` is not one of auto, any, tool, none"))),
+            other => return Err(ApiError::invalid("tool_choice.type", format!("`{other}` is not one of auto, any, tool, none"))),
         };
         if choice.get("disable_parallel_tool_use").and_then(Value::as_bool) == Some(true) {
             out.insert("parallel_tool_calls".into(), json!(false));
@@ -387,9 +400,18 @@ impl Events {
     }
 }
 
+impl EventShape for Events {
+    fn token(&mut self, event: TokenEvent, out: &mut VecDeque<Event>) {
+        Events::token(self, event, out)
+    }
+    fn failed(&mut self, message: String) -> Event {
+        ev("error", error_body(&ApiError::internal(message)))
+    }
+}
+
 fn event_stream(ready: Arc<Ready>, run: Run, meta: Meta) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
-    let mut queue = VecDeque::new();
-    queue.push_back(ev(
+    let mut first = VecDeque::new();
+    first.push_back(ev(
         "message_start",
         json!({"type": "message_start", "message": {
             "id": meta.id.replacen("chatcmpl-", "msg_", 1), "type": "message", "role": "assistant", "model": meta.model,
@@ -398,25 +420,7 @@ fn event_stream(ready: Arc<Ready>, run: Run, meta: Meta) -> Sse<impl futures_uti
     ));
     let parser = meta.parser();
     let events = Events { ready, plain: parser.is_plain(), parser, open: Block::None, index: 0, output_tokens: 0, calls: 0 };
-    let s = stream::unfold((run, events, queue, false), |(mut run, mut events, mut queue, mut done)| async move {
-        loop {
-            if let Some(e) = queue.pop_front() {
-                return Some((Ok(e), (run, events, queue, done)));
-            }
-            if done {
-                return None;
-            }
-            match run.next().await {
-                Some(Ok(step)) => events.token(step.event, &mut queue),
-                Some(Err(msg)) => {
-                    queue.push_back(ev("error", error_body(&ApiError::internal(msg))));
-                    done = true;
-                }
-                None => done = true,
-            }
-        }
-    });
-    Sse::new(s)
+    shaped_stream(run, events, first)
 }
 
 #[cfg(test)]

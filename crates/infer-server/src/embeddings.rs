@@ -20,10 +20,6 @@ const MAX_INPUTS: usize = 2048;
 /// Most tokens one request may embed in all.
 const MAX_TOKENS: usize = 300_000;
 
-fn bad(field: &str, msg: impl std::fmt::Display) -> ApiError {
-    ApiError::bad_request(Some(field), format!("invalid `{field}`: {msg}"))
-}
-
 /// Standard base64 of bytes (RFC 4648, with padding).
 fn base64(bytes: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -46,22 +42,31 @@ enum Inputs {
 fn parse_input(v: Option<&Value>) -> Result<Inputs, ApiError> {
     let ids = |v: &Value, at: &str| -> Result<Vec<u32>, ApiError> {
         v.as_array()
-            .ok_or_else(|| bad(at, "must be a list of token ids"))?
+            .ok_or_else(|| ApiError::invalid(at, "must be a list of token ids"))?
             .iter()
-            .map(|t| t.as_u64().filter(|&t| t <= u32::MAX as u64).map(|t| t as u32).ok_or_else(|| bad(at, "token ids are integers >= 0")))
+            .map(|t| {
+                t.as_u64()
+                    .filter(|&t| t <= u32::MAX as u64)
+                    .map(|t| t as u32)
+                    .ok_or_else(|| ApiError::invalid(at, "token ids are integers >= 0"))
+            })
             .collect()
     };
     match v {
         Some(Value::String(s)) => Ok(Inputs::Texts(vec![s.clone()])),
-        Some(Value::Array(items)) if items.is_empty() => Err(bad("input", "must not be empty")),
-        Some(Value::Array(items)) if items.len() > MAX_INPUTS => Err(bad("input", format!("at most {MAX_INPUTS} inputs per request"))),
+        Some(Value::Array(items)) if items.is_empty() => Err(ApiError::invalid("input", "must not be empty")),
+        Some(Value::Array(items)) if items.len() > MAX_INPUTS => {
+            Err(ApiError::invalid("input", format!("at most {MAX_INPUTS} inputs per request")))
+        }
         Some(Value::Array(items)) => match &items[0] {
             Value::String(_) => Ok(Inputs::Texts(
                 items
                     .iter()
                     .enumerate()
                     .map(|(i, s)| {
-                        s.as_str().map(str::to_string).ok_or_else(|| bad(&format!("input[{i}]"), "must be a string like the others"))
+                        s.as_str()
+                            .map(str::to_string)
+                            .ok_or_else(|| ApiError::invalid(&format!("input[{i}]"), "must be a string like the others"))
                     })
                     .collect::<Result<_, _>>()?,
             )),
@@ -69,10 +74,10 @@ fn parse_input(v: Option<&Value>) -> Result<Inputs, ApiError> {
             Value::Array(_) => {
                 Ok(Inputs::Tokens(items.iter().enumerate().map(|(i, l)| ids(l, &format!("input[{i}]"))).collect::<Result<_, _>>()?))
             }
-            _ => Err(bad("input", "must be a string, a list of strings, token ids or lists of token ids")),
+            _ => Err(ApiError::invalid("input", "must be a string, a list of strings, token ids or lists of token ids")),
         },
-        Some(_) => Err(bad("input", "must be a string, a list of strings, token ids or lists of token ids")),
-        None => Err(bad("input", "is required")),
+        Some(_) => Err(ApiError::invalid("input", "must be a string, a list of strings, token ids or lists of token ids")),
+        None => Err(ApiError::invalid("input", "is required")),
     }
 }
 
@@ -85,7 +90,7 @@ pub async fn embeddings(State(st): State<Arc<AppState>>, body: Result<Bytes, Byt
         Some(v) => match v.as_str() {
             Some("float") => false,
             Some("base64") => true,
-            _ => return Err(bad("encoding_format", "must be `float` or `base64`")),
+            _ => return Err(ApiError::invalid("encoding_format", "must be `float` or `base64`")),
         },
     };
     let hidden = ready.embedder.hidden_size();
@@ -94,7 +99,8 @@ pub async fn embeddings(State(st): State<Arc<AppState>>, body: Result<Bytes, Byt
         Some(v) => Some(
             v.as_u64()
                 .filter(|&d| d >= 1 && d as usize <= hidden)
-                .ok_or_else(|| bad("dimensions", format!("must be in 1..={hidden} (this model's size)")))? as usize,
+                .ok_or_else(|| ApiError::invalid("dimensions", format!("must be in 1..={hidden} (this model's size)")))?
+                as usize,
         ),
     };
     let inputs = parse_input(body.get("input"))?;
@@ -116,17 +122,16 @@ pub async fn embeddings(State(st): State<Arc<AppState>>, body: Result<Bytes, Byt
         };
         for (i, t) in ids.iter().enumerate() {
             if t.is_empty() {
-                return Err(bad(&format!("input[{i}]"), "is empty"));
+                return Err(ApiError::invalid(&format!("input[{i}]"), "is empty"));
             }
             if t.len() > limit {
-                return Err(
-                    bad(&format!("input[{i}]"), format!("{} tokens; at most {limit} here", t.len())).with_code("context_length_exceeded")
-                );
+                return Err(ApiError::invalid(&format!("input[{i}]"), format!("{} tokens; at most {limit} here", t.len()))
+                    .with_code("context_length_exceeded"));
             }
         }
         let tokens: usize = ids.iter().map(Vec::len).sum();
         if tokens > MAX_TOKENS {
-            return Err(bad("input", format!("{tokens} tokens in all; at most {MAX_TOKENS} per request")));
+            return Err(ApiError::invalid("input", format!("{tokens} tokens in all; at most {MAX_TOKENS} per request")));
         }
         let v = match &r.embedder {
             crate::Embedder::Decoder { model, pooling } => infer_core::embeddings::embed(model.as_ref(), &ids, *pooling, true)?,

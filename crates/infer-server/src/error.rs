@@ -21,6 +21,11 @@ impl ApiError {
         Self { status, message: message.into(), kind, param: None, code: None, retry_after: None }
     }
 
+    /// 400 naming `field`: "invalid `field`: msg".
+    pub fn invalid(field: &str, msg: impl std::fmt::Display) -> Self {
+        Self::bad_request(Some(field), format!("invalid `{field}`: {msg}"))
+    }
+
     /// 400: the request is wrong; `param` names the field.
     pub fn bad_request(param: Option<&str>, message: impl Into<String>) -> Self {
         Self { param: param.map(str::to_string), ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message) }

@@ -17,20 +17,15 @@ use axum::extract::State;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::stream;
 use infer_core::tools::{OutputDelta, OutputParser};
 use infer_core::{FinishReason, TokenEvent};
 use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
 use crate::openai::{parse_request, ChatParams};
-use crate::routes::{json_body, parser_text, start_chat, Meta};
+use crate::routes::{json_body, parser_text, shaped_stream, start_chat, EventShape, Meta};
 use crate::run::Run;
 use crate::{AppState, Ready};
-
-fn bad(field: &str, msg: impl std::fmt::Display) -> ApiError {
-    ApiError::bad_request(Some(field), format!("invalid `{field}`: {msg}"))
-}
 
 /// The text of a message item's content: a string or `input_text` / `output_text` parts.
 fn content_text(v: &Value, field: &str) -> Result<String, ApiError> {
@@ -42,14 +37,17 @@ fn content_text(v: &Value, field: &str) -> Result<String, ApiError> {
                 match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
                     (Some("input_text" | "output_text" | "text"), Some(t)) => out.push_str(t),
                     (Some(kind), _) => {
-                        return Err(bad(&format!("{field}[{i}].type"), format!("`{kind}` parts are not supported (text only)")))
+                        return Err(ApiError::invalid(
+                            &format!("{field}[{i}].type"),
+                            format!("`{kind}` parts are not supported (text only)"),
+                        ))
                     }
-                    _ => return Err(bad(&format!("{field}[{i}]"), "a part needs a `type` and a string `text`")),
+                    _ => return Err(ApiError::invalid(&format!("{field}[{i}]"), "a part needs a `type` and a string `text`")),
                 }
             }
             Ok(out)
         }
-        _ => Err(bad(field, "must be a string or a list of content parts")),
+        _ => Err(ApiError::invalid(field, "must be a string or a list of content parts")),
     }
 }
 
@@ -57,7 +55,7 @@ fn content_text(v: &Value, field: &str) -> Result<String, ApiError> {
 pub(crate) fn to_chat_request(body: &Value) -> Result<Value, ApiError> {
     let obj = body.as_object().ok_or_else(|| ApiError::bad_request(None, "the body must be a JSON object"))?;
     if obj.get("previous_response_id").is_some_and(|v| !v.is_null()) {
-        return Err(bad("previous_response_id", "this server stores no responses: send the whole conversation as `input`"));
+        return Err(ApiError::invalid("previous_response_id", "this server stores no responses: send the whole conversation as `input`"));
     }
     let mut out = Map::new();
     for (from, to) in [
@@ -73,13 +71,13 @@ pub(crate) fn to_chat_request(body: &Value) -> Result<Value, ApiError> {
     }
     if let Some(n) = obj.get("max_output_tokens").filter(|v| !v.is_null()) {
         if n.as_u64().is_none_or(|n| n < 1) {
-            return Err(bad("max_output_tokens", "must be an integer >= 1"));
+            return Err(ApiError::invalid("max_output_tokens", "must be an integer >= 1"));
         }
         out.insert("max_tokens".into(), n.clone());
     }
     let mut messages: Vec<Value> = Vec::new();
     if let Some(i) = obj.get("instructions").filter(|v| !v.is_null()) {
-        let text = i.as_str().ok_or_else(|| bad("instructions", "must be a string"))?;
+        let text = i.as_str().ok_or_else(|| ApiError::invalid("instructions", "must be a string"))?;
         messages.push(json!({"role": "system", "content": text}));
     }
     match obj.get("input") {
@@ -90,9 +88,15 @@ pub(crate) fn to_chat_request(body: &Value) -> Result<Value, ApiError> {
                 let kind = item.get("type").and_then(Value::as_str).unwrap_or("message");
                 match kind {
                     "message" => {
-                        let role = item.get("role").and_then(Value::as_str).ok_or_else(|| bad(&format!("{at}.role"), "is required"))?;
+                        let role = item
+                            .get("role")
+                            .and_then(Value::as_str)
+                            .ok_or_else(|| ApiError::invalid(&format!("{at}.role"), "is required"))?;
                         if !matches!(role, "user" | "assistant" | "system" | "developer") {
-                            return Err(bad(&format!("{at}.role"), format!("`{role}` is not user, assistant, system or developer")));
+                            return Err(ApiError::invalid(
+                                &format!("{at}.role"),
+                                format!("`{role}` is not user, assistant, system or developer"),
+                            ));
                         }
                         let text = content_text(item.get("content").unwrap_or(&Value::Null), &format!("{at}.content"))?;
                         messages.push(json!({"role": role, "content": text}));
@@ -102,7 +106,7 @@ pub(crate) fn to_chat_request(body: &Value) -> Result<Value, ApiError> {
                             item.get(k)
                                 .and_then(Value::as_str)
                                 .map(str::to_string)
-                                .ok_or_else(|| bad(&format!("{at}.{k}"), "must be a string"))
+                                .ok_or_else(|| ApiError::invalid(&format!("{at}.{k}"), "must be a string"))
                         };
                         let call = json!({"id": field("call_id")?, "type": "function",
                                           "function": {"name": field("name")?, "arguments": field("arguments")?}});
@@ -115,36 +119,39 @@ pub(crate) fn to_chat_request(body: &Value) -> Result<Value, ApiError> {
                         }
                     }
                     "function_call_output" => {
-                        let id =
-                            item.get("call_id").and_then(Value::as_str).ok_or_else(|| bad(&format!("{at}.call_id"), "must be a string"))?;
+                        let id = item
+                            .get("call_id")
+                            .and_then(Value::as_str)
+                            .ok_or_else(|| ApiError::invalid(&format!("{at}.call_id"), "must be a string"))?;
                         let output = match item.get("output") {
                             Some(Value::String(s)) => s.clone(),
                             Some(v @ Value::Array(_)) => content_text(v, &format!("{at}.output"))?,
-                            _ => return Err(bad(&format!("{at}.output"), "must be a string")),
+                            _ => return Err(ApiError::invalid(&format!("{at}.output"), "must be a string")),
                         };
                         messages.push(json!({"role": "tool", "tool_call_id": id, "content": output}));
                     }
                     "reasoning" => {}
-                    other => return Err(bad(&format!("{at}.type"), format!("`{other}` items are not supported"))),
+                    other => return Err(ApiError::invalid(&format!("{at}.type"), format!("`{other}` items are not supported"))),
                 }
             }
         }
-        Some(_) => return Err(bad("input", "must be a string or a list of items")),
-        None => return Err(bad("input", "is required")),
+        Some(_) => return Err(ApiError::invalid("input", "must be a string or a list of items")),
+        None => return Err(ApiError::invalid("input", "is required")),
     }
     if !messages.iter().any(|m| m["role"] != "system") {
-        return Err(bad("input", "holds no message"));
+        return Err(ApiError::invalid("input", "holds no message"));
     }
     out.insert("messages".into(), Value::Array(messages));
     if let Some(tools) = obj.get("tools").filter(|v| !v.is_null()) {
-        let list = tools.as_array().ok_or_else(|| bad("tools", "must be a list of tools"))?;
+        let list = tools.as_array().ok_or_else(|| ApiError::invalid("tools", "must be a list of tools"))?;
         let mut converted = Vec::with_capacity(list.len());
         for (i, t) in list.iter().enumerate() {
             let kind = t.get("type").and_then(Value::as_str).unwrap_or("");
             if kind != "function" {
-                return Err(bad(&format!("tools[{i}].type"), format!("`{kind}`: only `function` tools are supported")));
+                return Err(ApiError::invalid(&format!("tools[{i}].type"), format!("`{kind}`: only `function` tools are supported")));
             }
-            let name = t.get("name").and_then(Value::as_str).ok_or_else(|| bad(&format!("tools[{i}].name"), "must be a string"))?;
+            let name =
+                t.get("name").and_then(Value::as_str).ok_or_else(|| ApiError::invalid(&format!("tools[{i}].name"), "must be a string"))?;
             let mut f = json!({"name": name, "parameters": t.get("parameters").cloned().unwrap_or_else(|| json!({"type": "object"}))});
             if let Some(d) = t.get("description") {
                 f["description"] = d.clone();
@@ -157,26 +164,27 @@ pub(crate) fn to_chat_request(body: &Value) -> Result<Value, ApiError> {
         let c = match choice {
             Value::String(s) => json!(s),
             Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("function") => {
-                let name = o.get("name").and_then(Value::as_str).ok_or_else(|| bad("tool_choice.name", "must be a string"))?;
+                let name =
+                    o.get("name").and_then(Value::as_str).ok_or_else(|| ApiError::invalid("tool_choice.name", "must be a string"))?;
                 json!({"type": "function", "function": {"name": name}})
             }
-            _ => return Err(bad("tool_choice", "must be auto, none, required or {\"type\": \"function\", \"name\"}")),
+            _ => return Err(ApiError::invalid("tool_choice", "must be auto, none, required or {\"type\": \"function\", \"name\"}")),
         };
         out.insert("tool_choice".into(), c);
     }
     if let Some(format) = obj.get("text").and_then(|t| t.get("format")).filter(|v| !v.is_null()) {
-        let kind = format.get("type").and_then(Value::as_str).ok_or_else(|| bad("text.format.type", "is required"))?;
+        let kind = format.get("type").and_then(Value::as_str).ok_or_else(|| ApiError::invalid("text.format.type", "is required"))?;
         match kind {
             "text" => {}
             "json_object" => {
                 out.insert("response_format".into(), json!({"type": "json_object"}));
             }
             "json_schema" => {
-                let schema = format.get("schema").cloned().ok_or_else(|| bad("text.format.schema", "is required"))?;
+                let schema = format.get("schema").cloned().ok_or_else(|| ApiError::invalid("text.format.schema", "is required"))?;
                 let name = format.get("name").cloned().unwrap_or_else(|| json!("response"));
                 out.insert("response_format".into(), json!({"type": "json_schema", "json_schema": {"name": name, "schema": schema}}));
             }
-            other => return Err(bad("text.format.type", format!("`{other}` is not text, json_object or json_schema"))),
+            other => return Err(ApiError::invalid("text.format.type", format!("`{other}` is not text, json_object or json_schema"))),
         }
     }
     Ok(Value::Object(out))
@@ -289,6 +297,9 @@ struct Events {
     /// Output items so far (the last may be open) and the open one's kind.
     output: Vec<Value>,
     open: Option<&'static str>,
+    /// The open item's text or arguments so far (written into it when it closes, so a long answer
+    /// is not copied at every token).
+    open_text: String,
     output_tokens: usize,
 }
 
@@ -303,8 +314,14 @@ impl Events {
     fn close(&mut self, out: &mut VecDeque<Event>) {
         let Some(kind) = self.open.take() else { return };
         let index = self.output.len() - 1;
+        let text = std::mem::take(&mut self.open_text);
         let mut item = self.output[index].clone();
         item["status"] = json!("completed");
+        if kind == "message" {
+            item["content"][0]["text"] = json!(text);
+        } else {
+            item["arguments"] = json!(text);
+        }
         if kind == "message" {
             let text = item["content"][0]["text"].clone();
             let id = item["id"].clone();
@@ -347,8 +364,7 @@ impl Events {
             self.open = Some("message");
         }
         let index = self.output.len() - 1;
-        let so_far = self.output[index]["content"][0]["text"].as_str().unwrap_or("").to_string() + &t;
-        self.output[index]["content"][0]["text"] = json!(so_far);
+        self.open_text.push_str(&t);
         let id = self.output[index]["id"].clone();
         let e = self.ev(
             "response.output_text.delta",
@@ -373,8 +389,7 @@ impl Events {
                 }
                 OutputDelta::CallArguments { fragment, .. } => {
                     let index = self.output.len() - 1;
-                    let args = self.output[index]["arguments"].as_str().unwrap_or("").to_string() + &fragment;
-                    self.output[index]["arguments"] = json!(args);
+                    self.open_text.push_str(&fragment);
                     let id = self.output[index]["id"].clone();
                     let e =
                         self.ev("response.function_call_arguments.delta", json!({"item_id": id, "output_index": index, "delta": fragment}));
@@ -407,10 +422,29 @@ impl Events {
     }
 }
 
+impl EventShape for Events {
+    fn token(&mut self, event: TokenEvent, out: &mut VecDeque<Event>) {
+        Events::token(self, event, out)
+    }
+    fn failed(&mut self, message: String) -> Event {
+        self.ev("error", json!({"code": "server_error", "message": message, "param": null}))
+    }
+}
+
 fn event_stream(ready: Arc<Ready>, run: Run, meta: Meta, body: Value) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
     let parser = meta.parser();
-    let mut events =
-        Events { ready, plain: parser.is_plain(), parser, meta, body, seq: 0, output: Vec::new(), open: None, output_tokens: 0 };
+    let mut events = Events {
+        ready,
+        plain: parser.is_plain(),
+        parser,
+        meta,
+        body,
+        seq: 0,
+        output: Vec::new(),
+        open: None,
+        open_text: String::new(),
+        output_tokens: 0,
+    };
     let mut queue = VecDeque::new();
     let mut start = response_object(&events.meta, &events.body, "in_progress", Vec::new(), 0);
     start["usage"] = Value::Null;
@@ -418,26 +452,7 @@ fn event_stream(ready: Arc<Ready>, run: Run, meta: Meta, body: Value) -> Sse<imp
     queue.push_back(e);
     let e = events.ev("response.in_progress", json!({"response": start}));
     queue.push_back(e);
-    let s = stream::unfold((run, events, queue, false), |(mut run, mut events, mut queue, mut done)| async move {
-        loop {
-            if let Some(e) = queue.pop_front() {
-                return Some((Ok(e), (run, events, queue, done)));
-            }
-            if done {
-                return None;
-            }
-            match run.next().await {
-                Some(Ok(step)) => events.token(step.event, &mut queue),
-                Some(Err(msg)) => {
-                    let e = events.ev("error", json!({"code": "server_error", "message": msg, "param": null}));
-                    queue.push_back(e);
-                    done = true;
-                }
-                None => done = true,
-            }
-        }
-    });
-    Sse::new(s)
+    shaped_stream(run, events, queue)
 }
 
 #[cfg(test)]

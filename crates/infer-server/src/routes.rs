@@ -420,6 +420,40 @@ fn sse(run: Run, mut chunker: Chunker) -> Sse<impl Stream<Item = Result<Event, I
     Sse::new(events)
 }
 
+/// Another API's stream of a run (Anthropic's, the Responses API's): its events per token and the
+/// event that ends a failed run.
+pub(crate) trait EventShape: Send + 'static {
+    fn token(&mut self, event: TokenEvent, out: &mut VecDeque<Event>);
+    fn failed(&mut self, message: String) -> Event;
+}
+
+/// Server-sent events of `run` in `shape`'s API, after the `first` events.
+pub(crate) fn shaped_stream<S: EventShape>(
+    run: Run,
+    shape: S,
+    first: VecDeque<Event>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let events = stream::unfold((run, shape, first, false), |(mut run, mut shape, mut queue, mut done)| async move {
+        loop {
+            if let Some(e) = queue.pop_front() {
+                return Some((Ok(e), (run, shape, queue, done)));
+            }
+            if done {
+                return None;
+            }
+            match run.next().await {
+                Some(Ok(step)) => shape.token(step.event, &mut queue),
+                Some(Err(msg)) => {
+                    queue.push_back(shape.failed(msg));
+                    done = true;
+                }
+                None => done = true,
+            }
+        }
+    });
+    Sse::new(events)
+}
+
 async fn respond(ready: Arc<Ready>, run: Run, meta: Meta, stream: bool) -> Result<Response, ApiError> {
     if stream {
         let n = run.num_choices();

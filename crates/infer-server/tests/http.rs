@@ -887,16 +887,34 @@ fn speculative_decoding_by_flag_and_per_request() {
     let (st, got) = post(&url, "/v1/chat/completions", &body(json!({})));
     assert_eq!(st, 200, "{got}");
     assert_eq!(content(&got), content(&want));
-    let drafted = metric(&url, "infer_spec_decode_draft_tokens_total");
-    let kept = metric(&url, "infer_spec_decode_accepted_tokens_total");
+    // The engine thread updates the metrics after the step that sent the last token: wait until
+    // two scrapes agree.
+    let settled = || {
+        let read = || {
+            let names =
+                ["infer_spec_decode_draft_tokens_total", "infer_spec_decode_accepted_tokens_total", "infer_spec_decode_acceptance_rate"];
+            names.map(|n| metric(&url, n))
+        };
+        let mut last = read();
+        for _ in 0..100 {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = read();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+        last
+    };
+    let [drafted, kept, rate] = settled();
     assert!(drafted > 0.0 && kept > 0.0 && kept <= drafted, "drafted {drafted}, kept {kept}");
-    assert!((metric(&url, "infer_spec_decode_acceptance_rate") - kept / drafted).abs() < 1e-9);
+    assert!((rate - kept / drafted).abs() < 1e-9);
     // Off for one request, as an object and as llama.cpp's flat key: same answer, no drafts.
     for off in [json!({"speculative": {"n_max": 0}}), json!({"speculative.n_max": 0})] {
         let (st, r) = post(&url, "/v1/chat/completions", &body(off));
         assert_eq!(st, 200, "{r}");
         assert_eq!(content(&r), content(&want));
-        assert_eq!(metric(&url, "infer_spec_decode_draft_tokens_total"), drafted);
+        assert_eq!(settled()[0], drafted);
     }
     for (bad, field) in
         [(json!({"speculative": {"n_max": 1000}}), "speculative.n_max"), (json!({"speculative.n_min": -1}), "speculative.n_min")]

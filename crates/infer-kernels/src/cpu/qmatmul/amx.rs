@@ -9,7 +9,7 @@ use std::arch::asm;
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::avx512::{load_block, BYTES, FIVE, NIBBLES};
+use super::avx512::load_block;
 use super::*;
 
 /// Tokens per tile product.
@@ -115,7 +115,7 @@ unsafe fn run_in<'w>(
         for (i, g) in groups.clone().enumerate() {
             let qs = group(g).1.as_ptr();
             for b in 0..nb {
-                let q = qs.add(b * qt.wide_quant_bytes());
+                let q = qs.add(b * qt.wide_form(false).value_bytes());
                 let w = if qt.five_bit() { load_block::<FIVE>(q) } else { load_block::<NIBBLES>(q) };
                 for (j, v) in w.iter().enumerate() {
                     _mm512_store_si512(bytes[(i * nb + b) * 8 + j].0.as_mut_ptr() as *mut _, *v);

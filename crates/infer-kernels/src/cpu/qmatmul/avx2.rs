@@ -213,7 +213,7 @@ pub(super) const WIDE_TOKENS: usize = 4;
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn wide_tile(
-    qt: QType,
+    form: WideForm,
     scales: &[f32],
     qs: &[u8],
     a: &[BlockQ8],
@@ -223,31 +223,70 @@ pub(super) unsafe fn wide_tile(
     ldo: usize,
     nrows: usize,
 ) {
-    debug_assert!(!qt.byte_quants() && (1..=WIDE_TOKENS).contains(&r) && a.len() >= r * nb && nrows <= NW);
-    debug_assert!(scales.len() == nb * 2 * NW && qs.len() == nb * qt.wide_quant_bytes());
-    let (s, q, a) = (scales.as_ptr(), qs.as_ptr(), a.as_ptr());
-    match (qt.five_bit(), r) {
-        (false, 1) => wide::<1, false>(s, q, a, nb, out, ldo, nrows),
-        (false, 2) => wide::<2, false>(s, q, a, nb, out, ldo, nrows),
-        (false, 3) => wide::<3, false>(s, q, a, nb, out, ldo, nrows),
-        (false, _) => wide::<4, false>(s, q, a, nb, out, ldo, nrows),
-        (true, 1) => wide::<1, true>(s, q, a, nb, out, ldo, nrows),
-        (true, 2) => wide::<2, true>(s, q, a, nb, out, ldo, nrows),
-        (true, 3) => wide::<3, true>(s, q, a, nb, out, ldo, nrows),
-        (true, _) => wide::<4, true>(s, q, a, nb, out, ldo, nrows),
+    debug_assert!((1..=WIDE_TOKENS).contains(&r) && a.len() >= r * nb && nrows <= NW);
+    debug_assert!(scales.len() * 4 == form.scale_bytes(nb) && qs.len() == nb * form.value_bytes());
+    let (s, q, a, moff) = (scales.as_ptr() as *const u8, qs.as_ptr(), a.as_ptr(), form.moff);
+    macro_rules! by_tokens {
+        ($five:expr, $s:expr) => {
+            match r {
+                1 => wide::<1, { $five }, { $s }>(s, q, a, nb, out, ldo, nrows, moff),
+                2 => wide::<2, { $five }, { $s }>(s, q, a, nb, out, ldo, nrows, moff),
+                3 => wide::<3, { $five }, { $s }>(s, q, a, nb, out, ldo, nrows, moff),
+                _ => wide::<4, { $five }, { $s }>(s, q, a, nb, out, ldo, nrows, moff),
+            }
+        };
+    }
+    // (The wide forms' value constants; this file's own name the narrow layout's.)
+    match (form.values, form.scales) {
+        (super::NIBBLES, D16) => by_tokens!(false, D16),
+        (super::NIBBLES, DM16) => by_tokens!(false, DM16),
+        (super::NIBBLES, KSM) => by_tokens!(false, KSM),
+        (super::FIVE, D16) => by_tokens!(true, D16),
+        (super::FIVE, DM16) => by_tokens!(true, DM16),
+        (super::FIVE, KSM) => by_tokens!(true, KSM),
+        _ => unreachable!("AVX2's wide layout holds 4- and 5-bit formats in compact form, not {form:?}"),
+    }
+}
+
+/// 8 f16 numbers at `p` as f32.
+#[inline(always)]
+unsafe fn f16x8(p: *const u8) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+}
+
+/// 8 unsigned bytes at `p` as f32.
+#[inline(always)]
+unsafe fn bytes8(p: *const u8) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+}
+
+/// `(d, m)` of block `b` for rows 8h..8h + 8 of a group whose scales (form `S`: [`D16`], [`DM16`]
+/// or [`KSM`]) start at `sc`; `moff` as in [`WideForm`].
+#[inline(always)]
+unsafe fn half_scales<const S: u8>(sc: *const u8, b: usize, h: usize, moff: __m256) -> (__m256, __m256) {
+    let (sup, rec) = scale_offsets(S, b);
+    let (sup, rec) = (sc.add(sup + 16 * h), sc.add(rec));
+    match S {
+        D16 => {
+            let d = f16x8(rec.add(16 * h));
+            (d, _mm256_mul_ps(d, moff))
+        }
+        DM16 => (f16x8(rec.add(16 * h)), f16x8(rec.add(32 + 16 * h))),
+        _ => (_mm256_mul_ps(f16x8(sup), bytes8(rec.add(8 * h))), _mm256_mul_ps(f16x8(sup.add(32)), bytes8(rec.add(16 + 8 * h)))),
     }
 }
 
 #[inline(always)]
-#[allow(clippy::needless_range_loop)]
-unsafe fn wide<const R: usize, const FIVE_BIT: bool>(
-    scales: *const f32,
+#[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+unsafe fn wide<const R: usize, const FIVE_BIT: bool, const S: u8>(
+    scales: *const u8,
     qs: *const u8,
     a: *const BlockQ8,
     nb: usize,
     out: *mut f32,
     ldo: usize,
     nrows: usize,
+    moff: f32,
 ) {
     let qb = if FIVE_BIT { 320 } else { 256 };
     let ones = _mm256_set1_epi16(1);
@@ -255,6 +294,7 @@ unsafe fn wide<const R: usize, const FIVE_BIT: bool>(
     let spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
     let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
     let sixteen = _mm256_set1_epi8(16);
+    let moff = _mm256_set1_ps(moff);
     // Rows 0..8, then 8..16 (the halves of each 64-byte line).
     for h in 0..2 {
         if 8 * h >= nrows {
@@ -263,7 +303,7 @@ unsafe fn wide<const R: usize, const FIVE_BIT: bool>(
         let mut acc = [_mm256_setzero_ps(); R];
         for b in 0..nb {
             let q = qs.add(b * qb);
-            let sc = scales.add(b * 2 * NW + 8 * h);
+            let (d, m) = half_scales::<S>(scales, b, h, moff);
             let mut w = [_mm256_setzero_si256(); 8];
             for j in 0..4 {
                 let p = _mm256_loadu_si256(q.add(64 * j + 32 * h) as *const __m256i);
@@ -290,8 +330,8 @@ unsafe fn wide<const R: usize, const FIVE_BIT: bool>(
                     let s1 = _mm256_add_epi16(_mm256_add_epi16(dot(4), dot(5)), _mm256_add_epi16(dot(6), dot(7)));
                     _mm256_madd_epi16(_mm256_add_epi16(s0, s1), ones)
                 };
-                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(_mm256_loadu_ps(sc), _mm256_set1_ps(ab.d)), *acc);
-                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(sc.add(NW)), _mm256_set1_ps(ab.s), *acc);
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, _mm256_set1_ps(ab.d)), *acc);
+                *acc = _mm256_fmadd_ps(m, _mm256_set1_ps(ab.s), *acc);
             }
         }
         let valid = (nrows - 8 * h).min(8);

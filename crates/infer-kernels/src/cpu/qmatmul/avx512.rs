@@ -12,21 +12,16 @@ use super::*;
 /// checks 8 drafted tokens has 9 rows, which then take one pass over the weights instead of two.
 pub(super) const TOKENS: usize = 10;
 
-/// Value layouts of the wide blocks.
-pub(super) const NIBBLES: u8 = 0;
-pub(super) const FIVE: u8 = 1;
-pub(super) const BYTES: u8 = 2;
-
-/// One group of 16 weight rows (`scales`, `qs`: its slice of the wide layout) × `r` (1..=TOKENS)
-/// tokens of quantized activations `a` (`[r, nb]` blocks): writes `out[t·ldo + n]` for t < r,
-/// n < nrows.
+/// One group of 16 weight rows (`scales`, `qs`: its slice of the wide layout, in `form`) × `r`
+/// (1..=TOKENS) tokens of quantized activations `a` (`[r, nb]` blocks): writes `out[t·ldo + n]`
+/// for t < r, n < nrows.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F, BW, VL and VNNI; `out` must be valid for those writes.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn tile(
-    qt: QType,
+    form: WideForm,
     scales: &[f32],
     qs: &[u8],
     a: &[BlockQ8],
@@ -37,30 +32,100 @@ pub(super) unsafe fn tile(
     nrows: usize,
 ) {
     debug_assert!((1..=TOKENS).contains(&r) && a.len() >= r * nb && nrows <= NW);
-    debug_assert!(scales.len() == nb * qt.wide_slots() * NW && qs.len() == nb * qt.wide_quant_bytes());
+    debug_assert!(scales.len() * 4 == form.scale_bytes(nb) && qs.len() == nb * form.value_bytes());
     let mask: __mmask16 = if nrows == NW { 0xFFFF } else { (1u16 << nrows) - 1 };
-    let (s, q, a) = (scales.as_ptr(), qs.as_ptr(), a.as_ptr());
+    let (s, q, a, moff) = (scales.as_ptr() as *const u8, qs.as_ptr(), a.as_ptr(), form.moff);
     macro_rules! by_tokens {
-        ($l:expr, $half:expr) => {
+        ($l:expr, $s:expr) => {
             match r {
-                1 => kernel::<1, { $l }, { $half }>(s, q, a, nb, out, ldo, mask),
-                2 => kernel::<2, { $l }, { $half }>(s, q, a, nb, out, ldo, mask),
-                3 => kernel::<3, { $l }, { $half }>(s, q, a, nb, out, ldo, mask),
-                4 => kernel::<4, { $l }, { $half }>(s, q, a, nb, out, ldo, mask),
-                5 => kernel::<5, { $l }, { $half }>(s, q, a, nb, out, ldo, mask),
-                6 => kernel::<6, { $l }, { $half }>(s, q, a, nb, out, ldo, mask),
-                7 => kernel::<7, { $l }, { $half }>(s, q, a, nb, out, ldo, mask),
-                8 => kernel::<8, { $l }, { $half }>(s, q, a, nb, out, ldo, mask),
-                9 => kernel::<9, { $l }, { $half }>(s, q, a, nb, out, ldo, mask),
-                _ => kernel::<10, { $l }, { $half }>(s, q, a, nb, out, ldo, mask),
+                1 => kernel::<1, { $l }, { $s }>(s, q, a, nb, out, ldo, mask, moff),
+                2 => kernel::<2, { $l }, { $s }>(s, q, a, nb, out, ldo, mask, moff),
+                3 => kernel::<3, { $l }, { $s }>(s, q, a, nb, out, ldo, mask, moff),
+                4 => kernel::<4, { $l }, { $s }>(s, q, a, nb, out, ldo, mask, moff),
+                5 => kernel::<5, { $l }, { $s }>(s, q, a, nb, out, ldo, mask, moff),
+                6 => kernel::<6, { $l }, { $s }>(s, q, a, nb, out, ldo, mask, moff),
+                7 => kernel::<7, { $l }, { $s }>(s, q, a, nb, out, ldo, mask, moff),
+                8 => kernel::<8, { $l }, { $s }>(s, q, a, nb, out, ldo, mask, moff),
+                9 => kernel::<9, { $l }, { $s }>(s, q, a, nb, out, ldo, mask, moff),
+                _ => kernel::<10, { $l }, { $s }>(s, q, a, nb, out, ldo, mask, moff),
             }
         };
     }
-    match (qt.byte_quants(), qt.half_scales(), qt.five_bit()) {
-        (true, true, _) => by_tokens!(BYTES, true),
-        (true, false, _) => by_tokens!(BYTES, false),
-        (false, _, true) => by_tokens!(FIVE, false),
-        (false, _, false) => by_tokens!(NIBBLES, false),
+    match (form.values, form.scales) {
+        // The compact forms (AVX-512's own).
+        (NIBBLES, D16) => by_tokens!(NIBBLES, D16),
+        (NIBBLES, DM16) => by_tokens!(NIBBLES, DM16),
+        (FIVE, D16) => by_tokens!(FIVE, D16),
+        (FIVE, DM16) => by_tokens!(FIVE, DM16),
+        (BYTES, D16) => by_tokens!(BYTES, D16),
+        (NIBBLES, KSM) => by_tokens!(NIBBLES, KSM),
+        (FIVE, KSM) => by_tokens!(FIVE, KSM),
+        (NIBBLES, KHALFM) => by_tokens!(NIBBLES, KHALFM),
+        (NIBBLES, KHALF) => by_tokens!(NIBBLES, KHALF),
+        (SIX, KHALF) => by_tokens!(SIX, KHALF),
+        // AMX's form (the tokens short of a 16-token tile).
+        (BYTES, F32_HALF) => by_tokens!(BYTES, F32_HALF),
+        (BYTES, F32) => by_tokens!(BYTES, F32),
+        (FIVE, F32) => by_tokens!(FIVE, F32),
+        (NIBBLES, F32) => by_tokens!(NIBBLES, F32),
+        _ => unreachable!("no format has the wide form {form:?}"),
+    }
+}
+
+/// 16 f16 numbers at `p` as f32.
+#[inline(always)]
+unsafe fn f16x16(p: *const u8) -> __m512 {
+    _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+}
+
+/// 16 bytes at `p` (unsigned, or signed with `SIGNED`) as f32.
+#[inline(always)]
+unsafe fn bytes16<const SIGNED: bool>(p: *const u8) -> __m512 {
+    let v = _mm_loadu_si128(p as *const __m128i);
+    _mm512_cvtepi32_ps(if SIGNED { _mm512_cvtepi8_epi32(v) } else { _mm512_cvtepu8_epi32(v) })
+}
+
+/// `[d0, d1, m0, m1]` of block `b` for the 16 rows of a group whose scales (form `S`, see
+/// [`WideForm`]) start at `sc`: value k of a row = d_h·q_k + m_h, h = k / 16 (d1 = d0 and m1 = m0
+/// for the forms with one scale per block). `moff`: the form's minimum factor, broadcast.
+#[inline(always)]
+pub(super) unsafe fn block_scales<const S: u8>(sc: *const u8, b: usize, moff: __m512) -> [__m512; 4] {
+    let (sup, rec) = scale_offsets(S, b);
+    let (sup, rec) = (sc.add(sup), sc.add(rec));
+    match S {
+        F32 => {
+            let (d, m) = (_mm512_loadu_ps(rec as *const f32), _mm512_loadu_ps(rec.add(64) as *const f32));
+            [d, d, m, m]
+        }
+        F32_HALF => [0, 1, 2, 3].map(|k| _mm512_loadu_ps(rec.add(64 * k) as *const f32)),
+        D16 => {
+            let d = f16x16(rec);
+            let m = _mm512_mul_ps(d, moff);
+            [d, d, m, m]
+        }
+        DM16 => {
+            let (d, m) = (f16x16(rec), f16x16(rec.add(32)));
+            [d, d, m, m]
+        }
+        KSM => {
+            let d = _mm512_mul_ps(f16x16(sup), bytes16::<false>(rec));
+            let m = _mm512_mul_ps(f16x16(sup.add(32)), bytes16::<false>(rec.add(16)));
+            [d, d, m, m]
+        }
+        KHALF => {
+            let big = f16x16(sup);
+            let (d0, d1) = (_mm512_mul_ps(big, bytes16::<true>(rec)), _mm512_mul_ps(big, bytes16::<true>(rec.add(16))));
+            [d0, d1, _mm512_mul_ps(d0, moff), _mm512_mul_ps(d1, moff)]
+        }
+        _ => {
+            let (d, m) = (f16x16(sup), f16x16(sup.add(32)));
+            [
+                _mm512_mul_ps(d, bytes16::<false>(rec)),
+                _mm512_mul_ps(d, bytes16::<false>(rec.add(16))),
+                _mm512_mul_ps(m, bytes16::<false>(rec.add(32))),
+                _mm512_mul_ps(m, bytes16::<false>(rec.add(48))),
+            ]
+        }
     }
 }
 
@@ -81,43 +146,48 @@ pub(super) unsafe fn load_block<const L: u8>(q: *const u8) -> [__m512i; 8] {
         w[j] = _mm512_and_si512(p, low);
         w[j + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(p), low);
     }
-    if L == FIVE {
+    if L == FIVE || L == SIX {
         let sixteen = _mm512_set1_epi8(16);
         for (j, v) in w.iter_mut().enumerate() {
             let bits = (q.add(256 + 8 * j) as *const u64).read_unaligned();
             *v = _mm512_mask_add_epi8(*v, bits, *v, sixteen);
         }
     }
+    if L == SIX {
+        let thirty_two = _mm512_set1_epi8(32);
+        for (j, v) in w.iter_mut().enumerate() {
+            let bits = (q.add(320 + 8 * j) as *const u64).read_unaligned();
+            *v = _mm512_mask_add_epi8(*v, bits, *v, thirty_two);
+        }
+    }
     w
 }
 
-/// `R` tokens × 16 rows; `HALF`: two scales and minimums per block (one per 16 values).
+/// `R` tokens × 16 rows, values in form `L`, scales in form `S`.
 #[inline(always)]
-unsafe fn kernel<const R: usize, const L: u8, const HALF: bool>(
-    scales: *const f32,
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel<const R: usize, const L: u8, const S: u8>(
+    scales: *const u8,
     qs: *const u8,
     a: *const BlockQ8,
     nb: usize,
     out: *mut f32,
     ldo: usize,
     mask: __mmask16,
+    moff: f32,
 ) {
     let qb = match L {
         BYTES => 512,
         FIVE => 320,
+        SIX => 384,
         _ => 256,
     };
-    let sn = if HALF { 4 * NW } else { 2 * NW };
+    let half = matches!(S, F32_HALF | KHALF | KHALFM);
+    let moff = _mm512_set1_ps(moff);
     let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..nb {
-        let sc = scales.add(b * sn);
         let w = load_block::<L>(qs.add(b * qb));
-        let d0 = _mm512_loadu_ps(sc);
-        let (d1, m0, m1) = if HALF {
-            (_mm512_loadu_ps(sc.add(NW)), _mm512_loadu_ps(sc.add(2 * NW)), _mm512_loadu_ps(sc.add(3 * NW)))
-        } else {
-            (d0, _mm512_loadu_ps(sc.add(NW)), d0)
-        };
+        let [d0, d1, m0, m1] = block_scales::<S>(scales, b, moff);
         for (t, acc) in acc.iter_mut().enumerate() {
             let ab = &*a.add(t * nb + b);
             let x = ab.qs.as_ptr() as *const i32;
@@ -129,7 +199,7 @@ unsafe fn kernel<const R: usize, const L: u8, const HALF: bool>(
                 i1 = _mm512_dpbusd_epi32(i1, w[j + 4], _mm512_set1_epi32(x.add(j + 4).read()));
             }
             let da = _mm512_set1_ps(ab.d);
-            if HALF {
+            if half {
                 *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_mul_ps(d0, da), *acc);
                 *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_mul_ps(d1, da), *acc);
                 *acc = _mm512_fmadd_ps(m0, _mm512_set1_ps(ab.s0), *acc);

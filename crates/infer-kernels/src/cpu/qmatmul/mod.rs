@@ -210,6 +210,9 @@ pub struct QWeight {
     scales: Vec<f32>,
     /// Narrow, per (group, block): four rows × `quant_bytes()`.
     qs: Vec<u8>,
+    /// Wide: how `scales` (then bytes in f32 words) and `qs` hold each group (compact for AVX-512
+    /// and AVX2, f32 scales and byte values for AMX's tiles).
+    form: WideForm,
 }
 
 impl std::fmt::Debug for QWeight {
@@ -235,25 +238,132 @@ impl QType {
         }
     }
 
-    /// f32 slots per row and block in the wide layout: `d, m`, or `d0, d1, m0, m1` (half scales).
-    fn wide_slots(self) -> usize {
-        if self.half_scales() {
-            4
-        } else {
-            2
+    /// How the wide layout holds this format: `compact` (AVX-512 and AVX2 kernels) or the f32
+    /// form AMX's tile kernels read.
+    fn wide_form(self, compact: bool) -> WideForm {
+        if !compact {
+            let values = if self.byte_quants() {
+                BYTES
+            } else if self.five_bit() {
+                FIVE
+            } else {
+                NIBBLES
+            };
+            return WideForm { values, scales: if self.half_scales() { F32_HALF } else { F32 }, moff: 0.0 };
+        }
+        let (values, scales, moff) = match self {
+            QType::Q4_0 => (NIBBLES, D16, -8.0),
+            QType::Q4_1 => (NIBBLES, DM16, 0.0),
+            QType::Q5_0 => (FIVE, D16, -16.0),
+            QType::Q5_1 => (FIVE, DM16, 0.0),
+            QType::Q8_0 => (BYTES, D16, -128.0),
+            QType::Q4K => (NIBBLES, KSM, 0.0),
+            QType::Q5K => (FIVE, KSM, 0.0),
+            QType::Q2K => (NIBBLES, KHALFM, 0.0),
+            QType::Q3K => (NIBBLES, KHALF, -4.0),
+            QType::Q6K => (SIX, KHALF, -32.0),
+        };
+        WideForm { values, scales, moff }
+    }
+}
+
+/// Value forms of a wide block (16 rows × 32 values in [`wide_index`](pack::wide_index) order).
+/// Nibbles: byte i holds value i (low) and i + 256 (high).
+pub(super) const NIBBLES: u8 = 0;
+/// Nibbles, then a 512-bit plane of fifth bits (bit i: value i).
+pub(super) const FIVE: u8 = 1;
+/// Unsigned bytes.
+pub(super) const BYTES: u8 = 2;
+/// Nibbles, then the planes of fifth and sixth bits.
+pub(super) const SIX: u8 = 3;
+
+/// Scale forms of a wide block (for each of the 16 rows; K-quant forms keep the f16 super-block
+/// factors once per 8 blocks, followed by the 8 blocks' integer sub-scales).
+/// `d[16], m[16]` as f32 (AMX).
+pub(super) const F32: u8 = 0;
+/// `d0[16], d1[16], m0[16], m1[16]` as f32, a scale and minimum per 16 values (AMX).
+pub(super) const F32_HALF: u8 = 1;
+/// `d[16]` as f16; the minimum is `moff · d` (Q4_0, Q5_0, Q8_0).
+pub(super) const D16: u8 = 2;
+/// `d[16], m[16]` as f16 (Q4_1, Q5_1).
+pub(super) const DM16: u8 = 3;
+/// Super-block `D[16], M[16]` (f16, M = −dmin), then per block `sc[16], mn[16]` (u8):
+/// d = D·sc, m = M·mn (Q4_K, Q5_K).
+pub(super) const KSM: u8 = 4;
+/// Super-block `D[16]` (f16), then per block `s0[16], s1[16]` (i8): d_h = D·s_h, m_h = moff·d_h
+/// (Q3_K, Q6_K).
+pub(super) const KHALF: u8 = 5;
+/// Super-block `D[16], M[16]` (f16, M = −dmin), then per block `s0, s1, n0, n1` (u8 × 16 each):
+/// d_h = D·s_h, m_h = M·n_h (Q2_K).
+pub(super) const KHALFM: u8 = 6;
+
+/// How a weight's wide layout stores values and scales.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct WideForm {
+    /// [`NIBBLES`], [`FIVE`], [`SIX`] or [`BYTES`].
+    pub values: u8,
+    /// [`F32`], [`F32_HALF`], [`D16`], [`DM16`], [`KSM`], [`KHALF`] or [`KHALFM`].
+    pub scales: u8,
+    /// The minimum as a multiple of the scale ([`D16`], [`KHALF`]): the unsigned offset, negated.
+    pub moff: f32,
+}
+
+impl WideForm {
+    /// Bytes of one block's values (16 rows × 32 values).
+    pub fn value_bytes(self) -> usize {
+        match self.values {
+            BYTES => 512,
+            FIVE => 320,
+            SIX => 384,
+            _ => 256,
         }
     }
 
-    /// Bytes of one wide block (16 rows × 32 values).
-    fn wide_quant_bytes(self) -> usize {
-        if self.byte_quants() {
-            512
-        } else if self.five_bit() {
-            320
-        } else {
-            256
-        }
+    /// Bytes of a super-block's f16 factors (K-quant forms) and of one block's scales.
+    pub fn record_bytes(self) -> (usize, usize) {
+        record_bytes(self.scales)
     }
+
+    /// Bytes of scales of one group of 16 rows over `nb` blocks (K-quant forms: `nb` a multiple of 8).
+    pub fn scale_bytes(self, nb: usize) -> usize {
+        let (sup, rec) = self.record_bytes();
+        nb * rec + nb.div_ceil(8) * sup
+    }
+
+    /// Whether the scales are the compact forms (AVX-512 and AVX2) rather than AMX's f32.
+    pub fn compact(self) -> bool {
+        !matches!(self.scales, F32 | F32_HALF)
+    }
+
+    /// Byte offsets of block `b`'s super-block factors and of its own scales in its group's scales.
+    pub fn offsets(self, b: usize) -> (usize, usize) {
+        scale_offsets(self.scales, b)
+    }
+}
+
+/// Bytes of a super-block's f16 factors and of one block's scales in scale form `scales`.
+#[inline(always)]
+pub(super) const fn record_bytes(scales: u8) -> (usize, usize) {
+    match scales {
+        F32 => (0, 2 * 4 * NW),
+        F32_HALF => (0, 4 * 4 * NW),
+        D16 => (0, 2 * NW),
+        DM16 => (0, 4 * NW),
+        KSM => (4 * NW, 2 * NW),
+        KHALF => (2 * NW, 2 * NW),
+        _ => (4 * NW, 4 * NW),
+    }
+}
+
+/// Byte offsets of block `b`'s super-block factors and of its own scales in a group's scales.
+#[inline(always)]
+pub(super) const fn scale_offsets(scales: u8, b: usize) -> (usize, usize) {
+    let (sup, rec) = record_bytes(scales);
+    if sup == 0 {
+        return (0, b * rec);
+    }
+    let base = (b / 8) * (sup + 8 * rec);
+    (base, base + sup + (b % 8) * rec)
 }
 
 impl QWeight {
@@ -274,9 +384,13 @@ impl QWeight {
         if data.len() != want {
             return Err(format!("{qtype:?} weight [{rows}, {cols}] needs {want} bytes, got {}", data.len()));
         }
+        #[cfg(target_arch = "x86_64")]
+        let form = qtype.wide_form(isa != Isa::Amx);
+        #[cfg(not(target_arch = "x86_64"))]
+        let form = qtype.wide_form(true);
         if isa.qlayout(qtype) == Layout::Wide {
-            let (scales, qs) = pack_wide(qtype, rows, cols, &data);
-            return Ok(Self { qtype, rows, cols, isa, layout: Layout::Wide, scales, qs });
+            let (scales, qs) = pack_wide(qtype, form, rows, cols, &data);
+            return Ok(Self { qtype, rows, cols, isa, layout: Layout::Wide, scales, qs, form });
         }
         let nb = cols / QK;
         let groups = rows.div_ceil(NR);
@@ -295,7 +409,7 @@ impl QWeight {
                 }
             }
         }
-        Ok(Self { qtype, rows, cols, isa, layout: Layout::Narrow, scales, qs })
+        Ok(Self { qtype, rows, cols, isa, layout: Layout::Narrow, scales, qs, form })
     }
 
     pub fn qtype(&self) -> QType {
@@ -313,6 +427,11 @@ impl QWeight {
     /// The instruction set it was packed for.
     pub fn isa(&self) -> Isa {
         self.isa
+    }
+
+    /// Bytes it holds in memory (what a pass over it reads).
+    pub fn bytes(&self) -> usize {
+        self.scales.len() * 4 + self.qs.len()
     }
 
     /// Rows per group of the layout.
@@ -369,14 +488,15 @@ impl QWeight {
     }
 
     /// [`run_groups`](Self::run_groups) over the wide layout: AMX for each 16 tokens where the
-    /// instruction set has it, AVX-512 register tiles of up to 8 tokens for the rest.
+    /// instruction set has it (and the weight is in AMX's form), AVX-512 (or AVX2) register tiles
+    /// of up to 10 (4) tokens for the rest.
     #[cfg(target_arch = "x86_64")]
     fn run_groups_wide(&self, isa: Isa, acts: &[BlockQ8], m: usize, g0: usize, g1: usize, dst: OutPtr) {
         let nb = self.cols / QK;
-        let (sn, qb) = (self.qtype.wide_slots() * NW * nb, self.qtype.wide_quant_bytes() * nb);
+        let (sn, qb) = (self.form.scale_bytes(nb) / 4, self.form.value_bytes() * nb);
         let group = |g: usize| (&self.scales[g * sn..(g + 1) * sn], &self.qs[g * qb..(g + 1) * qb], (self.rows - g * NW).min(NW));
         let mut t0 = 0;
-        if isa == Isa::Amx && m >= amx::TOKENS {
+        if isa == Isa::Amx && !self.form.compact() && m >= amx::TOKENS {
             t0 = m / amx::TOKENS * amx::TOKENS;
             // SAFETY: `Isa::Amx` is only produced when the CPU has AMX-INT8 (and AVX-512 F/BW/VL/
             // VNNI) and the OS granted the tile state; outputs are in bounds (t < m, rows of g).
@@ -384,7 +504,7 @@ impl QWeight {
         }
         // The register-tile kernel of this instruction set and its most tokens per tile: AVX2 (the
         // wide layout holds 4- or 5-bit values with it) or AVX-512 (Avx512/Amx).
-        type Tile = unsafe fn(QType, &[f32], &[u8], &[BlockQ8], usize, usize, *mut f32, usize, usize);
+        type Tile = unsafe fn(WideForm, &[f32], &[u8], &[BlockQ8], usize, usize, *mut f32, usize, usize);
         let (tokens, tile): (usize, Tile) =
             if isa == Isa::Avx2 { (avx2::WIDE_TOKENS, avx2::wide_tile) } else { (avx512::TOKENS, avx512::tile) };
         for tb in (t0..m).step_by(TOKEN_BLOCK) {
@@ -397,7 +517,7 @@ impl QWeight {
                     // SAFETY: the wide layout is only made for `Isa::Avx2` (AVX2, FMA, F16C) and
                     // `Isa::Avx512`/`Isa::Amx` (AVX-512 F/BW/VL/VNNI), whose kernel `tile` is; it
                     // writes rows g·16.. (nrows of them) of tokens t..t + r.
-                    unsafe { tile(self.qtype, sc, qs, &acts[t * nb..], nb, r, dst.at(t * self.rows + g * NW), self.rows, nrows) };
+                    unsafe { tile(self.form, sc, qs, &acts[t * nb..], nb, r, dst.at(t * self.rows + g * NW), self.rows, nrows) };
                     t += r;
                 }
             }
@@ -487,6 +607,8 @@ pub fn matmul_many_with(isa: Isa, ws: &[&QWeight], x: &[f32], m: usize, outs: &m
     for (w, o) in ws.iter().zip(outs.iter()) {
         assert_eq!(o.len(), m * w.rows, "out must be [m, rows]");
         assert_eq!(w.layout, isa.qlayout(w.qtype), "{:?} weight packed for another instruction set than {isa:?}", w.qtype);
+        #[cfg(target_arch = "x86_64")]
+        assert!(w.layout == Layout::Narrow || isa != Isa::Avx2 || w.form.compact(), "AVX2 reads the compact wide form only");
     }
     // The buffers are this thread's, reused: no allocation once a call this large has been seen.
     scratch::with(&ACTS, |acts| {

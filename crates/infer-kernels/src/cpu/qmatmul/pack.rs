@@ -192,46 +192,154 @@ pub(super) fn wide_index(n: usize, k: usize) -> usize {
     (k / 4) * 64 + n * 4 + k % 4
 }
 
-/// Repacks GGUF data `[rows, cols]` (sizes checked) into the wide layout: per (group of 16 rows,
-/// block) the scale slots (`d[16], m[16]`, or `d0, d1, m0, m1` for half-scale formats), and the
-/// 512 values in [`wide_index`] order: as bytes, or as nibbles (byte i holds value i low and value
-/// i + 256 high) followed for 5-bit formats by a 512-bit plane of fifth bits (bit i: value i).
-pub(super) fn pack_wide(qtype: QType, rows: usize, cols: usize, data: &[u8]) -> (Vec<f32>, Vec<u8>) {
+/// The integer sub-scales of block `b` (0..nb) of row `row` and its super-block's f16 factors,
+/// for the compact scale forms: `([s0, s1, n0, n1], [D, M])` with d_h = D·s_h and m_h = M·n_h
+/// (M = −dmin) or `moff`·d_h (see [`WideForm`]). Legacy formats: `D = d`, `M` = the minimum.
+fn compact_scales(qtype: QType, data: &[u8], cols: usize, row: usize, b: usize) -> ([i16; 4], [f16; 2]) {
+    let bb = qtype.block_bytes();
+    if qtype.block_values() == QK {
+        let blk = &data[(row * cols / QK + b) * bb..][..bb];
+        let m = if matches!(qtype, QType::Q4_1 | QType::Q5_1) { f16::from_le_bytes([blk[2], blk[3]]) } else { f16::ZERO };
+        return ([1, 1, 1, 1], [f16::from_le_bytes([blk[0], blk[1]]), m]);
+    }
+    let blk = &data[(row * cols / 256 + b / 8) * bb..][..bb];
+    let f = |i: usize| f16::from_le_bytes([blk[i], blk[i + 1]]);
+    let j = b % 8;
+    match qtype {
+        QType::Q4K | QType::Q5K => {
+            let (s, m) = k_scale_min(&blk[4..16], j);
+            ([s as i16, s as i16, m as i16, m as i16], [f(0), -f(2)])
+        }
+        QType::Q6K => {
+            let sc = &blk[192 + (j / 4) * 8 + 2 * (j % 4)..];
+            ([sc[0] as i8 as i16, sc[1] as i8 as i16, 0, 0], [f(208), f16::ZERO])
+        }
+        QType::Q3K => {
+            let sc = &blk[96..108];
+            let scale = |i: usize| -> i16 {
+                let low = if i < 8 { sc[i] & 0x0F } else { sc[i - 8] >> 4 };
+                let high = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
+                (low | (high << 4)) as i16 - 32
+            };
+            ([scale(2 * j), scale(2 * j + 1), 0, 0], [f(108), f16::ZERO])
+        }
+        _ => {
+            let (s0, s1) = (blk[2 * j], blk[2 * j + 1]);
+            ([(s0 & 0x0F) as i16, (s1 & 0x0F) as i16, (s0 >> 4) as i16, (s1 >> 4) as i16], [f(80), -f(82)])
+        }
+    }
+}
+
+/// Writes row `n`'s scales of block `b` into its group's scales `dst` (bytes) in `form`.
+#[allow(clippy::too_many_arguments)]
+fn put_scales(form: WideForm, qtype: QType, data: &[u8], cols: usize, row: usize, n: usize, b: usize, s: [f32; 4], dst: &mut [u8]) {
+    let (sup, rec) = form.offsets(b);
+    let put16 = |dst: &mut [u8], at: usize, v: f16| dst[at + 2 * n..at + 2 * n + 2].copy_from_slice(&v.to_le_bytes());
+    match form.scales {
+        F32 | F32_HALF => {
+            let slots: &[f32] = if form.scales == F32 { &[s[0], s[2]] } else { &s };
+            for (k, v) in slots.iter().enumerate() {
+                dst[rec + 4 * (k * NW + n)..][..4].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        _ => {
+            let (ints, [d, m]) = compact_scales(qtype, data, cols, row, b);
+            match form.scales {
+                D16 => put16(dst, rec, d),
+                DM16 => {
+                    put16(dst, rec, d);
+                    put16(dst, rec + 2 * NW, m);
+                }
+                KSM => {
+                    put16(dst, sup, d);
+                    put16(dst, sup + 2 * NW, m);
+                    dst[rec + n] = ints[0] as u8;
+                    dst[rec + NW + n] = ints[2] as u8;
+                }
+                KHALF => {
+                    put16(dst, sup, d);
+                    dst[rec + n] = ints[0] as i8 as u8;
+                    dst[rec + NW + n] = ints[1] as i8 as u8;
+                }
+                _ => {
+                    put16(dst, sup, d);
+                    put16(dst, sup + 2 * NW, m);
+                    for (k, &v) in ints.iter().enumerate() {
+                        dst[rec + k * NW + n] = v as u8;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Row `n`'s `[d0, d1, m0, m1]` of block `b` read back from a group's scales in `form` (what the
+/// kernels compute; tests).
+#[cfg(test)]
+pub(super) fn read_scales(form: WideForm, sc: &[u8], n: usize, b: usize) -> [f32; 4] {
+    let (sup, rec) = form.offsets(b);
+    let f16_at = |at: usize| f16::from_le_bytes([sc[at + 2 * n], sc[at + 2 * n + 1]]).to_f32();
+    let f32_at = |k: usize| f32::from_le_bytes(sc[rec + 4 * (k * NW + n)..][..4].try_into().unwrap());
+    let u = |k: usize| sc[rec + k * NW + n] as f32;
+    let i = |k: usize| sc[rec + k * NW + n] as i8 as f32;
+    match form.scales {
+        F32 => [f32_at(0), f32_at(0), f32_at(1), f32_at(1)],
+        F32_HALF => [f32_at(0), f32_at(1), f32_at(2), f32_at(3)],
+        D16 => {
+            let d = f16_at(rec);
+            [d, d, form.moff * d, form.moff * d]
+        }
+        DM16 => [f16_at(rec), f16_at(rec), f16_at(rec + 2 * NW), f16_at(rec + 2 * NW)],
+        KSM => {
+            let (d, m) = (f16_at(sup) * u(0), f16_at(sup + 2 * NW) * u(1));
+            [d, d, m, m]
+        }
+        KHALF => {
+            let (d0, d1) = (f16_at(sup) * i(0), f16_at(sup) * i(1));
+            [d0, d1, form.moff * d0, form.moff * d1]
+        }
+        _ => {
+            let (d, m) = (f16_at(sup), f16_at(sup + 2 * NW));
+            [d * u(0), d * u(1), m * u(2), m * u(3)]
+        }
+    }
+}
+
+/// Repacks GGUF data `[rows, cols]` (sizes checked) into the wide layout in `form`: per group of
+/// 16 rows, the scales of every block (see [`WideForm`]; as f32 words, read as bytes) and the
+/// values, 32 per row and block in [`wide_index`] order (see [`NIBBLES`] etc.).
+pub(super) fn pack_wide(qtype: QType, form: WideForm, rows: usize, cols: usize, data: &[u8]) -> (Vec<f32>, Vec<u8>) {
     use rayon::prelude::*;
     let nb = cols / QK;
     let groups = rows.div_ceil(NW);
-    let (sn, qb) = (qtype.wide_slots() * NW, qtype.wide_quant_bytes());
-    let mut scales = vec![0f32; groups * nb * sn];
+    let (sn, qb) = (form.scale_bytes(nb), form.value_bytes());
+    debug_assert!(sn.is_multiple_of(4));
+    let mut words = vec![0f32; groups * sn / 4];
     let mut qs = vec![0u8; groups * nb * qb];
-    let (bytes, four_slots) = (qtype.byte_quants(), qtype.wide_slots() == 4);
+    // SAFETY: any bytes are a valid f32 bit pattern; the slice covers exactly the vector.
+    let scales = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, words.len() * 4) };
     // Groups in parallel (load time): each fills its own slices.
-    scales.par_chunks_mut(nb * sn).zip(qs.par_chunks_mut(nb * qb)).enumerate().for_each(|(g, (gsc, gqs))| {
+    scales.par_chunks_mut(sn).zip(qs.par_chunks_mut(nb * qb)).enumerate().for_each(|(g, (gsc, gqs))| {
         for n in 0..NW.min(rows - g * NW) {
             for b in 0..nb {
                 let (q, s) = unsigned_block(qtype, data, cols, g * NW + n, b);
-                let sc = &mut gsc[b * sn..(b + 1) * sn];
-                if four_slots {
-                    for (k, &v) in s.iter().enumerate() {
-                        sc[k * NW + n] = v;
-                    }
-                } else {
-                    sc[n] = s[0];
-                    sc[NW + n] = s[2];
-                }
+                put_scales(form, qtype, data, cols, g * NW + n, n, b, s, gsc);
                 let dst = &mut gqs[b * qb..(b + 1) * qb];
                 for (k, &v) in q.iter().enumerate() {
                     let i = wide_index(n, k);
-                    if bytes {
+                    if form.values == BYTES {
                         dst[i] = v;
-                    } else {
-                        dst[i % 256] |= (v & 0x0F) << (4 * (i / 256));
-                        if v & 0x10 != 0 {
-                            dst[256 + i / 8] |= 1 << (i % 8);
+                        continue;
+                    }
+                    dst[i % 256] |= (v & 0x0F) << (4 * (i / 256));
+                    for (plane, bit) in [(256, 0x10), (320, 0x20)] {
+                        if v & bit != 0 {
+                            dst[plane + i / 8] |= 1 << (i % 8);
                         }
                     }
                 }
             }
         }
     });
-    (scales, qs)
+    (words, qs)
 }

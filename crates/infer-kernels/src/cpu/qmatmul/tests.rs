@@ -36,6 +36,19 @@ fn assert_every_path_matches(qt: QType, rows: usize, cols: usize, raw: &[u8], wd
     });
 }
 
+/// (instruction set a weight is packed for, the one multiplying it): every available one with
+/// itself, and where AVX-512 is there but AMX is not, AMX's form through the AVX-512 kernel (what
+/// an AMX machine runs for the tokens short of a 16-token tile).
+fn isa_pairs() -> Vec<(Isa, Isa)> {
+    let available = Isa::available();
+    let mut pairs: Vec<(Isa, Isa)> = available.iter().map(|&i| (i, i)).collect();
+    #[cfg(target_arch = "x86_64")]
+    if available.contains(&Isa::Avx512) && !available.contains(&Isa::Amx) {
+        pairs.push((Isa::Amx, Isa::Avx512));
+    }
+    pairs
+}
+
 /// Every ISA path's `x · wᵀ` against `reference(t, r)` = (the exact product of token t and row r,
 /// its scale Σ|x·w|): within 1% of the scale.
 fn assert_paths_match(
@@ -47,15 +60,18 @@ fn assert_paths_match(
     m: usize,
     reference: impl Fn(usize, usize) -> (f64, f64),
 ) {
-    for isa in Isa::available() {
-        let w = QWeight::new_for(isa, qt, rows, cols, raw.to_vec()).unwrap();
+    for (pack, isa) in isa_pairs() {
+        let w = QWeight::new_for(pack, qt, rows, cols, raw.to_vec()).unwrap();
         let mut out = vec![0f32; m * rows];
         w.matmul_with(isa, x, m, &mut out);
         for t in 0..m {
             for r in 0..rows {
                 let (exact, scale) = reference(t, r);
                 let got = out[t * rows + r] as f64;
-                assert!((got - exact).abs() <= 0.01 * scale + 1e-5, "{qt:?} {isa:?} [{rows}x{cols}] m={m} t={t} r={r}: {got} vs {exact}");
+                assert!(
+                    (got - exact).abs() <= 0.01 * scale + 1e-5,
+                    "{qt:?} {isa:?} (packed for {pack:?}) [{rows}x{cols}] m={m} t={t} r={r}: {got} vs {exact}"
+                );
             }
         }
     }
@@ -203,5 +219,100 @@ fn simd_activation_quantization_equals_the_scalar_one() {
         };
         let (want, got) = (quantize_block_scalar(&x), quantize_block(&x));
         assert_eq!((want.qs, want.d, want.s, want.s0), (got.qs, got.d, got.s, got.s0), "row {k}");
+    }
+}
+
+/// Random GGUF blocks of `qt` (every bit pattern of values and sub-scales, sane f16 factors).
+fn random_blocks(qt: QType, blocks: usize, rng: &mut Lcg) -> Vec<u8> {
+    let f16_at: &[usize] = match qt {
+        QType::Q4_0 | QType::Q5_0 | QType::Q8_0 => &[0],
+        QType::Q4_1 | QType::Q5_1 | QType::Q4K | QType::Q5K => &[0, 2],
+        QType::Q2K => &[80, 82],
+        QType::Q3K => &[108],
+        QType::Q6K => &[208],
+    };
+    let mut raw = Vec::new();
+    for _ in 0..blocks {
+        let mut block: Vec<u8> = (0..qt.block_bytes()).map(|_| rng.next() as u8).collect();
+        for &at in f16_at {
+            let d = f16::from_f32((1 + rng.next() % 64) as f32 / 1024.0 * if rng.next().is_multiple_of(2) { 1.0 } else { -1.0 });
+            block[at..at + 2].copy_from_slice(&d.to_le_bytes());
+        }
+        raw.extend(block);
+    }
+    raw
+}
+
+const ALL_FORMATS: [QType; 10] =
+    [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::Q8_0, QType::Q2K, QType::Q3K, QType::Q4K, QType::Q5K, QType::Q6K];
+
+/// The compact wide form's scales (f16 factors, integer sub-scales) give exactly the f32 scales
+/// and minimums of the unpacked blocks, and its values are the same: the compact and the f32
+/// (AMX) forms differ only in bytes.
+#[test]
+fn compact_wide_form_holds_the_same_numbers() {
+    let mut rng = Lcg(23);
+    let (rows, cols) = (21, 512);
+    for qt in ALL_FORMATS {
+        let raw = random_blocks(qt, rows * cols / qt.block_values(), &mut rng);
+        let nb = cols / QK;
+        for compact in [true, false] {
+            let form = qt.wide_form(compact);
+            let (words, qs) = pack_wide(qt, form, rows, cols, &raw);
+            // SAFETY: reading the f32 words' bytes.
+            let sc = unsafe { std::slice::from_raw_parts(words.as_ptr() as *const u8, words.len() * 4) };
+            let (sn, qb) = (form.scale_bytes(nb), form.value_bytes());
+            assert_eq!((sc.len(), qs.len()), (rows.div_ceil(NW) * sn, rows.div_ceil(NW) * nb * qb), "{qt:?}");
+            for row in 0..rows {
+                let (g, n) = (row / NW, row % NW);
+                for b in 0..nb {
+                    let (q, want) = unsigned_block(qt, &raw, cols, row, b);
+                    let got = read_scales(form, &sc[g * sn..(g + 1) * sn], n, b);
+                    assert_eq!(
+                        got.map(f32::to_bits),
+                        want.map(f32::to_bits),
+                        "{qt:?} compact={compact} row {row} block {b}: {got:?} vs {want:?}"
+                    );
+                    let blk = &qs[(g * nb + b) * qb..(g * nb + b + 1) * qb];
+                    for (k, &v) in q.iter().enumerate() {
+                        let i = wide_index(n, k);
+                        let got = if form.values == BYTES {
+                            blk[i]
+                        } else {
+                            let bit = |plane: usize| (blk[plane + i / 8] >> (i % 8)) & 1;
+                            let mut u = (blk[i % 256] >> (4 * (i / 256))) & 0x0F;
+                            if form.values != NIBBLES {
+                                u |= bit(256) << 4;
+                            }
+                            if form.values == SIX {
+                                u |= bit(320) << 5;
+                            }
+                            u
+                        };
+                        assert_eq!(got, v, "{qt:?} compact={compact} row {row} block {b} value {k}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What AVX-512 and AVX2 keep in memory per weight is (nearly) what the file holds: decode reads
+/// every byte of it once per token.
+#[test]
+fn compact_wide_form_is_as_small_as_the_file() {
+    let mut rng = Lcg(29);
+    let (rows, cols) = (64, 1024);
+    for qt in ALL_FORMATS {
+        let raw = random_blocks(qt, rows * cols / qt.block_values(), &mut rng);
+        let (words, qs) = pack_wide(qt, qt.wide_form(true), rows, cols, &raw);
+        let ratio = (words.len() * 4 + qs.len()) as f64 / raw.len() as f64;
+        // Q2_K and Q3_K keep their 2- and 3-bit values as nibbles.
+        let bound = match qt {
+            QType::Q2K => 2.1,
+            QType::Q3K => 1.4,
+            _ => 1.03,
+        };
+        assert!(ratio <= bound, "{qt:?}: {ratio:.3} × the file's bytes");
     }
 }

@@ -3,6 +3,13 @@
 //! `tokenizer.json`, and the pooling of `modules.json` + `1_Pooling/config.json` (CLS, mean, max or
 //! last token; `Normalize` when listed). Bidirectional attention over each padded batch, no KV
 //! cache: candle's tensor ops on the CPU (or the device asked for).
+//!
+//! Cross-encoders (rerankers): a folder whose `config.json` lists `BertForSequenceClassification`
+//! with one label scores (query, document) pairs: `[CLS] query [SEP] document [SEP]` as the
+//! tokenizer's post-processor builds the pair (token types 0 then 1), the document cut first when
+//! the pair is longer than the positions; the pooler (dense + tanh on the `[CLS]` state), then the
+//! classifier's logit, then sentence-transformers' `CrossEncoder` activation (sigmoid unless the
+//! folder configures `Identity`). Such a model has no sentence embeddings.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -30,6 +37,8 @@ struct BertConfig {
     hidden_act: String,
     #[serde(default)]
     pad_token_id: Option<usize>,
+    #[serde(default)]
+    architectures: Vec<String>,
 }
 
 fn one() -> usize {
@@ -49,6 +58,40 @@ pub enum EncoderPooling {
     Mean,
     Max,
     Last,
+}
+
+/// What a cross-encoder's logit goes through to become its relevance score (sentence-transformers'
+/// `CrossEncoder.activation_fn`: `Sigmoid` by default for one label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScoreActivation {
+    Sigmoid,
+    Identity,
+}
+
+impl ScoreActivation {
+    pub fn apply(self, logit: f32) -> f32 {
+        match self {
+            Self::Sigmoid => 1.0 / (1.0 + (-logit).exp()),
+            Self::Identity => logit,
+        }
+    }
+}
+
+/// `BertForSequenceClassification`'s head: the pooler (dense + tanh on the `[CLS]` state) and the
+/// one-label classifier.
+struct Classifier {
+    pooler: (Tensor, Tensor),
+    out: (Tensor, Tensor),
+    activation: ScoreActivation,
+}
+
+/// A (query, document) pair as the model reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedPair {
+    pub ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+    /// Whether the document was cut to fit.
+    pub truncated: bool,
 }
 
 struct Layer {
@@ -77,6 +120,8 @@ pub struct Encoder {
     pub tokenizer: Tokenizer,
     pub pooling: EncoderPooling,
     pub normalize: bool,
+    /// A cross-encoder's scoring head (then the model reranks and has no embeddings).
+    classifier: Option<Classifier>,
     device: Device,
 }
 
@@ -160,8 +205,41 @@ impl Encoder {
                 ln2: pair(&format!("{p}.output.LayerNorm"), h, None)?,
             });
         }
+        let classifier = if cfg.architectures.iter().any(|a| a == "BertForSequenceClassification") {
+            let labels = w.get("classifier.weight").map(|t| t.dims().to_vec()).unwrap_or_default();
+            match labels.as_slice() {
+                [1, _] => {}
+                [n, _] => {
+                    return Err(bad(format!(
+                        "this sequence classifier has {n} labels; reranking needs a one-label (relevance logit) cross-encoder"
+                    )))
+                }
+                _ => {}
+            }
+            Some(Classifier {
+                pooler: pair("pooler.dense", h, Some(h))?,
+                out: pair("classifier", 1, Some(h))?,
+                activation: score_activation(dir)?,
+            })
+        } else {
+            None
+        };
         let tok_path = dir.join("tokenizer.json");
-        let tokenizer = Tokenizer::from_file(&tok_path)?;
+        let mut tokenizer = Tokenizer::from_file(&tok_path)?;
+        if classifier.is_some() {
+            // Pairs are cut here (the document first); the file's own truncation or padding would
+            // change the inputs behind our back.
+            let mut inner = tokenizer.inner().clone();
+            inner.with_truncation(None).map_err(|e| Error::bad_file(&tok_path, e.to_string()))?;
+            inner.with_padding(None);
+            if inner.get_post_processor().is_none() {
+                return Err(Error::bad_file(
+                    &tok_path,
+                    "a cross-encoder's tokenizer needs a post-processor that builds the [CLS] query [SEP] document [SEP] pair",
+                ));
+            }
+            tokenizer = Tokenizer::from_tokenizers(inner);
+        }
         let (pooling, normalize) = pooling_config(dir)?;
         let position_offset = if kind == "bert" { 0 } else { cfg.pad_token_id.unwrap_or(1) + 1 };
         Ok(Self {
@@ -175,6 +253,7 @@ impl Encoder {
             tokenizer,
             pooling,
             normalize,
+            classifier,
             device: device.clone(),
             cfg,
         })
@@ -189,6 +268,78 @@ impl Encoder {
         self.cfg.hidden_size
     }
 
+    /// Whether this is a cross-encoder (scores pairs, has no embeddings).
+    pub fn reranks(&self) -> bool {
+        self.classifier.is_some()
+    }
+
+    /// A cross-encoder's logit → relevance score.
+    pub fn score_activation(&self) -> Option<ScoreActivation> {
+        self.classifier.as_ref().map(|c| c.activation)
+    }
+
+    /// The query's tokens without special tokens (encode it once for many documents).
+    pub fn encode_query(&self, query: &str) -> Result<tokenizers::Encoding> {
+        self.tokenizer.inner().encode_fast(query, false).map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// `[CLS] query [SEP] document [SEP]` (the tokenizer's pair template, token types 0 then 1),
+    /// the document cut to `max_doc_tokens` and then to what the positions leave. A query that leaves
+    /// no room for one document token is an error naming `query`.
+    pub fn encode_pair(&self, query: &tokenizers::Encoding, document: &str, max_doc_tokens: Option<usize>) -> Result<EncodedPair> {
+        let tk = self.tokenizer.inner();
+        let added = tk.get_post_processor().map_or(0, |p| tokenizers::PostProcessor::added_tokens(p, true));
+        let room = self.max_tokens().saturating_sub(query.len() + added);
+        if room == 0 {
+            return Err(Error::param(
+                "query",
+                format!("{} tokens leave no room for a document in this model's {} positions", query.len(), self.max_tokens()),
+            ));
+        }
+        let room = max_doc_tokens.map_or(room, |m| m.min(room));
+        let mut doc = tk.encode_fast(document, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let truncated = doc.len() > room;
+        if truncated {
+            doc.truncate(room, 0, tokenizers::TruncationDirection::Right);
+            doc.take_overflowing();
+        }
+        let enc = tk.post_process(query.clone(), Some(doc), true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(EncodedPair { ids: enc.get_ids().to_vec(), type_ids: enc.get_type_ids().to_vec(), truncated })
+    }
+
+    /// A cross-encoder's relevance score of each document for the query (the activation of
+    /// [`logits`](Self::logits)).
+    pub fn rerank(&self, query: &str, documents: &[String]) -> Result<Vec<f32>> {
+        let act = self.score_activation().ok_or_else(|| self.not_a_reranker())?;
+        let q = self.encode_query(query)?;
+        let pairs = documents.iter().map(|d| self.encode_pair(&q, d, None)).collect::<Result<Vec<_>>>()?;
+        Ok(self.logits(&pairs)?.into_iter().map(|l| act.apply(l)).collect())
+    }
+
+    fn not_a_reranker(&self) -> Error {
+        Error::param("model", format!("`{}` is not a cross-encoder (BertForSequenceClassification): it cannot rerank", self.name))
+    }
+
+    /// A cross-encoder's raw logit of each pair, 16 pairs per batch (by length, so a batch pads little).
+    pub fn logits(&self, pairs: &[EncodedPair]) -> Result<Vec<f32>> {
+        let head = self.classifier.as_ref().ok_or_else(|| self.not_a_reranker())?;
+        let mut order: Vec<usize> = (0..pairs.len()).collect();
+        order.sort_by_key(|&i| pairs[i].ids.len());
+        let mut out = vec![0f32; pairs.len()];
+        for chunk in order.chunks(16) {
+            let ids: Vec<Vec<u32>> = chunk.iter().map(|&i| pairs[i].ids.clone()).collect();
+            let types: Vec<Vec<u32>> = chunk.iter().map(|&i| pairs[i].type_ids.clone()).collect();
+            let x = self.hidden(&ids, Some(&types))?;
+            let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
+            let pooled = linear(&cls, &head.pooler)?.tanh()?;
+            let logits: Vec<Vec<f32>> = linear(&pooled, &head.out)?.to_vec2()?;
+            for (&i, l) in chunk.iter().zip(logits) {
+                out[i] = l[0];
+            }
+        }
+        Ok(out)
+    }
+
     /// The pooled (and, as configured, normalized) vector of each text.
     pub fn embed_texts(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
         let ids = texts.iter().map(|t| self.tokenizer.encode(t, true)).collect::<Result<Vec<_>>>()?;
@@ -197,6 +348,12 @@ impl Encoder {
 
     /// [`embed_texts`](Self::embed_texts) of token ids (with their special tokens), 16 per batch.
     pub fn embed_ids(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        if self.reranks() {
+            return Err(Error::param(
+                "model",
+                format!("`{}` is a cross-encoder (a reranker): it scores query-document pairs and has no embeddings", self.name),
+            ));
+        }
         let mut out = Vec::with_capacity(inputs.len());
         for chunk in inputs.chunks(16) {
             out.extend(self.batch(chunk)?);
@@ -205,53 +362,8 @@ impl Encoder {
     }
 
     fn batch(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
-        let (h, heads) = (self.cfg.hidden_size, self.cfg.num_attention_heads);
-        let hd = h / heads;
-        let len = inputs.iter().map(Vec::len).max().unwrap_or(0);
-        for (i, t) in inputs.iter().enumerate() {
-            if t.is_empty() {
-                return Err(Error::param("input", format!("input {i} is empty")));
-            }
-            if t.len() > self.max_tokens() {
-                return Err(Error::ContextOverflow { needed: t.len(), limit: self.max_tokens() });
-            }
-            if let Some(&bad) = t.iter().find(|&&x| x as usize >= self.cfg.vocab_size) {
-                return Err(Error::param("input", format!("token id {bad} is outside the vocabulary (size {})", self.cfg.vocab_size)));
-            }
-        }
-        let b = inputs.len();
-        let pad = self.cfg.pad_token_id.unwrap_or(0) as u32;
-        let mut ids = Vec::with_capacity(b * len);
-        let mut mask = Vec::with_capacity(b * len);
-        for t in inputs {
-            ids.extend(t.iter().copied().chain(std::iter::repeat_n(pad, len - t.len())));
-            mask.extend((0..len).map(|j| if j < t.len() { 1f32 } else { 0.0 }));
-        }
-        let dev = &self.device;
-        let ids = Tensor::from_vec(ids, (b, len), dev)?;
-        let mask = Tensor::from_vec(mask, (b, len), dev)?;
-        let positions: Vec<u32> = (0..len as u32).map(|p| p + self.position_offset as u32).collect();
-        let pos = Tensor::from_vec(positions, len, dev)?;
-        let x = self.word.embedding(&ids.flatten_all()?)?.reshape((b, len, h))?;
-        let x = x.broadcast_add(&self.position.embedding(&pos)?)?;
-        let x = x.broadcast_add(&self.token_type.get(0)?)?;
-        let mut x = layer_norm(&x, &self.ln, self.cfg.layer_norm_eps)?;
-        // Padding keys get -1e9 before the softmax: [b, 1, 1, len].
-        let bias = ((mask.clone() - 1.0)? * 1e9)?.reshape((b, 1, 1, len))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        for l in &self.layers {
-            let split = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((b, len, heads, hd))?.transpose(1, 2)?.contiguous()?) };
-            let q = split(linear(&x, &l.q)?)?;
-            let k = split(linear(&x, &l.k)?)?;
-            let v = split(linear(&x, &l.v)?)?;
-            let s = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&bias)?;
-            let p = candle_nn::ops::softmax_last_dim(&s)?;
-            let a = p.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, len, h))?;
-            x = layer_norm(&(linear(&a, &l.o)? + &x)?, &l.ln1, self.cfg.layer_norm_eps)?;
-            let m = linear(&linear(&x, &l.up)?.gelu_erf()?, &l.down)?;
-            x = layer_norm(&(m + &x)?, &l.ln2, self.cfg.layer_norm_eps)?;
-        }
-        let mut out = Vec::with_capacity(b);
+        let x = self.hidden(inputs, None)?;
+        let mut out = Vec::with_capacity(inputs.len());
         for (i, t) in inputs.iter().enumerate() {
             let n = t.len();
             let states = x.get(i)?.narrow(0, 0, n)?;
@@ -271,6 +383,74 @@ impl Encoder {
             out.push(v);
         }
         Ok(out)
+    }
+
+    /// The last hidden states `[batch, longest, hidden]` of a padded batch; token types 0 unless given.
+    fn hidden(&self, inputs: &[Vec<u32>], type_ids: Option<&[Vec<u32>]>) -> Result<Tensor> {
+        let (h, heads) = (self.cfg.hidden_size, self.cfg.num_attention_heads);
+        let hd = h / heads;
+        let len = inputs.iter().map(Vec::len).max().unwrap_or(0);
+        for (i, t) in inputs.iter().enumerate() {
+            if t.is_empty() {
+                return Err(Error::param("input", format!("input {i} is empty")));
+            }
+            if t.len() > self.max_tokens() {
+                return Err(Error::ContextOverflow { needed: t.len(), limit: self.max_tokens() });
+            }
+            if let Some(&bad) = t.iter().find(|&&x| x as usize >= self.cfg.vocab_size) {
+                return Err(Error::param("input", format!("token id {bad} is outside the vocabulary (size {})", self.cfg.vocab_size)));
+            }
+            if let Some(types) = type_ids {
+                let ty = types.get(i).filter(|ty| ty.len() == t.len());
+                let ty = ty.ok_or_else(|| Error::param("input", format!("input {i} has no token type for each token")))?;
+                if let Some(&bad) = ty.iter().find(|&&x| x as usize >= self.cfg.type_vocab_size) {
+                    return Err(Error::Model(format!("token type {bad} is outside the model's {} types", self.cfg.type_vocab_size)));
+                }
+            }
+        }
+        let b = inputs.len();
+        let pad = self.cfg.pad_token_id.unwrap_or(0) as u32;
+        let mut ids = Vec::with_capacity(b * len);
+        let mut mask = Vec::with_capacity(b * len);
+        for t in inputs {
+            ids.extend(t.iter().copied().chain(std::iter::repeat_n(pad, len - t.len())));
+            mask.extend((0..len).map(|j| if j < t.len() { 1f32 } else { 0.0 }));
+        }
+        let dev = &self.device;
+        let ids = Tensor::from_vec(ids, (b, len), dev)?;
+        let mask = Tensor::from_vec(mask, (b, len), dev)?;
+        let positions: Vec<u32> = (0..len as u32).map(|p| p + self.position_offset as u32).collect();
+        let pos = Tensor::from_vec(positions, len, dev)?;
+        let x = self.word.embedding(&ids.flatten_all()?)?.reshape((b, len, h))?;
+        let x = x.broadcast_add(&self.position.embedding(&pos)?)?;
+        let x = match type_ids {
+            None => x.broadcast_add(&self.token_type.get(0)?)?,
+            Some(types) => {
+                let mut flat = Vec::with_capacity(b * len);
+                for ty in types {
+                    flat.extend(ty.iter().copied().chain(std::iter::repeat_n(0, len - ty.len())));
+                }
+                let types = Tensor::from_vec(flat, b * len, dev)?;
+                (x + self.token_type.embedding(&types)?.reshape((b, len, h))?)?
+            }
+        };
+        let mut x = layer_norm(&x, &self.ln, self.cfg.layer_norm_eps)?;
+        // Padding keys get -1e9 before the softmax: [b, 1, 1, len].
+        let bias = ((mask.clone() - 1.0)? * 1e9)?.reshape((b, 1, 1, len))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for l in &self.layers {
+            let split = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((b, len, heads, hd))?.transpose(1, 2)?.contiguous()?) };
+            let q = split(linear(&x, &l.q)?)?;
+            let k = split(linear(&x, &l.k)?)?;
+            let v = split(linear(&x, &l.v)?)?;
+            let s = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&bias)?;
+            let p = candle_nn::ops::softmax_last_dim(&s)?;
+            let a = p.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, len, h))?;
+            x = layer_norm(&(linear(&a, &l.o)? + &x)?, &l.ln1, self.cfg.layer_norm_eps)?;
+            let m = linear(&linear(&x, &l.up)?.gelu_erf()?, &l.down)?;
+            x = layer_norm(&(m + &x)?, &l.ln2, self.cfg.layer_norm_eps)?;
+        }
+        Ok(x)
     }
 }
 
@@ -306,4 +486,31 @@ fn pooling_config(dir: &Path) -> Result<(EncoderPooling, bool)> {
         EncoderPooling::Mean
     };
     Ok((pooling, normalize))
+}
+
+/// sentence-transformers' `CrossEncoder` activation: `activation_fn` of
+/// `config_sentence_transformers.json` (v5+), else `sentence_transformers.activation_fn` or the older
+/// `sbert_ce_default_activation_function` of `config.json`, else sigmoid (its default for one label).
+fn score_activation(dir: &Path) -> Result<ScoreActivation> {
+    let read = |name: &str| -> Result<Option<serde_json::Value>> {
+        let path = dir.join(name);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(serde_json::from_str(&text).map_err(|e| Error::bad_file(&path, e.to_string()))?)),
+            Err(_) => Ok(None),
+        }
+    };
+    let st = read("config_sentence_transformers.json")?;
+    let cfg = read("config.json")?;
+    let name = st
+        .as_ref()
+        .and_then(|v| v.get("activation_fn"))
+        .or_else(|| cfg.as_ref().and_then(|v| v.get("sentence_transformers")).and_then(|v| v.get("activation_fn")))
+        .or_else(|| cfg.as_ref().and_then(|v| v.get("sbert_ce_default_activation_function")))
+        .and_then(|v| v.as_str());
+    match name {
+        None => Ok(ScoreActivation::Sigmoid),
+        Some(n) if n.ends_with(".Sigmoid") || n == "Sigmoid" => Ok(ScoreActivation::Sigmoid),
+        Some(n) if n.ends_with(".Identity") || n == "Identity" => Ok(ScoreActivation::Identity),
+        Some(n) => Err(Error::bad_file(dir, format!("the cross-encoder's activation `{n}` is not supported (Sigmoid or Identity)"))),
+    }
 }

@@ -284,3 +284,55 @@ fn encoder_matches_sentence_transformers() {
         }
     }
 }
+
+/// A BERT cross-encoder (tests/fixtures/tiny-cross-encoder from
+/// scripts/make_cross_encoder_fixtures.py: BertForSequenceClassification, one label, random
+/// LayerNorms and biases) against transformers and sentence-transformers: the pair token ids and
+/// token types of the tokenizer (one document cut to the 64 positions, document first), every
+/// logit, the CrossEncoder scores (sigmoid) within 1e-4 and CrossEncoder.rank's order.
+#[test]
+fn cross_encoder_matches_transformers() {
+    use infer_core::encoder::{Encoder, ScoreActivation};
+    let dir = fixture("tiny-cross-encoder");
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let enc = Encoder::load(&dir, &infer_core::Device::Cpu).unwrap();
+    assert!(enc.reranks());
+    assert_eq!(enc.score_activation(), Some(ScoreActivation::Sigmoid));
+    assert!(!Encoder::load(&fixture("tiny-bert"), &infer_core::Device::Cpu).unwrap().reranks());
+    let pairs: Vec<(String, String)> = serde_json::from_value(want["pairs"].clone()).unwrap();
+    let ids: Vec<Vec<u32>> = serde_json::from_value(want["input_ids"].clone()).unwrap();
+    let types: Vec<Vec<u32>> = serde_json::from_value(want["token_type_ids"].clone()).unwrap();
+    let mut encoded = Vec::new();
+    for (i, (q, d)) in pairs.iter().enumerate() {
+        let p = enc.encode_pair(&enc.encode_query(q).unwrap(), d, None).unwrap();
+        assert_eq!(p.ids, ids[i], "pair {i} ids");
+        assert_eq!(p.type_ids, types[i], "pair {i} token types");
+        assert_eq!(p.truncated, ids[i].len() == 64, "pair {i}");
+        encoded.push(p);
+    }
+    assert!(encoded.iter().any(|p| p.truncated), "one document is cut");
+    let close = |got: &[f32], want: &[f32], what: &str| {
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() <= 1e-4, "{what} {i}: {g} vs {w}");
+        }
+    };
+    let logits = enc.logits(&encoded).unwrap();
+    close(&logits, &serde_json::from_value::<Vec<f32>>(want["logits"].clone()).unwrap(), "logit");
+    // One at a time (no padding) gives the same.
+    let single: Vec<f32> = encoded.iter().map(|p| enc.logits(std::slice::from_ref(p)).unwrap()[0]).collect();
+    close(&single, &logits, "unbatched logit");
+    let docs: Vec<String> = serde_json::from_value(want["documents"].clone()).unwrap();
+    let scores = enc.rerank(want["query"].as_str().unwrap(), &docs).unwrap();
+    let want_scores: Vec<f32> = serde_json::from_value(want["scores"].clone()).unwrap();
+    close(&scores, &want_scores[..docs.len()], "score");
+    let mut order: Vec<usize> = (0..docs.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    assert_eq!(order, serde_json::from_value::<Vec<usize>>(want["rerank"].clone()).unwrap());
+    // A cross-encoder has no embeddings; a document cap cuts it further; an over-long query is named.
+    assert!(enc.embed_texts(&docs).is_err());
+    let q = enc.encode_query(&pairs[0].0).unwrap();
+    assert_eq!(enc.encode_pair(&q, &docs[5], Some(3)).unwrap().ids.len(), q.len() + 3 + 3);
+    let long = enc.encode_query(&docs[5]).unwrap();
+    assert!(matches!(enc.encode_pair(&long, "x", None), Err(infer_core::Error::InvalidParameter { name: "query", .. })));
+}

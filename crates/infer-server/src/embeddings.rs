@@ -81,10 +81,39 @@ fn parse_input(v: Option<&Value>) -> Result<Inputs, ApiError> {
     }
 }
 
+/// Jobs waiting for [`turn`].
+static WAITING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One embedding or rerank job at a time (a decoder's has a scratch KV cache and shares the model's
+/// workspace with the engine; an encoder's uses the CPU cores); the others wait here, holding no
+/// thread, up to `--max-queue` of them (then 429).
+pub(crate) async fn turn(st: &AppState) -> Result<tokio::sync::SemaphorePermit<'static>, ApiError> {
+    use std::sync::atomic::Ordering;
+    static RUNNING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+    struct Waiting;
+    impl Drop for Waiting {
+        fn drop(&mut self) {
+            WAITING.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    if WAITING.fetch_add(1, Ordering::SeqCst) >= st.cfg.max_queue.max(1) {
+        WAITING.fetch_sub(1, Ordering::SeqCst);
+        return Err(ApiError::too_many_requests("too many embedding/rerank requests are waiting; retry shortly"));
+    }
+    let _waiting = Waiting;
+    RUNNING.acquire().await.map_err(|e| ApiError::internal(e.to_string()))
+}
+
 pub async fn embeddings(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
     let ready = st.ready()?;
     let body = json_body(body)?;
     ready.check_model(body.get("model").and_then(Value::as_str))?;
+    if matches!(&ready.embedder, crate::Embedder::Encoder(e) if e.reranks()) {
+        return Err(ApiError::bad_request(
+            Some("model"),
+            format!("`{}` is a cross-encoder (reranker): it has no embeddings; it serves /v1/rerank", ready.model_id),
+        ));
+    }
     let base64_out = match body.get("encoding_format").and_then(|v| if v.is_null() { None } else { Some(v) }) {
         None => false,
         Some(v) => match v.as_str() {
@@ -104,10 +133,7 @@ pub async fn embeddings(State(st): State<Arc<AppState>>, body: Result<Bytes, Byt
         ),
     };
     let inputs = parse_input(body.get("input"))?;
-    // One embedding job at a time (each has a scratch KV cache and shares the model's workspace
-    // with the engine); the others wait here, holding no thread.
-    static RUNNING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
-    let _turn = RUNNING.acquire().await.map_err(|e| ApiError::internal(e.to_string()))?;
+    let _turn = turn(&st).await?;
     let r = ready.clone();
     let (vectors, tokens) = tokio::task::spawn_blocking(move || -> Result<(Vec<Vec<f32>>, usize), ApiError> {
         let ids: Vec<Vec<u32>> = match inputs {

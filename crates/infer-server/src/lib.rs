@@ -12,6 +12,7 @@ mod embeddings;
 mod error;
 mod metrics;
 mod openai;
+mod rerank;
 mod responses;
 mod routes;
 mod run;
@@ -49,7 +50,7 @@ pub struct Models {
 }
 
 /// A loaded model of either kind: a decoder (generation, and embeddings of its hidden states) or an
-/// encoder (embeddings only).
+/// encoder (embeddings only; a cross-encoder: reranking only).
 pub enum Loaded {
     Decoder(Box<Models>),
     Encoder(Box<infer_core::encoder::Encoder>),
@@ -174,7 +175,11 @@ impl Ready {
         if self.generates {
             return Ok(());
         }
-        Err(ApiError::bad_request(Some("model"), format!("`{}` is an embedding model: it serves /v1/embeddings only", self.model_id)))
+        let what = match &self.embedder {
+            Embedder::Encoder(e) if e.reranks() => "a reranking model: it serves /v1/rerank only",
+            _ => "an embedding model: it serves /v1/embeddings only",
+        };
+        Err(ApiError::bad_request(Some("model"), format!("`{}` is {what}", self.model_id)))
     }
 
     pub(crate) fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
@@ -235,6 +240,9 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/responses", post(responses::responses))
         .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/v1/rerank", post(rerank::rerank))
+        .route("/rerank", post(rerank::rerank))
+        .route("/v1/reranking", post(rerank::rerank))
         .route("/v1/models", get(routes::list_models))
         .route("/v1/models/{*id}", get(routes::get_model))
         .route("/tokenize", post(routes::tokenize))
@@ -435,8 +443,12 @@ where
                     worker::run(engine, rx, metrics);
                 }
                 Ok((None, ready)) => {
+                    let serves = match &ready.embedder {
+                        Embedder::Encoder(e) if e.reranks() => "reranking (/v1/rerank) only",
+                        _ => "embeddings only",
+                    };
                     tracing::info!(
-                        "encoder `{}` ready in {:.1}s: embeddings only, inputs up to {} tokens",
+                        "encoder `{}` ready in {:.1}s: {serves}, inputs up to {} tokens",
                         ready.model_id,
                         started.elapsed().as_secs_f64(),
                         ready.max_context

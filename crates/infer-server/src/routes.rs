@@ -43,7 +43,7 @@ pub(crate) fn json_body(body: Result<Bytes, BytesRejection>) -> Result<Value, Ap
     Ok(v)
 }
 
-fn random_id(prefix: &str) -> String {
+pub(crate) fn random_id(prefix: &str) -> String {
     use rand::distr::{Alphanumeric, SampleString};
     format!("{prefix}{}", Alphanumeric.sample_string(&mut rand::rng(), 24))
 }

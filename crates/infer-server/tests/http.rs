@@ -1039,6 +1039,9 @@ fn embeddings_endpoint() {
     assert_eq!(sv.len(), 64);
     assert!((dot(&sv, &sv) - 1.0).abs() < 1e-5);
     assert_eq!(r["usage"]["prompt_tokens"], r["usage"]["total_tokens"]);
+    // A decoder cannot rerank.
+    let (st, e) = post(url, "/v1/rerank", &json!({"query": "q", "documents": ["d"]}));
+    assert_eq!((st, e["error"]["param"].as_str()), (400, Some("model")), "{e}");
     for (bad, field) in [
         (json!({}), "input"),
         (json!({"input": []}), "input"),
@@ -1086,5 +1089,106 @@ fn an_encoder_serves_embeddings_only() {
     let (st, e) = post(&url, "/v1/completions", &json!({"prompt": "hi"}));
     assert_eq!(st, 400, "{e}");
     assert!(e["error"]["message"].as_str().unwrap().contains("/v1/embeddings"), "{e}");
+    // An embedding encoder is no reranker.
+    let (st, e) = post(&url, "/v1/rerank", &json!({"query": "q", "documents": ["d"]}));
+    assert_eq!((st, e["error"]["param"].as_str()), (400, Some("model")), "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("cannot rerank"), "{e}");
+    s.stop().unwrap();
+}
+
+/// A cross-encoder served on its own (`infer serve tests/fixtures/tiny-cross-encoder`):
+/// `/v1/rerank` (and its aliases) gives sentence-transformers' CrossEncoder scores in its rank
+/// order, `top_n` and `return_documents` shape the results, bad fields get 400s naming them,
+/// embeddings and generation are refused, the API key applies.
+#[test]
+fn a_cross_encoder_serves_rerank() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-cross-encoder");
+    let want: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let cfg = ServerConfig { served_model_name: Some("tiny-ce".into()), api_key: Some("k3y".into()), ..config() };
+    let d = dir.clone();
+    let s = BackgroundServer::start(cfg, move || {
+        Ok(infer_server::Loaded::Encoder(Box::new(infer_core::encoder::Encoder::load(&d, &infer_core::Device::Cpu)?)))
+    })
+    .unwrap();
+    let url = s.url();
+    wait_ready(&url);
+    let call = |path: &str, body: &Value| -> (u16, Value) {
+        let r = client().post(format!("{url}{path}")).bearer_auth("k3y").json(body).send().unwrap();
+        (r.status().as_u16(), r.json().unwrap())
+    };
+    let docs = want["documents"].as_array().unwrap().clone();
+    let scores: Vec<f64> = serde_json::from_value(want["scores"].clone()).unwrap();
+    let rank: Vec<usize> = serde_json::from_value(want["rerank"].clone()).unwrap();
+    let body = json!({"model": "tiny-ce", "query": want["query"], "documents": docs});
+    let (st, r) = call("/v1/rerank", &body);
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["model"], "tiny-ce");
+    assert!(r["id"].as_str().unwrap().starts_with("rerank-"), "{r}");
+    let results = r["results"].as_array().unwrap();
+    assert_eq!(results.len(), docs.len());
+    let got_rank: Vec<usize> = results.iter().map(|x| x["index"].as_u64().unwrap() as usize).collect();
+    assert_eq!(got_rank, rank, "{r}");
+    for x in results {
+        let i = x["index"].as_u64().unwrap() as usize;
+        let score = x["relevance_score"].as_f64().unwrap();
+        assert!((score - scores[i]).abs() <= 1e-4, "document {i}: {score} vs {}", scores[i]);
+        assert_eq!(x["document"]["text"], docs[i], "{x}");
+    }
+    let total = r["usage"]["total_tokens"].as_u64().unwrap();
+    let ids = want["input_ids"].as_array().unwrap();
+    assert_eq!(total, ids[..docs.len()].iter().map(|l| l.as_array().unwrap().len() as u64).sum::<u64>(), "{r}");
+    assert_eq!(r["usage"]["prompt_tokens"], total);
+    // top_n, return_documents, object documents and the aliases.
+    let objects: Vec<Value> = docs.iter().map(|d| json!({"text": d})).collect();
+    for path in ["/rerank", "/v1/reranking"] {
+        let (st, r) = call(path, &json!({"query": want["query"], "documents": objects, "top_n": 2, "return_documents": false}));
+        assert_eq!(st, 200, "{path}: {r}");
+        let results = r["results"].as_array().unwrap();
+        assert_eq!(results.len(), 2, "{r}");
+        assert_eq!(results[0]["index"], rank[0]);
+        assert_eq!(results[1]["index"], rank[1]);
+        assert!(results[0].get("document").is_none(), "{r}");
+    }
+    let (_, r) = call("/v1/rerank", &json!({"query": want["query"], "documents": docs, "top_n": 100}));
+    assert_eq!(r["results"].as_array().unwrap().len(), docs.len());
+    // max_tokens_per_doc cuts every document: fewer tokens.
+    let (st, r) = call("/v1/rerank", &json!({"query": want["query"], "documents": docs, "max_tokens_per_doc": 2}));
+    assert_eq!(st, 200, "{r}");
+    assert!(r["usage"]["total_tokens"].as_u64().unwrap() < total, "{r}");
+    // Bad requests name their field.
+    let many: Vec<&str> = vec!["x"; 1001];
+    let long_query = docs[5].as_str().unwrap();
+    for (bad, field) in [
+        (json!({"documents": ["a"]}), "query"),
+        (json!({"query": "", "documents": ["a"]}), "query"),
+        (json!({"query": 3, "documents": ["a"]}), "query"),
+        (json!({"query": long_query, "documents": ["a"]}), "query"),
+        (json!({"query": "q"}), "documents"),
+        (json!({"query": "q", "documents": []}), "documents"),
+        (json!({"query": "q", "documents": "a"}), "documents"),
+        (json!({"query": "q", "documents": many}), "documents"),
+        (json!({"query": "q", "documents": ["a", 7]}), "documents[1]"),
+        (json!({"query": "q", "documents": ["a", ""]}), "documents[1]"),
+        (json!({"query": "q", "documents": [{"txt": "a"}]}), "documents[0]"),
+        (json!({"query": "q", "documents": ["a"], "top_n": -1}), "top_n"),
+        (json!({"query": "q", "documents": ["a"], "top_n": "2"}), "top_n"),
+        (json!({"query": "q", "documents": ["a"], "return_documents": "yes"}), "return_documents"),
+        (json!({"query": "q", "documents": ["a"], "max_tokens_per_doc": 0}), "max_tokens_per_doc"),
+    ] {
+        let (st, e) = call("/v1/rerank", &bad);
+        assert_eq!(st, 400, "{bad}: {e}");
+        assert_eq!(e["error"]["param"], field, "{bad}: {e}");
+    }
+    let (st, e) = call("/v1/rerank", &json!({"model": "other", "query": "q", "documents": ["a"]}));
+    assert_eq!(st, 404, "{e}");
+    // The API key applies; embeddings and generation are refused.
+    let (st, _) = post(&url, "/v1/rerank", &body);
+    assert_eq!(st, 401);
+    let (st, e) = call("/v1/embeddings", &json!({"input": "hi"}));
+    assert_eq!((st, e["error"]["param"].as_str()), (400, Some("model")), "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("/v1/rerank"), "{e}");
+    let (st, e) = call("/v1/completions", &json!({"prompt": "hi"}));
+    assert_eq!(st, 400, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("/v1/rerank"), "{e}");
     s.stop().unwrap();
 }

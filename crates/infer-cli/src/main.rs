@@ -76,6 +76,21 @@ enum Command {
         #[arg(long, default_value = "last", value_name = "last|mean")]
         pooling: String,
     },
+    /// Score each DOCUMENT's relevance to the query with a cross-encoder folder (BERT
+    /// sequence classification, one label): one `index<TAB>score<TAB>document` line each, best first.
+    /// The score is sentence-transformers' CrossEncoder score (the sigmoid of the logit by default).
+    Rerank {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The query.
+        #[arg(long, short)]
+        query: String,
+        /// The documents (read from stdin, one per line, when none are given).
+        documents: Vec<String>,
+        /// Print only the best N.
+        #[arg(long)]
+        top_n: Option<usize>,
+    },
     /// Download a model from the Hugging Face Hub into the HF cache (HF_HOME, HF_TOKEN, HF_ENDPOINT).
     Pull {
         /// Hub id: org/name[@revision].
@@ -397,6 +412,35 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let mut out = std::io::stdout().lock();
             for v in vectors {
                 writeln!(out, "{}", serde_json::to_string(&v)?)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rerank { model, query, documents, top_n } => {
+            let documents = if documents.is_empty() {
+                let mut s = String::new();
+                std::io::stdin().read_to_string(&mut s).context("reading the documents from stdin")?;
+                s.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect()
+            } else {
+                documents
+            };
+            if documents.is_empty() {
+                bail!("no document to rerank");
+            }
+            let dir = std::path::Path::new(&model.model);
+            if !(dir.is_dir() && infer::encoder::is_encoder(dir)) {
+                bail!("`{}` is not a cross-encoder folder (a BERT config.json with BertForSequenceClassification)", model.model);
+            }
+            set_threads(model.threads)?;
+            let enc = infer::encoder::Encoder::load(dir, &infer::parse_device(&model.device)?)?;
+            if !enc.reranks() {
+                bail!("`{}` is an embedding encoder, not a cross-encoder (BertForSequenceClassification): it cannot rerank", model.model);
+            }
+            let scores = enc.rerank(&query, &documents)?;
+            let mut order: Vec<usize> = (0..scores.len()).collect();
+            order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+            let mut out = std::io::stdout().lock();
+            for i in order.into_iter().take(top_n.unwrap_or(usize::MAX)) {
+                writeln!(out, "{i}\t{:.6}\t{}", scores[i], documents[i])?;
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -161,7 +161,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let load = move || {
         let dir = std::path::Path::new(&spec);
         if dir.is_dir() && infer::encoder::is_encoder(dir) {
-            // An encoder (BERT family): /v1/embeddings only.
+            // An encoder (BERT family): /v1/embeddings only; a cross-encoder
+            // (BertForSequenceClassification): /v1/rerank only.
             return Ok(infer_server::Loaded::Encoder(Box::new(infer::encoder::Encoder::load(dir, &device)?)));
         }
         let opts = LoadOptions { device: device.clone(), dtype, gguf_file, quantize, kernels, ..Default::default() };

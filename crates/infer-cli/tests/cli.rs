@@ -368,3 +368,30 @@ fn tool_calls_are_shown() {
         &["--tool-choice", "nope"],
     );
 }
+
+/// `infer rerank` on the tiny cross-encoder: sentence-transformers' order and scores, `--top-n`; an
+/// embedding encoder is refused with one clear line.
+#[test]
+fn rerank_prints_the_cross_encoder_order() {
+    let dir = fixtures().join("tiny-cross-encoder");
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let docs: Vec<String> = serde_json::from_value(want["documents"].clone()).unwrap();
+    let scores: Vec<f64> = serde_json::from_value(want["scores"].clone()).unwrap();
+    let rank: Vec<usize> = serde_json::from_value(want["rerank"].clone()).unwrap();
+    let mut args = vec!["rerank", dir.to_str().unwrap(), "--query", want["query"].as_str().unwrap()];
+    args.extend(docs.iter().map(String::as_str));
+    let out = infer(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<Vec<&str>> = text.lines().map(|l| l.splitn(3, '\t').collect()).collect();
+    assert_eq!(lines.iter().map(|l| l[0].parse::<usize>().unwrap()).collect::<Vec<_>>(), rank, "{text}");
+    for l in &lines {
+        let i: usize = l[0].parse().unwrap();
+        assert!((l[1].parse::<f64>().unwrap() - scores[i]).abs() < 1e-4, "{text}");
+        assert_eq!(l[2], docs[i]);
+    }
+    args.extend(["--top-n", "2"]);
+    assert_eq!(String::from_utf8_lossy(&infer(&args).stdout).lines().count(), 2);
+    let bert = fixtures().join("tiny-bert");
+    assert_clean_error(&infer(&["rerank", bert.to_str().unwrap(), "--query", "q", "d"]), &["cannot rerank"]);
+}

@@ -1,7 +1,8 @@
 //! Attention over a paged KV cache, on the CPU.
 //!
 //! Cache layout (per layer, for K and for V alike): `[num_blocks, block_size, num_kv_heads, head_dim]`,
-//! f32, row-major. A sequence's tokens live in the blocks its block table names, in order: token `t`
+//! f32, f16 or 8-bit (q8_0: `i8` values and one f16 scale per 32 consecutive values, value i =
+//! `scales[i / 32] · q[i]`, so `head_dim` must be a multiple of 32), row-major. A sequence's tokens live in the blocks its block table names, in order: token `t`
 //! of a sequence is in block `table[t / block_size]` at offset `t % block_size`.
 //!
 //! The queries of one forward pass are a ragged batch: all sequences' new tokens stacked in one
@@ -52,10 +53,13 @@ pub struct SeqAttention<'a> {
     pub block_table: &'a [u32],
 }
 
-/// Element type of the KV cache: f32, or f16 (half the memory; widened to f32 in registers).
+/// Element type of the KV cache: f32, f16 (half the memory; widened to f32 in registers) or i8
+/// (q8_0: with a scale per 32 values, see the module doc; written by [`write_kv_q8`]).
 pub trait KvElem: Copy + Send + Sync + Default + 'static {
-    /// Whether the type is f16 (else f32).
+    /// Whether the type is f16 (else f32 or i8).
     const HALF: bool;
+    /// Whether the type is q8_0's i8 (its values need their block's scale).
+    const Q8: bool = false;
     fn from_f32(v: f32) -> Self;
     fn to_f32(self) -> f32;
 }
@@ -84,9 +88,75 @@ impl KvElem for half::f16 {
     }
 }
 
+impl KvElem for i8 {
+    const HALF: bool = false;
+    const Q8: bool = true;
+    /// (Unscaled: [`write_kv_q8`] quantizes whole blocks.)
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v as i8
+    }
+    /// The integer value, without its block's scale.
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+}
+
+/// Values per scale of a q8_0 cache.
+pub const Q8_BLOCK: usize = 32;
+
+/// The new keys and values (`[num_tokens, num_kv_heads, head_dim]`) quantized into a q8_0 cache
+/// (`(values, scales)` for keys and for values; see the module doc): each 32 values of a row get
+/// the scale max|x| / 127 (stored as f16) and round to the nearest integer, as llama.cpp's q8_0.
+pub fn write_kv_q8(
+    k: &[f32],
+    v: &[f32],
+    slots: &[usize],
+    shape: &AttentionShape,
+    k_cache: (&mut [i8], &mut [half::f16]),
+    v_cache: (&mut [i8], &mut [half::f16]),
+) {
+    let row = shape.num_kv_heads * shape.head_dim;
+    debug_assert!(row.is_multiple_of(Q8_BLOCK) && k.len() == slots.len() * row);
+    let (kq, kd) = k_cache;
+    let (vq, vd) = v_cache;
+    for (i, &slot) in slots.iter().enumerate() {
+        for (src, q, d) in [(&k[i * row..(i + 1) * row], &mut *kq, &mut *kd), (&v[i * row..(i + 1) * row], &mut *vq, &mut *vd)] {
+            let (q, d) = (&mut q[slot * row..(slot + 1) * row], &mut d[slot * row / Q8_BLOCK..(slot + 1) * row / Q8_BLOCK]);
+            for ((x, q), d) in src.chunks_exact(Q8_BLOCK).zip(q.chunks_exact_mut(Q8_BLOCK)).zip(d.iter_mut()) {
+                let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let scale = amax / 127.0;
+                let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                for (q, &x) in q.iter_mut().zip(x) {
+                    *q = (x * inv).round() as i8;
+                }
+                *d = half::f16::from_f32(scale);
+            }
+        }
+    }
+}
+
+/// [`paged_attention`] over a q8_0 cache (`(values, scales)` for keys and for values, written by
+/// [`write_kv_q8`]); `head_dim` must be a multiple of 32.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention_q8(
+    isa: Isa,
+    q: &[f32],
+    k_cache: (&[i8], &[half::f16]),
+    v_cache: (&[i8], &[half::f16]),
+    seqs: &[SeqAttention<'_>],
+    shape: &AttentionShape,
+    out: &mut [f32],
+) {
+    assert!(shape.head_dim.is_multiple_of(Q8_BLOCK), "a q8_0 KV cache needs a head size that is a multiple of 32");
+    attend(isa, q, k_cache, v_cache, seqs, shape, out)
+}
+
 /// Writes the new keys and values (`[num_tokens, num_kv_heads, head_dim]`) into their cache slots.
 /// `slots[i]` is the flat slot (`block * block_size + offset`) of token row `i`.
 pub fn write_kv<E: KvElem>(k: &[f32], v: &[f32], slots: &[usize], shape: &AttentionShape, k_cache: &mut [E], v_cache: &mut [E]) {
+    debug_assert!(!E::Q8, "a q8_0 cache is written by write_kv_q8");
     let row = shape.num_kv_heads * shape.head_dim;
     debug_assert_eq!(k.len(), slots.len() * row);
     for (i, &slot) in slots.iter().enumerate() {
@@ -115,6 +185,20 @@ pub fn paged_attention<E: KvElem>(
     shape: &AttentionShape,
     out: &mut [f32],
 ) {
+    debug_assert!(!E::Q8, "a q8_0 cache is read by paged_attention_q8");
+    attend(isa, q, (k_cache, &[]), (v_cache, &[]), seqs, shape, out)
+}
+
+/// [`paged_attention`] for any cache type: `(elements, scales)` (scales only for q8_0).
+fn attend<E: KvElem>(
+    isa: Isa,
+    q: &[f32],
+    (k_cache, k_scales): (&[E], &[half::f16]),
+    (v_cache, v_scales): (&[E], &[half::f16]),
+    seqs: &[SeqAttention<'_>],
+    shape: &AttentionShape,
+    out: &mut [f32],
+) {
     let hd = shape.head_dim;
     let q_row = shape.num_heads * hd;
     scratch::with(&ROW_SEQ, |row_seq| {
@@ -123,7 +207,7 @@ pub fn paged_attention<E: KvElem>(
         for (s, seq) in seqs.iter().enumerate() {
             row_seq[seq.q_start..seq.q_start + seq.q_len].fill(s);
         }
-        let call = Call { isa, q, k_cache, v_cache, seqs, shape, row_seq };
+        let call = Call { isa, q, k_cache, v_cache, k_scales, v_scales, seqs, shape, row_seq };
         #[cfg(target_arch = "x86_64")]
         if tiled::attend(&call, out) {
             return;
@@ -139,6 +223,9 @@ pub(super) struct Call<'a, E> {
     pub q: &'a [f32],
     pub k_cache: &'a [E],
     pub v_cache: &'a [E],
+    /// q8_0 caches: one scale per 32 elements of `k_cache` / `v_cache` (else empty).
+    pub k_scales: &'a [half::f16],
+    pub v_scales: &'a [half::f16],
     pub seqs: &'a [SeqAttention<'a>],
     pub shape: &'a AttentionShape,
     pub row_seq: &'a [usize],

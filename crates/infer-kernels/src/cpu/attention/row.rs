@@ -2,7 +2,7 @@
 //! buffer; AVX2 for the usual head sizes, a portable loop otherwise (for what the tiled kernels do
 //! not take: scalar CPUs, other head sizes, aarch64).
 
-use super::{run_tasks, AttentionShape, Call, KvElem};
+use super::{run_tasks, AttentionShape, Call, KvElem, Q8_BLOCK};
 use crate::cpu::isa::Isa;
 use crate::cpu::{scratch, OutPtr};
 use std::cell::RefCell;
@@ -14,7 +14,7 @@ thread_local! {
 
 /// Each row through [`attend_row`], the rows spread over the pool when the work is worth it.
 pub(super) fn attend<E: KvElem>(call: &Call<'_, E>, out: &mut [f32]) {
-    let Call { isa, q, k_cache, v_cache, seqs, shape, row_seq } = *call;
+    let Call { isa, q, k_cache, v_cache, k_scales, v_scales, seqs, shape, row_seq } = *call;
     let q_row = shape.num_heads * shape.head_dim;
     let dst = OutPtr(out.as_mut_ptr());
     let run_row = |r: usize| {
@@ -28,7 +28,8 @@ pub(super) fn attend<E: KvElem>(call: &Call<'_, E>, out: &mut [f32]) {
         let seq = &seqs[s];
         let pos = seq.context_len - seq.q_len + (r - seq.q_start);
         let q = &q[r * q_row..(r + 1) * q_row];
-        scratch::with(&SCORES, |scores| attend_row(isa, q, pos, seq.block_table, k_cache, v_cache, shape, out_row, scores));
+        let (kc, vc) = ((k_cache, k_scales), (v_cache, v_scales));
+        scratch::with(&SCORES, |scores| attend_row(isa, q, pos, seq.block_table, kc, vc, shape, out_row, scores));
     };
     run_tasks(seqs, q_row, out.len() / q_row, &run_row);
 }
@@ -95,21 +96,22 @@ fn reserve_scores(scores: &mut Vec<f32>, n: usize) {
 }
 
 /// All heads of one query row at position `pos` (`scores`: this thread's score buffer): the AVX2
-/// kernel for the usual head sizes, else the portable loop.
+/// kernel for the usual head sizes and float caches, else the portable loop. The caches come with
+/// their q8_0 scales (empty for float caches).
 #[allow(clippy::too_many_arguments)]
 fn attend_row<E: KvElem>(
     isa: Isa,
     q: &[f32],
     pos: usize,
     table: &[u32],
-    k_cache: &[E],
-    v_cache: &[E],
+    (k_cache, k_scales): (&[E], &[half::f16]),
+    (v_cache, v_scales): (&[E], &[half::f16]),
     shape: &AttentionShape,
     out: &mut [f32],
     scores: &mut Vec<f32>,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if isa != Isa::Scalar {
+    if isa != Isa::Scalar && !E::Q8 {
         // SAFETY: every non-scalar Isa implies AVX2, FMA and F16C.
         unsafe {
             let a = (q, pos, table, k_cache, v_cache, shape);
@@ -139,7 +141,15 @@ fn attend_row<E: KvElem>(
         for (i, o) in Slots::new(first, pos, table, shape) {
             let k = &k_cache[o + koff..o + koff + hd];
             for h in 0..group {
-                scores[h * n + i] = capped(dot(&qg[h * hd..(h + 1) * hd], k) * shape.scale, shape.softcap);
+                let qh = &qg[h * hd..(h + 1) * hd];
+                let s = if E::Q8 {
+                    // Block by block, each dot product times its block's scale.
+                    let scales = &k_scales[(o + koff) / Q8_BLOCK..];
+                    qh.chunks(Q8_BLOCK).zip(k.chunks(Q8_BLOCK)).zip(scales).map(|((a, b), d)| dot(a, b) * d.to_f32()).sum()
+                } else {
+                    dot(qh, k)
+                };
+                scores[h * n + i] = capped(s * shape.scale, shape.softcap);
             }
         }
         for h in 0..group {
@@ -159,8 +169,19 @@ fn attend_row<E: KvElem>(
             let v = &v_cache[o + koff..o + koff + hd];
             for h in 0..group {
                 let w = scores[h * n + i];
-                for (acc, &x) in og[h * hd..(h + 1) * hd].iter_mut().zip(v) {
-                    *acc += w * x.to_f32();
+                let oh = &mut og[h * hd..(h + 1) * hd];
+                if E::Q8 {
+                    let scales = &v_scales[(o + koff) / Q8_BLOCK..];
+                    for ((acc, v), d) in oh.chunks_mut(Q8_BLOCK).zip(v.chunks(Q8_BLOCK)).zip(scales) {
+                        let w = w * d.to_f32();
+                        for (acc, &x) in acc.iter_mut().zip(v) {
+                            *acc += w * x.to_f32();
+                        }
+                    }
+                } else {
+                    for (acc, &x) in oh.iter_mut().zip(v) {
+                        *acc += w * x.to_f32();
+                    }
                 }
             }
         }

@@ -56,7 +56,7 @@ fn rand_vec(n: usize, seed: &mut u64) -> Vec<f32> {
 fn paged_matches_dense_ragged_gqa_and_window() {
     for ((window, softcap), head_dim, isa) in [(None, None), (Some(3), None), (Some(20), None), (None, Some(0.8))]
         .into_iter()
-        .flat_map(|w| [8, 64, 72].into_iter().flat_map(move |hd| Isa::available().into_iter().map(move |isa| (w, hd, isa))))
+        .flat_map(|w| [8, 64, 72, 96].into_iter().flat_map(move |hd| Isa::available().into_iter().map(move |isa| (w, hd, isa))))
     {
         let sh = AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim, block_size: 4, scale: 0.35, sliding_window: window, softcap };
         let kv_row = sh.num_kv_heads * sh.head_dim;
@@ -109,6 +109,37 @@ fn paged_matches_dense_ragged_gqa_and_window() {
         let r1 = reference(&q[qr..], &round(&full[1].0), &round(&full[1].1), new[1], ctx[1], &sh);
         for (a, b) in out.iter().zip(r0.iter().chain(&r1)) {
             assert!((a - b).abs() < 1e-5, "f16 cache, window {window:?} head_dim {head_dim} {isa:?}: {a} vs {b}");
+        }
+        // A q8_0 cache (head sizes that are multiples of 32) gives the reference over q8_0-rounded
+        // keys and values (llama.cpp's rounding: scale max|x|/127 kept as f16, values x·127/max|x|
+        // to the nearest integer), and stays near the exact result.
+        if head_dim % 32 == 0 {
+            let n = num_blocks * sh.block_size * kv_row;
+            let (mut kq, mut kd, mut vq, mut vd) =
+                (vec![0i8; n], vec![half::f16::ZERO; n / 32], vec![0i8; n], vec![half::f16::ZERO; n / 32]);
+            let k8 = (&mut kq[..], &mut kd[..]);
+            let v8 = (&mut vq[..], &mut vd[..]);
+            write_kv_q8(&full[0].0[..6 * kv_row], &full[0].1[..6 * kv_row], &old, &sh, k8, v8);
+            write_kv_q8(&kb, &vb, &slots, &sh, (&mut kq, &mut kd), (&mut vq, &mut vd));
+            let mut out = vec![f32::NAN; q.len()];
+            paged_attention_q8(isa, &q, (&kq, &kd), (&vq, &vd), &seqs, &sh, &mut out);
+            let q8 = |x: &[f32]| -> Vec<f32> {
+                x.chunks(32)
+                    .flat_map(|c| {
+                        let amax = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        let d = amax / 127.0;
+                        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                        let d16 = half::f16::from_f32(d).to_f32();
+                        c.iter().map(move |&v| d16 * (v * inv).round())
+                    })
+                    .collect()
+            };
+            let r0 = reference(&q[..qr], &q8(&full[0].0), &q8(&full[0].1), new[0], ctx[0], &sh);
+            let r1 = reference(&q[qr..], &q8(&full[1].0), &q8(&full[1].1), new[1], ctx[1], &sh);
+            for ((a, b), e) in out.iter().zip(r0.iter().chain(&r1)).zip(&expect) {
+                assert!((a - b).abs() < 1e-4, "q8_0 cache, window {window:?} head_dim {head_dim} {isa:?}: {a} vs {b}");
+                assert!((a - e).abs() < 0.02, "q8_0 cache far from f32, head_dim {head_dim} {isa:?}: {a} vs {e}");
+            }
         }
     }
 }

@@ -22,15 +22,25 @@ struct Scratch<const HD: usize> {
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C; otherwise as [`super::avx512::unit`].
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn unit<E: KvElem>(lanes: &[Lane], k_cache: &[E], v_cache: &[E], table: &[u32], kvh: usize, shape: &AttentionShape) {
+pub(crate) unsafe fn unit<E: KvElem>(
+    lanes: &[Lane],
+    k_cache: (&[E], &[half::f16]),
+    v_cache: (&[E], &[half::f16]),
+    table: &[u32],
+    kvh: usize,
+    shape: &AttentionShape,
+) {
     let a = (lanes, k_cache, v_cache, table, kvh, shape);
     by_head_dim!(shape.head_dim, unit_hd, E, a)
 }
 
 #[inline(always)]
-unsafe fn copy_row<const HD: usize, E: KvElem>(src: *const E, dst: *mut f32) {
+unsafe fn copy_row<const HD: usize, E: KvElem>(src: *const E, scales: *const half::f16, dst: *mut f32) {
     for c in (0..HD).step_by(8) {
-        let v = if E::HALF {
+        let v = if E::Q8 {
+            let x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(src.add(c) as *const __m128i)));
+            _mm256_mul_ps(x, _mm256_set1_ps((*scales.add(c / 32)).to_f32()))
+        } else if E::HALF {
             _mm256_cvtph_ps(_mm_loadu_si128(src.add(c) as *const __m128i))
         } else {
             _mm256_loadu_ps(src.add(c) as *const f32)
@@ -76,8 +86,10 @@ unsafe fn unit_hd<const HD: usize, E: KvElem>((lanes, k_cache, v_cache, table, k
         for j in 0..nk {
             let t = t0 + j;
             let off = (table[t / bs] as usize * bs + t % bs) * kv_row + koff;
-            copy_row::<HD, E>(k_cache.as_ptr().add(off), sc.kb[j].as_mut_ptr());
-            copy_row::<HD, E>(v_cache.as_ptr().add(off), sc.vb[j].as_mut_ptr());
+            // (q8_0: the row's first scale; `off` is a multiple of 32 then.)
+            let so = off / 32;
+            copy_row::<HD, E>(k_cache.0.as_ptr().add(off), k_cache.1.as_ptr().wrapping_add(so), sc.kb[j].as_mut_ptr());
+            copy_row::<HD, E>(v_cache.0.as_ptr().add(off), v_cache.1.as_ptr().wrapping_add(so), sc.vb[j].as_mut_ptr());
         }
         let mut s = [_mm256_setzero_ps(); KEYS];
         for d in 0..HD {

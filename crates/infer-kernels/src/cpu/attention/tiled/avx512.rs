@@ -26,16 +26,26 @@ struct Scratch<const HD: usize> {
 /// lanes' pointers must be valid (`head_dim` elements each; outputs written by this unit only); the
 /// caches and block table must hold the sequence's tokens up to the largest position.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub(crate) unsafe fn unit<E: KvElem>(lanes: &[Lane], k_cache: &[E], v_cache: &[E], table: &[u32], kvh: usize, shape: &AttentionShape) {
+pub(crate) unsafe fn unit<E: KvElem>(
+    lanes: &[Lane],
+    k_cache: (&[E], &[half::f16]),
+    v_cache: (&[E], &[half::f16]),
+    table: &[u32],
+    kvh: usize,
+    shape: &AttentionShape,
+) {
     let a = (lanes, k_cache, v_cache, table, kvh, shape);
     by_head_dim!(shape.head_dim, unit_hd, E, a)
 }
 
 /// One cache row of `HD` elements, widened to f32.
 #[inline(always)]
-unsafe fn copy_row<const HD: usize, E: KvElem>(src: *const E, dst: *mut f32) {
+unsafe fn copy_row<const HD: usize, E: KvElem>(src: *const E, scales: *const half::f16, dst: *mut f32) {
     for c in (0..HD).step_by(16) {
-        let v = if E::HALF {
+        let v = if E::Q8 {
+            let x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(src.add(c) as *const __m128i)));
+            _mm512_mul_ps(x, _mm512_set1_ps((*scales.add(c / 32)).to_f32()))
+        } else if E::HALF {
             _mm512_cvtph_ps(_mm256_loadu_si256(src.add(c) as *const __m256i))
         } else {
             _mm512_loadu_ps(src.add(c) as *const f32)
@@ -81,8 +91,10 @@ unsafe fn unit_hd<const HD: usize, E: KvElem>((lanes, k_cache, v_cache, table, k
         for j in 0..nk {
             let t = t0 + j;
             let off = (table[t / bs] as usize * bs + t % bs) * kv_row + koff;
-            copy_row::<HD, E>(k_cache.as_ptr().add(off), sc.kb[j].as_mut_ptr());
-            copy_row::<HD, E>(v_cache.as_ptr().add(off), sc.vb[j].as_mut_ptr());
+            // (q8_0: the row's first scale; `off` is a multiple of 32 then.)
+            let so = off / 32;
+            copy_row::<HD, E>(k_cache.0.as_ptr().add(off), k_cache.1.as_ptr().wrapping_add(so), sc.kb[j].as_mut_ptr());
+            copy_row::<HD, E>(v_cache.0.as_ptr().add(off), v_cache.1.as_ptr().wrapping_add(so), sc.vb[j].as_mut_ptr());
         }
         // Scores: s[j] lane i = q_i · k_j.
         let mut s = [_mm512_setzero_ps(); KEYS];

@@ -66,7 +66,9 @@ pub(crate) struct Lane {
     pub(crate) pos: usize,
 }
 
-type Args<'a, E> = (&'a [Lane], &'a [E], &'a [E], &'a [u32], usize, &'a AttentionShape);
+/// A unit's lanes, the key and value caches with their q8_0 scales (else empty), the sequence's
+/// block table, the KV head, the shape.
+type Args<'a, E> = (&'a [Lane], (&'a [E], &'a [half::f16]), (&'a [E], &'a [half::f16]), &'a [u32], usize, &'a AttentionShape);
 
 /// First key step (a multiple of `keys`: keys before a lane's window are masked) and last key of
 /// a unit's lanes.
@@ -86,7 +88,8 @@ fn key_range(lanes: &[Lane], window: Option<usize>, keys: usize) -> (usize, usiz
 /// units of consecutive rows of one head, single rows (decode steps) as units of the query heads of
 /// one KV head. Returns false (nothing done) otherwise, for the per-row kernel.
 pub(super) fn attend<E: KvElem>(call: &Call<'_, E>, out: &mut [f32]) -> bool {
-    let Call { isa, q, k_cache, v_cache, seqs, shape, row_seq } = *call;
+    let Call { isa, q, k_cache, v_cache, k_scales, v_scales, seqs, shape, row_seq } = *call;
+    let (k_cache, v_cache) = ((k_cache, k_scales), (v_cache, v_scales));
     let (hd, q_row) = (shape.head_dim, shape.num_heads * shape.head_dim);
     if isa == Isa::Scalar || !supports(hd) {
         return false;

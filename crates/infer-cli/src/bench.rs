@@ -8,9 +8,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use infer::kv_cache::KvDtype;
 use infer::kv_cache::{default_cache_dtype, parse_cache_dtype, PagedKvCache};
 use infer::models::{BatchInput, LogitsWanted};
-use infer::{DType, DTypeChoice, LoadOptions, LoadedModel};
+use infer::{DTypeChoice, LoadOptions, LoadedModel};
 use serde_json::json;
 
 #[derive(Args)]
@@ -47,7 +48,7 @@ pub struct BenchArgs {
     /// Device: cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// KV cache storage: f32 or f16 (bf16 too on a GPU); default: f32 on the CPU, the model's
+    /// KV cache storage: f32, f16 or q8_0 (bf16 on a GPU); default: f32 on the CPU, the model's
     /// dtype on a GPU.
     #[arg(long, value_name = "TYPE")]
     pub kv_cache_dtype: Option<String>,
@@ -56,6 +57,10 @@ pub struct BenchArgs {
     /// against tgN: what checking a draft costs.
     #[arg(long, value_name = "K", value_delimiter = ',')]
     pub verify: Vec<usize>,
+    /// Context already in the cache before each test (comma-separated), as llama-bench's `-d`:
+    /// prefilled untimed, so `tgN @ dD` times decode steps reading D + N keys.
+    #[arg(short = 'd', long = "n-depth", value_delimiter = ',', default_value = "0")]
+    pub n_depth: Vec<usize>,
     /// Also time generation through the engine on a real prompt (--prompt-file, chat template,
     /// greedy), without and with speculative decoding: `ngram` (prompt lookup) or a draft model.
     #[arg(long, value_name = "ngram|MODEL")]
@@ -90,38 +95,54 @@ fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 
 /// Seconds for one forward pass over `n` prompt tokens (empty cache).
 /// A KV cache for `n` tokens where the model runs.
-fn new_cache(m: &LoadedModel, n: usize, kv: Option<DType>) -> Result<PagedKvCache> {
+fn new_cache(m: &LoadedModel, n: usize, kv: Option<KvDtype>) -> Result<PagedKvCache> {
     let device = m.model.device();
     let dtype = kv.unwrap_or_else(|| default_cache_dtype(&device, m.model.dtype()));
     Ok(PagedKvCache::new_on(m.config(), 16, n.div_ceil(16) + 1, &device, dtype)?)
 }
 
-fn run_pp(m: &LoadedModel, n: usize, kv: Option<DType>, seed: u64) -> Result<f64> {
+/// Fills the first `depth` positions of `table`'s sequence (untimed), in passes of 512 tokens.
+fn prefill(m: &LoadedModel, cache: &mut PagedKvCache, table: &[u32], depth: usize, seed: u64) -> Result<()> {
+    let toks = tokens(depth, m.config().vocab_size, seed ^ 0x5eed);
+    let mut logits = Vec::new();
+    for start in (0..depth).step_by(512) {
+        let mut batch = BatchInput::default();
+        batch.push_sequence(&toks[start..(start + 512).min(depth)], start, table, 16, LogitsWanted::Last);
+        m.model.forward_into(&batch, cache, &mut logits)?;
+    }
+    Ok(())
+}
+
+/// Seconds for one forward pass over `n` prompt tokens after `depth` tokens of context.
+fn run_pp(m: &LoadedModel, n: usize, depth: usize, kv: Option<KvDtype>, seed: u64) -> Result<f64> {
     let cfg = m.config();
-    let mut cache = new_cache(m, n, kv)?;
+    let mut cache = new_cache(m, depth + n, kv)?;
     let mut table = Vec::new();
-    cache.reserve(&mut table, n)?;
+    cache.reserve(&mut table, depth + n)?;
+    prefill(m, &mut cache, &table, depth, seed)?;
     let mut batch = BatchInput::default();
-    batch.push_sequence(&tokens(n, cfg.vocab_size, seed), 0, &table, 16, LogitsWanted::Last);
+    batch.push_sequence(&tokens(n, cfg.vocab_size, seed), depth, &table, 16, LogitsWanted::Last);
     let t0 = Instant::now();
     m.model.forward_into(&batch, &mut cache, &mut Vec::new())?;
     Ok(t0.elapsed().as_secs_f64())
 }
 
-/// Seconds for `n` decode steps from an empty cache, each feeding one token plus `verify` drafted
-/// ones (their logits too) and keeping the first: the cache grows by one token per step.
-fn run_tg(m: &LoadedModel, n: usize, verify: usize, kv: Option<DType>, seed: u64) -> Result<f64> {
+/// Seconds for `n` decode steps after `depth` tokens of context, each feeding one token plus
+/// `verify` drafted ones (their logits too) and keeping the first: the cache grows by one token per
+/// step.
+fn run_tg(m: &LoadedModel, n: usize, depth: usize, verify: usize, kv: Option<KvDtype>, seed: u64) -> Result<f64> {
     let cfg = m.config();
-    let mut cache = new_cache(m, n + verify, kv)?;
+    let mut cache = new_cache(m, depth + n + verify, kv)?;
     let mut table = Vec::new();
-    cache.reserve(&mut table, n + verify)?;
+    cache.reserve(&mut table, depth + n + verify)?;
+    prefill(m, &mut cache, &table, depth, seed)?;
     let toks = tokens(n + verify, cfg.vocab_size, seed);
     let mut logits = Vec::new();
     let t0 = Instant::now();
-    for pos in 0..n {
+    for i in 0..n {
         let mut batch = BatchInput::default();
         let want = if verify == 0 { LogitsWanted::Last } else { LogitsWanted::LastN(verify + 1) };
-        batch.push_sequence(&toks[pos..pos + 1 + verify], pos, &table, 16, want);
+        batch.push_sequence(&toks[i..i + 1 + verify], depth + i, &table, 16, want);
         m.model.forward_into(&batch, &mut cache, &mut logits)?;
     }
     Ok(t0.elapsed().as_secs_f64())
@@ -133,7 +154,7 @@ fn run_engine(
     m: &LoadedModel,
     prompt: &[u32],
     n: usize,
-    kv: Option<DType>,
+    kv: Option<KvDtype>,
     spec: Option<infer::SpeculativeConfig>,
 ) -> Result<(f64, usize, usize, usize)> {
     let cfg = infer::EngineConfig {
@@ -266,19 +287,23 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let backend_md = if backend == "CPU" { format!("CPU ({cpu_kernels})") } else { backend.to_string() };
     let opts = LoadOptions { device, dtype, gguf_file: args.gguf_file.clone(), quantize, kernels, ..Default::default() };
     let model = crate::alloc::while_loading(|| infer::load(&args.model, opts))?;
-    let kv_name = kv.unwrap_or_else(|| default_cache_dtype(&model.model.device(), model.model.dtype())).as_str();
+    let kv_type = kv.unwrap_or_else(|| default_cache_dtype(&model.model.device(), model.model.dtype()));
+    let kv_name = kv_type.name();
     let name = Path::new(&args.model).file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_else(|| args.model.clone());
     let size = model_bytes(&args.model);
     let params = model_params(&model);
-    // (prompt tokens, generated tokens, drafted tokens verified per step)
-    let mut tests: Vec<(usize, usize, usize)> = args.n_prompt.iter().filter(|&&p| p > 0).map(|&p| (p, 0, 0)).collect();
-    for &n in args.n_gen.iter().filter(|&&n| n > 0) {
-        tests.push((0, n, 0));
-        tests.extend(args.verify.iter().filter(|&&k| k > 0).map(|&k| (0, n, k)));
+    // (prompt tokens, generated tokens, drafted tokens verified per step, depth)
+    let mut tests: Vec<(usize, usize, usize, usize)> = Vec::new();
+    for &d in &args.n_depth {
+        tests.extend(args.n_prompt.iter().filter(|&&p| p > 0).map(|&p| (p, 0, 0, d)));
+        for &n in args.n_gen.iter().filter(|&&n| n > 0) {
+            tests.push((0, n, 0, d));
+            tests.extend(args.verify.iter().filter(|&&k| k > 0).map(|&k| (0, n, k, d)));
+        }
     }
     let max_ctx = model.config().max_position_embeddings;
-    if let Some(&(p, n, k)) = tests.iter().find(|&&(p, n, k)| p.max(n + k) > max_ctx) {
-        bail!("test of {} tokens exceeds the model's context ({max_ctx})", p.max(n + k));
+    if let Some(&(p, n, k, d)) = tests.iter().find(|&&(p, n, k, d)| d + p.max(n + k) > max_ctx) {
+        bail!("test of {} tokens exceeds the model's context ({max_ctx})", d + p.max(n + k));
     }
     let spec = match &args.draft {
         None => None,
@@ -309,12 +334,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let mut records = Vec::new();
     let weight_bytes = bytes_per_token(&model, size, params);
+    // What each token of context takes in the KV cache (keys and values of every layer).
+    let kv_per_token = PagedKvCache::bytes_per_block_of(model.config(), 16, kv_type) / 16;
+    if !json_out {
+        eprintln!("KV cache {kv_name}: {:.1} KiB per token of context", kv_per_token as f64 / 1024.0);
+    }
     for &t in &threads {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().context("starting the thread pool")?;
         // Decoding streams the weights once per step: its rate against the machine's.
-        let bandwidth = if backend == "CPU" && tests.iter().any(|&(p, _, _)| p == 0) { Some(read_bandwidth(t)) } else { None };
-        for &(p, n, k) in &tests {
-            let run = |seed| if p > 0 { run_pp(&model, p, kv, seed) } else { run_tg(&model, n, k, kv, seed) };
+        let bandwidth = if backend == "CPU" && tests.iter().any(|&(p, _, _, _)| p == 0) { Some(read_bandwidth(t)) } else { None };
+        for &(p, n, k, d) in &tests {
+            let run = |seed| if p > 0 { run_pp(&model, p, d, kv, seed) } else { run_tg(&model, n, d, k, kv, seed) };
             // One warm-up run, as llama-bench does.
             pool.install(|| run(0))?;
             let mut secs = Vec::with_capacity(args.repetitions);
@@ -330,6 +360,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 (0, k) => format!("tg{n}+v{k}"),
                 _ => format!("pp{p}"),
             };
+            let test = if d > 0 { format!("{test} @ d{d}") } else { test };
             if json_out {
                 records.push(json!({
                     "build_commit": env!("CARGO_PKG_VERSION"),
@@ -347,7 +378,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     "type_v": kv_name,
                     "n_prompt": p,
                     "n_gen": n,
+                    "n_depth": d,
                     "n_verify": k,
+                    "kv_bytes_per_token": kv_per_token,
                     "weights_read_gbps": (p == 0).then(|| weight_bytes * avg_ts / 1e9),
                     "read_bandwidth_gbps": bandwidth.map(|b| b / 1e9),
                     "test_time": chrono_now(),
@@ -364,7 +397,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     size as f64 / (1 << 20) as f64,
                     params as f64 / 1e6
                 );
-                if let (0, 0, Some(bw)) = (p, k, bandwidth) {
+                if let (0, 0, 0, Some(bw)) = (p, k, d, bandwidth) {
                     let used = weight_bytes * avg_ts;
                     eprintln!(
                         "{test}: weights read at {:.1} GB/s = {:.0}% of the {:.1} GB/s this machine reads with {t} threads",

@@ -42,6 +42,10 @@ pub struct EvalArgs {
     /// non-overlapping windows scoring their second half, as llama-perplexity).
     #[arg(long)]
     pub stride: Option<usize>,
+    /// Perplexity: KV cache storage (f32, f16 or q8_0 on the CPU; default f32), to measure what a
+    /// smaller cache costs.
+    #[arg(long, value_name = "TYPE")]
+    pub kv_cache_dtype: Option<String>,
     /// Evaluate at most N items (perplexity: windows).
     #[arg(long)]
     pub limit: Option<usize>,
@@ -140,7 +144,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
     };
     let device = infer::parse_device(&args.device)?;
     let dtype: DTypeChoice = args.dtype.parse()?;
-    let opts = PerplexityOptions { ctx: args.ctx, stride: args.stride, limit: args.limit, ..Default::default() };
+    let kv_cache_dtype = args.kv_cache_dtype.as_deref().map(infer::kv_cache::parse_cache_dtype).transpose()?;
+    let opts = PerplexityOptions { ctx: args.ctx, stride: args.stride, limit: args.limit, kv_cache_dtype, ..Default::default() };
     let mut rows = Vec::new();
     for spec in &args.models {
         reset_peak_rss();
@@ -181,8 +186,16 @@ pub fn run(args: EvalArgs) -> Result<()> {
         };
         let mut new_rows = match &items {
             None => {
-                let key =
-                    item_key(&["perplexity", &text, &args.ctx.to_string(), &format!("{:?}", args.stride), &format!("{:?}", args.limit)]);
+                let mut parts = vec![
+                    "perplexity".to_string(),
+                    text.clone(),
+                    args.ctx.to_string(),
+                    format!("{:?}", args.stride),
+                    format!("{:?}", args.limit),
+                ];
+                // (Only when given, so the keys of earlier results stay valid.)
+                parts.extend(kv_cache_dtype.map(|d| format!("kv {d}")));
+                let key = item_key(&parts.iter().map(String::as_str).collect::<Vec<_>>());
                 let (ppl, se, n, tps) = match cache.get(&key) {
                     Some(v) => (
                         v["perplexity"].as_f64().unwrap_or(f64::NAN),

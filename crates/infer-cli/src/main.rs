@@ -133,8 +133,8 @@ pub(crate) struct ModelArgs {
     /// Quantize safetensors weights at load: q8_0, q4_0, q4_k, q5_k or q6_k (CPU).
     #[arg(long, value_name = "TYPE")]
     pub quantize: Option<String>,
-    /// KV cache storage: f32 or f16 (half the memory), bf16 too on a GPU (default: f32 on the CPU,
-    /// the model's dtype on a GPU).
+    /// KV cache storage: f32, f16 (half the memory) or q8_0 (about a quarter: 8-bit values with a
+    /// scale per 32) on the CPU, bf16 on a GPU (default: f32 on the CPU, the model's dtype on a GPU).
     #[arg(long, value_name = "TYPE")]
     pub kv_cache_dtype: Option<String>,
     /// Speculative decoding: `ngram` (prompt lookup: drafts copied from where the text so far

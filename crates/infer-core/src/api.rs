@@ -106,9 +106,9 @@ impl ModelBuilder {
         self.engine.max_context = Some(n);
         self
     }
-    /// How the KV cache stores keys and values: f32 or f16 (bf16 too on a GPU).
-    pub fn kv_cache_dtype(mut self, dtype: candle_core::DType) -> Self {
-        self.engine.kv_cache_dtype = Some(dtype);
+    /// How the KV cache stores keys and values: f32, f16 or q8_0 (CPU), bf16 (GPU).
+    pub fn kv_cache_dtype(mut self, dtype: impl Into<crate::kv_cache::KvDtype>) -> Self {
+        self.engine.kv_cache_dtype = Some(dtype.into());
         self
     }
     /// Engine limits (batch size, KV cache memory...).

@@ -25,9 +25,9 @@ pub struct EngineConfig {
     /// KV cache memory in bytes; `None`: room for `max_seqs` full contexts, but at most half the
     /// memory available once the weights are loaded (on a GPU at most 80% of its free memory).
     pub kv_cache_bytes: Option<usize>,
-    /// Keys and values stored as f32 or f16 (bf16 too on a GPU); `None`: f32 on the CPU, the
+    /// Keys and values stored as f32, f16 or q8_0 (bf16 too on a GPU; q8_0 on the CPU); `None`: f32 on the CPU, the
     /// model's dtype on a GPU.
-    pub kv_cache_dtype: Option<candle_core::DType>,
+    pub kv_cache_dtype: Option<crate::kv_cache::KvDtype>,
     /// Most tokens (prompt + generation) one sequence may hold; `None`: the model's trained context.
     pub max_context: Option<usize>,
     /// Most tokens one forward pass processes (long prompts are prefilled in chunks of this size).

@@ -167,6 +167,9 @@ pub enum LayerKv {
     Host { k: Vec<f32>, v: Vec<f32> },
     /// Host memory in f16 (half the memory; the CPU kernels widen it in registers).
     HostF16 { k: Vec<half::f16>, v: Vec<half::f16> },
+    /// Host memory in q8_0 (34 bytes per 32 values: `i8` values and one f16 scale per 32, the
+    /// `ks`/`vs` vectors; the CPU kernels widen it as they read it).
+    HostQ8 { k: Vec<i8>, ks: Vec<half::f16>, v: Vec<i8>, vs: Vec<half::f16> },
     /// Flat device tensors in the model's dtype, for the CUDA kernels.
     Device { k: Tensor, v: Tensor },
 }
@@ -187,22 +190,83 @@ pub fn cache_on_device(device: &Device) -> bool {
     cfg!(feature = "cuda") && device.is_cuda()
 }
 
-/// The KV cache dtype when none is asked for: the model's on a GPU, f32 on the host.
-pub fn default_cache_dtype(device: &Device, model_dtype: DType) -> DType {
-    if cache_on_device(device) {
-        model_dtype
-    } else {
-        DType::F32
+/// How the KV cache stores keys and values (`--kv-cache-dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvDtype {
+    F32,
+    F16,
+    /// GPU caches only.
+    BF16,
+    /// llama.cpp's q8_0: 32 values as `i8` with one f16 scale (8.5 bits a value), host only; the
+    /// head size must be a multiple of 32.
+    Q8_0,
+}
+
+impl KvDtype {
+    /// Its name as the flag takes it: f32, f16, bf16, q8_0.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+            KvDtype::BF16 => "bf16",
+            KvDtype::Q8_0 => "q8_0",
+        }
+    }
+
+    /// Bytes of 32 values.
+    pub fn bytes_per_32(self) -> usize {
+        match self {
+            KvDtype::F32 => 128,
+            KvDtype::F16 | KvDtype::BF16 => 64,
+            KvDtype::Q8_0 => 34,
+        }
+    }
+
+    /// The tensor dtype of a device cache (q8_0 has none).
+    pub fn tensor_dtype(self) -> Option<DType> {
+        match self {
+            KvDtype::F32 => Some(DType::F32),
+            KvDtype::F16 => Some(DType::F16),
+            KvDtype::BF16 => Some(DType::BF16),
+            KvDtype::Q8_0 => None,
+        }
     }
 }
 
-/// Parses a KV cache dtype name: `f32`, `f16` or `bf16`.
-pub fn parse_cache_dtype(s: &str) -> Result<DType> {
+impl From<DType> for KvDtype {
+    /// F16 and BF16 as themselves, anything else as F32.
+    fn from(d: DType) -> Self {
+        match d {
+            DType::F16 => KvDtype::F16,
+            DType::BF16 => KvDtype::BF16,
+            _ => KvDtype::F32,
+        }
+    }
+}
+
+impl std::fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The KV cache dtype when none is asked for: the model's on a GPU, f32 on the host.
+pub fn default_cache_dtype(device: &Device, model_dtype: DType) -> KvDtype {
+    if cache_on_device(device) {
+        model_dtype.into()
+    } else {
+        KvDtype::F32
+    }
+}
+
+/// Parses a KV cache dtype name: `f32`, `f16`, `bf16` or `q8_0`.
+pub fn parse_cache_dtype(s: &str) -> Result<KvDtype> {
     match s.trim().to_ascii_lowercase().as_str() {
-        "f32" => Ok(DType::F32),
-        "f16" => Ok(DType::F16),
-        "bf16" => Ok(DType::BF16),
-        _ => Err(Error::param("kv-cache-dtype", format!("`{s}` is not one of f32, f16, bf16"))),
+        "f32" => Ok(KvDtype::F32),
+        "f16" => Ok(KvDtype::F16),
+        "bf16" => Ok(KvDtype::BF16),
+        "q8_0" | "q8" => Ok(KvDtype::Q8_0),
+        _ => Err(Error::param("kv-cache-dtype", format!("`{s}` is not one of f32, f16, bf16, q8_0"))),
     }
 }
 
@@ -214,22 +278,29 @@ fn zeroed_f16(n: usize) -> Vec<half::f16> {
     unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<half::f16>(), v.len(), v.capacity()) }
 }
 
-/// Checks a cache dtype for `device`: f32/f16/bf16 on a GPU, f32/f16 on the host.
-fn check_cache_dtype(device: &Device, dtype: DType) -> Result<()> {
+/// Checks a cache dtype for `device` and the model: f32/f16/bf16 on a GPU, f32/f16/q8_0 on the host
+/// (q8_0: head sizes that are a multiple of 32).
+fn check_cache_dtype(cfg: &ModelConfig, device: &Device, dtype: KvDtype) -> Result<()> {
+    let gpu = cache_on_device(device);
     let ok = match dtype {
-        DType::F32 | DType::F16 => true,
-        DType::BF16 => cache_on_device(device),
-        _ => false,
+        KvDtype::F32 | KvDtype::F16 => true,
+        KvDtype::BF16 => gpu,
+        KvDtype::Q8_0 => !gpu,
     };
-    if ok {
-        Ok(())
-    } else {
-        let place = if cache_on_device(device) { "a GPU" } else { "the CPU" };
-        Err(Error::param(
+    let place = if gpu { "a GPU" } else { "the CPU" };
+    if !ok {
+        return Err(Error::param(
             "kv-cache-dtype",
-            format!("{} is not supported for the KV cache on {place}: use f32 or f16 (bf16 works on a GPU)", dtype.as_str()),
-        ))
+            format!("{dtype} is not supported for the KV cache on {place}: use f32 or f16 (bf16 works on a GPU, q8_0 on the CPU)"),
+        ));
     }
+    if dtype == KvDtype::Q8_0 && !cfg.head_dim.is_multiple_of(infer_kernels::Q8_BLOCK) {
+        return Err(Error::param(
+            "kv-cache-dtype",
+            format!("q8_0 needs a head size that is a multiple of 32; this model's is {}: use f16", cfg.head_dim),
+        ));
+    }
+    Ok(())
 }
 
 /// Share of the device memory still free (after the weights) that a GPU cache takes by default.
@@ -268,7 +339,7 @@ fn blocks_that_fit(want: usize, per: usize, room: Option<(u64, f64)>) -> (usize,
 pub struct CacheSizing {
     pub blocks: usize,
     pub block_size: usize,
-    pub dtype: DType,
+    pub dtype: KvDtype,
     /// Bytes the blocks take over all layers.
     pub bytes: usize,
     /// Tokens one sequence may hold (before the cache's own capacity bounds it).
@@ -323,8 +394,9 @@ impl PagedKvCache {
         max_context: usize,
         max_seqs: usize,
         device: &Device,
-        dtype: DType,
+        dtype: impl Into<KvDtype>,
     ) -> Result<(Self, CacheSizing)> {
+        let dtype = dtype.into();
         if block_size == 0 {
             return Err(Error::param("kv-cache", "block size must be positive"));
         }
@@ -358,25 +430,30 @@ impl PagedKvCache {
 
     /// A host (f32) cache of `num_blocks` blocks of `block_size` tokens for the model `cfg`.
     pub fn new(cfg: &ModelConfig, block_size: usize, num_blocks: usize) -> Result<Self> {
-        Self::new_on(cfg, block_size, num_blocks, &Device::Cpu, DType::F32)
+        Self::new_on(cfg, block_size, num_blocks, &Device::Cpu, KvDtype::F32)
     }
 
     /// The same for a model on `device` with keys and values stored as `dtype`: on a CUDA device
-    /// the blocks are device memory, else host memory (f32 or f16).
-    pub fn new_on(cfg: &ModelConfig, block_size: usize, num_blocks: usize, device: &Device, dtype: DType) -> Result<Self> {
+    /// the blocks are device memory, else host memory (f32, f16 or q8_0).
+    pub fn new_on(cfg: &ModelConfig, block_size: usize, num_blocks: usize, device: &Device, dtype: impl Into<KvDtype>) -> Result<Self> {
+        let dtype = dtype.into();
         if block_size == 0 || num_blocks == 0 {
             return Err(Error::param("kv-cache", "block size and block count must be positive"));
         }
-        check_cache_dtype(device, dtype)?;
+        check_cache_dtype(cfg, device, dtype)?;
         let per_layer = num_blocks * block_size * cfg.num_key_value_heads * cfg.head_dim;
         let layers = (0..cfg.num_hidden_layers)
             .map(|_| -> Result<LayerKv> {
-                Ok(if cache_on_device(device) {
-                    LayerKv::Device { k: Tensor::zeros(per_layer, dtype, device)?, v: Tensor::zeros(per_layer, dtype, device)? }
-                } else if dtype == DType::F16 {
-                    LayerKv::HostF16 { k: zeroed_f16(per_layer), v: zeroed_f16(per_layer) }
-                } else {
-                    LayerKv::Host { k: vec![0.0; per_layer], v: vec![0.0; per_layer] }
+                Ok(match (cache_on_device(device), dtype.tensor_dtype()) {
+                    (true, Some(dt)) => {
+                        LayerKv::Device { k: Tensor::zeros(per_layer, dt, device)?, v: Tensor::zeros(per_layer, dt, device)? }
+                    }
+                    _ if dtype == KvDtype::F16 => LayerKv::HostF16 { k: zeroed_f16(per_layer), v: zeroed_f16(per_layer) },
+                    _ if dtype == KvDtype::Q8_0 => {
+                        let scales = per_layer / infer_kernels::Q8_BLOCK;
+                        LayerKv::HostQ8 { k: vec![0; per_layer], ks: zeroed_f16(scales), v: vec![0; per_layer], vs: zeroed_f16(scales) }
+                    }
+                    _ => LayerKv::Host { k: vec![0.0; per_layer], v: vec![0.0; per_layer] },
                 })
             })
             .collect::<Result<Vec<_>>>()
@@ -397,23 +474,30 @@ impl PagedKvCache {
 
     /// Bytes one block takes over all layers (keys and values) in a cache of `dtype` (the host
     /// cache is f32).
-    pub fn bytes_per_block_of(cfg: &ModelConfig, block_size: usize, dtype: DType) -> usize {
-        2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * dtype.size_in_bytes()
+    pub fn bytes_per_block_of(cfg: &ModelConfig, block_size: usize, dtype: KvDtype) -> usize {
+        2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * dtype.bytes_per_32() / 32
     }
 
     /// Bytes one block takes over all layers (keys and values) in the host cache.
     pub fn bytes_per_block(cfg: &ModelConfig, block_size: usize) -> usize {
-        Self::bytes_per_block_of(cfg, block_size, DType::F32)
+        Self::bytes_per_block_of(cfg, block_size, KvDtype::F32)
     }
 
     /// As many host blocks as fit in `bytes`.
     pub fn with_memory_budget(cfg: &ModelConfig, block_size: usize, bytes: usize) -> Result<Self> {
-        Self::with_memory_budget_on(cfg, block_size, bytes, &Device::Cpu, DType::F32)
+        Self::with_memory_budget_on(cfg, block_size, bytes, &Device::Cpu, KvDtype::F32)
     }
 
     /// As many blocks as fit in `bytes`, for a model on `device` (see [`new_on`](Self::new_on)).
-    pub fn with_memory_budget_on(cfg: &ModelConfig, block_size: usize, bytes: usize, device: &Device, dtype: DType) -> Result<Self> {
-        check_cache_dtype(device, dtype)?;
+    pub fn with_memory_budget_on(
+        cfg: &ModelConfig,
+        block_size: usize,
+        bytes: usize,
+        device: &Device,
+        dtype: impl Into<KvDtype>,
+    ) -> Result<Self> {
+        let dtype = dtype.into();
+        check_cache_dtype(cfg, device, dtype)?;
         let per = Self::bytes_per_block_of(cfg, block_size, dtype);
         let n = bytes / per;
         if n == 0 {
@@ -550,7 +634,7 @@ mod tests {
         let sizing = CacheSizing {
             blocks: 256,
             block_size: 16,
-            dtype: DType::F32,
+            dtype: KvDtype::F32,
             bytes: 256 * mib,
             max_context: 8192,
             max_seqs: 4,
@@ -559,6 +643,25 @@ mod tests {
         let line = sizing.to_string();
         assert!(line.contains("4096 tokens") && line.contains("0.5 full contexts") && line.contains("50% of the 512 MiB"), "{line}");
         assert!(line.contains("one sequence may hold 4096 tokens"), "{line}");
+    }
+
+    #[test]
+    fn q8_0_cache_takes_34_bytes_per_32_values_and_needs_head_sizes_of_32() {
+        let json = r#"{"model_type": "llama", "vocab_size": 32, "hidden_size": 128, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64}"#;
+        let mut cfg = ModelConfig::from_hf_json(json, std::path::Path::new("config.json")).unwrap();
+        assert_eq!(cfg.head_dim, 64);
+        assert_eq!(parse_cache_dtype("Q8_0").unwrap(), KvDtype::Q8_0);
+        assert!(parse_cache_dtype("q4_0").unwrap_err().to_string().contains("f32, f16, bf16, q8_0"));
+        let per = |d| PagedKvCache::bytes_per_block_of(&cfg, 16, d);
+        assert_eq!(per(KvDtype::Q8_0) * 128, per(KvDtype::F32) * 34);
+        assert_eq!(per(KvDtype::F16) * 2, per(KvDtype::F32));
+        let cache = PagedKvCache::new_on(&cfg, 16, 4, &Device::Cpu, KvDtype::Q8_0).unwrap();
+        let n = 4 * 16 * cfg.num_key_value_heads * 64;
+        assert!(matches!(&cache.layers[0], LayerKv::HostQ8 { k, ks, .. } if k.len() == n && ks.len() == n / 32));
+        cfg.head_dim = 80;
+        let err = PagedKvCache::new_on(&cfg, 16, 4, &Device::Cpu, KvDtype::Q8_0).unwrap_err().to_string();
+        assert!(err.contains("multiple of 32") && err.contains("80"), "{err}");
     }
 
     #[test]

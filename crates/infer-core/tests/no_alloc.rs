@@ -13,9 +13,9 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use infer_core::kv_cache::PagedKvCache;
+use infer_core::kv_cache::{KvDtype, PagedKvCache};
 use infer_core::models::{BatchInput, CausalLm, LogitsWanted};
-use infer_core::{DType, Device, Isa, KernelChoice, LoadOptions};
+use infer_core::{Device, Isa, KernelChoice, LoadOptions};
 
 struct Counting;
 
@@ -88,7 +88,16 @@ fn batch(seqs: &mut [Seq], parts: &[(usize, usize)]) -> BatchInput {
 
 /// Runs a script of batches; returns the allocations of each step after the warm-up ones, and
 /// every step's logits.
-fn run(model: &dyn CausalLm, kv: DType) -> (Vec<(String, usize)>, Vec<Vec<f32>>) {
+/// The KV cache types the model can use: f32, f16, and q8_0 for head sizes that are multiples of 32.
+fn kv_types(model: &dyn CausalLm) -> Vec<KvDtype> {
+    let mut kinds = vec![KvDtype::F32, KvDtype::F16];
+    if model.config().head_dim.is_multiple_of(32) {
+        kinds.push(KvDtype::Q8_0);
+    }
+    kinds
+}
+
+fn run(model: &dyn CausalLm, kv: KvDtype) -> (Vec<(String, usize)>, Vec<Vec<f32>>) {
     let cfg = model.config();
     let mut cache = PagedKvCache::new_on(cfg, 16, 40, &Device::Cpu, kv).unwrap();
     let vocab = cfg.vocab_size as u32;
@@ -159,14 +168,14 @@ fn per_token_path_allocates_nothing() {
         // Every instruction set's host path allocates nothing (the SIMD ones against the tensor path's logits below).
         for isa in Isa::available().into_iter().filter(|&i| i != Isa::detect()) {
             let capped = load(path, KernelChoice { max_isa: Some(isa), ..Default::default() });
-            for kv in [DType::F32, DType::F16] {
+            for kv in kv_types(capped.as_ref()) {
                 for (step, n) in run(capped.as_ref(), kv).0 {
                     assert_eq!(n, 0, "{name}, {isa:?}, {kv:?} KV cache: {step} made {n} allocations");
                 }
             }
         }
         let host = load(path, KernelChoice::default());
-        for kv in [DType::F32, DType::F16] {
+        for kv in kv_types(host.as_ref()) {
             let (counts, host_logits) = run(host.as_ref(), kv);
             for (step, n) in &counts {
                 assert_eq!(*n, 0, "{name}, {kv:?} KV cache: {step} made {n} allocations");

@@ -172,8 +172,9 @@ fn top5_logprobs_match_llamacpp() {
     let Some(s) = session() else { return };
     let refs = common::llamacpp_refs();
     let model = s.model().model.clone();
-    // llama.cpp keeps its KV cache in f16; ours is f32 by default, f16 on request.
-    for kv in [infer_core::DType::F32, infer_core::DType::F16] {
+    // llama.cpp keeps its KV cache in f16; ours is f32 by default, f16 or q8_0 on request.
+    use infer_core::kv_cache::KvDtype;
+    for kv in [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0] {
         let (mut worst, mut sum, mut count) = (0f32, 0f32, 0usize);
         for case in refs["top_logprobs"].as_array().unwrap() {
             let prompt = ids(&case["ids"]);

@@ -30,11 +30,13 @@ pub struct PerplexityOptions {
     pub batch_tokens: usize,
     /// Score at most this many windows.
     pub limit: Option<usize>,
+    /// How the KV cache stores keys and values (`None`: the device's default).
+    pub kv_cache_dtype: Option<crate::kv_cache::KvDtype>,
 }
 
 impl Default for PerplexityOptions {
     fn default() -> Self {
-        Self { ctx: 512, stride: None, batch_tokens: 2048, limit: None }
+        Self { ctx: 512, stride: None, batch_tokens: 2048, limit: None, kv_cache_dtype: None }
     }
 }
 
@@ -105,7 +107,7 @@ pub fn perplexity(
     let ctx = opts.ctx;
     let per_batch = (opts.batch_tokens / ctx).max(1);
     let device = m.model.device();
-    let kv_dtype = default_cache_dtype(&device, m.model.dtype());
+    let kv_dtype = opts.kv_cache_dtype.unwrap_or_else(|| default_cache_dtype(&device, m.model.dtype()));
     let block = 16;
     let (mut nll, mut nll2, mut count) = (0f64, 0f64, 0usize);
     let t0 = Instant::now();

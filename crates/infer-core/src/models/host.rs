@@ -17,7 +17,7 @@
 use candle_core::{DType, Tensor};
 
 use infer_kernels::cpu::attention::paged_attention;
-use infer_kernels::{write_kv, Isa, SeqAttention};
+use infer_kernels::{paged_attention_q8, write_kv, write_kv_q8, Isa, SeqAttention};
 
 use super::layers::{grow, seq_attention_iter, Embeddings, RmsNorm};
 use super::BatchInput;
@@ -47,6 +47,10 @@ pub(crate) fn host_attention_into(
         LayerKv::HostF16 { k: kc, v: vc } => {
             write_kv(k, v, slots, shape, kc, vc);
             paged_attention(isa, q, kc, vc, seqs, shape, out);
+        }
+        LayerKv::HostQ8 { k: kc, ks, v: vc, vs } => {
+            write_kv_q8(k, v, slots, shape, (kc, ks), (vc, vs));
+            paged_attention_q8(isa, q, (kc, ks), (vc, vs), seqs, shape, out);
         }
         #[allow(unreachable_patterns)]
         _ => return Err(Error::Model("the host decoder path needs a host KV cache".into())),

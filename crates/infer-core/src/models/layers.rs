@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use infer_kernels::{paged_attention, write_kv, KvElem, SeqAttention};
+use infer_kernels::SeqAttention;
 
 use super::BatchInput;
 use crate::error::{Error, Result};
@@ -298,8 +298,10 @@ pub(crate) fn paged_attention_op(
     cache: &mut PagedKvCache,
 ) -> Result<Tensor> {
     match cache.layer_mut(layer) {
-        LayerKv::Host { k: kc, v: vc } => host_attention(q, k, v, kc, vc, pass, shape),
-        LayerKv::HostF16 { k: kc, v: vc } => host_attention(q, k, v, kc, vc, pass, shape),
+        LayerKv::Device { .. } => {}
+        host => return host_attention(q, k, v, host, pass, shape),
+    }
+    match cache.layer_mut(layer) {
         #[cfg(feature = "cuda")]
         LayerKv::Device { k: kc, v: vc } => {
             use infer_kernels::cuda;
@@ -313,16 +315,16 @@ pub(crate) fn paged_attention_op(
         }
         #[cfg(not(feature = "cuda"))]
         LayerKv::Device { .. } => Err(Error::Model("a device KV cache needs a build with the cuda feature".into())),
+        _ => unreachable!("host caches are handled above"),
     }
 }
 
-/// The CPU kernels over a host cache of f32 or f16.
-fn host_attention<E: KvElem>(
+/// The CPU kernels over a host cache (f32, f16 or q8_0).
+fn host_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    kc: &mut [E],
-    vc: &mut [E],
+    layer: &mut LayerKv,
     pass: &TensorPass<'_>,
     shape: &infer_kernels::AttentionShape,
 ) -> Result<Tensor> {
@@ -332,8 +334,18 @@ fn host_attention<E: KvElem>(
         return Err(Error::Model("attention inputs must be in host memory with a host KV cache".into()));
     };
     let mut out = vec![0.0f32; t * nh * hd];
-    write_kv(kv.get(), vv.get(), &pass.batch.slots, shape, kc, vc);
-    paged_attention(infer_kernels::Isa::detect(), qv.get(), kc, vc, &seq_attention(pass.batch), shape, &mut out);
+    let isa = infer_kernels::Isa::detect();
+    super::host::host_attention_into(
+        isa,
+        layer,
+        qv.get(),
+        kv.get(),
+        vv.get(),
+        &pass.batch.slots,
+        &seq_attention(pass.batch),
+        shape,
+        &mut out,
+    )?;
     Ok(Tensor::from_vec(out, (t, nh * hd), q.device())?)
 }
 

@@ -24,9 +24,8 @@ TEXTS = ["The cat sat on the mat.", "A kitten rested on the rug.", "Quarterly re
 
 torch.manual_seed(0)
 with tempfile.TemporaryDirectory() as tmp:
-    with open(os.path.join(tmp, "vocab.txt"), "w") as f:
-        f.write("\n".join(VOCAB) + "\n")
-    tok = BertTokenizerFast(vocab_file=os.path.join(tmp, "vocab.txt"), do_lower_case=True)
+    # transformers 5 reads the vocabulary from `vocab` (a `vocab_file` is ignored: every word [UNK])
+    tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(VOCAB)}, do_lower_case=True)
     cfg = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=64, initializer_range=0.2)
     bert = BertModel(cfg, add_pooling_layer=False).eval()
@@ -40,6 +39,7 @@ with tempfile.TemporaryDirectory() as tmp:
     st = SentenceTransformer(modules=[word, models.Pooling(32, "mean"), models.Normalize()], device="cpu")
     st.save(OUT)
 st = SentenceTransformer(OUT, device="cpu")
+assert st.tokenizer.get_vocab() == {t: i for i, t in enumerate(VOCAB)}
 mean = st.encode(TEXTS, convert_to_numpy=True, normalize_embeddings=False).tolist()
 feats = st[0].tokenize(TEXTS)
 with torch.no_grad():

@@ -1,15 +1,18 @@
-//! Encoder models for embeddings: BERT (RoBERTa / XLM-R, whose positions start after the padding
-//! id, are next: refused until a reference test covers them) from a sentence-transformers folder — `config.json`, `model.safetensors`,
+//! Encoder models for embeddings: BERT, RoBERTa and XLM-RoBERTa (the same network; RoBERTa's positions
+//! start after the padding id and it has one token type) from a sentence-transformers folder — `config.json`, `model.safetensors`,
 //! `tokenizer.json`, and the pooling of `modules.json` + `1_Pooling/config.json` (CLS, mean, max or
 //! last token; `Normalize` when listed). Bidirectional attention over each padded batch, no KV
 //! cache: candle's tensor ops on the CPU (or the device asked for).
 //!
-//! Cross-encoders (rerankers): a folder whose `config.json` lists `BertForSequenceClassification`
-//! with one label scores (query, document) pairs: `[CLS] query [SEP] document [SEP]` as the
-//! tokenizer's post-processor builds the pair (token types 0 then 1), the document cut first when
-//! the pair is longer than the positions; the pooler (dense + tanh on the `[CLS]` state), then the
-//! classifier's logit, then sentence-transformers' `CrossEncoder` activation (sigmoid unless the
-//! folder configures `Identity`). Such a model has no sentence embeddings.
+//! Cross-encoders (rerankers): a folder whose `config.json` lists `BertForSequenceClassification`,
+//! `RobertaForSequenceClassification` or `XLMRobertaForSequenceClassification` (bge-reranker) with
+//! one label scores (query, document) pairs: `[CLS] query [SEP] document [SEP]` (RoBERTa: `<s> query
+//! </s></s> document </s>`) as the tokenizer's post-processor builds the pair (token types 0 then 1
+//! for BERT, all 0 for a model with one token type), the document cut first when the pair is longer
+//! than the positions; BERT's pooler (dense + tanh on the first token's state) and classifier, or
+//! RoBERTa's classification head (the same: `classifier.dense` + tanh, `classifier.out_proj`), then
+//! sentence-transformers' `CrossEncoder` activation (sigmoid unless the folder configures
+//! `Identity`). Such a model has no sentence embeddings.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -142,7 +145,7 @@ pub fn is_encoder(dir: &Path) -> bool {
 
 /// Encoder families verified against sentence-transformers.
 fn verified(kind: &str) -> bool {
-    kind == "bert"
+    matches!(kind, "bert" | "roberta" | "xlm-roberta")
 }
 
 impl Encoder {
@@ -154,7 +157,7 @@ impl Encoder {
         let cfg: BertConfig = serde_json::from_str(&text).map_err(|e| Error::bad_file(&cfg_path, e.to_string()))?;
         let kind = cfg.model_type.clone().unwrap_or_default();
         if !verified(&kind) {
-            return Err(bad(format!("model_type `{kind}` is not an encoder this loader supports yet (bert)")));
+            return Err(bad(format!("model_type `{kind}` is not an encoder this loader supports yet (bert, roberta, xlm-roberta)")));
         }
         if cfg.hidden_size == 0 || cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(bad(format!(
@@ -205,8 +208,15 @@ impl Encoder {
                 ln2: pair(&format!("{p}.output.LayerNorm"), h, None)?,
             });
         }
-        let classifier = if cfg.architectures.iter().any(|a| a == "BertForSequenceClassification") {
-            let labels = w.get("classifier.weight").map(|t| t.dims().to_vec()).unwrap_or_default();
+        let bert_head = cfg.architectures.iter().any(|a| a == "BertForSequenceClassification");
+        let roberta_head = cfg
+            .architectures
+            .iter()
+            .any(|a| matches!(a.as_str(), "RobertaForSequenceClassification" | "XLMRobertaForSequenceClassification"));
+        // (pooling dense layer, one-label output layer): BERT's pooler + classifier, RoBERTa's head.
+        let (dense, out) = if roberta_head { ("classifier.dense", "classifier.out_proj") } else { ("pooler.dense", "classifier") };
+        let classifier = if bert_head || roberta_head {
+            let labels = w.get(&format!("{out}.weight")).map(|t| t.dims().to_vec()).unwrap_or_default();
             match labels.as_slice() {
                 [1, _] => {}
                 [n, _] => {
@@ -216,11 +226,7 @@ impl Encoder {
                 }
                 _ => {}
             }
-            Some(Classifier {
-                pooler: pair("pooler.dense", h, Some(h))?,
-                out: pair("classifier", 1, Some(h))?,
-                activation: score_activation(dir)?,
-            })
+            Some(Classifier { pooler: pair(dense, h, Some(h))?, out: pair(out, 1, Some(h))?, activation: score_activation(dir)? })
         } else {
             None
         };
@@ -304,7 +310,9 @@ impl Encoder {
             doc.take_overflowing();
         }
         let enc = tk.post_process(query.clone(), Some(doc), true).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(EncodedPair { ids: enc.get_ids().to_vec(), type_ids: enc.get_type_ids().to_vec(), truncated })
+        // A model with one token type (RoBERTa) sees 0 everywhere, whatever the template says.
+        let type_ids = if self.cfg.type_vocab_size <= 1 { vec![0; enc.len()] } else { enc.get_type_ids().to_vec() };
+        Ok(EncodedPair { ids: enc.get_ids().to_vec(), type_ids, truncated })
     }
 
     /// A cross-encoder's relevance score of each document for the query (the activation of
@@ -317,7 +325,10 @@ impl Encoder {
     }
 
     fn not_a_reranker(&self) -> Error {
-        Error::param("model", format!("`{}` is not a cross-encoder (BertForSequenceClassification): it cannot rerank", self.name))
+        Error::param(
+            "model",
+            format!("`{}` is not a cross-encoder (a one-label BERT/RoBERTa/XLM-R sequence classifier): it cannot rerank", self.name),
+        )
     }
 
     /// A cross-encoder's raw logit of each pair, 16 pairs per batch (by length, so a batch pads little).

@@ -260,8 +260,15 @@ fn embeddings_match_transformers() {
 /// configured mean pooling and with CLS and max pooling, texts of different lengths batched.
 #[test]
 fn encoder_matches_sentence_transformers() {
+    // tiny-roberta (scripts/make_roberta_fixtures.py): positions after the padding id, one token type.
+    for name in ["tiny-bert", "tiny-roberta"] {
+        encoder_matches(name);
+    }
+}
+
+fn encoder_matches(name: &str) {
     use infer_core::encoder::{Encoder, EncoderPooling};
-    let dir = fixture("tiny-bert");
+    let dir = fixture(name);
     let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let texts: Vec<String> = serde_json::from_value(want["texts"].clone()).unwrap();
     let mut enc = Encoder::load(&dir, &infer_core::Device::Cpu).unwrap();
@@ -280,7 +287,7 @@ fn encoder_matches_sentence_transformers() {
         let want: Vec<Vec<f32>> = serde_json::from_value(want[key].clone()).unwrap();
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             let cos: f64 = g.iter().zip(w).map(|(a, b)| *a as f64 * *b as f64).sum();
-            assert!(cos >= 0.9999, "{key} pooling, text {i}: cosine {cos}");
+            assert!(cos >= 0.9999, "{name}: {key} pooling, text {i}: cosine {cos}");
         }
     }
 }
@@ -292,8 +299,16 @@ fn encoder_matches_sentence_transformers() {
 /// logit, the CrossEncoder scores (sigmoid) within 1e-4 and CrossEncoder.rank's order.
 #[test]
 fn cross_encoder_matches_transformers() {
+    // tiny-xlmr-cross-encoder (scripts/make_roberta_fixtures.py): XLMRobertaForSequenceClassification,
+    // bge-reranker's head, `<s> q </s></s> d </s>` pairs with one token type.
+    for name in ["tiny-cross-encoder", "tiny-xlmr-cross-encoder"] {
+        cross_encoder_matches(name);
+    }
+}
+
+fn cross_encoder_matches(name: &str) {
     use infer_core::encoder::{Encoder, ScoreActivation};
-    let dir = fixture("tiny-cross-encoder");
+    let dir = fixture(name);
     let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let enc = Encoder::load(&dir, &infer_core::Device::Cpu).unwrap();
     assert!(enc.reranks());
@@ -305,8 +320,8 @@ fn cross_encoder_matches_transformers() {
     let mut encoded = Vec::new();
     for (i, (q, d)) in pairs.iter().enumerate() {
         let p = enc.encode_pair(&enc.encode_query(q).unwrap(), d, None).unwrap();
-        assert_eq!(p.ids, ids[i], "pair {i} ids");
-        assert_eq!(p.type_ids, types[i], "pair {i} token types");
+        assert_eq!(p.ids, ids[i], "{name} pair {i} ids");
+        assert_eq!(p.type_ids, types[i], "{name} pair {i} token types");
         assert_eq!(p.truncated, ids[i].len() == 64, "pair {i}");
         encoded.push(p);
     }
@@ -314,7 +329,7 @@ fn cross_encoder_matches_transformers() {
     let close = |got: &[f32], want: &[f32], what: &str| {
         assert_eq!(got.len(), want.len());
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!((g - w).abs() <= 1e-4, "{what} {i}: {g} vs {w}");
+            assert!((g - w).abs() <= 1e-4, "{name}: {what} {i}: {g} vs {w}");
         }
     };
     let logits = enc.logits(&encoded).unwrap();
@@ -332,7 +347,9 @@ fn cross_encoder_matches_transformers() {
     // A cross-encoder has no embeddings; a document cap cuts it further; an over-long query is named.
     assert!(enc.embed_texts(&docs).is_err());
     let q = enc.encode_query(&pairs[0].0).unwrap();
-    assert_eq!(enc.encode_pair(&q, &docs[5], Some(3)).unwrap().ids.len(), q.len() + 3 + 3);
+    // (Special tokens of a pair: 3 for BERT, 4 for RoBERTa.)
+    let special = ids[0].len() - q.len() - enc.encode_query(&pairs[0].1).unwrap().len();
+    assert_eq!(enc.encode_pair(&q, &docs[5], Some(3)).unwrap().ids.len(), q.len() + 3 + special);
     let long = enc.encode_query(&docs[5]).unwrap();
     assert!(matches!(enc.encode_pair(&long, "x", None), Err(infer_core::Error::InvalidParameter { name: "query", .. })));
 }

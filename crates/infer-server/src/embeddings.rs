@@ -105,9 +105,8 @@ pub(crate) async fn turn(st: &AppState) -> Result<tokio::sync::SemaphorePermit<'
 }
 
 pub async fn embeddings(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
-    let ready = st.ready()?;
     let body = json_body(body)?;
-    ready.check_model(body.get("model").and_then(Value::as_str))?;
+    let ready = st.resolve(body.get("model").and_then(Value::as_str)).await?;
     if matches!(&ready.embedder, crate::Embedder::Encoder(e) if e.reranks()) {
         return Err(ApiError::bad_request(
             Some("model"),

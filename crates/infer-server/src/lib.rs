@@ -11,6 +11,7 @@ mod conn;
 mod embeddings;
 mod error;
 mod metrics;
+mod models;
 mod openai;
 mod rerank;
 mod responses;
@@ -38,6 +39,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 pub use conn::ConnLimits;
 pub use error::ApiError;
 pub use metrics::Metrics;
+pub use models::ModelSpec;
 
 /// Reported as `system_fingerprint`.
 pub const FINGERPRINT: &str = concat!("infer-", env!("CARGO_PKG_VERSION"));
@@ -97,6 +99,14 @@ pub struct ServerConfig {
     /// Report `usage.prompt_tokens_details.cached_tokens` (vLLM's `--enable-prompt-tokens-details`).
     /// Off by default: with a shared prefix cache it tells one client what prompts others sent.
     pub report_cached_tokens: bool,
+    /// Several models: most loaded at once (0: no limit); loading another first unloads the least
+    /// recently used idle one.
+    pub models_max: usize,
+    /// Several models: how long a model stays loaded after its last request (`None`: for ever).
+    pub keep_alive: Option<Duration>,
+    /// Several models: how long a request waits for its model to load (or for room to load it)
+    /// before a 503.
+    pub load_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -114,6 +124,9 @@ impl Default for ServerConfig {
             reasoning: true,
             connections: ConnLimits::default(),
             report_cached_tokens: false,
+            models_max: 0,
+            keep_alive: Some(Duration::from_secs(300)),
+            load_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -141,6 +154,9 @@ pub struct Ready {
     pub embedder: Embedder,
     /// Whether the model generates text (an encoder only embeds: the generation endpoints refuse it).
     pub generates: bool,
+    /// The engine thread's commands (a decoder's); the thread ends, freeing the engine, once the
+    /// last holder of this `Ready` is gone.
+    commands: Option<mpsc::Sender<worker::Command>>,
 }
 
 /// The model behind `/v1/embeddings`.
@@ -209,8 +225,8 @@ pub struct AppState {
     cfg: ServerConfig,
     /// Bound to a loopback address: requests must name a loopback host (DNS rebinding).
     loopback_only: bool,
-    ready: OnceLock<Arc<Ready>>,
-    commands: mpsc::Sender<worker::Command>,
+    /// The served models (one, loaded at start; or several, loaded on demand).
+    models: models::Table,
     metrics: Arc<Metrics>,
     /// Sequences running or queued (admission control).
     inflight: AtomicUsize,
@@ -218,14 +234,32 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The one model of a single-model server (503 while it loads); with several models, a 400
+    /// naming `model` (requests must say which).
     pub(crate) fn ready(&self) -> Result<Arc<Ready>, ApiError> {
         if self.is_shutting_down() {
             return Err(ApiError::unavailable("the server is shutting down"));
         }
-        self.ready
-            .get()
-            .cloned()
+        if self.models.multi() {
+            return Err(self.models.missing_model());
+        }
+        self.models
+            .single()
             .ok_or_else(|| ApiError::unavailable("the model is still loading; retry shortly (GET /health turns 200 when ready)"))
+    }
+
+    /// The model a request names: with one model, that model (a wrong name is a 404, none is fine);
+    /// with several, the named one, loaded first if need be (waiting at most `load_timeout`).
+    pub(crate) async fn resolve(self: &Arc<Self>, model: Option<&str>) -> Result<Arc<Ready>, ApiError> {
+        if !self.models.multi() {
+            let ready = self.ready()?;
+            ready.check_model(model)?;
+            return Ok(ready);
+        }
+        if self.is_shutting_down() {
+            return Err(ApiError::unavailable("the server is shutting down"));
+        }
+        models::resolve(self, model).await
     }
 
     fn is_shutting_down(&self) -> bool {
@@ -333,103 +367,104 @@ async fn count_requests(State(st): State<Arc<AppState>>, req: Request, next: Nex
     resp
 }
 
-/// Loads the model on the engine thread and serves `listener` until `shutdown` resolves; then new
-/// requests get 503, in-flight ones may finish for `shutdown_grace`, the rest are cancelled (each
-/// stream ends with an error event) and the function returns. A model that fails to load ends it
-/// with that error.
-pub async fn serve<L, M, S>(listener: tokio::net::TcpListener, cfg: ServerConfig, load: L, shutdown: S) -> Result<(), String>
-where
-    L: FnOnce() -> infer_core::Result<M> + Send + 'static,
-    M: Into<Loaded>,
-    S: Future<Output = ()> + Send + 'static,
-{
+/// Builds what handlers need from a loaded model: for a decoder its engine too (to run on the
+/// engine thread, with the receiving end of `Ready`'s commands).
+#[allow(clippy::type_complexity)]
+fn setup(
+    cfg: &ServerConfig,
+    loaded: Loaded,
+    name: Option<String>,
+) -> infer_core::Result<(Option<(Engine, mpsc::Receiver<worker::Command>)>, Ready)> {
+    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (mut m, draft) = match loaded {
+        Loaded::Decoder(m) => (m.main, m.draft),
+        Loaded::Encoder(e) => {
+            let ready = Ready {
+                model_id: name.unwrap_or_else(|| e.name.clone()),
+                tokenizer: e.tokenizer.clone(),
+                chat_template: None,
+                max_context: e.max_tokens(),
+                report_cached_tokens: false,
+                vocab_size: e.tokenizer.vocab_size(),
+                eos: Vec::new(),
+                defaults: openai::Defaults::default(),
+                created,
+                tool_format: ToolFormat::detect(""),
+                thinks: false,
+                markers: Default::default(),
+                compiler: OnceLock::new(),
+                embedder: Embedder::Encoder(Arc::from(e)),
+                generates: false,
+                commands: None,
+            };
+            return Ok((None, ready));
+        }
+    };
+    let mut engine_cfg = cfg.engine.clone();
+    if let Some(d) = draft {
+        let (draft_max, draft_min) = engine_cfg.speculative.as_ref().map_or((8, 1), |s| (s.draft_max, s.draft_min));
+        let mut sc = infer_core::SpeculativeConfig::draft_model(d.model, d.tokenizer, draft_max);
+        sc.draft_min = draft_min;
+        engine_cfg.speculative = Some(sc);
+    }
+    let engine = Engine::new(m.model.clone(), m.tokenizer.clone(), m.eos_token_ids.clone(), engine_cfg)?;
+    let gc = &m.generation_config;
+    let d = openai::Defaults::default();
+    let defaults = openai::Defaults {
+        temperature: gc.temperature.unwrap_or(d.temperature),
+        top_p: gc.top_p.unwrap_or(d.top_p),
+        top_k: gc.top_k.unwrap_or(d.top_k),
+        repetition_penalty: gc.repetition_penalty.unwrap_or(d.repetition_penalty),
+    };
+    let template_src = m.chat_template.as_ref().map(|t| t.source().to_string()).unwrap_or_default();
     let (commands, rx) = mpsc::channel();
-    let metrics = Arc::new(Metrics::new());
-    let loopback_only = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
-    let state = Arc::new(AppState {
-        cfg,
-        loopback_only,
-        ready: OnceLock::new(),
-        commands,
-        metrics: metrics.clone(),
-        inflight: AtomicUsize::new(0),
-        shutting_down: AtomicBool::new(false),
-    });
-    let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
-    let st = state.clone();
+    let ready = Ready {
+        tool_format: cfg.tool_call_parser.unwrap_or_else(|| ToolFormat::detect(&template_src)),
+        thinks: cfg.reasoning && template_src.contains("<think>"),
+        compiler: OnceLock::new(),
+        markers: infer_core::tools::MARKERS.iter().filter_map(|&mk| m.tokenizer.token_to_id(mk).map(|id| (id, mk.to_string()))).collect(),
+        model_id: name.unwrap_or_else(|| m.name.clone()),
+        tokenizer: m.tokenizer.clone(),
+        chat_template: m.chat_template.take(),
+        max_context: engine.max_context(),
+        report_cached_tokens: cfg.report_cached_tokens,
+        vocab_size: m.config().vocab_size,
+        eos: m.eos_token_ids.clone(),
+        defaults,
+        embedder: Embedder::Decoder { model: m.model.clone(), pooling: cfg.pooling },
+        generates: true,
+        created,
+        commands: Some(commands),
+    };
+    Ok((Some((engine, rx)), ready))
+}
+
+/// Loads a model on a new thread (which then runs its engine until the model is unloaded) and
+/// hands the result to `done` (still on that thread, before the engine runs).
+/// `alive` is dropped when the thread ends.
+pub(crate) fn spawn_model<F>(
+    cfg: ServerConfig,
+    metrics: Arc<Metrics>,
+    load: models::LoadFn,
+    name: Option<String>,
+    alive: Option<mpsc::Sender<()>>,
+    done: F,
+) -> Result<(), String>
+where
+    F: FnOnce(Result<Arc<Ready>, String>) + Send + 'static,
+{
     std::thread::Builder::new()
         .name("infer-engine".into())
         .spawn(move || {
+            let _alive = alive;
             let started = Instant::now();
-            let setup = || -> infer_core::Result<(Option<Engine>, Ready)> {
-                let (mut m, draft) = match load()?.into() {
-                    Loaded::Decoder(m) => (m.main, m.draft),
-                    Loaded::Encoder(e) => {
-                        let ready = Ready {
-                            model_id: st.cfg.served_model_name.clone().unwrap_or_else(|| e.name.clone()),
-                            tokenizer: e.tokenizer.clone(),
-                            chat_template: None,
-                            max_context: e.max_tokens(),
-                            report_cached_tokens: false,
-                            vocab_size: e.tokenizer.vocab_size(),
-                            eos: Vec::new(),
-                            defaults: openai::Defaults::default(),
-                            created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-                            tool_format: ToolFormat::detect(""),
-                            thinks: false,
-                            markers: Default::default(),
-                            compiler: OnceLock::new(),
-                            embedder: Embedder::Encoder(Arc::from(e)),
-                            generates: false,
-                        };
-                        return Ok((None, ready));
-                    }
-                };
-                let mut engine_cfg = st.cfg.engine.clone();
-                if let Some(d) = draft {
-                    let (draft_max, draft_min) = engine_cfg.speculative.as_ref().map_or((8, 1), |s| (s.draft_max, s.draft_min));
-                    let mut sc = infer_core::SpeculativeConfig::draft_model(d.model, d.tokenizer, draft_max);
-                    sc.draft_min = draft_min;
-                    engine_cfg.speculative = Some(sc);
-                }
-                let engine = Engine::new(m.model.clone(), m.tokenizer.clone(), m.eos_token_ids.clone(), engine_cfg)?;
-                let gc = &m.generation_config;
-                let d = openai::Defaults::default();
-                let defaults = openai::Defaults {
-                    temperature: gc.temperature.unwrap_or(d.temperature),
-                    top_p: gc.top_p.unwrap_or(d.top_p),
-                    top_k: gc.top_k.unwrap_or(d.top_k),
-                    repetition_penalty: gc.repetition_penalty.unwrap_or(d.repetition_penalty),
-                };
-                let template_src = m.chat_template.as_ref().map(|t| t.source().to_string()).unwrap_or_default();
-                let ready = Ready {
-                    tool_format: st.cfg.tool_call_parser.unwrap_or_else(|| ToolFormat::detect(&template_src)),
-                    thinks: st.cfg.reasoning && template_src.contains("<think>"),
-                    compiler: OnceLock::new(),
-                    markers: infer_core::tools::MARKERS
-                        .iter()
-                        .filter_map(|&mk| m.tokenizer.token_to_id(mk).map(|id| (id, mk.to_string())))
-                        .collect(),
-                    model_id: st.cfg.served_model_name.clone().unwrap_or_else(|| m.name.clone()),
-                    tokenizer: m.tokenizer.clone(),
-                    chat_template: m.chat_template.take(),
-                    max_context: engine.max_context(),
-                    report_cached_tokens: st.cfg.report_cached_tokens,
-                    vocab_size: m.config().vocab_size,
-                    eos: m.eos_token_ids.clone(),
-                    defaults,
-                    embedder: Embedder::Decoder { model: m.model.clone(), pooling: st.cfg.pooling },
-                    generates: true,
-                    created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-                };
-                Ok((Some(engine), ready))
-            };
-            let setup = std::panic::catch_unwind(std::panic::AssertUnwindSafe(setup)).unwrap_or_else(|p| {
+            let run = || setup(&cfg, load()?, name);
+            let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(|p| {
                 let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
                 Err(infer_core::Error::Model(format!("loading the model failed: {}", msg.unwrap_or_else(|| "internal error".into()))))
             });
-            match setup {
-                Ok((Some(engine), ready)) => {
+            match built {
+                Ok((Some((engine, rx)), ready)) => {
                     tracing::info!(
                         "model `{}` ready in {:.1}s: context {} tokens; {}",
                         ready.model_id,
@@ -437,10 +472,9 @@ where
                         ready.max_context,
                         engine.cache_sizing()
                     );
-                    let _ = st.ready.set(Arc::new(ready));
-                    let _ = loaded_tx.send(Ok(()));
-                    drop(st);
+                    done(Ok(Arc::new(ready)));
                     worker::run(engine, rx, metrics);
+                    tracing::info!("engine stopped");
                 }
                 Ok((None, ready)) => {
                     let serves = match &ready.embedder {
@@ -453,15 +487,81 @@ where
                         started.elapsed().as_secs_f64(),
                         ready.max_context
                     );
-                    let _ = st.ready.set(Arc::new(ready));
-                    let _ = loaded_tx.send(Ok(()));
+                    done(Ok(Arc::new(ready)));
                 }
-                Err(e) => {
-                    let _ = loaded_tx.send(Err(e.to_string()));
-                }
+                Err(e) => done(Err(e.to_string())),
             }
         })
-        .map_err(|e| format!("cannot start the engine thread: {e}"))?;
+        .map(|_| ())
+        .map_err(|e| format!("cannot start the engine thread: {e}"))
+}
+
+/// Loads the model on the engine thread and serves `listener` until `shutdown` resolves; then new
+/// requests get 503, in-flight ones may finish for `shutdown_grace`, the rest are cancelled (each
+/// stream ends with an error event) and the function returns. A model that fails to load ends it
+/// with that error.
+pub async fn serve<L, M, S>(listener: tokio::net::TcpListener, cfg: ServerConfig, load: L, shutdown: S) -> Result<(), String>
+where
+    L: FnOnce() -> infer_core::Result<M> + Send + 'static,
+    M: Into<Loaded>,
+    S: Future<Output = ()> + Send + 'static,
+{
+    let once = std::sync::Mutex::new(Some(load));
+    let load: models::LoadFn = Arc::new(move || {
+        let f = once.lock().unwrap_or_else(|e| e.into_inner()).take();
+        f.ok_or_else(|| infer_core::Error::Model("the model was loaded already".into()))?().map(Into::into)
+    });
+    let name = cfg.served_model_name.clone();
+    serve_table(listener, cfg, models::Table::one(load, name), shutdown).await
+}
+
+/// Serves several models, each request routed by its `model`: a model loads at the first request
+/// for it (requests for a loading model wait, at most `load_timeout`), unloads after `keep_alive`
+/// idle, and at most `models_max` are loaded at once (the least recently used idle one is unloaded
+/// to make room). `GET /health` is 200 once listening; `/v1/models` gives each model's state.
+pub async fn serve_models<S>(listener: tokio::net::TcpListener, cfg: ServerConfig, specs: Vec<ModelSpec>, shutdown: S) -> Result<(), String>
+where
+    S: Future<Output = ()> + Send + 'static,
+{
+    if specs.is_empty() {
+        return Err("no models to serve".into());
+    }
+    let mut seen = std::collections::HashSet::new();
+    for s in &specs {
+        if !seen.insert(s.name.as_str()) {
+            return Err(format!("two models are named `{}`; name them apart (NAME=PATH)", s.name));
+        }
+    }
+    serve_table(listener, cfg, models::Table::several(specs), shutdown).await
+}
+
+async fn serve_table<S>(listener: tokio::net::TcpListener, cfg: ServerConfig, table: models::Table, shutdown: S) -> Result<(), String>
+where
+    S: Future<Output = ()> + Send + 'static,
+{
+    let metrics = Arc::new(Metrics::new());
+    let loopback_only = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
+    let state = Arc::new(AppState {
+        cfg,
+        loopback_only,
+        models: table,
+        metrics: metrics.clone(),
+        inflight: AtomicUsize::new(0),
+        shutting_down: AtomicBool::new(false),
+    });
+    let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
+    if state.models.multi() {
+        let _ = loaded_tx.send(Ok(()));
+        tokio::spawn(models::reaper(Arc::downgrade(&state)));
+    } else {
+        let st = state.clone();
+        let load = state.models.single_load();
+        let name = state.cfg.served_model_name.clone();
+        spawn_model(state.cfg.clone(), metrics, load, name, None, move |r| {
+            let r = r.map(|ready| st.models.set_single(ready));
+            let _ = loaded_tx.send(r);
+        })?;
+    }
 
     let st = state.clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -481,12 +581,17 @@ where
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if st.inflight.load(Ordering::SeqCst) > 0 {
-            let _ = st.commands.send(worker::Command::AbortAll("the server is shutting down".into()));
+            for ready in st.models.loaded() {
+                if let Some(c) = &ready.commands {
+                    let _ = c.send(worker::Command::AbortAll("the server is shutting down".into()));
+                }
+            }
         }
     };
     tokio::spawn(signal);
     let app = router(state.clone());
     let limits = state.cfg.connections;
+    drop(state);
     let server = conn::serve_connections(
         listener,
         app,
@@ -529,6 +634,20 @@ impl BackgroundServer {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
             rt.block_on(serve(listener, cfg, load, async move {
+                let _ = stopped.await;
+            }))
+        });
+        Ok(Self { addr, stop: Some(stop), thread: Some(thread) })
+    }
+
+    /// Like [`start`](Self::start), serving several models (see [`serve_models`]).
+    pub fn start_models(cfg: ServerConfig, specs: Vec<ModelSpec>) -> std::io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            rt.block_on(serve_models(listener, cfg, specs, async move {
                 let _ = stopped.await;
             }))
         });

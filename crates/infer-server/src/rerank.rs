@@ -66,9 +66,8 @@ fn parse_documents(v: Option<&Value>) -> Result<Vec<String>, ApiError> {
 }
 
 pub async fn rerank(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
-    let ready = st.ready()?;
     let body = json_body(body)?;
-    ready.check_model(body.get("model").and_then(Value::as_str))?;
+    let ready = st.resolve(body.get("model").and_then(Value::as_str)).await?;
     let encoder = match &ready.embedder {
         Embedder::Encoder(e) if e.reranks() => e.clone(),
         _ => {

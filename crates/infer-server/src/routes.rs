@@ -475,10 +475,9 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Byte
 /// A chat request's generation started: the prompt rendered (with its tools), the sequences
 /// submitted; what the response builders of each API need.
 pub(crate) async fn start_chat(st: &Arc<AppState>, chat: ChatParams) -> Result<(Arc<Ready>, Run, Meta), ApiError> {
-    let ready = st.ready()?;
-    ready.check_generates()?;
     let common = &chat.common;
-    ready.check_model(common.model.as_deref())?;
+    let ready = st.resolve(common.model.as_deref()).await?;
+    ready.check_generates()?;
     // `n` beyond what the server holds could never be admitted: 400, not a 429 to retry forever.
     let limit = st.cfg.engine.max_seqs + st.cfg.max_queue;
     if common.n()? > limit {
@@ -544,7 +543,7 @@ pub(crate) async fn start_chat(st: &Arc<AppState>, chat: ChatParams) -> Result<(
         Some((c, field)) => Some(compile(&ready, c, field, think).await?),
         None => None,
     };
-    let run = Run::submit(st, choices(&prompt, &params, n, compiled.as_ref())).await?;
+    let run = Run::submit(st, &ready, choices(&prompt, &params, n, compiled.as_ref())).await?;
     let meta = Meta {
         id: random_id("chatcmpl-"),
         created: now_secs(),
@@ -561,11 +560,10 @@ pub(crate) async fn start_chat(st: &Arc<AppState>, chat: ChatParams) -> Result<(
 }
 
 pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let ready = st.ready()?;
-    ready.check_generates()?;
     let cp: CompletionParams = parse_request(&json_body(body)?)?;
     let common = &cp.common;
-    ready.check_model(common.model.as_deref())?;
+    let ready = st.resolve(common.model.as_deref()).await?;
+    ready.check_generates()?;
     // Before any prompt is tokenized or copied per choice: the request must fit the server at all.
     let count = match &cp.prompt {
         Prompt::Texts(v) => v.len(),
@@ -623,7 +621,7 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, By
         let text = if cp.echo == Some(true) { ready.tokenizer.decode(p, true)? } else { String::new() };
         echo.extend(std::iter::repeat_n(text, n));
     }
-    let run = Run::submit(&st, seqs).await?;
+    let run = Run::submit(&st, &ready, seqs).await?;
     let meta = Meta {
         id: random_id("cmpl-"),
         created: now_secs(),
@@ -644,11 +642,17 @@ fn model_card(ready: &Ready) -> Value {
 }
 
 pub async fn list_models(State(st): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    if st.models.multi() {
+        return Ok(Json(json!({"object": "list", "data": st.models.cards(None)})));
+    }
     let ready = st.ready()?;
     Ok(Json(json!({"object": "list", "data": [model_card(&ready)]})))
 }
 
 pub async fn get_model(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    if st.models.multi() {
+        return st.models.cards(Some(&id)).pop().map(Json).ok_or_else(|| st.models.not_found(&id));
+    }
     let ready = st.ready()?;
     if id != ready.model_id {
         return Err(ApiError::model_not_found(&id, &ready.model_id));
@@ -670,9 +674,8 @@ pub async fn tokenize(State(st): State<Arc<AppState>>, body: Result<Bytes, Bytes
         #[serde(default)]
         model: Option<String>,
     }
-    let ready = st.ready()?;
     let req: Req = parse(&json_body(body)?)?;
-    ready.check_model(req.model.as_deref())?;
+    let ready = st.resolve(req.model.as_deref()).await?;
     let r = ready.clone();
     let tokens = match (req.content.or(req.prompt), req.messages) {
         (Some(text), None) => blocking(move || Ok(r.tokenizer.encode(&text, req.add_special.unwrap_or(true))?)).await?,
@@ -704,9 +707,11 @@ pub async fn detokenize(State(st): State<Arc<AppState>>, body: Result<Bytes, Byt
     #[derive(serde::Deserialize)]
     struct Req {
         tokens: Vec<u32>,
+        #[serde(default)]
+        model: Option<String>,
     }
-    let ready = st.ready()?;
     let req: Req = parse(&json_body(body)?)?;
+    let ready = st.resolve(req.model.as_deref()).await?;
     if let Some(&bad) = req.tokens.iter().find(|&&t| t as usize >= ready.vocab_size) {
         return Err(ApiError::bad_request(Some("tokens"), format!("token id {bad} is outside the vocabulary (size {})", ready.vocab_size)));
     }
@@ -715,7 +720,9 @@ pub async fn detokenize(State(st): State<Arc<AppState>>, body: Result<Bytes, Byt
 }
 
 pub async fn health(State(st): State<Arc<AppState>>) -> Response {
-    match st.ready() {
+    // With several models, the server is ready once it listens (models load on demand).
+    let ready = if st.models.multi() && !st.is_shutting_down() { Ok(()) } else { st.ready().map(|_| ()) };
+    match ready {
         Ok(_) => Json(json!({"status": "ok"})).into_response(),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -12,11 +12,13 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::ApiError;
 use crate::worker::{Command, NewSeq, SeqMsg, Submission};
-use crate::AppState;
+use crate::{AppState, Ready};
 
 /// The live sequences of one request; dropping it cancels the unfinished ones.
 pub struct Run {
     state: Arc<AppState>,
+    /// The model (holding it keeps its engine running and the model loaded).
+    ready: Arc<Ready>,
     rx: mpsc::UnboundedReceiver<SeqMsg>,
     /// Sequence id → choice index.
     index: HashMap<SeqId, usize>,
@@ -40,7 +42,7 @@ pub struct ChoiceOutput {
 
 impl Run {
     /// Queues the sequences (one per choice), or answers 429 when the server is full.
-    pub async fn submit(state: &Arc<AppState>, seqs: Vec<NewSeq>) -> Result<Run, ApiError> {
+    pub async fn submit(state: &Arc<AppState>, ready: &Arc<Ready>, seqs: Vec<NewSeq>) -> Result<Run, ApiError> {
         let k = seqs.len();
         let limit = state.cfg.engine.max_seqs + state.cfg.max_queue;
         let before = state.inflight.fetch_add(k, Ordering::SeqCst);
@@ -53,8 +55,12 @@ impl Run {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let (reply, answer) = oneshot::channel();
-        let mut run = Run { state: state.clone(), rx, index: HashMap::new(), unfinished: Vec::new(), slots: k };
-        if state.commands.send(Command::Submit(Submission { seqs, arrived: Instant::now(), events: tx, reply })).is_err() {
+        let Some(commands) = ready.commands.clone() else {
+            state.inflight.fetch_sub(k, Ordering::SeqCst);
+            return Err(ApiError::internal("this model has no engine"));
+        };
+        let mut run = Run { state: state.clone(), ready: ready.clone(), rx, index: HashMap::new(), unfinished: Vec::new(), slots: k };
+        if commands.send(Command::Submit(Submission { seqs, arrived: Instant::now(), events: tx, reply })).is_err() {
             return Err(ApiError::unavailable("the engine has stopped; the server is shutting down"));
         }
         let ids = answer.await.map_err(|_| ApiError::unavailable("the engine has stopped; the server is shutting down"))??;
@@ -116,7 +122,9 @@ impl Run {
 impl Drop for Run {
     fn drop(&mut self) {
         if !self.unfinished.is_empty() {
-            let _ = self.state.commands.send(Command::Cancel(std::mem::take(&mut self.unfinished)));
+            if let Some(c) = &self.ready.commands {
+                let _ = c.send(Command::Cancel(std::mem::take(&mut self.unfinished)));
+            }
         }
         self.state.inflight.fetch_sub(self.slots, Ordering::SeqCst);
     }

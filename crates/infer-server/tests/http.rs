@@ -1192,3 +1192,191 @@ fn a_cross_encoder_serves_rerank() {
     assert!(e["error"]["message"].as_str().unwrap().contains("/v1/rerank"), "{e}");
     s.stop().unwrap();
 }
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+}
+
+/// The tiny decoder fixture and the tiny BERT encoder, as `llama` and `bert`; `loads` counts the
+/// decoder's loads and `delay` slows each one down.
+fn two_models(loads: Arc<std::sync::atomic::AtomicUsize>, delay: Duration) -> Vec<infer_server::ModelSpec> {
+    let llama = fixture("tiny-llama");
+    let bert = fixture("tiny-bert");
+    vec![
+        infer_server::ModelSpec::new("llama", move || {
+            loads.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(delay);
+            infer_core::load(llama.to_str().unwrap(), LoadOptions::default())
+        }),
+        infer_server::ModelSpec::new("bert", move || {
+            Ok(infer_server::Loaded::Encoder(Box::new(infer_core::encoder::Encoder::load(&bert, &infer_core::Device::Cpu)?)))
+        }),
+    ]
+}
+
+fn multi_config() -> ServerConfig {
+    ServerConfig {
+        engine: EngineConfig { max_context: Some(256), max_seqs: 8, ..Default::default() },
+        keep_alive: None,
+        ..Default::default()
+    }
+}
+
+/// `/v1/models`' state of each model, by id.
+fn states(url: &str) -> std::collections::HashMap<String, String> {
+    let m = client().get(format!("{url}/v1/models")).send().unwrap().json::<Value>().unwrap();
+    m["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["id"].as_str().unwrap().to_string(), c["status"]["value"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+fn state_of(url: &str, id: &str) -> String {
+    states(url)[id].clone()
+}
+
+fn complete(url: &str, model: &str) -> (u16, Value) {
+    post(url, "/v1/completions", &json!({"model": model, "prompt": "hello", "max_tokens": 3, "temperature": 0}))
+}
+
+fn embed(url: &str, model: &str) -> (u16, Value) {
+    post(url, "/v1/embeddings", &json!({"model": model, "input": "hello world"}))
+}
+
+/// A chat model and an embedding model served side by side: each request goes to its `model`,
+/// models load at their first request (`/v1/models` says so), bad or missing names are refused.
+#[test]
+fn several_models_are_routed_by_model_and_load_on_first_use() {
+    let loads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let s = BackgroundServer::start_models(multi_config(), two_models(loads.clone(), Duration::ZERO)).unwrap();
+    let url = s.url();
+    // Ready as soon as it listens: nothing is loaded yet.
+    assert_eq!(client().get(format!("{url}/health")).send().unwrap().status().as_u16(), 200);
+    assert_eq!(states(&url), [("llama".into(), "unloaded".into()), ("bert".into(), "unloaded".into())].into());
+    let (st, r) = complete(&url, "llama");
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["model"], "llama");
+    assert_eq!(r["usage"]["completion_tokens"], 3);
+    assert_eq!((state_of(&url, "llama").as_str(), state_of(&url, "bert").as_str()), ("loaded", "unloaded"));
+    let (st, r) = embed(&url, "bert");
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["model"], "bert");
+    let want: Value = serde_json::from_str(&std::fs::read_to_string(fixture("tiny-bert").join("expected.json")).unwrap()).unwrap();
+    let (st, r) = post(&url, "/v1/embeddings", &json!({"model": "bert", "input": want["texts"][0]}));
+    assert_eq!(st, 200, "{r}");
+    let g: Vec<f64> = serde_json::from_value(r["data"][0]["embedding"].clone()).unwrap();
+    let w: Vec<f64> = serde_json::from_value(want["mean"][0].clone()).unwrap();
+    assert!(g.iter().zip(&w).map(|(a, b)| a * b).sum::<f64>() >= 0.9999);
+    assert_eq!((state_of(&url, "llama").as_str(), state_of(&url, "bert").as_str()), ("loaded", "loaded"));
+    // Both stay loaded and serve again without reloading.
+    assert_eq!(complete(&url, "llama").0, 200);
+    assert_eq!(loads.load(Ordering::SeqCst), 1);
+    let one = client().get(format!("{url}/v1/models/bert")).send().unwrap().json::<Value>().unwrap();
+    assert_eq!((one["id"].as_str(), one["status"]["value"].as_str()), (Some("bert"), Some("loaded")), "{one}");
+    assert_eq!(client().get(format!("{url}/v1/models/nope")).send().unwrap().status().as_u16(), 404);
+    // No `model`: a 400 naming it (and the models); an unknown one: 404 model_not_found.
+    let (st, e) = post(&url, "/v1/completions", &json!({"prompt": "hi"}));
+    assert_eq!((st, e["error"]["param"].as_str()), (400, Some("model")), "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("`llama`, `bert`"), "{e}");
+    let (st, e) = embed(&url, "gpt-4o");
+    assert_eq!((st, e["error"]["code"].as_str(), e["error"]["param"].as_str()), (404, Some("model_not_found"), Some("model")), "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("gpt-4o"), "{e}");
+    // Anthropic's error shape for its endpoint.
+    let (st, e) = post(&url, "/v1/messages", &json!({"model": "nope", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}));
+    assert_eq!((st, e["type"].as_str()), (404, Some("error")), "{e}");
+    // A model that cannot serve the endpoint: a 400 naming `model`.
+    let (st, e) = post(&url, "/v1/chat/completions", &json!({"model": "bert", "messages": [{"role": "user", "content": "hi"}]}));
+    assert_eq!((st, e["error"]["param"].as_str()), (400, Some("model")), "{e}");
+    let (st, e) = post(&url, "/v1/rerank", &json!({"model": "llama", "query": "q", "documents": ["d"]}));
+    assert_eq!((st, e["error"]["param"].as_str()), (400, Some("model")), "{e}");
+    // Tokenizer endpoints route too.
+    let (st, t) = post(&url, "/tokenize", &json!({"model": "llama", "content": "hello"}));
+    assert_eq!(st, 200, "{t}");
+    let (st, d) = post(&url, "/detokenize", &json!({"model": "llama", "tokens": t["tokens"]}));
+    assert_eq!(st, 200, "{d}");
+    assert!(d["content"].as_str().unwrap().contains("hello"), "{d}");
+    s.stop().unwrap();
+}
+
+/// `models_max: 1`: loading one model unloads the least recently used idle one; it loads again
+/// when asked for.
+#[test]
+fn models_max_unloads_the_least_recently_used() {
+    let loads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let cfg = ServerConfig { models_max: 1, ..multi_config() };
+    let s = BackgroundServer::start_models(cfg, two_models(loads.clone(), Duration::ZERO)).unwrap();
+    let url = s.url();
+    assert_eq!(complete(&url, "llama").0, 200);
+    assert_eq!(state_of(&url, "llama"), "loaded");
+    assert_eq!(embed(&url, "bert").0, 200);
+    assert_eq!((state_of(&url, "llama").as_str(), state_of(&url, "bert").as_str()), ("unloaded", "loaded"));
+    let (st, r) = complete(&url, "llama");
+    assert_eq!(st, 200, "{r}");
+    assert_eq!((state_of(&url, "llama").as_str(), state_of(&url, "bert").as_str()), ("loaded", "unloaded"));
+    assert_eq!(loads.load(Ordering::SeqCst), 2);
+    s.stop().unwrap();
+}
+
+/// A model idle for `keep_alive` is unloaded, and loads again at the next request.
+#[test]
+fn keep_alive_unloads_idle_models() {
+    let loads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let cfg = ServerConfig { keep_alive: Some(Duration::from_millis(400)), ..multi_config() };
+    let s = BackgroundServer::start_models(cfg, two_models(loads.clone(), Duration::ZERO)).unwrap();
+    let url = s.url();
+    assert_eq!(complete(&url, "llama").0, 200);
+    let done = Instant::now();
+    assert_eq!(state_of(&url, "llama"), "loaded");
+    while state_of(&url, "llama") != "unloaded" {
+        assert!(done.elapsed() < Duration::from_secs(10), "never unloaded");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(done.elapsed() >= Duration::from_millis(350), "unloaded after {:?}", done.elapsed());
+    assert_eq!(complete(&url, "llama").0, 200);
+    assert_eq!(loads.load(Ordering::SeqCst), 2);
+    s.stop().unwrap();
+}
+
+/// Requests for a model that is loading wait for it (one load for all); past `load_timeout` they
+/// get 503, and a model that fails to load says why.
+#[test]
+fn requests_for_a_loading_model_wait() {
+    let loads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let s = BackgroundServer::start_models(multi_config(), two_models(loads.clone(), Duration::from_millis(800))).unwrap();
+    let url = s.url();
+    let handles: Vec<_> = (0..6)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || complete(&url, "llama"))
+        })
+        .collect();
+    let t = Instant::now();
+    while state_of(&url, "llama") != "loading" {
+        assert!(t.elapsed() < Duration::from_secs(5), "never loading");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for h in handles {
+        let (st, r) = h.join().unwrap();
+        assert_eq!(st, 200, "{r}");
+    }
+    assert_eq!(loads.load(Ordering::SeqCst), 1);
+    s.stop().unwrap();
+
+    let cfg = ServerConfig { load_timeout: Duration::from_millis(200), ..multi_config() };
+    let mut specs = two_models(loads.clone(), Duration::from_millis(1500));
+    specs.push(infer_server::ModelSpec::new("broken", || -> infer_core::Result<infer_core::LoadedModel> {
+        Err(infer_core::Error::Model("no such weights".into()))
+    }));
+    let s = BackgroundServer::start_models(cfg, specs).unwrap();
+    let url = s.url();
+    let (st, e) = complete(&url, "llama");
+    assert_eq!(st, 503, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("--load-timeout"), "{e}");
+    let (st, e) = complete(&url, "broken");
+    assert_eq!(st, 503, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("no such weights"), "{e}");
+    assert_eq!(state_of(&url, "broken"), "unloaded");
+    s.stop().unwrap();
+}

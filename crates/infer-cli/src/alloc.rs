@@ -32,3 +32,9 @@ pub(crate) fn while_loading<T>(load: impl FnOnce() -> T) -> T {
     }
     out
 }
+
+/// Returns the free pages of every heap to the system (after a server unloaded a model).
+pub(crate) fn collect() {
+    // SAFETY: mi_collect takes no pointers.
+    unsafe { mi::mi_collect(true) };
+}

@@ -13,6 +13,23 @@ use crate::ModelArgs;
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// More models to serve beside the first (each a .gguf file, a model folder or a Hub id;
+    /// `NAME=PATH` names one). With several models (or a folder holding several .gguf files or model
+    /// folders) each request is routed by its `model`; models load at their first request.
+    #[arg(value_name = "MODELS")]
+    pub more_models: Vec<String>,
+    /// Several models: most loaded at once (0: no limit); loading another first unloads the least
+    /// recently used idle one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub models_max: usize,
+    /// Several models: how long a model stays loaded after its last request: e.g. 30s, 5m, 1h;
+    /// 0 unloads it as soon as its last request ends; -1 never.
+    #[arg(long, value_name = "DURATION", default_value = "5m", allow_hyphen_values = true)]
+    pub keep_alive: String,
+    /// Several models: seconds a request waits for its model to load (or for room to load it)
+    /// before a 503.
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    pub load_timeout: u64,
     /// Address to listen on (loopback by default; 0.0.0.0 for every interface).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -77,6 +94,61 @@ pub struct ServeArgs {
     /// or `none` (left in the content).
     #[arg(long, value_name = "FORMAT", default_value = "deepseek")]
     pub reasoning_format: String,
+}
+
+/// Parses a keep-alive: `-1` (never: `None`), `0`, `300` (seconds), `500ms`, `30s`, `5m`, `1h`.
+pub fn parse_keep_alive(s: &str) -> Result<Option<Duration>> {
+    let t = s.trim();
+    if t.starts_with('-') {
+        return Ok(None);
+    }
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num.parse().with_context(|| format!("`{s}` is not a duration; write e.g. 30s, 5m, 1h, 0 or -1"))?;
+    let secs = match unit.trim() {
+        "" | "s" => num,
+        "ms" => num / 1000.0,
+        "m" => num * 60.0,
+        "h" => num * 3600.0,
+        _ => bail!("`{s}`: unknown unit `{unit}`; use ms, s, m or h"),
+    };
+    Ok(Some(Duration::from_secs_f64(secs)))
+}
+
+/// The models to serve and their names: `NAME=PATH` as named; a folder with no config.json that
+/// holds several .gguf files or model folders, one model each (named by file stem or folder name);
+/// else the path's file stem, or a Hub id as written.
+pub fn model_list(specs: &[String]) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for spec in specs {
+        if let Some((name, path)) = spec.split_once('=').filter(|(n, p)| !n.is_empty() && !p.is_empty() && !n.contains('/')) {
+            out.push((name.to_string(), path.to_string()));
+            continue;
+        }
+        let p = std::path::Path::new(spec);
+        if p.is_dir() && !p.join("config.json").exists() {
+            let mut found = Vec::new();
+            for e in std::fs::read_dir(p).with_context(|| format!("reading {spec}"))? {
+                let path = e?.path();
+                let gguf = path.extension().is_some_and(|x| x.eq_ignore_ascii_case("gguf"));
+                if gguf || (path.is_dir() && path.join("config.json").exists()) {
+                    found.push(path);
+                }
+            }
+            if found.len() >= 2 {
+                found.sort();
+                for f in found {
+                    let name = f.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                    out.push((name, f.to_string_lossy().into_owned()));
+                }
+                continue;
+            }
+        }
+        let name =
+            if p.exists() { p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| spec.clone()) } else { spec.clone() };
+        out.push((name, spec.clone()));
+    }
+    Ok(out)
 }
 
 /// Parses `512M`, `2G`, `1.5GiB`, `1000000` into bytes.
@@ -153,11 +225,50 @@ pub fn run(args: ServeArgs) -> Result<()> {
             "none" => false,
             other => anyhow::bail!("--reasoning-format `{other}`: expected `deepseek` or `none`"),
         },
+        models_max: args.models_max,
+        keep_alive: parse_keep_alive(&args.keep_alive).context("--keep-alive")?,
+        load_timeout: Duration::from_secs(args.load_timeout),
+        after_unload: Some(crate::alloc::collect),
     };
     let spec = args.model.model.clone();
     let gguf_file = args.model.gguf_file.clone();
     let quantize = args.model.quantize.as_deref().map(str::parse).transpose()?;
     let kernels = crate::kernels_from_env()?;
+    let all: Vec<String> = std::iter::once(args.model.model.clone()).chain(args.more_models.iter().cloned()).collect();
+    let list = model_list(&all)?;
+    if list.len() > 1 || !args.more_models.is_empty() {
+        if args.served_model_name.is_some() {
+            bail!("--served-model-name names the one model; with several, name each as NAME=PATH");
+        }
+        if draft_spec.is_some() || args.model.gguf_file.is_some() {
+            bail!("--draft MODEL and --gguf-file apply to one model; serve several without them (--draft ngram works)");
+        }
+        let specs = list
+            .iter()
+            .map(|(name, path)| {
+                let (path, device) = (path.clone(), device.clone());
+                infer_server::ModelSpec::new(name.clone(), move || load_one(&path, &device, dtype, None, quantize, kernels))
+            })
+            .collect();
+        let names: Vec<&str> = list.iter().map(|(n, _)| n.as_str()).collect();
+        let rt =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")?;
+        return rt.block_on(async move {
+            let addr = format!("{}:{}", args.host, args.port);
+            let listener = tokio::net::TcpListener::bind(&addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (is another server using the port? pick another with --port)"))?;
+            let local = listener.local_addr()?;
+            eprintln!(
+                "infer serve: {} models ({}), each loaded at its first request; listening on http://{local}",
+                names.len(),
+                names.join(", ")
+            );
+            infer_server::serve_models(listener, cfg, specs, shutdown_signal()).await.map_err(anyhow::Error::msg)?;
+            eprintln!("infer serve: stopped");
+            Ok(())
+        });
+    }
     let load = move || {
         let dir = std::path::Path::new(&spec);
         if dir.is_dir() && infer::encoder::is_encoder(dir) {
@@ -190,6 +301,24 @@ pub fn run(args: ServeArgs) -> Result<()> {
     })
 }
 
+/// Loads one model of a several-model server (an encoder folder as an encoder).
+fn load_one(
+    spec: &str,
+    device: &infer::Device,
+    dtype: DTypeChoice,
+    gguf_file: Option<String>,
+    quantize: Option<infer::weights::Quantize>,
+    kernels: infer::weights::KernelChoice,
+) -> infer::Result<infer_server::Loaded> {
+    let dir = std::path::Path::new(spec);
+    if dir.is_dir() && infer::encoder::is_encoder(dir) {
+        return Ok(infer_server::Loaded::Encoder(Box::new(infer::encoder::Encoder::load(dir, device)?)));
+    }
+    let opts = LoadOptions { device: device.clone(), dtype, gguf_file, quantize, kernels, ..Default::default() };
+    let main = crate::alloc::while_loading(|| infer::load(spec, opts))?;
+    Ok(infer_server::Loaded::from(main))
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -214,7 +343,18 @@ async fn shutdown_signal() {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_keep_alive, parse_size};
+    use std::time::Duration;
+
+    #[test]
+    fn keep_alives() {
+        assert_eq!(parse_keep_alive("-1").unwrap(), None);
+        assert_eq!(parse_keep_alive("0").unwrap(), Some(Duration::ZERO));
+        assert_eq!(parse_keep_alive("5m").unwrap(), Some(Duration::from_secs(300)));
+        assert_eq!(parse_keep_alive("90").unwrap(), Some(Duration::from_secs(90)));
+        assert_eq!(parse_keep_alive("250ms").unwrap(), Some(Duration::from_millis(250)));
+        assert!(parse_keep_alive("5x").is_err());
+    }
 
     #[test]
     fn sizes() {

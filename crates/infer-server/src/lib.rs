@@ -107,6 +107,9 @@ pub struct ServerConfig {
     /// Several models: how long a request waits for its model to load (or for room to load it)
     /// before a 503.
     pub load_timeout: Duration,
+    /// Called (on a blocking thread) once an unloaded model's memory was freed: the CLI hands the
+    /// allocator's free pages back to the system.
+    pub after_unload: Option<fn()>,
 }
 
 impl Default for ServerConfig {
@@ -127,6 +130,7 @@ impl Default for ServerConfig {
             models_max: 0,
             keep_alive: Some(Duration::from_secs(300)),
             load_timeout: Duration::from_secs(600),
+            after_unload: None,
         }
     }
 }

@@ -249,12 +249,10 @@ fn start_load(st: &Arc<AppState>, idx: usize, victim: Option<(Arc<Ready>, Option
     let spec = st.models.specs[idx].clone();
     tracing::info!("loading model `{}`", spec.name);
     let victim = Mutex::new(victim);
+    let after_unload = st.cfg.after_unload;
     let load: LoadFn = Arc::new(move || {
         if let Some((ready, exited)) = victim.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            drop(ready);
-            if let Some(exited) = exited {
-                let _ = exited.recv();
-            }
+            free(vec![(ready, exited)], after_unload);
         }
         (spec.load)()
     });
@@ -275,6 +273,22 @@ fn start_load(st: &Arc<AppState>, idx: usize, victim: Option<(Arc<Ready>, Option
     if let Err(e) = crate::spawn_model(st.cfg.clone(), st.metrics.clone(), load, name, Some(alive), done) {
         st.models.lock()[idx] = Slot::Unloaded { error: Some(e) };
         st.models.changed.notify_waiters();
+    }
+}
+
+/// Drops unloaded models, waits for their engine threads to end, then calls `after_unload`
+/// (blocking).
+fn free(models: Vec<(Arc<Ready>, Option<Receiver<()>>)>, after_unload: Option<fn()>) {
+    let mut exits = Vec::new();
+    for (ready, exited) in models {
+        drop(ready);
+        exits.extend(exited);
+    }
+    for exited in exits {
+        let _ = exited.recv();
+    }
+    if let Some(f) = after_unload {
+        f();
     }
 }
 
@@ -301,9 +315,9 @@ pub(crate) async fn reaper(weak: Weak<AppState>) {
                     _ => false,
                 };
                 if expired {
-                    if let Slot::Loaded { ready, .. } = std::mem::replace(s, Slot::Unloaded { error: None }) {
+                    if let Slot::Loaded { ready, exited, .. } = std::mem::replace(s, Slot::Unloaded { error: None }) {
                         tracing::info!("unloading model `{}`: idle for {keep:?} (--keep-alive)", ready.model_id);
-                        gone.push(ready);
+                        gone.push((ready, exited));
                     }
                 }
             }
@@ -311,7 +325,8 @@ pub(crate) async fn reaper(weak: Weak<AppState>) {
         if !gone.is_empty() {
             st.models.changed.notify_waiters();
             // Freeing a model's memory can take a while: off the async workers.
-            tokio::task::spawn_blocking(move || drop(gone));
+            let after_unload = st.cfg.after_unload;
+            tokio::task::spawn_blocking(move || free(gone, after_unload));
         }
     }
 }

@@ -395,3 +395,78 @@ fn rerank_prints_the_cross_encoder_order() {
     let bert = fixtures().join("tiny-bert");
     assert_clean_error(&infer(&["rerank", bert.to_str().unwrap(), "--query", "q", "d"]), &["cannot rerank"]);
 }
+
+/// One HTTP/1.1 request to `addr`; the status and the JSON body.
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    let (_, rest) = out.split_once("\r\n\r\n").unwrap();
+    (status, serde_json::from_str(rest).unwrap_or_else(|_| panic!("not JSON: {rest}")))
+}
+
+fn model_states(addr: &str) -> Vec<(String, String)> {
+    let (_, m) = http(addr, "GET", "/v1/models", "");
+    m["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["id"].as_str().unwrap().into(), c["status"]["value"].as_str().unwrap().into()))
+        .collect()
+}
+
+/// `infer serve FOLDER` with a decoder and an encoder folder in it: two models named by folder,
+/// routed by `model`, `--models-max 1` swapping them, `--keep-alive` unloading the idle one.
+#[test]
+fn serve_a_folder_of_models() {
+    use std::io::BufRead;
+    let dir = std::env::temp_dir().join(format!("infer-cli-{}-models", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::symlink(fixtures().join("tiny-llama"), dir.join("llama")).unwrap();
+    std::os::unix::fs::symlink(fixtures().join("tiny-bert"), dir.join("bert")).unwrap();
+    let out = infer(&["serve", dir.to_str().unwrap(), "--served-model-name", "x", "--port", "0"]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("NAME=PATH"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_infer"))
+        .args(["serve", dir.to_str().unwrap(), "--port", "0", "--models-max", "1", "--keep-alive", "500ms"])
+        .env("HF_HUB_OFFLINE", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("serve exited").unwrap();
+        if let Some((_, rest)) = line.split_once("listening on http://") {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    assert_eq!(model_states(&addr), [("bert".into(), "unloaded".into()), ("llama".into(), "unloaded".into())]);
+    let (st, r) = http(&addr, "POST", "/v1/completions", r#"{"model":"llama","prompt":"hello","max_tokens":2}"#);
+    assert_eq!((st, r["model"].as_str()), (200, Some("llama")), "{r}");
+    let (st, r) = http(&addr, "POST", "/v1/embeddings", r#"{"model":"bert","input":"hello"}"#);
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(model_states(&addr), [("bert".into(), "loaded".into()), ("llama".into(), "unloaded".into())]);
+    let t = std::time::Instant::now();
+    while model_states(&addr)[0].1 != "unloaded" {
+        assert!(t.elapsed() < std::time::Duration::from_secs(10), "never unloaded");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (st, e) = http(&addr, "POST", "/v1/embeddings", r#"{"input":"hello"}"#);
+    assert_eq!((st, e["error"]["param"].as_str()), (400, Some("model")), "{e}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

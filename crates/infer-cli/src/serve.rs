@@ -22,6 +22,11 @@ pub struct ServeArgs {
     /// recently used idle one.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub models_max: usize,
+    /// Several models: most memory the loaded models' weights may take together, e.g. 8G (each
+    /// counted by its files' size; KV caches come on top, see --kv-cache-mem); loading another
+    /// first unloads least recently used idle ones until it fits. Default: no limit.
+    #[arg(long, value_name = "SIZE")]
+    pub models_mem: Option<String>,
     /// Several models: how long a model stays loaded after its last request: e.g. 30s, 5m, 1h;
     /// 0 unloads it as soon as its last request ends; -1 never.
     #[arg(long, value_name = "DURATION", default_value = "5m", allow_hyphen_values = true)]
@@ -226,6 +231,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             other => anyhow::bail!("--reasoning-format `{other}`: expected `deepseek` or `none`"),
         },
         models_max: args.models_max,
+        models_mem: args.models_mem.as_deref().map(parse_size).transpose().context("--models-mem")?.map(|b| b as u64),
         keep_alive: parse_keep_alive(&args.keep_alive).context("--keep-alive")?,
         load_timeout: Duration::from_secs(args.load_timeout),
         after_unload: Some(crate::alloc::collect),
@@ -247,7 +253,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .iter()
             .map(|(name, path)| {
                 let (path, device) = (path.clone(), device.clone());
-                infer_server::ModelSpec::new(name.clone(), move || load_one(&path, &device, dtype, None, quantize, kernels))
+                let size = files_size(std::path::Path::new(&path));
+                infer_server::ModelSpec::new(name.clone(), move || load_one(&path, &device, dtype, None, quantize, kernels)).with_size(size)
             })
             .collect();
         let names: Vec<&str> = list.iter().map(|(n, _)| n.as_str()).collect();
@@ -299,6 +306,20 @@ pub fn run(args: ServeArgs) -> Result<()> {
         eprintln!("infer serve: stopped");
         Ok(())
     })
+}
+
+/// The bytes of a model's weights on disk: a file's size, or a folder's .gguf, .safetensors and .bin
+/// files; 0 for a Hub id (unknown until downloaded).
+fn files_size(p: &std::path::Path) -> u64 {
+    if p.is_file() {
+        return p.metadata().map(|m| m.len()).unwrap_or(0);
+    }
+    let Ok(dir) = std::fs::read_dir(p) else { return 0 };
+    dir.filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|f| f.extension().is_some_and(|x| ["gguf", "safetensors", "bin"].iter().any(|w| x.eq_ignore_ascii_case(w))))
+        .filter_map(|f| std::fs::metadata(&f).ok().map(|m| m.len()))
+        .sum()
 }
 
 /// Loads one model of a several-model server (an encoder folder as an encoder).

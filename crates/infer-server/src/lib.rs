@@ -102,6 +102,9 @@ pub struct ServerConfig {
     /// Several models: most loaded at once (0: no limit); loading another first unloads the least
     /// recently used idle one.
     pub models_max: usize,
+    /// Several models: most bytes loaded at once, by the models' [`ModelSpec::size`] (`None`: no
+    /// limit); loading another first unloads least recently used idle ones until it fits.
+    pub models_mem: Option<u64>,
     /// Several models: how long a model stays loaded after its last request (`None`: for ever).
     pub keep_alive: Option<Duration>,
     /// Several models: how long a request waits for its model to load (or for room to load it)
@@ -128,6 +131,7 @@ impl Default for ServerConfig {
             connections: ConnLimits::default(),
             report_cached_tokens: false,
             models_max: 0,
+            models_mem: None,
             keep_alive: Some(Duration::from_secs(300)),
             load_timeout: Duration::from_secs(600),
             after_unload: None,

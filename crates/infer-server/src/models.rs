@@ -1,8 +1,9 @@
 //! The served models: one loaded at start (the single-model server), or several loaded on demand.
 //! With several, a request's `model` picks one; an unloaded model loads at its first request (on
 //! a new engine thread; requests for a loading model wait, at most `load_timeout`); at most
-//! `models_max` are loaded at once (the least recently used idle one is unloaded to make room:
-//! its engine thread is waited out before the next model loads, so their memory does not add up);
+//! `models_max` are loaded at once, and models of at most `models_mem` bytes together (by their
+//! specs' sizes): the least recently used idle ones are unloaded to make room (their engine
+//! threads are waited out before the next model loads, so their memory does not add up);
 //! and a model idle for `keep_alive` is unloaded. A model is in use while anyone holds its
 //! [`Ready`]: in-use models are never unloaded.
 
@@ -23,6 +24,8 @@ pub type LoadFn = Arc<dyn Fn() -> infer_core::Result<Loaded> + Send + Sync>;
 pub struct ModelSpec {
     pub name: String,
     pub load: LoadFn,
+    /// About how many bytes the model takes loaded (0: unknown), for `models_mem`.
+    pub size: u64,
 }
 
 impl ModelSpec {
@@ -31,7 +34,12 @@ impl ModelSpec {
         F: Fn() -> infer_core::Result<M> + Send + Sync + 'static,
         M: Into<Loaded>,
     {
-        Self { name: name.into(), load: Arc::new(move || load().map(Into::into)) }
+        Self { name: name.into(), load: Arc::new(move || load().map(Into::into)), size: 0 }
+    }
+
+    /// With the model's size (e.g. its files' bytes) for `models_mem`.
+    pub fn with_size(self, size: u64) -> Self {
+        Self { size, ..self }
     }
 }
 
@@ -70,7 +78,7 @@ pub(crate) struct Table {
 
 impl Table {
     pub(crate) fn one(load: LoadFn, name: Option<String>) -> Self {
-        Self::new(vec![ModelSpec { name: name.unwrap_or_default(), load }], false)
+        Self::new(vec![ModelSpec { name: name.unwrap_or_default(), load, size: 0 }], false)
     }
 
     pub(crate) fn several(specs: Vec<ModelSpec>) -> Self {
@@ -154,17 +162,18 @@ impl Table {
     }
 }
 
-/// The least recently used loaded model that no request holds.
-fn lru_idle(slots: &[Slot]) -> Option<usize> {
-    slots
+/// The loaded models that no request holds, least recently used first.
+fn idle_by_age(slots: &[Slot]) -> Vec<usize> {
+    let mut idle: Vec<_> = slots
         .iter()
         .enumerate()
         .filter_map(|(i, s)| match s {
             Slot::Loaded { ready, last_used, .. } if Arc::strong_count(ready) == 1 => Some((i, *last_used)),
             _ => None,
         })
-        .min_by_key(|&(_, t)| t)
-        .map(|(i, _)| i)
+        .collect();
+    idle.sort_by_key(|&(_, t)| t);
+    idle.into_iter().map(|(i, _)| i).collect()
 }
 
 enum Seen {
@@ -205,18 +214,41 @@ pub(crate) async fn resolve(st: &Arc<AppState>, model: Option<&str>) -> Result<A
                     if let (true, Some(e)) = (waited_load, error) {
                         return Err(ApiError::unavailable(format!("loading model `{name}` failed: {e}")));
                     }
-                    let used = slots.iter().filter(|s| !matches!(s, Slot::Unloaded { .. })).count();
-                    let max = st.cfg.models_max;
-                    if max == 0 || used < max {
-                        start = Some(None);
-                    } else if let Some(v) = lru_idle(&slots) {
-                        if let Slot::Loaded { ready, exited, .. } = std::mem::replace(&mut slots[v], Slot::Unloaded { error: None }) {
-                            tracing::info!(
-                                "unloading model `{}` (least recently used; --models-max {max}) to load `{name}`",
-                                ready.model_id
-                            );
-                            start = Some(Some((ready, exited)));
+                    // Room by count (`models_max`) and by size (`models_mem`: the models' sizes
+                    // as their specs give them): unload least recently used idle models until the
+                    // new one fits, only if that makes it fit.
+                    let mut used = 0;
+                    let mut bytes = 0;
+                    for (s, spec) in slots.iter().zip(&t.specs) {
+                        if !matches!(s, Slot::Unloaded { .. }) {
+                            used += 1;
+                            bytes += spec.size;
                         }
+                    }
+                    let (max, budget, need) = (st.cfg.models_max, st.cfg.models_mem, t.specs[idx].size);
+                    let over = |used: usize, bytes: u64| {
+                        (max != 0 && used >= max) || budget.is_some_and(|b| used > 0 && bytes.saturating_add(need) > b)
+                    };
+                    let mut idle = idle_by_age(&slots);
+                    let mut evict = Vec::new();
+                    while over(used, bytes) && !idle.is_empty() {
+                        let v = idle.remove(0);
+                        used -= 1;
+                        bytes -= t.specs[v].size;
+                        evict.push(v);
+                    }
+                    if !over(used, bytes) {
+                        let mut victims = Vec::new();
+                        for v in evict {
+                            if let Slot::Loaded { ready, exited, .. } = std::mem::replace(&mut slots[v], Slot::Unloaded { error: None }) {
+                                tracing::info!(
+                                    "unloading model `{}` (least recently used; --models-max / --models-mem) to load `{name}`",
+                                    ready.model_id
+                                );
+                                victims.push((ready, exited));
+                            }
+                        }
+                        start = Some(victims);
                     }
                     if start.is_some() {
                         slots[idx] = Slot::Loading;
@@ -225,9 +257,9 @@ pub(crate) async fn resolve(st: &Arc<AppState>, model: Option<&str>) -> Result<A
                 }
             }
         }
-        if let Some(victim) = start {
+        if let Some(victims) = start {
             t.changed.notify_waiters();
-            start_load(st, idx, victim);
+            start_load(st, idx, victims);
             continue;
         }
         let now = Instant::now();
@@ -235,7 +267,11 @@ pub(crate) async fn resolve(st: &Arc<AppState>, model: Option<&str>) -> Result<A
             return Err(ApiError::unavailable(format!(
                 "model `{name}` could not be loaded within {:?} (--load-timeout): {}; retry later",
                 st.cfg.load_timeout,
-                if waited_load { "it is still loading" } else { "every loaded model is in use (--models-max)" }
+                if waited_load {
+                    "it is still loading"
+                } else {
+                    "the loaded models are in use and leave no room (--models-max / --models-mem)"
+                }
             )));
         }
         // Woken by a change of state; a model that stops being used wakes nobody, so look again soon.
@@ -245,14 +281,14 @@ pub(crate) async fn resolve(st: &Arc<AppState>, model: Option<&str>) -> Result<A
 
 /// Loads model `idx` on a new engine thread, after unloading `victim` (and waiting for its engine
 /// thread to end).
-fn start_load(st: &Arc<AppState>, idx: usize, victim: Option<(Arc<Ready>, Option<Receiver<()>>)>) {
+fn start_load(st: &Arc<AppState>, idx: usize, victims: Vec<(Arc<Ready>, Option<Receiver<()>>)>) {
     let spec = st.models.specs[idx].clone();
     tracing::info!("loading model `{}`", spec.name);
-    let victim = Mutex::new(victim);
+    let victims = Mutex::new(Some(victims));
     let after_unload = st.cfg.after_unload;
     let load: LoadFn = Arc::new(move || {
-        if let Some((ready, exited)) = victim.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            free(vec![(ready, exited)], after_unload);
+        if let Some(victims) = victims.lock().unwrap_or_else(|e| e.into_inner()).take().filter(|v| !v.is_empty()) {
+            free(victims, after_unload);
         }
         (spec.load)()
     });

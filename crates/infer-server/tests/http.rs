@@ -1380,3 +1380,28 @@ fn requests_for_a_loading_model_wait() {
     assert_eq!(state_of(&url, "broken"), "unloaded");
     s.stop().unwrap();
 }
+
+/// `models_mem`: models whose sizes together pass it are not loaded at once; the least recently
+/// used idle one makes room.
+#[test]
+fn models_mem_unloads_to_make_room() {
+    let loads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let specs: Vec<_> = two_models(loads.clone(), Duration::ZERO).into_iter().map(|s| s.with_size(60 << 20)).collect();
+    let cfg = ServerConfig { models_mem: Some(100 << 20), ..multi_config() };
+    let s = BackgroundServer::start_models(cfg, specs).unwrap();
+    let url = s.url();
+    assert_eq!(complete(&url, "llama").0, 200);
+    assert_eq!(embed(&url, "bert").0, 200);
+    assert_eq!((state_of(&url, "llama").as_str(), state_of(&url, "bert").as_str()), ("unloaded", "loaded"));
+    assert_eq!(complete(&url, "llama").0, 200);
+    assert_eq!((state_of(&url, "llama").as_str(), state_of(&url, "bert").as_str()), ("loaded", "unloaded"));
+    s.stop().unwrap();
+    // Room for both: both stay.
+    let specs: Vec<_> = two_models(loads, Duration::ZERO).into_iter().map(|s| s.with_size(40 << 20)).collect();
+    let s = BackgroundServer::start_models(ServerConfig { models_mem: Some(100 << 20), ..multi_config() }, specs).unwrap();
+    let url = s.url();
+    assert_eq!(complete(&url, "llama").0, 200);
+    assert_eq!(embed(&url, "bert").0, 200);
+    assert_eq!((state_of(&url, "llama").as_str(), state_of(&url, "bert").as_str()), ("loaded", "loaded"));
+    s.stop().unwrap();
+}

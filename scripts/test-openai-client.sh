@@ -2,7 +2,8 @@
 # Runs the official `openai` Python client (tests/clients/openai_client.py: the API; openai_agents.py:
 # tools and structured output) and `anthropic` client (tests/clients/anthropic_client.py: /v1/messages; openai_responses.py: /v1/responses) (pinned in scripts/requirements-client.txt, installed into
 # a venv under ~/.cache/infer) against `infer serve` on the test model, then stops the server with
-# SIGTERM and checks it exits cleanly.
+# SIGTERM and checks it exits cleanly; then tests/clients/several_models.py against the test model and
+# tests/fixtures/tiny-bert served at once.
 #
 #   usage: scripts/test-openai-client.sh MODEL.gguf
 #   INFER_BIN   the `infer` binary to test (default: built here with `cargo build --release -p infer-cli`;
@@ -49,3 +50,24 @@ wait "$pid" || status=$?
 cat "$log"
 [ "$status" -eq 0 ] || { echo "infer serve exited with $status after SIGTERM"; exit 1; }
 echo "openai client: ok (server stopped cleanly on SIGTERM)"
+
+# Several models at once: a chat model and an embedding model (tests/clients/several_models.py).
+port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+"$bin" serve "chat=$model" embed=tests/fixtures/tiny-bert --port "$port" --api-key "$key" --keep-alive 3s -c 512 > "$log" 2>&1 &
+pid=$!
+"$venv/bin/python" - "$port" <<'PY'
+import sys, time, urllib.request
+for _ in range(100):
+    try:
+        if urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health").status == 200:
+            sys.exit(0)
+    except Exception:
+        pass
+    time.sleep(0.1)
+sys.exit("infer serve (several models) did not listen in 10 s")
+PY
+"$venv/bin/python" tests/clients/several_models.py "http://127.0.0.1:$port" "$key"
+kill -TERM "$pid"
+status=0
+wait "$pid" || status=$?
+[ "$status" -eq 0 ] || { cat "$log"; echo "infer serve (several models) exited with $status after SIGTERM"; exit 1; }

@@ -262,6 +262,9 @@ pub(crate) async fn resolve(st: &Arc<AppState>, model: Option<&str>) -> Result<A
             start_load(st, idx, victims);
             continue;
         }
+        if st.is_shutting_down() {
+            return Err(ApiError::unavailable("the server is shutting down"));
+        }
         let now = Instant::now();
         if now >= deadline {
             return Err(ApiError::unavailable(format!(

@@ -470,3 +470,64 @@ fn serve_a_folder_of_models() {
     child.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Starts `infer serve ARGS --port 0`; the child and its address (stderr drained on a thread).
+fn spawn_serve(args: &[&str]) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_infer"))
+        .arg("serve")
+        .args(args)
+        .args(["--port", "0"])
+        .env("HF_HUB_OFFLINE", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("serve exited").unwrap();
+        if let Some((_, rest)) = line.split_once("listening on http://") {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, addr)
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches("kB").trim().parse().unwrap();
+    kb / 1024.0
+}
+
+/// Memory while models load and unload: SmolLM2 served beside tiny-bert takes its weights and KV
+/// cache when loaded and gives them back to the system when `--keep-alive` unloads it; loading it
+/// again takes no more than the first time.
+#[cfg(target_os = "linux")]
+#[test]
+fn unloaded_models_give_their_memory_back() {
+    let Some(model) = smollm2() else { return };
+    let chat = format!("chat={}", model.display());
+    let embed = format!("embed={}", fixtures().join("tiny-bert").display());
+    let (mut child, addr) = spawn_serve(&[&chat, &embed, "-c", "512", "--max-seqs", "2", "--keep-alive", "300ms"]);
+    let pid = child.id();
+    let idle = rss_mib(pid);
+    let body = r#"{"model":"chat","messages":[{"role":"user","content":"Hi"}],"max_tokens":4}"#;
+    assert_eq!(http(&addr, "POST", "/v1/chat/completions", body).0, 200);
+    let loaded = rss_mib(pid);
+    let t = std::time::Instant::now();
+    while model_states(&addr)[0].1 != "unloaded" {
+        assert!(t.elapsed() < std::time::Duration::from_secs(10), "never unloaded");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let unloaded = rss_mib(pid);
+    assert_eq!(http(&addr, "POST", "/v1/chat/completions", body).0, 200);
+    let reloaded = rss_mib(pid);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let weights = std::fs::metadata(&model).unwrap().len() as f64 / (1 << 20) as f64;
+    eprintln!("RSS MiB: idle {idle:.0}, loaded {loaded:.0}, unloaded {unloaded:.0}, reloaded {reloaded:.0} (weights {weights:.0})");
+    assert!(loaded - idle > weights * 0.8, "loading took {:.0} MiB", loaded - idle);
+    assert!(unloaded - idle < weights * 0.3, "unloading left {:.0} MiB", unloaded - idle);
+    assert!(reloaded < loaded * 1.1, "reloading took more: {reloaded:.0} vs {loaded:.0} MiB");
+}

@@ -246,6 +246,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         if args.served_model_name.is_some() {
             bail!("--served-model-name names the one model; with several, name each as NAME=PATH");
         }
+        let mut seen = std::collections::HashSet::new();
+        if let Some((name, _)) = list.iter().find(|(name, _)| !seen.insert(name.as_str())) {
+            bail!("two models are named `{name}`; name them apart as NAME=PATH");
+        }
         if draft_spec.is_some() || args.model.gguf_file.is_some() {
             bail!("--draft MODEL and --gguf-file apply to one model; serve several without them (--draft ngram works)");
         }

@@ -439,6 +439,9 @@ fn serve_a_folder_of_models() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let llama = fixtures().join("tiny-llama");
+    let out = infer(&["serve", llama.to_str().unwrap(), llama.to_str().unwrap(), "--port", "0"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("two models are named `tiny-llama`"));
     let mut child = Command::new(env!("CARGO_BIN_EXE_infer"))
         .args(["serve", dir.to_str().unwrap(), "--port", "0", "--models-max", "1", "--keep-alive", "500ms"])
         .env("HF_HUB_OFFLINE", "1")

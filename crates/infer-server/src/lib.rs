@@ -165,6 +165,8 @@ pub struct Ready {
     /// The engine thread's commands (a decoder's); the thread ends, freeing the engine, once the
     /// last holder of this `Ready` is gone.
     commands: Option<mpsc::Sender<worker::Command>>,
+    /// This model's sequences running or queued (admission control: `max_seqs + max_queue` each).
+    inflight: AtomicUsize,
 }
 
 /// The model behind `/v1/embeddings`.
@@ -236,7 +238,7 @@ pub struct AppState {
     /// The served models (one, loaded at start; or several, loaded on demand).
     models: models::Table,
     metrics: Arc<Metrics>,
-    /// Sequences running or queued (admission control).
+    /// Sequences running or queued, all models together (shutdown waits for them).
     inflight: AtomicUsize,
     shutting_down: AtomicBool,
 }
@@ -404,6 +406,7 @@ fn setup(
                 embedder: Embedder::Encoder(Arc::from(e)),
                 generates: false,
                 commands: None,
+                inflight: AtomicUsize::new(0),
             };
             return Ok((None, ready));
         }
@@ -443,6 +446,7 @@ fn setup(
         generates: true,
         created,
         commands: Some(commands),
+        inflight: AtomicUsize::new(0),
     };
     Ok((Some((engine, rx)), ready))
 }

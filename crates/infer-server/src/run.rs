@@ -44,10 +44,11 @@ impl Run {
     /// Queues the sequences (one per choice), or answers 429 when the server is full.
     pub async fn submit(state: &Arc<AppState>, ready: &Arc<Ready>, seqs: Vec<NewSeq>) -> Result<Run, ApiError> {
         let k = seqs.len();
+        // Each model's engine has its own limit; the server's count is for shutdown's drain.
         let limit = state.cfg.engine.max_seqs + state.cfg.max_queue;
-        let before = state.inflight.fetch_add(k, Ordering::SeqCst);
+        let before = ready.inflight.fetch_add(k, Ordering::SeqCst);
         if before + k > limit {
-            state.inflight.fetch_sub(k, Ordering::SeqCst);
+            ready.inflight.fetch_sub(k, Ordering::SeqCst);
             return Err(ApiError::too_many_requests(format!(
                 "the server is busy: {before} sequences running or queued and this request adds {k} (limit {limit} = --max-seqs {} + --max-queue {}); retry shortly",
                 state.cfg.engine.max_seqs, state.cfg.max_queue
@@ -56,9 +57,10 @@ impl Run {
         let (tx, rx) = mpsc::unbounded_channel();
         let (reply, answer) = oneshot::channel();
         let Some(commands) = ready.commands.clone() else {
-            state.inflight.fetch_sub(k, Ordering::SeqCst);
+            ready.inflight.fetch_sub(k, Ordering::SeqCst);
             return Err(ApiError::internal("this model has no engine"));
         };
+        state.inflight.fetch_add(k, Ordering::SeqCst);
         let mut run = Run { state: state.clone(), ready: ready.clone(), rx, index: HashMap::new(), unfinished: Vec::new(), slots: k };
         if commands.send(Command::Submit(Submission { seqs, arrived: Instant::now(), events: tx, reply })).is_err() {
             return Err(ApiError::unavailable("the engine has stopped; the server is shutting down"));
@@ -101,8 +103,14 @@ impl Run {
     /// this response is still being written to a slow (or stalled) client.
     fn release_if_done(&mut self) {
         if self.unfinished.is_empty() {
-            self.state.inflight.fetch_sub(std::mem::take(&mut self.slots), Ordering::SeqCst);
+            let slots = std::mem::take(&mut self.slots);
+            self.release(slots);
         }
+    }
+
+    fn release(&self, slots: usize) {
+        self.ready.inflight.fetch_sub(slots, Ordering::SeqCst);
+        self.state.inflight.fetch_sub(slots, Ordering::SeqCst);
     }
 
     /// Waits for every choice to finish.
@@ -126,6 +134,6 @@ impl Drop for Run {
                 let _ = c.send(Command::Cancel(std::mem::take(&mut self.unfinished)));
             }
         }
-        self.state.inflight.fetch_sub(self.slots, Ordering::SeqCst);
+        self.release(self.slots);
     }
 }

@@ -1405,3 +1405,37 @@ fn models_mem_unloads_to_make_room() {
     assert_eq!((state_of(&url, "llama").as_str(), state_of(&url, "bert").as_str()), ("loaded", "loaded"));
     s.stop().unwrap();
 }
+
+/// Each model has its own `max_seqs + max_queue`: a full model answers 429 while another serves.
+#[test]
+fn each_model_has_its_own_queue() {
+    let Some(path) = model_path() else { return };
+    let spec = |name: &str| {
+        let p = path.clone();
+        infer_server::ModelSpec::new(name, move || infer_core::load(p.to_str().unwrap(), LoadOptions::default()))
+    };
+    let cfg = ServerConfig {
+        engine: EngineConfig { max_context: Some(2048), max_seqs: 1, ..Default::default() },
+        max_queue: 0,
+        keep_alive: None,
+        ..Default::default()
+    };
+    let s = BackgroundServer::start_models(cfg, vec![spec("a"), spec("b")]).unwrap();
+    let url = s.url();
+    let body =
+        json!({"model": "a", "prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": true, "stream": true, "temperature": 0});
+    let mut stream = client().post(format!("{url}/v1/completions")).json(&body).send().unwrap();
+    assert_eq!(stream.status().as_u16(), 200);
+    assert!(stream.read(&mut [0u8; 64]).unwrap() > 0);
+    let (st, e) = post(&url, "/v1/completions", &json!({"model": "a", "prompt": "hi", "max_tokens": 2}));
+    assert_eq!((st, e["error"]["code"].as_str()), (429, Some("rate_limit_exceeded")), "{e}");
+    let (st, r) = post(&url, "/v1/completions", &json!({"model": "b", "prompt": "hi", "max_tokens": 2}));
+    assert_eq!(st, 200, "{r}");
+    drop(stream);
+    let t = Instant::now();
+    while post(&url, "/v1/completions", &json!({"model": "a", "prompt": "hi", "max_tokens": 2})).0 != 200 {
+        assert!(t.elapsed() < Duration::from_secs(10), "the slot was never freed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.stop().unwrap();
+}

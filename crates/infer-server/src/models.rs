@@ -1,8 +1,9 @@
 //! The served models: one loaded at start (the single-model server), or several loaded on demand.
 //! With several, a request's `model` picks one; an unloaded model loads at its first request (on
 //! a new engine thread; requests for a loading model wait, at most `load_timeout`); at most
-//! `models_max` are loaded at once, and models of at most `models_mem` bytes together (by their
-//! specs' sizes): the least recently used idle ones are unloaded to make room (their engine
+//! `models_max` are loaded at once, models of at most `models_mem` bytes together (by their specs'
+//! sizes), and a model is not loaded beside others when the system has less memory available than
+//! its size: the least recently used idle ones are unloaded to make room (their engine
 //! threads are waited out before the next model loads, so their memory does not add up);
 //! and a model idle for `keep_alive` is unloaded. A model is in use while anyone holds its
 //! [`Ready`]: in-use models are never unloaded.
@@ -162,6 +163,13 @@ impl Table {
     }
 }
 
+/// The memory the system can still give (Linux's `MemAvailable`), in bytes.
+fn mem_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = info.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// The loaded models that no request holds, least recently used first.
 fn idle_by_age(slots: &[Slot]) -> Vec<usize> {
     let mut idle: Vec<_> = slots
@@ -197,6 +205,7 @@ pub(crate) async fn resolve(st: &Arc<AppState>, model: Option<&str>) -> Result<A
         tokio::pin!(notified);
         notified.as_mut().enable();
         let mut start = None;
+        let available = if t.specs[idx].size > 0 { mem_available() } else { None };
         {
             let mut slots = t.lock();
             let seen = match &mut slots[idx] {
@@ -225,19 +234,24 @@ pub(crate) async fn resolve(st: &Arc<AppState>, model: Option<&str>) -> Result<A
                             bytes += spec.size;
                         }
                     }
+                    // And by the memory the system has left (what unloading frees counted back).
                     let (max, budget, need) = (st.cfg.models_max, st.cfg.models_mem, t.specs[idx].size);
-                    let over = |used: usize, bytes: u64| {
-                        (max != 0 && used >= max) || budget.is_some_and(|b| used > 0 && bytes.saturating_add(need) > b)
+                    let over = |used: usize, bytes: u64, freed: u64| {
+                        (max != 0 && used >= max)
+                            || budget.is_some_and(|b| used > 0 && bytes.saturating_add(need) > b)
+                            || available.is_some_and(|a| used > 0 && a.saturating_add(freed) < need)
                     };
                     let mut idle = idle_by_age(&slots);
                     let mut evict = Vec::new();
-                    while over(used, bytes) && !idle.is_empty() {
+                    let mut freed = 0;
+                    while over(used, bytes, freed) && !idle.is_empty() {
                         let v = idle.remove(0);
                         used -= 1;
                         bytes -= t.specs[v].size;
+                        freed += t.specs[v].size;
                         evict.push(v);
                     }
-                    if !over(used, bytes) {
+                    if !over(used, bytes, freed) {
                         let mut victims = Vec::new();
                         for v in evict {
                             if let Slot::Loaded { ready, exited, .. } = std::mem::replace(&mut slots[v], Slot::Unloaded { error: None }) {

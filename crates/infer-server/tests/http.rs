@@ -1439,3 +1439,17 @@ fn each_model_has_its_own_queue() {
     }
     s.stop().unwrap();
 }
+
+/// A model larger than the memory the system has left unloads the idle ones first (and then loads
+/// alone).
+#[test]
+fn a_model_larger_than_free_memory_loads_alone() {
+    let loads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let specs: Vec<_> = two_models(loads, Duration::ZERO).into_iter().map(|s| s.with_size(1 << 60)).collect();
+    let s = BackgroundServer::start_models(multi_config(), specs).unwrap();
+    let url = s.url();
+    assert_eq!(complete(&url, "llama").0, 200);
+    assert_eq!(embed(&url, "bert").0, 200);
+    assert_eq!((state_of(&url, "llama").as_str(), state_of(&url, "bert").as_str()), ("unloaded", "loaded"));
+    s.stop().unwrap();
+}

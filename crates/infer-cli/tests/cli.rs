@@ -427,7 +427,6 @@ fn model_states(addr: &str) -> Vec<(String, String)> {
 /// routed by `model`, `--models-max 1` swapping them, `--keep-alive` unloading the idle one.
 #[test]
 fn serve_a_folder_of_models() {
-    use std::io::BufRead;
     let dir = std::env::temp_dir().join(format!("infer-cli-{}-models", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -442,20 +441,7 @@ fn serve_a_folder_of_models() {
     let llama = fixtures().join("tiny-llama");
     let out = infer(&["serve", llama.to_str().unwrap(), llama.to_str().unwrap(), "--port", "0"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("two models are named `tiny-llama`"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_infer"))
-        .args(["serve", dir.to_str().unwrap(), "--port", "0", "--models-max", "1", "--keep-alive", "500ms"])
-        .env("HF_HUB_OFFLINE", "1")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("serve exited").unwrap();
-        if let Some((_, rest)) = line.split_once("listening on http://") {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
+    let (mut child, addr) = spawn_serve(&[dir.to_str().unwrap(), "--models-max", "1", "--keep-alive", "500ms"]);
     assert_eq!(model_states(&addr), [("bert".into(), "unloaded".into()), ("llama".into(), "unloaded".into())]);
     let (st, r) = http(&addr, "POST", "/v1/completions", r#"{"model":"llama","prompt":"hello","max_tokens":2}"#);
     assert_eq!((st, r["model"].as_str()), (200, Some("llama")), "{r}");

@@ -163,13 +163,6 @@ impl Table {
     }
 }
 
-/// The memory the system can still give (Linux's `MemAvailable`), in bytes.
-fn mem_available() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kb: u64 = info.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kb * 1024)
-}
-
 /// The loaded models that no request holds, least recently used first.
 fn idle_by_age(slots: &[Slot]) -> Vec<usize> {
     let mut idle: Vec<_> = slots
@@ -205,7 +198,6 @@ pub(crate) async fn resolve(st: &Arc<AppState>, model: Option<&str>) -> Result<A
         tokio::pin!(notified);
         notified.as_mut().enable();
         let mut start = None;
-        let available = if t.specs[idx].size > 0 { mem_available() } else { None };
         {
             let mut slots = t.lock();
             let seen = match &mut slots[idx] {
@@ -234,8 +226,10 @@ pub(crate) async fn resolve(st: &Arc<AppState>, model: Option<&str>) -> Result<A
                             bytes += spec.size;
                         }
                     }
-                    // And by the memory the system has left (what unloading frees counted back).
+                    // And by the memory the system has left (what unloading frees counted back;
+                    // `MemAvailable` or a cgroup limit, read only when a model is to be loaded).
                     let (max, budget, need) = (st.cfg.models_max, st.cfg.models_mem, t.specs[idx].size);
+                    let available = if need > 0 { infer_core::memory::available_bytes() } else { None };
                     let over = |used: usize, bytes: u64, freed: u64| {
                         (max != 0 && used >= max)
                             || budget.is_some_and(|b| used > 0 && bytes.saturating_add(need) > b)

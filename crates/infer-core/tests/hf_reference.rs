@@ -261,7 +261,9 @@ fn embeddings_match_transformers() {
 #[test]
 fn encoder_matches_sentence_transformers() {
     // tiny-roberta (scripts/make_roberta_fixtures.py): positions after the padding id, one token type.
-    for name in ["tiny-bert", "tiny-roberta"] {
+    // tiny-modernbert (scripts/make_modernbert_fixtures.py): RoPE, global and local (window 8)
+    // layers, GLU, no biases; texts up to 23 tokens, longer than the window.
+    for name in ["tiny-bert", "tiny-roberta", "tiny-modernbert"] {
         encoder_matches(name);
     }
 }
@@ -301,7 +303,9 @@ fn encoder_matches(name: &str) {
 fn cross_encoder_matches_transformers() {
     // tiny-xlmr-cross-encoder (scripts/make_roberta_fixtures.py): XLMRobertaForSequenceClassification,
     // bge-reranker's head, `<s> q </s></s> d </s>` pairs with one token type.
-    for name in ["tiny-cross-encoder", "tiny-xlmr-cross-encoder"] {
+    // tiny-modernbert-cross-encoder (scripts/make_modernbert_fixtures.py): mean pooling, dense + GELU +
+    // LayerNorm head, 128 positions.
+    for name in ["tiny-cross-encoder", "tiny-xlmr-cross-encoder", "tiny-modernbert-cross-encoder"] {
         cross_encoder_matches(name);
     }
 }
@@ -322,7 +326,7 @@ fn cross_encoder_matches(name: &str) {
         let p = enc.encode_pair(&enc.encode_query(q).unwrap(), d, None).unwrap();
         assert_eq!(p.ids, ids[i], "{name} pair {i} ids");
         assert_eq!(p.type_ids, types[i], "{name} pair {i} token types");
-        assert_eq!(p.truncated, ids[i].len() == 64, "pair {i}");
+        assert_eq!(p.truncated, ids[i].len() == want["max_length"].as_u64().unwrap() as usize, "pair {i}");
         encoded.push(p);
     }
     assert!(encoded.iter().any(|p| p.truncated), "one document is cut");

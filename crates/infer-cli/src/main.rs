@@ -65,8 +65,9 @@ enum Command {
         tools: ToolArgs,
     },
     /// Print the embedding of each TEXT (one JSON array per line): a decoder's final hidden states
-    /// pooled (--pooling) and L2-normalized, or an encoder folder's (BERT family, with
-    /// sentence-transformers' pooling config) as it is configured.
+    /// pooled (--pooling) and L2-normalized, or an encoder's as it is configured: a folder (BERT,
+    /// RoBERTa, XLM-R, ModernBERT, with sentence-transformers' pooling config) or a BERT GGUF
+    /// (llama.cpp's pooling key, L2-normalized).
     Embed {
         #[command(flatten)]
         model: ModelArgs,
@@ -76,8 +77,8 @@ enum Command {
         #[arg(long, default_value = "last", value_name = "last|mean")]
         pooling: String,
     },
-    /// Score each DOCUMENT's relevance to the query with a cross-encoder folder (BERT
-    /// sequence classification, one label): one `index<TAB>score<TAB>document` line each, best first.
+    /// Score each DOCUMENT's relevance to the query with a cross-encoder folder (BERT, RoBERTa,
+    /// XLM-R or ModernBERT sequence classification, one label): one `index<TAB>score<TAB>document` line each, best first.
     /// The score is sentence-transformers' CrossEncoder score (the sigmoid of the logit by default).
     Rerank {
         #[command(flatten)]
@@ -395,7 +396,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 bail!("no text to embed");
             }
             let dir = std::path::Path::new(&model.model);
-            if dir.is_dir() && infer::encoder::is_encoder(dir) {
+            if infer::encoder::is_encoder(dir) {
                 // An encoder (BERT family) with sentence-transformers' pooling and normalization.
                 set_threads(model.threads)?;
                 let enc = infer::encoder::Encoder::load(dir, &infer::parse_device(&model.device)?)?;
@@ -427,13 +428,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 bail!("no document to rerank");
             }
             let dir = std::path::Path::new(&model.model);
-            if !(dir.is_dir() && infer::encoder::is_encoder(dir)) {
-                bail!("`{}` is not a cross-encoder folder (a BERT config.json with BertForSequenceClassification)", model.model);
+            if !infer::encoder::is_encoder(dir) {
+                bail!("`{}` is not a cross-encoder folder (a config.json with BertForSequenceClassification, (XLM)RobertaForSequenceClassification or ModernBertForSequenceClassification)", model.model);
             }
             set_threads(model.threads)?;
             let enc = infer::encoder::Encoder::load(dir, &infer::parse_device(&model.device)?)?;
             if !enc.reranks() {
-                bail!("`{}` is an embedding encoder, not a cross-encoder (BertForSequenceClassification): it cannot rerank", model.model);
+                bail!("`{}` is an embedding encoder, not a cross-encoder (a one-label sequence classifier): it cannot rerank", model.model);
             }
             let scores = enc.rerank(&query, &documents)?;
             let mut order: Vec<usize> = (0..scores.len()).collect();

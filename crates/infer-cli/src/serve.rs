@@ -282,7 +282,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
     let load = move || {
         let dir = std::path::Path::new(&spec);
-        if dir.is_dir() && infer::encoder::is_encoder(dir) {
+        if infer::encoder::is_encoder(dir) {
             // An encoder (BERT family): /v1/embeddings only; a cross-encoder
             // (BertForSequenceClassification): /v1/rerank only.
             return Ok(infer_server::Loaded::Encoder(Box::new(infer::encoder::Encoder::load(dir, &device)?)));
@@ -336,7 +336,7 @@ fn load_one(
     kernels: infer::weights::KernelChoice,
 ) -> infer::Result<infer_server::Loaded> {
     let dir = std::path::Path::new(spec);
-    if dir.is_dir() && infer::encoder::is_encoder(dir) {
+    if infer::encoder::is_encoder(dir) {
         return Ok(infer_server::Loaded::Encoder(Box::new(infer::encoder::Encoder::load(dir, device)?)));
     }
     let opts = LoadOptions { device: device.clone(), dtype, gguf_file, quantize, kernels, ..Default::default() };

@@ -396,6 +396,48 @@ fn rerank_prints_the_cross_encoder_order() {
     assert_clean_error(&infer(&["rerank", bert.to_str().unwrap(), "--query", "q", "d"]), &["cannot rerank"]);
 }
 
+/// A BERT GGUF as llama.cpp writes it (tests/fixtures/tiny-bert-gguf) embeds on the command line
+/// and behind `infer serve` as llama.cpp embeds it (its pooling key, L2-normalized).
+#[test]
+fn a_bert_gguf_embeds_on_the_cli_and_the_server() {
+    let dir = fixtures().join("tiny-bert-gguf");
+    let gguf = dir.join("tiny-bert.f32.gguf");
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let texts: Vec<String> = serde_json::from_value(want["texts"].clone()).unwrap();
+    let llama: Vec<Vec<f64>> = serde_json::from_value(want["llamacpp_embeddings"].clone()).unwrap();
+    let close = |got: &[f64], i: usize| {
+        let cos: f64 = got.iter().zip(&llama[i]).map(|(a, b)| a * b).sum();
+        assert!(cos >= 0.9999, "text {i}: cosine {cos}");
+    };
+    let out = infer(&["embed", gguf.to_str().unwrap(), &texts[0], &texts[5]]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Vec<f64>> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    close(&lines[0], 0);
+    close(&lines[1], 5);
+    let (child, addr) = spawn_serve(&[gguf.to_str().unwrap()]);
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Kill(child);
+    let t = std::time::Instant::now();
+    while http(&addr, "GET", "/health", "").0 != 200 {
+        assert!(t.elapsed() < std::time::Duration::from_secs(60), "never ready");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let body = serde_json::json!({"model": "tiny-bert.f32", "input": [&texts[3], &texts[7]]}).to_string();
+    let (st, r) = http(&addr, "POST", "/v1/embeddings", &body);
+    assert_eq!(st, 200, "{r}");
+    close(&serde_json::from_value::<Vec<f64>>(r["data"][0]["embedding"].clone()).unwrap(), 3);
+    close(&serde_json::from_value::<Vec<f64>>(r["data"][1]["embedding"].clone()).unwrap(), 7);
+    let (st, e) = http(&addr, "POST", "/v1/rerank", r#"{"query":"q","documents":["d"]}"#);
+    assert_eq!((st, e["error"]["param"].as_str()), (400, Some("model")), "{e}");
+}
+
 /// One HTTP/1.1 request to `addr`; the status and the JSON body.
 fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
     use std::io::{Read, Write};

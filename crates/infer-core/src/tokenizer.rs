@@ -154,8 +154,37 @@ impl Tokenizer {
                 tk.with_decoder(Some(DecoderSequence::new(dec)));
                 tk
             }
-            other => return Err(bad(format!("tokenizer model `{other}` is not supported (supported: gpt2 BPE, llama SentencePiece)"))),
+            "bert" => {
+                // llama.cpp's converter writes WordPiece pieces in SentencePiece's form: a word-initial
+                // piece gets "▁", a continuation loses its "##"; control tokens stay as they are.
+                let pieces = wordpiece_pieces(&tokens, &types);
+                let unk = md.u32_opt("tokenizer.ggml.unknown_token_id")?.unwrap_or(100) as usize;
+                let unk = pieces.get(unk).cloned().ok_or_else(|| bad(format!("unknown_token_id {unk} is out of the vocabulary")))?;
+                let vocab: HashMap<String, u32> = pieces.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+                let wp = tokenizers::models::wordpiece::WordPiece::builder()
+                    .vocab(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>())
+                    .unk_token(unk)
+                    .continuing_subword_prefix("##".into())
+                    .max_input_chars_per_word(100)
+                    .build()
+                    .map_err(tk_err)?;
+                let mut tk = tokenizers::Tokenizer::new(wp);
+                // llama.cpp: lowercase unless the key says otherwise; accents stripped as lowercase says
+                // unless their own key is present.
+                let lower = md.bool_opt("tokenizer.ggml.normalizer.lowercase")?.unwrap_or(true);
+                let strip = md.bool_opt("tokenizer.ggml.normalizer.strip_accents")?.unwrap_or(lower);
+                tk.with_normalizer(Some(tokenizers::normalizers::BertNormalizer::new(true, true, Some(strip), lower))).map_err(tk_err)?;
+                tk.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::bert::BertPreTokenizer));
+                tk.with_decoder(Some(tokenizers::decoders::wordpiece::WordPiece::default()));
+                tk
+            }
+            other => {
+                return Err(bad(format!(
+                    "tokenizer model `{other}` is not supported (supported: gpt2 BPE, llama SentencePiece, bert WordPiece)"
+                )))
+            }
         };
+        let tokens = if model == "bert" { wordpiece_pieces(&tokens, &types) } else { tokens };
         // Control (3) and user-defined (4) tokens are matched whole in the text, as llama.cpp does.
         let added: Vec<AddedToken> = tokens
             .iter()
@@ -165,7 +194,29 @@ impl Tokenizer {
             .collect();
         tk.add_special_tokens(added).map_err(tk_err)?;
         let add_bos = md.bool_opt("tokenizer.ggml.add_bos_token")?.unwrap_or(model == "llama");
-        if let (true, Some(bos)) = (add_bos, md.u32_opt("tokenizer.ggml.bos_token_id")?) {
+        if model == "bert" {
+            // `[CLS] A [SEP]` and `[CLS] A [SEP] B [SEP]` (types 0 then 1), whatever the add_* keys say,
+            // as llama.cpp does for WordPiece: the class token is written as the BOS, the separator
+            // under llama.cpp's spelling `seperator_token_id`.
+            let id = |key: &str, default: u32| -> Result<(String, u32)> {
+                let i = md.u32_opt(key)?.unwrap_or(default);
+                Ok((tokens.get(i as usize).cloned().ok_or_else(|| bad(format!("{key} {i} is out of the vocabulary")))?, i))
+            };
+            let cls = id("tokenizer.ggml.bos_token_id", 101)?;
+            let sep = match md.u32_opt("tokenizer.ggml.seperator_token_id")? {
+                Some(_) => id("tokenizer.ggml.seperator_token_id", 102)?,
+                None => id("tokenizer.ggml.eos_token_id", 102)?,
+            };
+            let (c, p) = (&cls.0, &sep.0);
+            let post = TemplateProcessing::builder()
+                .try_single(format!("{c} $A {p}"))
+                .and_then(|b| b.try_pair(format!("{c} $A {p} $B:1 {p}:1")))
+                .map_err(tk_err)?
+                .special_tokens(if cls.0 == sep.0 { vec![cls] } else { vec![cls, sep] })
+                .build()
+                .map_err(tk_err)?;
+            tk.with_post_processor(Some(post));
+        } else if let (true, Some(bos)) = (add_bos, md.u32_opt("tokenizer.ggml.bos_token_id")?) {
             let bos_str = tokens.get(bos as usize).cloned().ok_or_else(|| bad(format!("bos_token_id {bos} is out of the vocabulary")))?;
             let post = TemplateProcessing::builder()
                 .try_single(format!("{bos_str} $A"))
@@ -178,6 +229,21 @@ impl Tokenizer {
         }
         Ok(Self { inner: tk })
     }
+}
+
+/// WordPiece pieces back from the form llama.cpp's converter writes them in (`tokenizer.ggml.model`
+/// `bert`): control tokens (type 3) as they are, "▁word" → "word" (word-initial), any other "piece" →
+/// "##piece" (a continuation).
+fn wordpiece_pieces(tokens: &[String], types: &[i32]) -> Vec<String> {
+    tokens
+        .iter()
+        .zip(types)
+        .map(|(t, &ty)| match t.strip_prefix('▁') {
+            _ if ty == 3 => t.clone(),
+            Some(word) => word.to_string(),
+            None => format!("##{t}"),
+        })
+        .collect()
 }
 
 /// The pre-tokenizer regexes llama.cpp uses for a `tokenizer.ggml.pre` value.

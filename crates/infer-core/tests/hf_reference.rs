@@ -357,3 +357,38 @@ fn cross_encoder_matches(name: &str) {
     let long = enc.encode_query(&docs[5]).unwrap();
     assert!(matches!(enc.encode_pair(&long, "x", None), Err(infer_core::Error::InvalidParameter { name: "query", .. })));
 }
+
+/// tiny-bert as llama.cpp's convert_hf_to_gguf.py writes it (tests/fixtures/tiny-bert-gguf from
+/// scripts/make_bert_gguf_fixture.py: f32 and f16 files, WordPiece vocabulary in llama.cpp's "▁" form,
+/// bert.pooling_type mean) against llama.cpp's own token ids (llama-tokenize) and embeddings
+/// (llama-embedding, L2-normalized; cosine >= 0.9999: llama.cpp's GELU is the tanh form through an f16
+/// table) and sentence-transformers' vectors of the original folder (within 2e-5: the same network).
+/// Texts with accents, capitals, a literal [CLS], a CJK character and sub-words.
+#[test]
+fn bert_gguf_matches_llamacpp_and_sentence_transformers() {
+    use infer_core::encoder::{is_encoder, Encoder, EncoderPooling};
+    let dir = fixture("tiny-bert-gguf");
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let texts: Vec<String> = serde_json::from_value(want["texts"].clone()).unwrap();
+    let ids: Vec<Vec<u32>> = serde_json::from_value(want["llamacpp_ids"].clone()).unwrap();
+    let st: Vec<Vec<f32>> = serde_json::from_value(want["st_embeddings"].clone()).unwrap();
+    assert!(!is_encoder(&fixture("tiny-llama")));
+    for (file, key) in [("tiny-bert.f32.gguf", "llamacpp_embeddings"), ("tiny-bert.f16.gguf", "llamacpp_embeddings_f16")] {
+        let path = dir.join(file);
+        assert!(is_encoder(&path), "{file}");
+        let enc = Encoder::load(&path, &infer_core::Device::Cpu).unwrap();
+        assert_eq!((enc.pooling, enc.normalize, enc.reranks()), (EncoderPooling::Mean, true, false));
+        for (t, want_ids) in texts.iter().zip(&ids) {
+            assert_eq!(&enc.tokenizer.encode(t, true).unwrap(), want_ids, "{file}: {t:?}");
+        }
+        let got = enc.embed_texts(&texts).unwrap();
+        let llama: Vec<Vec<f32>> = serde_json::from_value(want[key].clone()).unwrap();
+        for (i, g) in got.iter().enumerate() {
+            let cos: f64 = g.iter().zip(&llama[i]).map(|(a, b)| *a as f64 * *b as f64).sum();
+            assert!(cos >= 0.9999, "{file}: text {i} vs llama.cpp: cosine {cos}");
+            let diff = g.iter().zip(&st[i]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let tol = if file.contains("f16") { 2e-3 } else { 2e-5 };
+            assert!(diff <= tol, "{file}: text {i} vs sentence-transformers: max diff {diff}");
+        }
+    }
+}

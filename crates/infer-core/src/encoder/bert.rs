@@ -120,7 +120,7 @@ impl Bert {
                 heads: cfg.num_attention_heads,
                 max_tokens: cfg.max_position_embeddings.saturating_sub(position_offset),
                 type_vocab: cfg.type_vocab_size,
-                pad: cfg.pad_token_id.unwrap_or(0) as u32,
+                pad: cfg.pad_token_id.filter(|&p| p < cfg.vocab_size).unwrap_or(0) as u32,
             },
             eps: cfg.layer_norm_eps,
             word: w.get("embeddings.word_embeddings.weight", &[cfg.vocab_size, h])?,

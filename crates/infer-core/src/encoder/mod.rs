@@ -3,7 +3,7 @@
 //! (CLS, mean, max or last token; `Normalize` when listed). The networks, one short file each:
 //! [`bert`] (BERT, RoBERTa and XLM-RoBERTa: the same network; RoBERTa's positions start after the
 //! padding id and it has one token type) and [`modernbert`] (RoPE, alternating global and local
-//! attention, GLU, long inputs). Bidirectional attention over each padded batch (inputs sorted by
+//! attention, GLU, long inputs); [`gguf`] reads BERT from GGUF as llama.cpp writes it. Bidirectional attention over each padded batch (inputs sorted by
 //! length, at most 16 and 8192 positions per batch; scores in query chunks of at most 64 MiB), no KV
 //! cache: candle's tensor ops on the CPU (or the device asked for).
 //!
@@ -20,6 +20,7 @@
 //! `Identity`). Such a model has no sentence embeddings.
 
 mod bert;
+mod gguf;
 mod modernbert;
 
 use std::collections::HashMap;
@@ -267,8 +268,13 @@ pub struct Encoder {
 /// Encoder families this module loads, by `config.json`'s `model_type`.
 const FAMILIES: &[&str] = &["bert", "roberta", "xlm-roberta", "modernbert"];
 
-/// Whether `dir` holds an encoder this module loads (`config.json` of a BERT-family model).
-pub fn is_encoder(dir: &Path) -> bool {
+/// Whether `path` holds an encoder this module loads: a folder whose `config.json` names a
+/// BERT-family model, or a GGUF file of architecture `bert`.
+pub fn is_encoder(path: &Path) -> bool {
+    if path.is_file() {
+        return gguf::is_bert_gguf(path);
+    }
+    let dir = path;
     let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else { return false };
     let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { return false };
     v.get("model_type").and_then(|m| m.as_str()).is_some_and(|m| FAMILIES.contains(&m))
@@ -294,8 +300,11 @@ fn batches(order: &[usize], len: impl Fn(usize) -> usize) -> Vec<&[usize]> {
 }
 
 impl Encoder {
-    /// Loads a sentence-transformers (or plain transformers) encoder folder.
+    /// Loads a sentence-transformers (or plain transformers) encoder folder, or a BERT GGUF file.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        if dir.is_file() {
+            return gguf::load(dir, device);
+        }
         let cfg_path = dir.join("config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
         let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::bad_file(&cfg_path, e.to_string()))?;

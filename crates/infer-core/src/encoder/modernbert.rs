@@ -201,7 +201,7 @@ impl ModernBert {
                 heads,
                 max_tokens: cfg.max_position_embeddings,
                 type_vocab: 1,
-                pad: cfg.pad_token_id.unwrap_or(0) as u32,
+                pad: cfg.pad_token_id.filter(|&p| p < cfg.vocab_size).unwrap_or(0) as u32,
             },
             eps: cfg.norm_eps,
             act: Act::parse(&cfg.hidden_activation).ok_or_else(|| {

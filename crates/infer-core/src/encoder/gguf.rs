@@ -1,0 +1,166 @@
+//! BERT encoders from GGUF as llama.cpp's `convert_hf_to_gguf.py` writes them: architecture `bert`,
+//! `bert.*` hyperparameters, the WordPiece vocabulary (`tokenizer.ggml.model` = `bert`, see
+//! [`Tokenizer::from_gguf`]), the pooling of `bert.pooling_type` (1 mean, 2 CLS, 3 last; none or absent:
+//! mean), vectors L2-normalized as llama.cpp's embeddings are by default (a GGUF does not record
+//! sentence-transformers' `Normalize`). Tensors are dequantized to f32 whatever their GGUF type.
+//! RoBERTa-family GGUFs (a BPE or SentencePiece vocabulary) and rerankers (`pooling_type` 4) are
+//! refused with a message.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::bert::{Bert, BertConfig};
+use super::{Encoder, EncoderPooling, Weights};
+use crate::config::GgufMeta;
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+use crate::weights::WeightSource;
+
+/// Whether `path` is a GGUF file (by its name) of architecture `bert`.
+pub(super) fn is_bert_gguf(path: &Path) -> bool {
+    if !path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        return false;
+    }
+    let Ok(src) = WeightSource::gguf(path, Device::Cpu) else { return false };
+    let Some((content, _)) = src.gguf_content() else { return false };
+    GgufMeta { md: &content.metadata, path }.string_opt("general.architecture").ok().flatten().as_deref() == Some("bert")
+}
+
+/// The HF name (without the `bert.` prefix) of a llama.cpp BERT tensor; `None` for tensors the
+/// encoder does not use (a classifier head).
+fn hf_name(gguf: &str) -> Option<String> {
+    let (base, suffix) = gguf.rsplit_once('.')?;
+    if !matches!(suffix, "weight" | "bias") {
+        return None;
+    }
+    let mapped = match base {
+        "token_embd" => "embeddings.word_embeddings".to_string(),
+        "position_embd" => "embeddings.position_embeddings".to_string(),
+        "token_types" => "embeddings.token_type_embeddings".to_string(),
+        "token_embd_norm" => "embeddings.LayerNorm".to_string(),
+        _ => {
+            let rest = base.strip_prefix("blk.")?;
+            let (layer, tail) = rest.split_once('.')?;
+            let layer: usize = layer.parse().ok()?;
+            let hf = match tail {
+                "attn_q" => "attention.self.query",
+                "attn_k" => "attention.self.key",
+                "attn_v" => "attention.self.value",
+                "attn_qkv" => "attention.self.qkv", // split below
+                "attn_output" => "attention.output.dense",
+                "attn_output_norm" => "attention.output.LayerNorm",
+                "ffn_up" => "intermediate.dense",
+                "ffn_down" => "output.dense",
+                "layer_output_norm" => "output.LayerNorm",
+                _ => return None,
+            };
+            format!("encoder.layer.{layer}.{hf}")
+        }
+    };
+    Some(format!("{mapped}.{suffix}"))
+}
+
+pub(super) fn load(path: &Path, device: &Device) -> Result<Encoder> {
+    let bad = |msg: String| Error::bad_file(path, msg);
+    let src = WeightSource::gguf(path, device.clone())?;
+    let (content, _) = src.gguf_content().expect("a GGUF source");
+    let md = GgufMeta { md: &content.metadata, path };
+    let arch = md.string("general.architecture")?;
+    if arch != "bert" {
+        return Err(bad(format!("architecture `{arch}` is not an encoder this loader reads from GGUF (bert)")));
+    }
+    let model = md.string_opt("tokenizer.ggml.model")?.unwrap_or_default();
+    if model != "bert" {
+        return Err(bad(format!(
+            "a `bert` GGUF with a `{model}` tokenizer (RoBERTa / XLM-R) is not supported yet; load the sentence-transformers folder instead"
+        )));
+    }
+    if md.bool_opt("bert.attention.causal")? == Some(true) {
+        return Err(bad("bert.attention.causal is true: an encoder attends both ways".into()));
+    }
+    let pooling = match md.u32_opt("bert.pooling_type")? {
+        None | Some(0) | Some(1) => EncoderPooling::Mean,
+        Some(2) => EncoderPooling::Cls,
+        Some(3) => EncoderPooling::Last,
+        Some(4) => {
+            return Err(bad(
+                "bert.pooling_type 4 (rank): rerankers are not read from GGUF yet; load the cross-encoder's folder instead".into()
+            ))
+        }
+        Some(p) => return Err(bad(format!("bert.pooling_type {p} is not one of 0-4"))),
+    };
+    let need = |k: &str| -> Result<usize> {
+        md.usize_opt(&format!("bert.{k}"))?.ok_or_else(|| bad(format!("GGUF metadata key `bert.{k}` is missing")))
+    };
+    let (h, layers, heads, inter, ctx) = (
+        need("embedding_length")?,
+        need("block_count")?,
+        need("attention.head_count")?,
+        need("feed_forward_length")?,
+        need("context_length")?,
+    );
+    if layers > 256 || h > 65536 || inter > 1 << 20 || ctx > 1 << 20 {
+        return Err(bad("the model's sizes are out of range".into()));
+    }
+    let eps = md.f64_opt("bert.attention.layer_norm_epsilon")?.unwrap_or(1e-12);
+    // Tensors by their HF names, in f32; a fused Q/K/V split into its three thirds.
+    let mut map: HashMap<String, Tensor> = HashMap::new();
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    for name in names {
+        let Some(hf) = hf_name(name) else { continue };
+        let dims = content.tensor_infos[name].shape.dims().to_vec();
+        let t = src.tensor(name, &dims)?.to_dtype(DType::F32)?;
+        if let Some(prefix) = hf.strip_suffix(".weight").or_else(|| hf.strip_suffix(".bias")).and_then(|p| p.strip_suffix(".qkv")) {
+            let suffix = if hf.ends_with(".weight") { "weight" } else { "bias" };
+            if t.dim(0)? != 3 * h {
+                return Err(bad(format!("tensor `{name}` has shape {dims:?}, expected {} rows", 3 * h)));
+            }
+            for (i, part) in ["query", "key", "value"].iter().enumerate() {
+                map.insert(format!("{prefix}.{part}.{suffix}"), t.narrow(0, i * h, h)?.contiguous()?);
+            }
+        } else {
+            map.insert(hf, t);
+        }
+    }
+    let vocab = map
+        .get("embeddings.word_embeddings.weight")
+        .map(|t| t.dim(0))
+        .transpose()?
+        .ok_or_else(|| bad("tensor `token_embd.weight` is missing".into()))?;
+    let types = match map.get("embeddings.token_type_embeddings.weight") {
+        Some(t) => t.dim(0)?,
+        None => {
+            // llama.cpp adds type 0's row only when the file has one.
+            map.insert("embeddings.token_type_embeddings.weight".into(), Tensor::zeros((1, h), DType::F32, device)?);
+            1
+        }
+    };
+    let cfg = BertConfig {
+        model_type: Some("bert".into()),
+        vocab_size: vocab,
+        hidden_size: h,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        intermediate_size: inter,
+        max_position_embeddings: ctx,
+        type_vocab_size: types,
+        layer_norm_eps: eps,
+        hidden_act: "gelu".into(),
+        pad_token_id: md.u32_opt("tokenizer.ggml.padding_token_id")?.map(|p| p as usize),
+        architectures: Vec::new(),
+    };
+    let net = Bert::load(&cfg, &Weights { path: path.to_path_buf(), map })?;
+    let tokenizer = Tokenizer::from_gguf(&md)?;
+    Ok(Encoder {
+        name: path.file_stem().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "encoder".into()),
+        net: Box::new(net),
+        tokenizer,
+        pooling,
+        normalize: true,
+        activation: None,
+        device: device.clone(),
+    })
+}

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""The tiny BERT of tests/fixtures/tiny-bert as llama.cpp writes it (tests/fixtures/tiny-bert-gguf:
+tiny-bert.f32.gguf, tiny-bert.f16.gguf, made by llama.cpp's own convert_hf_to_gguf.py) and llama.cpp's own
+token ids and embeddings of a few texts (expected.json), for infer's GGUF encoder tests.
+
+  nice -n 19 ~/.cache/infer/refvenv/bin/python scripts/make_bert_gguf_fixture.py
+
+Needs torch, transformers, sentence-transformers and numpy (the ref venv of scripts/requirements-ref.txt),
+llama.cpp's source (convert_hf_to_gguf.py, gguf-py) and its llama-embedding and llama-tokenize binaries:
+scripts/build-llamacpp.sh's tree, found under $LLAMACPP_DIR (default ~/.cache/infer/llamacpp: src/vendor/llama.cpp,
+bin/ or build/bin/). A missing binary is built in $LLAMACPP_DIR/build (`cmake --build build --target ...`,
+the existing configuration).
+
+expected.json:
+  texts                      tiny-bert/expected.json's texts, then a few with accents, uppercase, punctuation,
+                             a literal "[CLS]", a CJK character, a word made of sub-words
+  llamacpp_ids               llama-tokenize --ids (adds [CLS] ... [SEP], parses special tokens in the text)
+  llamacpp_embeddings        llama-embedding on the f32 GGUF: the pooling the GGUF says (mean), L2-normalized
+                             (--embd-normalize 2), printed with 7 decimals; one text per run
+  llamacpp_embeddings_f16    the same on the f16 GGUF
+  hf_ids                     tokenizer.json's ids with special tokens (transformers' fast tokenizer)
+  ids_agree                  llamacpp_ids == hf_ids, per text
+  st_embeddings              sentence-transformers' vectors of tiny-bert (mean pooling + Normalize)
+  cosine_llamacpp_vs_st      cosine(llamacpp_embeddings, st_embeddings), per text
+  cosine_llamacpp_f16_vs_st  the same for the f16 GGUF
+  max_abs_diff_llamacpp_vs_st
+  tokenizer_pre, llamacpp_commit, gguf
+
+The tiny vocabulary's pre-tokenizer hash is unknown to convert_hf_to_gguf.py's get_vocab_base_pre() (it knows
+hashes of published tokenizers only) and the conversion stops there; this script then writes `--pre` (default
+"bert-bge", what the converter writes for BAAI/bge-small-en-v1.5's hash at its first match) as
+tokenizer.ggml.pre. Everything else is the converter's own. llama.cpp ignores tokenizer.ggml.pre for
+tokenizer.ggml.model == "bert" (WPM).
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SRC = REPO / "tests" / "fixtures" / "tiny-bert"
+OUT = REPO / "tests" / "fixtures" / "tiny-bert-gguf"
+LLAMACPP = Path(os.environ.get("LLAMACPP_DIR", Path.home() / ".cache" / "infer" / "llamacpp"))
+LC = LLAMACPP / "src" / "vendor" / "llama.cpp"
+EXTRA_TEXTS = ["Héllo, WORLD!! naïve café", "unbelievable", "[CLS] text", "The 猫 sat on the mat..."]
+
+# convert_hf_to_gguf.main() with get_vocab_base_pre() falling back to argv[1] for an unknown hash
+CONVERT = r"""
+import sys
+sys.path.insert(0, sys.argv[2])
+sys.path.insert(0, sys.argv[2] + "/gguf-py")
+from conversion import base
+orig = base.TextModel.get_vocab_base_pre
+def get_vocab_base_pre(self, tokenizer, _pre=sys.argv[1]):
+    try:
+        return orig(self, tokenizer)
+    except NotImplementedError:
+        base.logger.warning("unknown pre-tokenizer hash: writing tokenizer.ggml.pre = %r", _pre)
+        return _pre
+base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+import convert_hf_to_gguf
+sys.argv = ["convert_hf_to_gguf.py"] + sys.argv[3:]
+convert_hf_to_gguf.main()
+"""
+
+
+def binary(name):
+    for d in (LLAMACPP / "bin", LLAMACPP / "build" / "bin"):
+        if (d / name).is_file() and os.access(d / name, os.X_OK):
+            return d / name
+    cmake = Path(sys.executable).parent / "cmake"
+    env = dict(os.environ, PATH=f"{cmake.parent}:{os.environ['PATH']}")
+    print(f"building {name} in {LLAMACPP / 'build'}", file=sys.stderr)
+    subprocess.run([str(cmake) if cmake.exists() else "cmake", "--build", str(LLAMACPP / "build"), "--target", name,
+                    "-j", str(os.cpu_count() or 2)], check=True, env=env)
+    return LLAMACPP / "build" / "bin" / name
+
+
+def convert(outtype, pre):
+    out = OUT / f"tiny-bert.{outtype}.gguf"
+    subprocess.run([sys.executable, "-c", CONVERT, pre, str(LC), str(SRC), "--outtype", outtype,
+                    "--outfile", str(out)], check=True, cwd=LC)
+    return out
+
+
+def llama_ids(tokenize, gguf, text):
+    r = subprocess.run([str(tokenize), "-m", str(gguf), "-p", text, "--ids", "--log-disable", "--no-escape"],
+                       capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def llama_embedding(embedding, gguf, text, threads, tries=50):
+    # llama-embedding prints through llama.cpp's asynchronous logger, which at exit sometimes drops what it
+    # has queued (an empty or cut stdout, exit status 0): run it again until the whole `[[...]]` line is there
+    for _ in range(tries):
+        r = subprocess.run([str(embedding), "-m", str(gguf), "-p", text, "--embd-output-format", "array",
+                            "--embd-normalize", "2", "-t", str(threads), "--no-warmup", "--no-escape"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            sys.exit(f"llama-embedding failed on {text!r}:\n{r.stderr[-4000:]}")
+        m = re.search(r"^\[\[[^\]]*\]\]$", r.stdout, re.M)
+        if m:
+            (vec,) = json.loads(m.group(0))
+            return vec
+    sys.exit(f"no embedding array in {tries} runs of llama-embedding for {text!r}:\n{r.stdout[-2000:]}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pre", default="bert-bge", help="tokenizer.ggml.pre when the converter does not know the hash")
+    ap.add_argument("--no-f16", action="store_true", help="skip tiny-bert.f16.gguf")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoTokenizer
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    tokenize, embedding = binary("llama-tokenize"), binary("llama-embedding")
+    f32 = convert("f32", args.pre)
+    f16 = None if args.no_f16 else convert("f16", args.pre)
+
+    with open(SRC / "expected.json") as f:
+        base_texts = json.load(f)["texts"]
+    texts = base_texts + EXTRA_TEXTS
+    for t in texts:
+        assert "\n" not in t, "llama-embedding splits its prompt at newlines"
+
+    lids = [llama_ids(tokenize, f32, t) for t in texts]
+    lemb = [llama_embedding(embedding, f32, t, args.threads) for t in texts]
+    lemb16 = [llama_embedding(embedding, f16, t, args.threads) for t in texts] if f16 else None
+
+    tok = AutoTokenizer.from_pretrained(str(SRC))
+    hf_ids = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
+    st = SentenceTransformer(str(SRC), device="cpu")
+    ste = st.encode(texts, convert_to_numpy=True, normalize_embeddings=True)
+
+    def cos(a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+    try:
+        commit = subprocess.run(["git", "-C", str(LC), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        commit = "unknown"
+    exp = {
+        "texts": texts,
+        "llamacpp_ids": lids,
+        "llamacpp_embeddings": lemb,
+        "hf_ids": hf_ids,
+        "ids_agree": [a == b for a, b in zip(lids, hf_ids)],
+        "st_embeddings": ste.tolist(),
+        "cosine_llamacpp_vs_st": [cos(a, b) for a, b in zip(lemb, ste)],
+        "max_abs_diff_llamacpp_vs_st": [float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(lemb, ste)],
+        "gguf": f32.name,
+        "pooling": "mean (from the GGUF's bert.pooling_type = 1)",
+        "normalize": "l2",
+        "tokenizer_pre": args.pre,
+        "llamacpp_commit": commit,
+    }
+    if lemb16 is not None:
+        exp["llamacpp_embeddings_f16"] = lemb16
+        exp["cosine_llamacpp_f16_vs_st"] = [cos(a, b) for a, b in zip(lemb16, ste)]
+    with open(OUT / "expected.json", "w") as f:
+        json.dump(exp, f)
+    for i, t in enumerate(texts):
+        print(f"{t!r:40} ids_agree={exp['ids_agree'][i]!s:5} cos={exp['cosine_llamacpp_vs_st'][i]:.7f}"
+              + (f" cos_f16={exp['cosine_llamacpp_f16_vs_st'][i]:.7f}" if lemb16 is not None else ""))
+    print("wrote", OUT, sorted(os.listdir(OUT)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
-"""The tiny BERT of tests/fixtures/tiny-bert as llama.cpp writes it (tests/fixtures/tiny-bert-gguf:
+r"""The tiny BERT of tests/fixtures/tiny-bert as llama.cpp writes it (tests/fixtures/tiny-bert-gguf:
 tiny-bert.f32.gguf, tiny-bert.f16.gguf, made by llama.cpp's own convert_hf_to_gguf.py) and llama.cpp's own
-token ids and embeddings of a few texts (expected.json), for infer's GGUF encoder tests.
+token ids and embeddings of a few texts (expected.json), for infer's GGUF encoder tests; the same for the tiny
+RoBERTa of tests/fixtures/tiny-roberta (byte-level BPE, mean pooling + Normalize): tests/fixtures/tiny-roberta-gguf
+(tiny-roberta.f32.gguf, expected.json).
 
-  nice -n 19 ~/.cache/infer/refvenv/bin/python scripts/make_bert_gguf_fixture.py
+  nice -n 19 ~/.cache/infer/refvenv/bin/python scripts/make_bert_gguf_fixture.py                  # both
+  nice -n 19 ~/.cache/infer/refvenv/bin/python scripts/make_bert_gguf_fixture.py --only roberta   # one
 
 Needs torch, transformers, sentence-transformers and numpy (the ref venv of scripts/requirements-ref.txt),
 llama.cpp's source (convert_hf_to_gguf.py, gguf-py) and its llama-embedding and llama-tokenize binaries:
@@ -13,14 +16,16 @@ the existing configuration).
 
 expected.json:
   texts                      tiny-bert/expected.json's texts, then a few with accents, uppercase, punctuation,
-                             a literal "[CLS]", a CJK character, a word made of sub-words
-  llamacpp_ids               llama-tokenize --ids (adds [CLS] ... [SEP], parses special tokens in the text)
+                             a literal "[CLS]", a CJK character, a word made of sub-words (tiny-roberta: its
+                             expected.json's texts, then a few more made of the BPE training corpus's words)
+  llamacpp_ids               llama-tokenize --ids (adds [CLS] ... [SEP], or <s> ... </s>; parses special tokens in
+                             the text)
   llamacpp_embeddings        llama-embedding on the f32 GGUF: the pooling the GGUF says (mean), L2-normalized
                              (--embd-normalize 2), printed with 7 decimals; one text per run
-  llamacpp_embeddings_f16    the same on the f16 GGUF
+  llamacpp_embeddings_f16    the same on the f16 GGUF (tiny-bert only)
   hf_ids                     tokenizer.json's ids with special tokens (transformers' fast tokenizer)
   ids_agree                  llamacpp_ids == hf_ids, per text
-  st_embeddings              sentence-transformers' vectors of tiny-bert (mean pooling + Normalize)
+  st_embeddings              sentence-transformers' vectors of tiny-bert / tiny-roberta (mean pooling + Normalize)
   cosine_llamacpp_vs_st      cosine(llamacpp_embeddings, st_embeddings), per text
   cosine_llamacpp_f16_vs_st  the same for the f16 GGUF
   max_abs_diff_llamacpp_vs_st
@@ -31,6 +36,13 @@ hashes of published tokenizers only) and the conversion stops there; this script
 "bert-bge", what the converter writes for BAAI/bge-small-en-v1.5's hash at its first match) as
 tokenizer.ggml.pre. Everything else is the converter's own. llama.cpp ignores tokenizer.ggml.pre for
 tokenizer.ggml.model == "bert" (WPM).
+
+tiny-roberta: the converter's RobertaModel (arch "bert", tokenizer.ggml.model "gpt2" from tokenizer.json, merges,
+position_embd without its first pad_token_id + 1 = 2 rows). Its tiny BPE's hash is unknown too; `--roberta-pre`
+(default "roberta-bpe", what the converter writes for sentence-transformers/stsb-roberta-base) is written instead.
+llama.cpp maps "roberta-bpe" to its GPT-2 pre-tokenizer regex
+('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S), the same as HF's ByteLevel
+use_regex) with add_sep = true (overridden by the GGUF's tokenizer.ggml.add_*_token keys).
 """
 import argparse
 import json
@@ -41,11 +53,17 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SRC = REPO / "tests" / "fixtures" / "tiny-bert"
-OUT = REPO / "tests" / "fixtures" / "tiny-bert-gguf"
+FIX = REPO / "tests" / "fixtures"
 LLAMACPP = Path(os.environ.get("LLAMACPP_DIR", Path.home() / ".cache" / "infer" / "llamacpp"))
 LC = LLAMACPP / "src" / "vendor" / "llama.cpp"
-EXTRA_TEXTS = ["Héllo, WORLD!! naïve café", "unbelievable", "[CLS] text", "The 猫 sat on the mat..."]
+# name: (source folder, output folder, GGUF stem, texts after the source's expected.json texts)
+MODELS = {
+    "bert": ("tiny-bert", "tiny-bert-gguf", "tiny-bert",
+             ["Héllo, WORLD!! naïve café", "unbelievable", "[CLS] text", "The 猫 sat on the mat..."]),
+    # only words and characters of make_roberta_fixtures.py's CORPUS (a double space, a digit run, "?")
+    "roberta": ("tiny-roberta", "tiny-roberta-gguf", "tiny-roberta",
+                ["The cat sat on the rug.", "where did the dog run?", "A kitten  sat in the park 88%"]),
+}
 
 # convert_hf_to_gguf.main() with get_vocab_base_pre() falling back to argv[1] for an unknown hash
 CONVERT = r"""
@@ -79,9 +97,9 @@ def binary(name):
     return LLAMACPP / "build" / "bin" / name
 
 
-def convert(outtype, pre):
-    out = OUT / f"tiny-bert.{outtype}.gguf"
-    subprocess.run([sys.executable, "-c", CONVERT, pre, str(LC), str(SRC), "--outtype", outtype,
+def convert(src, out_dir, stem, outtype, pre):
+    out = out_dir / f"{stem}.{outtype}.gguf"
+    subprocess.run([sys.executable, "-c", CONVERT, pre, str(LC), str(src), "--outtype", outtype,
                     "--outfile", str(out)], check=True, cwd=LC)
     return out
 
@@ -110,29 +128,42 @@ def llama_embedding(embedding, gguf, text, threads, tries=50):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pre", default="bert-bge", help="tokenizer.ggml.pre when the converter does not know the hash")
+    ap.add_argument("--only", choices=sorted(MODELS), action="append",
+                    help="make only this fixture (repeatable; default: all)")
+    ap.add_argument("--pre", default="bert-bge",
+                    help="tiny-bert's tokenizer.ggml.pre when the converter does not know the hash")
+    ap.add_argument("--roberta-pre", default="roberta-bpe",
+                    help="tiny-roberta's tokenizer.ggml.pre when the converter does not know the hash")
     ap.add_argument("--no-f16", action="store_true", help="skip tiny-bert.f16.gguf")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    tokenize, embedding = binary("llama-tokenize"), binary("llama-embedding")
+    for name in args.only or list(MODELS):
+        pre = args.pre if name == "bert" else args.roberta_pre
+        make(name, pre, f16=name == "bert" and not args.no_f16, threads=args.threads, tokenize=tokenize,
+             embedding=embedding)
 
+
+def make(name, pre, f16, threads, tokenize, embedding):
     import numpy as np
     from sentence_transformers import SentenceTransformer
     from transformers import AutoTokenizer
 
+    src_name, out_name, stem, extra_texts = MODELS[name]
+    SRC, OUT = FIX / src_name, FIX / out_name
     OUT.mkdir(parents=True, exist_ok=True)
-    tokenize, embedding = binary("llama-tokenize"), binary("llama-embedding")
-    f32 = convert("f32", args.pre)
-    f16 = None if args.no_f16 else convert("f16", args.pre)
+    f32 = convert(SRC, OUT, stem, "f32", pre)
+    f16 = convert(SRC, OUT, stem, "f16", pre) if f16 else None
 
     with open(SRC / "expected.json") as f:
         base_texts = json.load(f)["texts"]
-    texts = base_texts + EXTRA_TEXTS
+    texts = base_texts + extra_texts
     for t in texts:
         assert "\n" not in t, "llama-embedding splits its prompt at newlines"
 
     lids = [llama_ids(tokenize, f32, t) for t in texts]
-    lemb = [llama_embedding(embedding, f32, t, args.threads) for t in texts]
-    lemb16 = [llama_embedding(embedding, f16, t, args.threads) for t in texts] if f16 else None
+    lemb = [llama_embedding(embedding, f32, t, threads) for t in texts]
+    lemb16 = [llama_embedding(embedding, f16, t, threads) for t in texts] if f16 else None
 
     tok = AutoTokenizer.from_pretrained(str(SRC))
     hf_ids = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
@@ -160,7 +191,7 @@ def main():
         "gguf": f32.name,
         "pooling": "mean (from the GGUF's bert.pooling_type = 1)",
         "normalize": "l2",
-        "tokenizer_pre": args.pre,
+        "tokenizer_pre": pre,
         "llamacpp_commit": commit,
     }
     if lemb16 is not None:

@@ -366,14 +366,24 @@ fn cross_encoder_matches(name: &str) {
 /// Texts with accents, capitals, a literal [CLS], a CJK character and sub-words.
 #[test]
 fn bert_gguf_matches_llamacpp_and_sentence_transformers() {
-    use infer_core::encoder::{is_encoder, Encoder, EncoderPooling};
+    use infer_core::encoder::is_encoder;
     let dir = fixture("tiny-bert-gguf");
+    assert!(!is_encoder(&fixture("tiny-llama")));
+    for (file, key) in [("tiny-bert.f32.gguf", "llamacpp_embeddings"), ("tiny-bert.f16.gguf", "llamacpp_embeddings_f16")] {
+        gguf_encoder_matches(&dir, file, key);
+    }
+    // tiny-roberta (byte-level BPE, positions after the padding id) as the converter writes it: a
+    // `gpt2` vocabulary and position rows from padding id + 1 on.
+    gguf_encoder_matches(&fixture("tiny-roberta-gguf"), "tiny-roberta.f32.gguf", "llamacpp_embeddings");
+}
+
+fn gguf_encoder_matches(dir: &std::path::Path, file: &str, key: &str) {
+    use infer_core::encoder::{is_encoder, Encoder, EncoderPooling};
     let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let texts: Vec<String> = serde_json::from_value(want["texts"].clone()).unwrap();
     let ids: Vec<Vec<u32>> = serde_json::from_value(want["llamacpp_ids"].clone()).unwrap();
     let st: Vec<Vec<f32>> = serde_json::from_value(want["st_embeddings"].clone()).unwrap();
-    assert!(!is_encoder(&fixture("tiny-llama")));
-    for (file, key) in [("tiny-bert.f32.gguf", "llamacpp_embeddings"), ("tiny-bert.f16.gguf", "llamacpp_embeddings_f16")] {
+    {
         let path = dir.join(file);
         assert!(is_encoder(&path), "{file}");
         let enc = Encoder::load(&path, &infer_core::Device::Cpu).unwrap();

@@ -3,8 +3,10 @@
 //! [`Tokenizer::from_gguf`]), the pooling of `bert.pooling_type` (1 mean, 2 CLS, 3 last; none or absent:
 //! mean), vectors L2-normalized as llama.cpp's embeddings are by default (a GGUF does not record
 //! sentence-transformers' `Normalize`). Tensors are dequantized to f32 whatever their GGUF type.
-//! RoBERTa-family GGUFs (a BPE or SentencePiece vocabulary) and rerankers (`pooling_type` 4) are
-//! refused with a message.
+//! RoBERTa GGUFs (the same architecture with a byte-level BPE vocabulary, `tokenizer.ggml.model` =
+//! `gpt2`; the converter drops the position rows before padding id + 1, so positions start at 0) get
+//! RoBERTa's `<s> A </s>` / `<s> A </s></s> B </s>`. SentencePiece vocabularies (XLM-R: `t5`) and
+//! rerankers (`pooling_type` 4) are refused with a message.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -25,7 +27,9 @@ pub(super) fn is_bert_gguf(path: &Path) -> bool {
     }
     let Ok(src) = WeightSource::gguf(path, Device::Cpu) else { return false };
     let Some((content, _)) = src.gguf_content() else { return false };
-    GgufMeta { md: &content.metadata, path }.string_opt("general.architecture").ok().flatten().as_deref() == Some("bert")
+    let md = GgufMeta { md: &content.metadata, path };
+    md.string_opt("general.architecture").ok().flatten().as_deref() == Some("bert")
+        && matches!(md.string_opt("tokenizer.ggml.model").ok().flatten().as_deref(), Some("bert" | "gpt2"))
 }
 
 /// The HF name (without the `bert.` prefix) of a llama.cpp BERT tensor; `None` for tensors the
@@ -62,6 +66,34 @@ fn hf_name(gguf: &str) -> Option<String> {
     Some(format!("{mapped}.{suffix}"))
 }
 
+/// RoBERTa's special tokens around a text (`<s> A </s>`) and a pair (`<s> A </s></s> B </s>`), as
+/// llama.cpp adds them for a BPE vocabulary in a `bert` GGUF (BOS, the text, EOS; a pair joined by a
+/// separator).
+fn roberta_template(tokenizer: Tokenizer, md: &GgufMeta<'_>) -> Result<Tokenizer> {
+    let bad = |msg: String| Error::bad_file(md.path, msg);
+    let token = |key: &str, default: u32| -> Result<(String, u32)> {
+        let id = md.u32_opt(key)?.unwrap_or(default);
+        Ok((tokenizer.id_to_token(id).ok_or_else(|| bad(format!("{key} {id} is out of the vocabulary")))?, id))
+    };
+    let bos = token("tokenizer.ggml.bos_token_id", 0)?;
+    let eos = match md.u32_opt("tokenizer.ggml.seperator_token_id")? {
+        Some(_) => token("tokenizer.ggml.seperator_token_id", 2)?,
+        None => token("tokenizer.ggml.eos_token_id", 2)?,
+    };
+    let (b, e) = (&bos.0, &eos.0);
+    let tk_err = |x: String| Error::Tokenizer(x);
+    let post = tokenizers::processors::template::TemplateProcessing::builder()
+        .try_single(format!("{b} $A {e}"))
+        .and_then(|t| t.try_pair(format!("{b} $A {e} {e} $B {e}")))
+        .map_err(tk_err)?
+        .special_tokens(if bos.0 == eos.0 { vec![bos] } else { vec![bos, eos] })
+        .build()
+        .map_err(|x| tk_err(x.to_string()))?;
+    let mut inner = tokenizer.inner().clone();
+    inner.with_post_processor(Some(post));
+    Ok(Tokenizer::from_tokenizers(inner))
+}
+
 pub(super) fn load(path: &Path, device: &Device) -> Result<Encoder> {
     let bad = |msg: String| Error::bad_file(path, msg);
     let src = WeightSource::gguf(path, device.clone())?;
@@ -72,9 +104,9 @@ pub(super) fn load(path: &Path, device: &Device) -> Result<Encoder> {
         return Err(bad(format!("architecture `{arch}` is not an encoder this loader reads from GGUF (bert)")));
     }
     let model = md.string_opt("tokenizer.ggml.model")?.unwrap_or_default();
-    if model != "bert" {
+    if model != "bert" && model != "gpt2" {
         return Err(bad(format!(
-            "a `bert` GGUF with a `{model}` tokenizer (RoBERTa / XLM-R) is not supported yet; load the sentence-transformers folder instead"
+            "a `bert` GGUF with a `{model}` tokenizer (XLM-R's SentencePiece) is not supported yet; load the sentence-transformers folder instead"
         )));
     }
     if md.bool_opt("bert.attention.causal")? == Some(true) {
@@ -153,7 +185,10 @@ pub(super) fn load(path: &Path, device: &Device) -> Result<Encoder> {
         architectures: Vec::new(),
     };
     let net = Bert::load(&cfg, &Weights { path: path.to_path_buf(), map })?;
-    let tokenizer = Tokenizer::from_gguf(&md)?;
+    let mut tokenizer = Tokenizer::from_gguf(&md)?;
+    if model == "gpt2" {
+        tokenizer = roberta_template(tokenizer, &md)?;
+    }
     Ok(Encoder {
         name: path.file_stem().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "encoder".into()),
         net: Box::new(net),

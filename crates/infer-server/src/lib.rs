@@ -484,8 +484,9 @@ where
                         ready.max_context,
                         engine.cache_sizing()
                     );
+                    let model = ready.model_id.clone();
                     done(Ok(Arc::new(ready)));
-                    worker::run(engine, rx, metrics);
+                    worker::run(engine, rx, metrics, &model);
                     tracing::info!("engine stopped");
                 }
                 Ok((None, ready)) => {

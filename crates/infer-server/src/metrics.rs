@@ -1,8 +1,11 @@
 //! Prometheus metrics, served as text at `GET /metrics`.
 
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
-/// Every metric the server exports.
+/// Every metric the server exports. The unlabeled gauges are sums over the loaded models (each
+/// engine adds what changed since it last reported, and takes its share back when it stops); the
+/// `infer_model_*` gauges are the same figures per model (label `model`), present while the model's
+/// engine runs; `infer_model_loaded` is 1 for each loaded model, 0 otherwise.
 pub struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
@@ -14,6 +17,13 @@ pub struct Metrics {
     pub kv_blocks_free: IntGauge,
     pub kv_blocks_cached: IntGauge,
     pub kv_blocks_total: IntGauge,
+    pub model_queue_length: IntGaugeVec,
+    pub model_running: IntGaugeVec,
+    pub model_kv_blocks_used: IntGaugeVec,
+    pub model_kv_blocks_free: IntGaugeVec,
+    pub model_kv_blocks_cached: IntGaugeVec,
+    pub model_kv_blocks_total: IntGaugeVec,
+    pub model_loaded: IntGaugeVec,
     pub prefix_lookup_tokens: IntCounter,
     pub prefix_hit_tokens: IntCounter,
     pub prefix_hit_rate: prometheus::Gauge,
@@ -59,6 +69,11 @@ impl Metrics {
             registry.register(Box::new(g.clone())).expect("unique metric");
             g
         };
+        let per_model = |name: &str, help: &str| {
+            let g = IntGaugeVec::new(Opts::new(name, help), &["model"]).expect("valid gauge");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
         let requests =
             IntCounterVec::new(Opts::new("infer_requests_total", "HTTP requests by endpoint and status."), &["endpoint", "status"])
                 .expect("valid counter");
@@ -85,6 +100,13 @@ impl Metrics {
             kv_blocks_free: gauge("infer_kv_blocks_free", "KV cache blocks that can be handed out (cached prefixes included)."),
             kv_blocks_cached: gauge("infer_kv_blocks_cached", "Free KV cache blocks that still hold a cached prefix."),
             kv_blocks_total: gauge("infer_kv_blocks_total", "KV cache blocks in all."),
+            model_queue_length: per_model("infer_model_queue_length", "Sequences waiting to start, per model."),
+            model_running: per_model("infer_model_running_sequences", "Sequences being generated, per model."),
+            model_kv_blocks_used: per_model("infer_model_kv_blocks_used", "KV cache blocks held by sequences, per model."),
+            model_kv_blocks_free: per_model("infer_model_kv_blocks_free", "KV cache blocks that can be handed out, per model."),
+            model_kv_blocks_cached: per_model("infer_model_kv_blocks_cached", "Free KV cache blocks holding a cached prefix, per model."),
+            model_kv_blocks_total: per_model("infer_model_kv_blocks_total", "KV cache blocks in all, per model."),
+            model_loaded: per_model("infer_model_loaded", "1 while the model is loaded, 0 otherwise."),
             prefix_lookup_tokens: counter("infer_prefix_cache_lookup_tokens_total", "Prompt tokens looked up in the prefix cache."),
             prefix_hit_tokens: counter("infer_prefix_cache_hit_tokens_total", "Prompt tokens found in the prefix cache."),
             preemptions: counter("infer_preemptions_total", "Sequences preempted (recomputed later) because the KV cache was full."),

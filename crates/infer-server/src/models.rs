@@ -139,6 +139,12 @@ impl Table {
         ApiError::model_not_found(name, &self.names())
     }
 
+    /// Each model's name and whether it is loaded (for `/metrics`).
+    pub(crate) fn loaded_states(&self) -> Vec<(String, bool)> {
+        let slots = self.lock();
+        self.specs.iter().zip(slots.iter()).map(|(spec, slot)| (spec.name.clone(), matches!(slot, Slot::Loaded { .. }))).collect()
+    }
+
     /// `/v1/models` entries: each model with its state (`status.value`: `loaded`, `loading` or
     /// `unloaded`, as llama.cpp's router).
     pub(crate) fn cards(&self, only: Option<&str>) -> Vec<Value> {

@@ -733,6 +733,9 @@ pub async fn health(State(st): State<Arc<AppState>>) -> Response {
 }
 
 pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    for (name, loaded) in st.models.loaded_states() {
+        st.metrics.model_loaded.with_label_values(&[name.as_str()]).set(loaded as i64);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], st.metrics.render()).into_response()
 }
 

@@ -11,6 +11,8 @@ use std::time::Instant;
 use infer_core::{Engine, EngineStats, SamplingParams, SeqId, TokenConstraint, TokenEvent};
 use tokio::sync::{mpsc, oneshot};
 
+use prometheus::{IntGauge, IntGaugeVec};
+
 use crate::metrics::Metrics;
 
 /// What a request's sequences receive.
@@ -49,21 +51,63 @@ struct Tracked {
     last_token: Option<Instant>,
 }
 
-/// Runs until every command sender is gone.
-pub fn run(mut engine: Engine, commands: Receiver<Command>, metrics: Arc<Metrics>) {
-    let mut seqs: HashMap<SeqId, Tracked> = HashMap::new();
+/// Runs until every command sender is gone. `model` labels this engine's gauges.
+pub fn run(engine: Engine, commands: Receiver<Command>, metrics: Arc<Metrics>, model: &str) {
     let mut last_stats = engine.stats();
-    update_gauges(&engine, &metrics, &mut last_stats);
+    let mut shown = Shown { model: model.to_string(), values: [0; 6] };
+    update_gauges(&engine, &metrics, &mut last_stats, &mut shown);
+    run_engine(engine, commands, &metrics, &mut last_stats, &mut shown);
+    // Stopped (unloaded, or the server ends): this engine's share leaves the sums.
+    shown.set(&metrics, [0; 6]);
+    shown.remove(&metrics);
+}
+
+/// The gauge values this engine last reported: queue, running, KV blocks used, free, cached, total.
+struct Shown {
+    model: String,
+    values: [i64; 6],
+}
+
+impl Shown {
+    fn gauges(m: &Metrics) -> [(&IntGauge, &IntGaugeVec); 6] {
+        [
+            (&m.queue_length, &m.model_queue_length),
+            (&m.running, &m.model_running),
+            (&m.kv_blocks_used, &m.model_kv_blocks_used),
+            (&m.kv_blocks_free, &m.model_kv_blocks_free),
+            (&m.kv_blocks_cached, &m.model_kv_blocks_cached),
+            (&m.kv_blocks_total, &m.model_kv_blocks_total),
+        ]
+    }
+
+    /// Moves the sums by what changed and sets this model's gauges.
+    fn set(&mut self, m: &Metrics, values: [i64; 6]) {
+        for (((sum, per), old), new) in Self::gauges(m).into_iter().zip(&mut self.values).zip(values) {
+            sum.add(new - *old);
+            per.with_label_values(&[self.model.as_str()]).set(new);
+            *old = new;
+        }
+    }
+
+    fn remove(&self, m: &Metrics) {
+        for (_, per) in Self::gauges(m) {
+            let _ = per.remove_label_values(&[self.model.as_str()]);
+        }
+    }
+}
+
+fn run_engine(mut engine: Engine, commands: Receiver<Command>, metrics: &Metrics, last_stats: &mut EngineStats, shown: &mut Shown) {
+    let mut seqs: HashMap<SeqId, Tracked> = HashMap::new();
     loop {
         if !engine.has_work() {
             match commands.recv() {
-                Ok(cmd) => handle(cmd, &mut engine, &mut seqs, &metrics),
+                Ok(cmd) => handle(cmd, &mut engine, &mut seqs, metrics),
                 Err(_) => return,
             }
         }
         loop {
             match commands.try_recv() {
-                Ok(cmd) => handle(cmd, &mut engine, &mut seqs, &metrics),
+                Ok(cmd) => handle(cmd, &mut engine, &mut seqs, metrics),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     fail_all(&mut engine, &mut seqs, "the server is shutting down");
@@ -73,7 +117,7 @@ pub fn run(mut engine: Engine, commands: Receiver<Command>, metrics: Arc<Metrics
         }
         if engine.has_work() {
             match catch_unwind(AssertUnwindSafe(|| engine.step())) {
-                Ok(Ok(events)) => dispatch(events, &mut engine, &mut seqs, &metrics),
+                Ok(Ok(events)) => dispatch(events, &mut engine, &mut seqs, metrics),
                 Ok(Err(e)) => {
                     tracing::error!("engine step failed: {e}");
                     let msg = format!("generation failed: {e}");
@@ -89,7 +133,7 @@ pub fn run(mut engine: Engine, commands: Receiver<Command>, metrics: Arc<Metrics
                 }
             }
         }
-        update_gauges(&engine, &metrics, &mut last_stats);
+        update_gauges(&engine, metrics, last_stats, shown);
     }
 }
 
@@ -177,25 +221,33 @@ fn fail_all(engine: &mut Engine, seqs: &mut HashMap<SeqId, Tracked>, message: &s
     }
 }
 
-fn update_gauges(engine: &Engine, m: &Metrics, last: &mut EngineStats) {
+fn update_gauges(engine: &Engine, m: &Metrics, last: &mut EngineStats, shown: &mut Shown) {
     let cache = engine.cache();
-    m.queue_length.set(engine.num_waiting() as i64);
-    m.running.set(engine.num_running() as i64);
-    m.kv_blocks_used.set(cache.num_used_blocks() as i64);
-    m.kv_blocks_free.set(cache.num_free_blocks() as i64);
-    m.kv_blocks_cached.set(cache.num_cached_blocks() as i64);
-    m.kv_blocks_total.set(cache.num_blocks() as i64);
+    shown.set(
+        m,
+        [
+            engine.num_waiting() as i64,
+            engine.num_running() as i64,
+            cache.num_used_blocks() as i64,
+            cache.num_free_blocks() as i64,
+            cache.num_cached_blocks() as i64,
+            cache.num_blocks() as i64,
+        ],
+    );
     let s = engine.stats();
     m.prefix_lookup_tokens.inc_by((s.prefix_lookup_tokens - last.prefix_lookup_tokens) as u64);
     m.prefix_hit_tokens.inc_by((s.prefix_hit_tokens - last.prefix_hit_tokens) as u64);
     m.preemptions.inc_by((s.preemptions - last.preemptions) as u64);
-    if s.prefix_lookup_tokens > 0 {
-        m.prefix_hit_rate.set(s.prefix_hit_tokens as f64 / s.prefix_lookup_tokens as f64);
+    // Rates over every engine since start (the counters are sums; engines come and go).
+    let (looked, hit) = (m.prefix_lookup_tokens.get(), m.prefix_hit_tokens.get());
+    if looked > 0 {
+        m.prefix_hit_rate.set(hit as f64 / looked as f64);
     }
     m.spec_draft_tokens.inc_by((s.draft_tokens - last.draft_tokens) as u64);
     m.spec_accepted_tokens.inc_by((s.accepted_draft_tokens - last.accepted_draft_tokens) as u64);
-    if s.draft_tokens > 0 {
-        m.spec_acceptance_rate.set(s.accepted_draft_tokens as f64 / s.draft_tokens as f64);
+    let (drafted, kept) = (m.spec_draft_tokens.get(), m.spec_accepted_tokens.get());
+    if drafted > 0 {
+        m.spec_acceptance_rate.set(kept as f64 / drafted as f64);
     }
     *last = s;
 }

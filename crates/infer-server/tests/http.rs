@@ -1453,3 +1453,50 @@ fn a_model_larger_than_free_memory_loads_alone() {
     assert_eq!((state_of(&url, "llama").as_str(), state_of(&url, "bert").as_str()), ("unloaded", "loaded"));
     s.stop().unwrap();
 }
+
+/// A Prometheus sample's value: `name{labels} value` (labels as written, or none).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+}
+
+/// `/metrics` with several models: each engine's gauges under its `model` label, the unlabeled
+/// gauges their sum (not the last engine that stepped), `infer_model_loaded` per model; an
+/// unloaded model's share leaves the sums and its labeled series go.
+#[test]
+fn metrics_are_per_model_and_sum_over_models() {
+    let llama = fixture("tiny-llama");
+    let spec = |name: &str| {
+        let llama = llama.clone();
+        infer_server::ModelSpec::new(name, move || infer_core::load(llama.to_str().unwrap(), LoadOptions::default()))
+    };
+    let cfg = ServerConfig { keep_alive: Some(Duration::from_millis(1500)), ..multi_config() };
+    let s = BackgroundServer::start_models(cfg, vec![spec("a"), spec("b")]).unwrap();
+    let url = s.url();
+    let metrics = || client().get(format!("{url}/metrics")).send().unwrap().text().unwrap();
+    let m = metrics();
+    assert_eq!((sample(&m, r#"infer_model_loaded{model="a"}"#), sample(&m, r#"infer_model_loaded{model="b"}"#)), (Some(0.0), Some(0.0)));
+    assert_eq!(sample(&m, "infer_kv_blocks_total"), Some(0.0), "{m}");
+    assert_eq!(complete(&url, "a").0, 200);
+    assert_eq!(complete(&url, "b").0, 200);
+    let m = metrics();
+    let a = sample(&m, r#"infer_model_kv_blocks_total{model="a"}"#).expect("a's blocks");
+    let b = sample(&m, r#"infer_model_kv_blocks_total{model="b"}"#).expect("b's blocks");
+    assert!(a > 0.0 && b > 0.0, "{m}");
+    assert_eq!(sample(&m, "infer_kv_blocks_total"), Some(a + b), "{m}");
+    assert_eq!(sample(&m, "infer_kv_blocks_free"), Some(a + b), "idle: every block free");
+    assert_eq!(sample(&m, r#"infer_model_running_sequences{model="a"}"#), Some(0.0));
+    assert_eq!(sample(&m, r#"infer_model_loaded{model="b"}"#), Some(1.0));
+    // Unloaded after the keep-alive: the sums drop to nothing and the labeled series go.
+    let t = Instant::now();
+    loop {
+        let m = metrics();
+        if sample(&m, "infer_kv_blocks_total") == Some(0.0) && sample(&m, r#"infer_model_kv_blocks_total{model="a"}"#).is_none() {
+            assert_eq!(sample(&m, r#"infer_model_loaded{model="a"}"#), Some(0.0), "{m}");
+            assert!(sample(&m, r#"infer_model_kv_blocks_total{model="b"}"#).is_none(), "{m}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "never unloaded: {m}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.stop().unwrap();
+}

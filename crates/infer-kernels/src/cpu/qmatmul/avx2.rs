@@ -202,11 +202,13 @@ pub(super) unsafe fn quantize_block(chunk: &[f32]) -> BlockQ8 {
 /// Tokens of one register tile over the wide layout (at most).
 pub(super) const WIDE_TOKENS: usize = 4;
 
-/// One group of 16 rows of the wide layout (4- and 5-bit formats) × `r` (1..=4) tokens with AVX2:
+/// One group of 16 rows of the wide layout (3- to 6-bit formats) × `r` (1..=4) tokens with AVX2:
 /// each half of a value line (8 rows × 4 values, 32 bytes) multiplies four activation bytes
 /// broadcast to every lane with `vpmaddubsw`; the 16-bit sums of a block add up without overflow
-/// (4-bit values: 8 lines × 2 × 15 × 127; 5-bit: two groups of 4 lines), so one `vpmaddwd` a
-/// block gives 8 rows' dot products at once. Writes `out[t·ldo + n]` for t < r, n < nrows.
+/// (4-bit values: 8 lines × 2 × 15 × 127; 5-bit: two groups of 4 lines; 6-bit: pairs of lines), so
+/// one to four `vpmaddwd`s a block give 8 rows' dot products at once. Both halves of each block are
+/// taken in turn, so the group's weights stream from memory once. Writes `out[t·ldo + n]` for
+/// t < r, n < nrows.
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C; `out` must be valid for those writes.
@@ -244,7 +246,19 @@ pub(super) unsafe fn wide_tile(
         (super::FIVE, D16) => by_tokens!(true, D16),
         (super::FIVE, DM16) => by_tokens!(true, DM16),
         (super::FIVE, KSM) => by_tokens!(true, KSM),
-        _ => unreachable!("AVX2's wide layout holds 4- and 5-bit formats in compact form, not {form:?}"),
+        (super::SIX, KHALF) => match r {
+            1 => wide_half::<1, true>(s, q, a, nb, out, ldo, nrows, moff),
+            2 => wide_half::<2, true>(s, q, a, nb, out, ldo, nrows, moff),
+            3 => wide_half::<3, true>(s, q, a, nb, out, ldo, nrows, moff),
+            _ => wide_half::<4, true>(s, q, a, nb, out, ldo, nrows, moff),
+        },
+        (super::NIBBLES, KHALF) => match r {
+            1 => wide_half::<1, false>(s, q, a, nb, out, ldo, nrows, moff),
+            2 => wide_half::<2, false>(s, q, a, nb, out, ldo, nrows, moff),
+            3 => wide_half::<3, false>(s, q, a, nb, out, ldo, nrows, moff),
+            _ => wide_half::<4, false>(s, q, a, nb, out, ldo, nrows, moff),
+        },
+        _ => unreachable!("AVX2's wide layout holds 3- to 6-bit formats in compact form, not {form:?}"),
     }
 }
 
@@ -252,6 +266,12 @@ pub(super) unsafe fn wide_tile(
 #[inline(always)]
 unsafe fn f16x8(p: *const u8) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+}
+
+/// 8 signed bytes at `p` as f32.
+#[inline(always)]
+unsafe fn ibytes8(p: *const u8) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
 }
 
 /// 8 unsigned bytes at `p` as f32.
@@ -295,13 +315,12 @@ unsafe fn wide<const R: usize, const FIVE_BIT: bool, const S: u8>(
     let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
     let sixteen = _mm256_set1_epi8(16);
     let moff = _mm256_set1_ps(moff);
-    // Rows 0..8, then 8..16 (the halves of each 64-byte line).
-    for h in 0..2 {
-        if 8 * h >= nrows {
-            break;
-        }
-        let mut acc = [_mm256_setzero_ps(); R];
-        for b in 0..nb {
+    // Rows 0..8 and 8..16 (the halves of each 64-byte line) of one block after the other, so the
+    // weights stream from memory once (a pass per half re-read them from cache while memory idled).
+    let halves = if nrows > 8 { 2 } else { 1 };
+    let mut accs = [[_mm256_setzero_ps(); R]; 2];
+    for b in 0..nb {
+        for (h, acc) in accs.iter_mut().enumerate().take(halves) {
             let q = qs.add(b * qb);
             let (d, m) = half_scales::<S>(scales, b, h, moff);
             let mut w = [_mm256_setzero_si256(); 8];
@@ -334,6 +353,85 @@ unsafe fn wide<const R: usize, const FIVE_BIT: bool, const S: u8>(
                 *acc = _mm256_fmadd_ps(m, _mm256_set1_ps(ab.s), *acc);
             }
         }
+    }
+    for (h, acc) in accs.iter().enumerate().take(halves) {
+        let valid = (nrows - 8 * h).min(8);
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        for (t, acc) in acc.iter().enumerate() {
+            _mm256_maskstore_ps(out.add(t * ldo + 8 * h), mask, *acc);
+        }
+    }
+}
+
+/// [`wide`] for the forms with a scale per 16 values ([`KHALF`]: Q6_K's 6-bit values as nibbles plus
+/// two bit planes, Q3_K's 3-bit values as nibbles), the minimum `moff · d` of each half. 6-bit
+/// values keep `vpmaddubsw`'s 16-bit sums in range two lines at a time (2 · 2 · 63 · 128 < 2¹⁵), so
+/// each half of a block takes two `vpmaddwd`s.
+#[inline(always)]
+#[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+unsafe fn wide_half<const R: usize, const SIX_BIT: bool>(
+    scales: *const u8,
+    qs: *const u8,
+    a: *const BlockQ8,
+    nb: usize,
+    out: *mut f32,
+    ldo: usize,
+    nrows: usize,
+    moff: f32,
+) {
+    let qb = if SIX_BIT { 384 } else { 256 };
+    let ones = _mm256_set1_epi16(1);
+    let low = _mm256_set1_epi8(0x0F);
+    let spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let (sixteen, thirty_two) = (_mm256_set1_epi8(16), _mm256_set1_epi8(32));
+    let moff = _mm256_set1_ps(moff);
+    // Bit `j` of the 32-bit plane word at `p`, spread to byte j, as `add` where set.
+    let plane = |p: *const u8, add: __m256i| -> __m256i {
+        let bits = _mm256_set1_epi32((p as *const i32).read_unaligned());
+        _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(bits, spread), bit), bit), add)
+    };
+    // Both halves of each block in turn, as in `wide`.
+    let halves = if nrows > 8 { 2 } else { 1 };
+    let mut accs = [[_mm256_setzero_ps(); R]; 2];
+    for b in 0..nb {
+        for (h, acc) in accs.iter_mut().enumerate().take(halves) {
+            let q = qs.add(b * qb);
+            let (sup, rec) = scale_offsets(KHALF, b);
+            let big = f16x8(scales.add(sup + 16 * h));
+            // Values 0..16 and 16..32 of each row: s0 and s1 (signed) under the super-block factor.
+            let d0 = _mm256_mul_ps(big, ibytes8(scales.add(rec + 8 * h)));
+            let d1 = _mm256_mul_ps(big, ibytes8(scales.add(rec + 16 + 8 * h)));
+            let (m0, m1) = (_mm256_mul_ps(d0, moff), _mm256_mul_ps(d1, moff));
+            let mut w = [_mm256_setzero_si256(); 8];
+            for j in 0..4 {
+                let p = _mm256_loadu_si256(q.add(64 * j + 32 * h) as *const __m256i);
+                w[j] = _mm256_and_si256(p, low);
+                w[j + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
+            }
+            if SIX_BIT {
+                for (j, v) in w.iter_mut().enumerate() {
+                    let fifth = plane(q.add(256 + 8 * j + 4 * h), sixteen);
+                    let sixth = plane(q.add(320 + 8 * j + 4 * h), thirty_two);
+                    *v = _mm256_or_si256(*v, _mm256_or_si256(fifth, sixth));
+                }
+            }
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let ab = &*a.add(t * nb + b);
+                let x = ab.qs.as_ptr() as *const i32;
+                let dot = |j: usize| _mm256_maddubs_epi16(w[j], _mm256_set1_epi32(x.add(j).read()));
+                let pair = |j: usize| _mm256_madd_epi16(_mm256_add_epi16(dot(j), dot(j + 1)), ones);
+                let i0 = _mm256_add_epi32(pair(0), pair(2));
+                let i1 = _mm256_add_epi32(pair(4), pair(6));
+                let da = _mm256_set1_ps(ab.d);
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(d0, da), *acc);
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_mul_ps(d1, da), *acc);
+                *acc = _mm256_fmadd_ps(m0, _mm256_set1_ps(ab.s0), *acc);
+                *acc = _mm256_fmadd_ps(m1, _mm256_set1_ps(ab.s - ab.s0), *acc);
+            }
+        }
+    }
+    for (h, acc) in accs.iter().enumerate().take(halves) {
         let valid = (nrows - 8 * h).min(8);
         let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
         for (t, acc) in acc.iter().enumerate() {

@@ -3,10 +3,13 @@ r"""The tiny BERT of tests/fixtures/tiny-bert as llama.cpp writes it (tests/fixt
 tiny-bert.f32.gguf, tiny-bert.f16.gguf, made by llama.cpp's own convert_hf_to_gguf.py) and llama.cpp's own
 token ids and embeddings of a few texts (expected.json), for infer's GGUF encoder tests; the same for the tiny
 RoBERTa of tests/fixtures/tiny-roberta (byte-level BPE, mean pooling + Normalize): tests/fixtures/tiny-roberta-gguf
-(tiny-roberta.f32.gguf, expected.json).
+(tiny-roberta.f32.gguf, expected.json); and the tiny NomicBERT of tests/fixtures/tiny-nomic-bert (the Hub's
+nomic-embed-text-v1.5 format, scripts/make_nomic_fixtures.py): tests/fixtures/tiny-nomic-bert-gguf
+(tiny-nomic-bert.f32.gguf, arch "nomic-bert", expected.json).
 
   nice -n 19 ~/.cache/infer/refvenv/bin/python scripts/make_bert_gguf_fixture.py                  # both
   nice -n 19 ~/.cache/infer/refvenv/bin/python scripts/make_bert_gguf_fixture.py --only roberta   # one
+  nice -n 19 ~/.cache/infer/refvenv/bin/python scripts/make_bert_gguf_fixture.py --only nomic
 
 Needs torch, transformers, sentence-transformers and numpy (the ref venv of scripts/requirements-ref.txt),
 llama.cpp's source (convert_hf_to_gguf.py, gguf-py) and its llama-embedding and llama-tokenize binaries:
@@ -37,6 +40,18 @@ hashes of published tokenizers only) and the conversion stops there; this script
 tokenizer.ggml.pre. Everything else is the converter's own. llama.cpp ignores tokenizer.ggml.pre for
 tokenizer.ggml.model == "bert" (WPM).
 
+tiny-nomic-bert: the converter's NomicBertModel (arch "nomic-bert": no position table, RoPE; Wqkv kept fused as
+blk.N.attn_qkv (Q, K, V row blocks); fc11 -> ffn_up, fc12 -> ffn_gate, fc2 -> ffn_down; emb_ln -> token_embd_norm, norm1 ->
+attn_output_norm, norm2 -> layer_output_norm; context length 2048 from n_positions 8192 / max_trained_positions 2048),
+the tiny-bert tokenizer (WordPiece, `--pre` as for tiny-bert; 128 vocabulary rows, so ids 110..127 become
+"[PAD110]".. UNUSED tokens as the Hub model's 30522..30527 do). A transformers that knows model_type "nomic_bert"
+natively (>= 5.x) makes the converter's AutoConfig.from_pretrained() succeed with the native class's defaults
+(hidden_size 768, 12 layers, ...) beside the Hub's keys (n_embd, n_layer, ...), and the converter takes the
+defaults; this script then gives the converter config.json as it is, which is what it reads when transformers
+does not know the type (its own fallback). st_embeddings: sentence-transformers with transformers' native
+NomicBertModel on the Hub folder (config_kwargs from the Hub keys; weights through transformers' own "nomic_bert"
+name conversion), checked against tiny-nomic-bert/expected.json's `mean` (native-format references).
+
 tiny-roberta: the converter's RobertaModel (arch "bert", tokenizer.ggml.model "gpt2" from tokenizer.json, merges,
 position_embd without its first pad_token_id + 1 = 2 rows). Its tiny BPE's hash is unknown too; `--roberta-pre`
 (default "roberta-bpe", what the converter writes for sentence-transformers/stsb-roberta-base) is written instead.
@@ -63,6 +78,10 @@ MODELS = {
     # only words and characters of make_roberta_fixtures.py's CORPUS (a double space, a digit run, "?")
     "roberta": ("tiny-roberta", "tiny-roberta-gguf", "tiny-roberta",
                 ["The cat sat on the rug.", "where did the dog run?", "A kitten  sat in the park 88%"]),
+    # RoPE positions past 40: a long text
+    "nomic": ("tiny-nomic-bert", "tiny-nomic-bert-gguf", "tiny-nomic-bert",
+              ["Héllo, WORLD!! naïve café", "unbelievable", "[CLS] text", "The 猫 sat on the mat...",
+               " ".join(["the cat sat on the mat and the dog ran in the park"] * 4)]),
 }
 
 # convert_hf_to_gguf.main() with get_vocab_base_pre() falling back to argv[1] for an unknown hash
@@ -79,6 +98,18 @@ def get_vocab_base_pre(self, tokenizer, _pre=sys.argv[1]):
         base.logger.warning("unknown pre-tokenizer hash: writing tokenizer.ggml.pre = %r", _pre)
         return _pre
 base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+# a Hub-format NomicBERT config.json (n_embd, n_layer, ...): read as it is, not through a native NomicBertConfig
+import json, pathlib
+orig_load_hparams = base.ModelBase.load_hparams
+def load_hparams(dir_model, is_mistral_format):
+    cfg = pathlib.Path(dir_model) / "config.json"
+    if not is_mistral_format and cfg.is_file():
+        raw = json.loads(cfg.read_text(encoding="utf-8"))
+        if raw.get("model_type") == "nomic_bert" and "n_embd" in raw:
+            base.logger.warning("Hub-format nomic_bert config: reading config.json as it is")
+            return raw
+    return orig_load_hparams(dir_model, is_mistral_format)
+base.ModelBase.load_hparams = staticmethod(load_hparams)
 import convert_hf_to_gguf
 sys.argv = ["convert_hf_to_gguf.py"] + sys.argv[3:]
 convert_hf_to_gguf.main()
@@ -139,7 +170,7 @@ def main():
     args = ap.parse_args()
     tokenize, embedding = binary("llama-tokenize"), binary("llama-embedding")
     for name in args.only or list(MODELS):
-        pre = args.pre if name == "bert" else args.roberta_pre
+        pre = args.roberta_pre if name == "roberta" else args.pre
         make(name, pre, f16=name == "bert" and not args.no_f16, threads=args.threads, tokenize=tokenize,
              embedding=embedding)
 
@@ -167,8 +198,23 @@ def make(name, pre, f16, threads, tokenize, embedding):
 
     tok = AutoTokenizer.from_pretrained(str(SRC))
     hf_ids = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
-    st = SentenceTransformer(str(SRC), device="cpu")
+    if name == "nomic":
+        with open(SRC / "config.json") as f:
+            hub = json.load(f)
+        kw = {"hidden_size": hub["n_embd"], "num_attention_heads": hub["n_head"], "num_hidden_layers": hub["n_layer"],
+              "head_dim": hub["n_embd"] // hub["n_head"],
+              "intermediate_size": hub["n_inner"], "layer_norm_eps": hub["layer_norm_epsilon"], "hidden_act": "silu",
+              "vocab_size": hub["vocab_size"], "type_vocab_size": hub["type_vocab_size"],
+              "rope_parameters": {"rope_type": "default", "rope_theta": float(hub["rotary_emb_base"])}}
+        st = SentenceTransformer(str(SRC), device="cpu", config_kwargs=kw)
+    else:
+        st = SentenceTransformer(str(SRC), device="cpu")
     ste = st.encode(texts, convert_to_numpy=True, normalize_embeddings=True)
+    if name == "nomic":
+        with open(SRC / "expected.json") as f:
+            ref = np.asarray(json.load(f)["mean"])
+        d = float(np.abs(ste[:len(base_texts)] - ref).max())
+        assert d < 1e-5, f"sentence-transformers on the Hub folder != expected.json's mean: {d}"
 
     def cos(a, b):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -189,7 +235,7 @@ def make(name, pre, f16, threads, tokenize, embedding):
         "cosine_llamacpp_vs_st": [cos(a, b) for a, b in zip(lemb, ste)],
         "max_abs_diff_llamacpp_vs_st": [float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(lemb, ste)],
         "gguf": f32.name,
-        "pooling": "mean (from the GGUF's bert.pooling_type = 1)",
+        "pooling": f"mean (from the GGUF's {'nomic-bert' if name == 'nomic' else 'bert'}.pooling_type = 1)",
         "normalize": "l2",
         "tokenizer_pre": pre,
         "llamacpp_commit": commit,

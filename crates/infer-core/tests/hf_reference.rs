@@ -263,7 +263,9 @@ fn encoder_matches_sentence_transformers() {
     // tiny-roberta (scripts/make_roberta_fixtures.py): positions after the padding id, one token type.
     // tiny-modernbert (scripts/make_modernbert_fixtures.py): RoPE, global and local (window 8)
     // layers, GLU, no biases; texts up to 23 tokens, longer than the window.
-    for name in ["tiny-bert", "tiny-roberta", "tiny-modernbert"] {
+    // tiny-nomic-bert (scripts/make_nomic_fixtures.py): NomicBERT in the Hub's form (n_embd, fused
+    // Wqkv, fc11/fc12 SwiGLU), references from transformers' own NomicBertModel.
+    for name in ["tiny-bert", "tiny-roberta", "tiny-modernbert", "tiny-nomic-bert"] {
         encoder_matches(name);
     }
 }
@@ -375,6 +377,8 @@ fn bert_gguf_matches_llamacpp_and_sentence_transformers() {
     // tiny-roberta (byte-level BPE, positions after the padding id) as the converter writes it: a
     // `gpt2` vocabulary and position rows from padding id + 1 on.
     gguf_encoder_matches(&fixture("tiny-roberta-gguf"), "tiny-roberta.f32.gguf", "llamacpp_embeddings");
+    // tiny-nomic-bert as `nomic-bert` (fused attn_qkv, ffn_gate/ffn_up, rope.freq_base).
+    gguf_encoder_matches(&fixture("tiny-nomic-bert-gguf"), "tiny-nomic-bert.f32.gguf", "llamacpp_embeddings");
 }
 
 fn gguf_encoder_matches(dir: &std::path::Path, file: &str, key: &str) {

@@ -244,7 +244,7 @@ fn encoder_folders_out_of_range() {
         ("\"num_attention_heads\": 4", "\"num_attention_heads\": 5", "num_attention_heads"),
         ("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 100000000", "out of range"),
         ("\"intermediate_size\": 64", "\"intermediate_size\": 65", "intermediate.dense"),
-        ("\"model_type\": \"bert\"", "\"model_type\": \"nomic_bert\"", "not an encoder this loader supports"),
+        ("\"model_type\": \"bert\"", "\"model_type\": \"distilbert\"", "not an encoder this loader supports"),
     ]
     .into_iter()
     .enumerate()

@@ -1,5 +1,6 @@
-//! BERT encoders from GGUF as llama.cpp's `convert_hf_to_gguf.py` writes them: architecture `bert`,
-//! `bert.*` hyperparameters, the WordPiece vocabulary (`tokenizer.ggml.model` = `bert`, see
+//! BERT and NomicBERT encoders from GGUF as llama.cpp's `convert_hf_to_gguf.py` writes them:
+//! architectures `bert` and `nomic-bert` (fused Q/K/V, SwiGLU, RoPE base `nomic-bert.rope.freq_base`),
+//! their hyperparameters, the WordPiece vocabulary (`tokenizer.ggml.model` = `bert`, see
 //! [`Tokenizer::from_gguf`]), the pooling of `bert.pooling_type` (1 mean, 2 CLS, 3 last; none or absent:
 //! mean), vectors L2-normalized as llama.cpp's embeddings are by default (a GGUF does not record
 //! sentence-transformers' `Normalize`). Tensors are dequantized to f32 whatever their GGUF type.
@@ -14,13 +15,15 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use super::bert::{Bert, BertConfig};
-use super::{Encoder, EncoderPooling, Weights};
+use super::nomic::{Nomic, NomicConfig};
+use super::{Encoder, EncoderPooling, Net, Weights};
 use crate::config::GgufMeta;
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 use crate::weights::WeightSource;
 
-/// Whether `path` is a GGUF file (by its name) of architecture `bert`.
+/// Whether `path` is a GGUF file (by its name) of architecture `bert` or `nomic-bert` with a vocabulary
+/// this loader reads.
 pub(super) fn is_bert_gguf(path: &Path) -> bool {
     if !path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
         return false;
@@ -28,7 +31,7 @@ pub(super) fn is_bert_gguf(path: &Path) -> bool {
     let Ok(src) = WeightSource::gguf(path, Device::Cpu) else { return false };
     let Some((content, _)) = src.gguf_content() else { return false };
     let md = GgufMeta { md: &content.metadata, path };
-    md.string_opt("general.architecture").ok().flatten().as_deref() == Some("bert")
+    matches!(md.string_opt("general.architecture").ok().flatten().as_deref(), Some("bert" | "nomic-bert"))
         && matches!(md.string_opt("tokenizer.ggml.model").ok().flatten().as_deref(), Some("bert" | "gpt2"))
 }
 
@@ -100,8 +103,8 @@ pub(super) fn load(path: &Path, device: &Device) -> Result<Encoder> {
     let (content, _) = src.gguf_content().expect("a GGUF source");
     let md = GgufMeta { md: &content.metadata, path };
     let arch = md.string("general.architecture")?;
-    if arch != "bert" {
-        return Err(bad(format!("architecture `{arch}` is not an encoder this loader reads from GGUF (bert)")));
+    if arch != "bert" && arch != "nomic-bert" {
+        return Err(bad(format!("architecture `{arch}` is not an encoder this loader reads from GGUF (bert, nomic-bert)")));
     }
     let model = md.string_opt("tokenizer.ggml.model")?.unwrap_or_default();
     if model != "bert" && model != "gpt2" {
@@ -109,22 +112,20 @@ pub(super) fn load(path: &Path, device: &Device) -> Result<Encoder> {
             "a `bert` GGUF with a `{model}` tokenizer (XLM-R's SentencePiece) is not supported yet; load the sentence-transformers folder instead"
         )));
     }
-    if md.bool_opt("bert.attention.causal")? == Some(true) {
-        return Err(bad("bert.attention.causal is true: an encoder attends both ways".into()));
+    if md.bool_opt(&format!("{arch}.attention.causal"))? == Some(true) {
+        return Err(bad(format!("{arch}.attention.causal is true: an encoder attends both ways")));
     }
-    let pooling = match md.u32_opt("bert.pooling_type")? {
+    let pooling = match md.u32_opt(&format!("{arch}.pooling_type"))? {
         None | Some(0) | Some(1) => EncoderPooling::Mean,
         Some(2) => EncoderPooling::Cls,
         Some(3) => EncoderPooling::Last,
         Some(4) => {
-            return Err(bad(
-                "bert.pooling_type 4 (rank): rerankers are not read from GGUF yet; load the cross-encoder's folder instead".into()
-            ))
+            return Err(bad("pooling_type 4 (rank): rerankers are not read from GGUF yet; load the cross-encoder's folder instead".into()))
         }
-        Some(p) => return Err(bad(format!("bert.pooling_type {p} is not one of 0-4"))),
+        Some(p) => return Err(bad(format!("{arch}.pooling_type {p} is not one of 0-4"))),
     };
     let need = |k: &str| -> Result<usize> {
-        md.usize_opt(&format!("bert.{k}"))?.ok_or_else(|| bad(format!("GGUF metadata key `bert.{k}` is missing")))
+        md.usize_opt(&format!("{arch}.{k}"))?.ok_or_else(|| bad(format!("GGUF metadata key `{arch}.{k}` is missing")))
     };
     let (h, layers, heads, inter, ctx) = (
         need("embedding_length")?,
@@ -136,7 +137,82 @@ pub(super) fn load(path: &Path, device: &Device) -> Result<Encoder> {
     if layers > 256 || h > 65536 || inter > 1 << 20 || ctx > 1 << 20 {
         return Err(bad("the model's sizes are out of range".into()));
     }
-    let eps = md.f64_opt("bert.attention.layer_norm_epsilon")?.unwrap_or(1e-12);
+    let eps = md.f64_opt(&format!("{arch}.attention.layer_norm_epsilon"))?.unwrap_or(1e-12);
+    let mut tokenizer = Tokenizer::from_gguf(&md)?;
+    if model == "gpt2" {
+        tokenizer = roberta_template(tokenizer, &md)?;
+    }
+    let net: Box<dyn Net> = if arch == "nomic-bert" {
+        // Tensors under the common NomicBERT names, in f32.
+        let mut map: HashMap<String, Tensor> = HashMap::new();
+        for (name, info) in &content.tensor_infos {
+            let Some(c) = nomic_name(name) else { continue };
+            map.insert(c, src.tensor(name, info.shape.dims())?.to_dtype(DType::F32)?);
+        }
+        let dim0 = |k: &str| map.get(k).map(|t| t.dim(0)).transpose();
+        let cfg = NomicConfig {
+            vocab: dim0("word.weight")?.ok_or_else(|| bad("tensor `token_embd.weight` is missing".into()))?,
+            hidden: h,
+            heads,
+            layers,
+            inner: inter,
+            max_positions: ctx,
+            type_vocab: dim0("types.weight")?.ok_or_else(|| bad("tensor `token_types.weight` is missing".into()))?,
+            eps,
+            theta: md.f64_opt(&format!("{arch}.rope.freq_base"))?.unwrap_or(1000.0),
+            pad: md.u32_opt("tokenizer.ggml.padding_token_id")?.unwrap_or(0) as usize,
+        };
+        Box::new(Nomic::load(&cfg, &Weights { path: path.to_path_buf(), map })?)
+    } else {
+        Box::new(bert(&src, content, &md, (h, layers, heads, inter, ctx, eps), device)?)
+    };
+    Ok(Encoder {
+        name: path.file_stem().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "encoder".into()),
+        net,
+        tokenizer,
+        pooling,
+        normalize: true,
+        activation: None,
+        device: device.clone(),
+    })
+}
+
+/// The common NomicBERT name (see [`super::nomic`]) of a llama.cpp `nomic-bert` tensor.
+fn nomic_name(gguf: &str) -> Option<String> {
+    let (base, suffix) = gguf.rsplit_once('.')?;
+    let mapped = match base {
+        "token_embd" => "word".to_string(),
+        "token_types" => "types".to_string(),
+        "token_embd_norm" => "ln".to_string(),
+        _ => {
+            let (layer, tail) = base.strip_prefix("blk.")?.split_once('.')?;
+            let layer: usize = layer.parse().ok()?;
+            let part = match tail {
+                "attn_qkv" => "qkv",
+                "attn_output" => "o",
+                "attn_output_norm" => "ln1",
+                "ffn_up" => "up",
+                "ffn_gate" => "gate",
+                "ffn_down" => "down",
+                "layer_output_norm" => "ln2",
+                _ => return None,
+            };
+            format!("layers.{layer}.{part}")
+        }
+    };
+    Some(format!("{mapped}.{suffix}"))
+}
+
+/// A `bert` GGUF's network (BERT or RoBERTa).
+fn bert(
+    src: &WeightSource,
+    content: &candle_core::quantized::gguf_file::Content,
+    md: &GgufMeta<'_>,
+    (h, layers, heads, inter, ctx, eps): (usize, usize, usize, usize, usize, f64),
+    device: &Device,
+) -> Result<Bert> {
+    let path = md.path;
+    let bad = |msg: String| Error::bad_file(path, msg);
     // Tensors by their HF names, in f32; a fused Q/K/V split into its three thirds.
     let mut map: HashMap<String, Tensor> = HashMap::new();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
@@ -184,18 +260,5 @@ pub(super) fn load(path: &Path, device: &Device) -> Result<Encoder> {
         pad_token_id: md.u32_opt("tokenizer.ggml.padding_token_id")?.map(|p| p as usize),
         architectures: Vec::new(),
     };
-    let net = Bert::load(&cfg, &Weights { path: path.to_path_buf(), map })?;
-    let mut tokenizer = Tokenizer::from_gguf(&md)?;
-    if model == "gpt2" {
-        tokenizer = roberta_template(tokenizer, &md)?;
-    }
-    Ok(Encoder {
-        name: path.file_stem().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "encoder".into()),
-        net: Box::new(net),
-        tokenizer,
-        pooling,
-        normalize: true,
-        activation: None,
-        device: device.clone(),
-    })
+    Bert::load(&cfg, &Weights { path: path.to_path_buf(), map })
 }

@@ -3,7 +3,8 @@
 //! (CLS, mean, max or last token; `Normalize` when listed). The networks, one short file each:
 //! [`bert`] (BERT, RoBERTa and XLM-RoBERTa: the same network; RoBERTa's positions start after the
 //! padding id and it has one token type) and [`modernbert`] (RoPE, alternating global and local
-//! attention, GLU, long inputs); [`gguf`] reads BERT from GGUF as llama.cpp writes it. Bidirectional attention over each padded batch (inputs sorted by
+//! attention, GLU, long inputs) and [`nomic`] (NomicBERT: RoPE, SwiGLU); [`gguf`] reads BERT, RoBERTa and
+//! NomicBERT from GGUF as llama.cpp writes them. Bidirectional attention over each padded batch (inputs sorted by
 //! length, at most 16 and 8192 positions per batch; scores in query chunks of at most 64 MiB), no KV
 //! cache: candle's tensor ops on the CPU (or the device asked for).
 //!
@@ -22,6 +23,7 @@
 mod bert;
 mod gguf;
 mod modernbert;
+mod nomic;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -266,7 +268,7 @@ pub struct Encoder {
 }
 
 /// Encoder families this module loads, by `config.json`'s `model_type`.
-const FAMILIES: &[&str] = &["bert", "roberta", "xlm-roberta", "modernbert"];
+const FAMILIES: &[&str] = &["bert", "roberta", "xlm-roberta", "modernbert", "nomic_bert"];
 
 /// Whether `path` holds an encoder this module loads: a folder whose `config.json` names a
 /// BERT-family model, or a GGUF file of architecture `bert`.
@@ -315,12 +317,17 @@ impl Encoder {
                 format!("model_type `{kind}` is not an encoder this loader supports yet ({})", FAMILIES.join(", ")),
             ));
         }
-        let w = Weights::load(&dir.join("model.safetensors"), device)?;
+        let mut w = Weights::load(&dir.join("model.safetensors"), device)?;
         let parse_err = |e: serde_json::Error| Error::bad_file(&cfg_path, e.to_string());
-        let net: Box<dyn Net> = if kind == "modernbert" {
-            Box::new(modernbert::ModernBert::load(&serde_json::from_value(value).map_err(parse_err)?, &w)?)
-        } else {
-            Box::new(bert::Bert::load(&serde_json::from_value(value).map_err(parse_err)?, &w)?)
+        let net: Box<dyn Net> = match kind.as_str() {
+            "modernbert" => Box::new(modernbert::ModernBert::load(&serde_json::from_value(value).map_err(parse_err)?, &w)?),
+            "nomic_bert" => {
+                let cfg = nomic::NomicConfig::from_json(&value, &w)?;
+                let mut map: HashMap<String, Tensor> = w.map.drain().filter_map(|(k, t)| Some((nomic::canonical(&k)?, t))).collect();
+                nomic::fuse_qkv(&mut map, cfg.layers)?;
+                Box::new(nomic::Nomic::load(&cfg, &Weights { path: w.path.clone(), map })?)
+            }
+            _ => Box::new(bert::Bert::load(&serde_json::from_value(value).map_err(parse_err)?, &w)?),
         };
         drop(w);
         let activation = if net.reranks() { Some(score_activation(dir)?) } else { None };

@@ -5,11 +5,15 @@ token ids and embeddings of a few texts (expected.json), for infer's GGUF encode
 RoBERTa of tests/fixtures/tiny-roberta (byte-level BPE, mean pooling + Normalize): tests/fixtures/tiny-roberta-gguf
 (tiny-roberta.f32.gguf, expected.json); and the tiny NomicBERT of tests/fixtures/tiny-nomic-bert (the Hub's
 nomic-embed-text-v1.5 format, scripts/make_nomic_fixtures.py): tests/fixtures/tiny-nomic-bert-gguf
-(tiny-nomic-bert.f32.gguf, arch "nomic-bert", expected.json).
+(tiny-nomic-bert.f32.gguf, arch "nomic-bert", expected.json); and the tiny XLM-RoBERTa of tests/fixtures/tiny-xlmr
+(SentencePiece Unigram, scripts/make_xlmr_fixtures.py): tests/fixtures/tiny-xlmr-gguf (tiny-xlmr.f32.gguf, arch
+"bert", tokenizer.ggml.model "t5" = llama.cpp's UGM tokenizer, expected.json).
 
   nice -n 19 ~/.cache/infer/refvenv/bin/python scripts/make_bert_gguf_fixture.py                  # both
   nice -n 19 ~/.cache/infer/refvenv/bin/python scripts/make_bert_gguf_fixture.py --only roberta   # one
   nice -n 19 ~/.cache/infer/refvenv/bin/python scripts/make_bert_gguf_fixture.py --only nomic
+  nice -n 19 ~/.cache/infer/refvenv/bin/python scripts/make_bert_gguf_fixture.py --only xlmr     # + sentencepiece,
+                                                                                                  #   protobuf
 
 Needs torch, transformers, sentence-transformers and numpy (the ref venv of scripts/requirements-ref.txt),
 llama.cpp's source (convert_hf_to_gguf.py, gguf-py) and its llama-embedding and llama-tokenize binaries:
@@ -58,6 +62,13 @@ position_embd without its first pad_token_id + 1 = 2 rows). Its tiny BPE's hash 
 llama.cpp maps "roberta-bpe" to its GPT-2 pre-tokenizer regex
 ('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S), the same as HF's ByteLevel
 use_regex) with add_sep = true (overridden by the GGUF's tokenizer.ggml.add_*_token keys).
+
+tiny-xlmr: the converter's XLMRobertaModel (arch "bert"): the vocabulary from sentencepiece.bpe.model (the
+`sentencepiece` package; the Hub's bge-m3 folder has it too), ids re-aligned to the fairseq layout (<s>=0, <pad>=1,
+</s>=2, <unk>=3, SentencePiece piece i at i + 1; the last row, HF's <mask>, becomes "[PAD<n>]", UNUSED),
+tokenizer.ggml.model "t5", tokenizer.ggml.pre "default" (written by the converter, no hash lookup: `--pre` is not
+used), scores, token types, add_space_prefix, remove_extra_whitespaces, precompiled_charsmap; position_embd
+without its first pad_token_id + 1 = 2 rows as tiny-roberta.
 """
 import argparse
 import json
@@ -82,6 +93,11 @@ MODELS = {
     "nomic": ("tiny-nomic-bert", "tiny-nomic-bert-gguf", "tiny-nomic-bert",
               ["Héllo, WORLD!! naïve café", "unbelievable", "[CLS] text", "The 猫 sat on the mat...",
                " ".join(["the cat sat on the mat and the dog ran in the park"] * 4)]),
+    # SentencePiece Unigram (UGM): double and edge spaces, accents, NFKC, capitals, digits, an unknown character
+    "xlmr": ("tiny-xlmr", "tiny-xlmr-gguf", "tiny-xlmr",
+             ["Héllo  naïve café, résumé über straße", "  WORLD CAPITALS: Paris, Berlin, Tokyo!  ",
+              "Numbers 2024 and 3.14 or 42", "The 猫 sat on the mat", "ｆｕｌｌｗｉｄｔｈ ﬁ unbelievable",
+              "<s> the cat", "猫犬 and ☃☃ x"]),
 }
 
 # convert_hf_to_gguf.main() with get_vocab_base_pre() falling back to argv[1] for an unknown hash
@@ -237,7 +253,7 @@ def make(name, pre, f16, threads, tokenize, embedding):
         "gguf": f32.name,
         "pooling": f"mean (from the GGUF's {'nomic-bert' if name == 'nomic' else 'bert'}.pooling_type = 1)",
         "normalize": "l2",
-        "tokenizer_pre": pre,
+        "tokenizer_pre": "default" if name == "xlmr" else pre,
         "llamacpp_commit": commit,
     }
     if lemb16 is not None:

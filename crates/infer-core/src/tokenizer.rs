@@ -178,19 +178,54 @@ impl Tokenizer {
                 tk.with_decoder(Some(tokenizers::decoders::wordpiece::WordPiece::default()));
                 tk
             }
+            "t5" => {
+                // llama.cpp's UGM: SentencePiece Unigram over the pieces and their scores, the
+                // model's precompiled normalization map, runs of spaces as one, "▁" for spaces and
+                // in front of the text.
+                let scores = md.f32_array("tokenizer.ggml.scores")?.unwrap_or_else(|| vec![0.0; tokens.len()]);
+                if scores.len() != tokens.len() {
+                    return Err(bad(format!("tokenizer.ggml.scores has {} entries for {} tokens", scores.len(), tokens.len())));
+                }
+                let unk = md.u32_opt("tokenizer.ggml.unknown_token_id")?.map(|u| u as usize).filter(|&u| u < tokens.len());
+                let vocab: Vec<(String, f64)> = tokens.iter().cloned().zip(scores.iter().map(|&x| x as f64)).collect();
+                let uni = tokenizers::models::unigram::Unigram::from(vocab, unk, false).map_err(tk_err)?;
+                let mut tk = tokenizers::Tokenizer::new(uni);
+                let mut norm: Vec<NormalizerWrapper> = Vec::new();
+                if let Some(map) = md.i32_array("tokenizer.ggml.precompiled_charsmap")?.filter(|m| !m.is_empty()) {
+                    let bytes: Vec<u8> = map.iter().map(|&b| b as u8).collect();
+                    let pre = tokenizers::normalizers::Precompiled::from(&bytes)
+                        .map_err(|e| bad(format!("tokenizer.ggml.precompiled_charsmap is not a valid map: {e}")))?;
+                    norm.push(pre.into());
+                }
+                tk.with_normalizer(Some(tokenizers::normalizers::Sequence::new(norm))).map_err(tk_err)?;
+                use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+                let prefix = md.bool_opt("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+                let scheme = if prefix { PrependScheme::Always } else { PrependScheme::Never };
+                if md.bool_opt("tokenizer.ggml.remove_extra_whitespaces")?.unwrap_or(true) {
+                    // Leading and trailing spaces dropped, runs as one "▁", one before each word.
+                    let ws = tokenizers::pre_tokenizers::whitespace::WhitespaceSplit;
+                    tk.with_pre_tokenizer(Some(PreSequence::new(vec![ws.into(), Metaspace::new('▁', scheme, true).into()])));
+                } else {
+                    tk.with_pre_tokenizer(Some(Metaspace::new('▁', scheme, false)));
+                }
+                tk.with_decoder(Some(tokenizers::decoders::metaspace::Metaspace::new('▁', scheme, true)));
+                tk
+            }
             other => {
                 return Err(bad(format!(
-                    "tokenizer model `{other}` is not supported (supported: gpt2 BPE, llama SentencePiece, bert WordPiece)"
+                    "tokenizer model `{other}` is not supported (supported: gpt2 BPE, llama SentencePiece, bert WordPiece, t5 Unigram)"
                 )))
             }
         };
         let tokens = if model == "bert" { wordpiece_pieces(&tokens, &types) } else { tokens };
-        // Control (3) and user-defined (4) tokens are matched whole in the text, as llama.cpp does.
+        // Control (3) and user-defined (4) tokens are matched whole in the text, as llama.cpp does
+        // (and, for its UGM vocabularies, the unknown token (2) too).
+        let unknown_too = model == "t5";
         let added: Vec<AddedToken> = tokens
             .iter()
             .zip(&types)
-            .filter(|(_, t)| **t == 3 || **t == 4)
-            .map(|(s, t)| AddedToken::from(s.clone(), *t == 3).normalized(false))
+            .filter(|(_, t)| **t == 3 || **t == 4 || (unknown_too && **t == 2))
+            .map(|(s, t)| AddedToken::from(s.clone(), *t != 4).normalized(false))
             .collect();
         tk.add_special_tokens(added).map_err(tk_err)?;
         let add_bos = md.bool_opt("tokenizer.ggml.add_bos_token")?.unwrap_or(model == "llama");

@@ -263,9 +263,10 @@ fn encoder_matches_sentence_transformers() {
     // tiny-roberta (scripts/make_roberta_fixtures.py): positions after the padding id, one token type.
     // tiny-modernbert (scripts/make_modernbert_fixtures.py): RoPE, global and local (window 8)
     // layers, GLU, no biases; texts up to 23 tokens, longer than the window.
+    // tiny-xlmr (scripts/make_xlmr_fixtures.py): XLM-RoBERTa with a SentencePiece Unigram tokenizer.
     // tiny-nomic-bert (scripts/make_nomic_fixtures.py): NomicBERT in the Hub's form (n_embd, fused
     // Wqkv, fc11/fc12 SwiGLU), references from transformers' own NomicBertModel.
-    for name in ["tiny-bert", "tiny-roberta", "tiny-modernbert", "tiny-nomic-bert"] {
+    for name in ["tiny-bert", "tiny-roberta", "tiny-xlmr", "tiny-modernbert", "tiny-nomic-bert"] {
         encoder_matches(name);
     }
 }
@@ -379,6 +380,9 @@ fn bert_gguf_matches_llamacpp_and_sentence_transformers() {
     gguf_encoder_matches(&fixture("tiny-roberta-gguf"), "tiny-roberta.f32.gguf", "llamacpp_embeddings");
     // tiny-nomic-bert as `nomic-bert` (fused attn_qkv, ffn_gate/ffn_up, rope.freq_base).
     gguf_encoder_matches(&fixture("tiny-nomic-bert-gguf"), "tiny-nomic-bert.f32.gguf", "llamacpp_embeddings");
+    // tiny-xlmr (scripts/make_xlmr_fixtures.py: a SentencePiece Unigram vocabulary with its
+    // precompiled normalization map) as llama.cpp writes XLM-R (bge-m3): a `t5` vocabulary.
+    gguf_encoder_matches(&fixture("tiny-xlmr-gguf"), "tiny-xlmr.f32.gguf", "llamacpp_embeddings");
 }
 
 fn gguf_encoder_matches(dir: &std::path::Path, file: &str, key: &str) {

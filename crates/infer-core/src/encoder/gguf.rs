@@ -6,8 +6,9 @@
 //! sentence-transformers' `Normalize`). Tensors are dequantized to f32 whatever their GGUF type.
 //! RoBERTa GGUFs (the same architecture with a byte-level BPE vocabulary, `tokenizer.ggml.model` =
 //! `gpt2`; the converter drops the position rows before padding id + 1, so positions start at 0) get
-//! RoBERTa's `<s> A </s>` / `<s> A </s></s> B </s>`. SentencePiece vocabularies (XLM-R: `t5`) and
-//! rerankers (`pooling_type` 4) are refused with a message.
+//! RoBERTa's `<s> A </s>` / `<s> A </s></s> B </s>`, as do XLM-R GGUFs (bge-m3, multilingual-e5: a
+//! SentencePiece Unigram vocabulary, `t5`, with its precompiled normalization map). Rerankers
+//! (`pooling_type` 4) are refused with a message.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -32,7 +33,7 @@ pub(super) fn is_bert_gguf(path: &Path) -> bool {
     let Some((content, _)) = src.gguf_content() else { return false };
     let md = GgufMeta { md: &content.metadata, path };
     matches!(md.string_opt("general.architecture").ok().flatten().as_deref(), Some("bert" | "nomic-bert"))
-        && matches!(md.string_opt("tokenizer.ggml.model").ok().flatten().as_deref(), Some("bert" | "gpt2"))
+        && matches!(md.string_opt("tokenizer.ggml.model").ok().flatten().as_deref(), Some("bert" | "gpt2" | "t5"))
 }
 
 /// The HF name (without the `bert.` prefix) of a llama.cpp BERT tensor; `None` for tensors the
@@ -107,10 +108,8 @@ pub(super) fn load(path: &Path, device: &Device) -> Result<Encoder> {
         return Err(bad(format!("architecture `{arch}` is not an encoder this loader reads from GGUF (bert, nomic-bert)")));
     }
     let model = md.string_opt("tokenizer.ggml.model")?.unwrap_or_default();
-    if model != "bert" && model != "gpt2" {
-        return Err(bad(format!(
-            "a `bert` GGUF with a `{model}` tokenizer (XLM-R's SentencePiece) is not supported yet; load the sentence-transformers folder instead"
-        )));
+    if !matches!(model.as_str(), "bert" | "gpt2" | "t5") {
+        return Err(bad(format!("a `{arch}` GGUF with a `{model}` tokenizer is not supported (bert, gpt2, t5)")));
     }
     if md.bool_opt(&format!("{arch}.attention.causal"))? == Some(true) {
         return Err(bad(format!("{arch}.attention.causal is true: an encoder attends both ways")));
@@ -139,7 +138,7 @@ pub(super) fn load(path: &Path, device: &Device) -> Result<Encoder> {
     }
     let eps = md.f64_opt(&format!("{arch}.attention.layer_norm_epsilon"))?.unwrap_or(1e-12);
     let mut tokenizer = Tokenizer::from_gguf(&md)?;
-    if model == "gpt2" {
+    if model != "bert" {
         tokenizer = roberta_template(tokenizer, &md)?;
     }
     let net: Box<dyn Net> = if arch == "nomic-bert" {

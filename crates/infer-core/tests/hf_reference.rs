@@ -410,3 +410,28 @@ fn gguf_encoder_matches(dir: &std::path::Path, file: &str, key: &str) {
         }
     }
 }
+
+/// A pair's token types come from the tokenizer only when transformers' tokenizer would hand them
+/// to the model (`model_input_names`, else the tokenizer class: BertTokenizer yes, the base
+/// `TokenizersBackend` no): otherwise the document is type 0 too, as transformers runs it.
+#[test]
+fn pair_token_types_follow_the_tokenizer_class() {
+    use infer_core::encoder::Encoder;
+    let src = fixture("tiny-cross-encoder");
+    let dir = std::env::temp_dir().join(format!("infer-pair-types-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(&src).unwrap().flatten().filter(|e| e.path().is_file()) {
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    let types = |cfg: &str| -> Vec<u32> {
+        std::fs::write(dir.join("tokenizer_config.json"), cfg).unwrap();
+        let enc = Encoder::load(&dir, &infer_core::Device::Cpu).unwrap();
+        enc.encode_pair(&enc.encode_query("where did the cat sit?").unwrap(), "the cat", None).unwrap().type_ids
+    };
+    let bert = types(r#"{"tokenizer_class": "BertTokenizer"}"#);
+    assert!(bert.contains(&1), "{bert:?}");
+    assert_eq!(types(r#"{"tokenizer_class": "TokenizersBackend"}"#), vec![0; bert.len()]);
+    assert_eq!(types(r#"{"tokenizer_class": "BertTokenizer", "model_input_names": ["input_ids", "attention_mask"]}"#), vec![0; bert.len()]);
+    assert_eq!(types(r#"{"tokenizer_class": "TokenizersBackend", "model_input_names": ["input_ids", "token_type_ids"]}"#), bert);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -172,6 +172,7 @@ pub(super) fn load(path: &Path, device: &Device) -> Result<Encoder> {
         pooling,
         normalize: true,
         activation: None,
+        pair_types: false,
         device: device.clone(),
     })
 }

@@ -264,6 +264,9 @@ pub struct Encoder {
     pub normalize: bool,
     /// A cross-encoder's logit → score (then the model reranks and has no embeddings).
     activation: Option<ScoreActivation>,
+    /// Whether the tokenizer hands the model token types (transformers' `model_input_names` has
+    /// `token_type_ids`): else a pair's second part is type 0 too, as transformers runs it.
+    pair_types: bool,
     device: Device,
 }
 
@@ -355,6 +358,7 @@ impl Encoder {
             pooling,
             normalize,
             activation,
+            pair_types: pair_types(dir),
             device: device.clone(),
         })
     }
@@ -405,7 +409,7 @@ impl Encoder {
         }
         let enc = tk.post_process(query.clone(), Some(doc), true).map_err(|e| Error::Tokenizer(e.to_string()))?;
         // A model with one token type (RoBERTa, ModernBERT) sees 0 everywhere, whatever the template says.
-        let type_ids = if self.net.dims().type_vocab <= 1 { vec![0; enc.len()] } else { enc.get_type_ids().to_vec() };
+        let type_ids = if self.net.dims().type_vocab <= 1 || !self.pair_types { vec![0; enc.len()] } else { enc.get_type_ids().to_vec() };
         Ok(EncodedPair { ids: enc.get_ids().to_vec(), type_ids, truncated })
     }
 
@@ -567,17 +571,50 @@ fn pooling_config(dir: &Path) -> Result<(EncoderPooling, bool)> {
         Ok(text) => serde_json::from_str(&text).map_err(|e| Error::bad_file(&path, e.to_string()))?,
         Err(_) => return Ok((EncoderPooling::Mean, normalize)),
     };
-    let on = |k: &str| cfg.get(k).and_then(|v| v.as_bool()) == Some(true);
-    let pooling = if on("pooling_mode_cls_token") {
-        EncoderPooling::Cls
-    } else if on("pooling_mode_lasttoken") {
-        EncoderPooling::Last
-    } else if on("pooling_mode_max_tokens") {
-        EncoderPooling::Max
-    } else {
-        EncoderPooling::Mean
+    // sentence-transformers 5+ writes `"pooling_mode": "mean"`; earlier versions (most Hub models) one
+    // flag per mode. Modes this module cannot compute are refused rather than replaced by mean.
+    let modes: Vec<String> = match cfg.get("pooling_mode").and_then(|m| m.as_str()) {
+        Some(m) => vec![m.to_string()],
+        None => [
+            ("pooling_mode_cls_token", "cls"),
+            ("pooling_mode_mean_tokens", "mean"),
+            ("pooling_mode_max_tokens", "max"),
+            ("pooling_mode_lasttoken", "lasttoken"),
+            ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len_tokens"),
+            ("pooling_mode_weightedmean_tokens", "weightedmean"),
+        ]
+        .iter()
+        .filter(|(k, _)| cfg.get(*k).and_then(|v| v.as_bool()) == Some(true))
+        .map(|(_, m)| m.to_string())
+        .collect(),
+    };
+    let pooling = match modes.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        [] | ["mean"] => EncoderPooling::Mean,
+        ["cls"] => EncoderPooling::Cls,
+        ["max"] => EncoderPooling::Max,
+        ["lasttoken"] => EncoderPooling::Last,
+        other => {
+            return Err(Error::bad_file(
+                &path,
+                format!("pooling {} is not supported (one of cls, mean, max, lasttoken)", other.join(" + ")),
+            ))
+        }
     };
     Ok((pooling, normalize))
+}
+
+/// Whether transformers' tokenizer of the folder returns token types: `model_input_names` of
+/// `tokenizer_config.json` when it lists them, else the tokenizer class's default (the BERT-style
+/// WordPiece classes return them; the base class and RoBERTa-style classes do not). No
+/// `tokenizer_config.json`: types, as BERT's tokenizer gives.
+fn pair_types(dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join("tokenizer_config.json")) else { return true };
+    let Ok(cfg) = serde_json::from_str::<serde_json::Value>(&text) else { return true };
+    if let Some(names) = cfg.get("model_input_names").and_then(|n| n.as_array()) {
+        return names.iter().any(|n| n.as_str() == Some("token_type_ids"));
+    }
+    let class = cfg.get("tokenizer_class").and_then(|c| c.as_str()).unwrap_or("BertTokenizer");
+    ["Bert", "Electra", "MobileBert", "ConvBert", "SqueezeBert", "Funnel", "LayoutLM", "DPR", "Nomic"].iter().any(|p| class.starts_with(p))
 }
 
 /// sentence-transformers' `CrossEncoder` activation: `activation_fn` of
@@ -630,6 +667,37 @@ mod tests {
                 assert!(diff < 1e-6, "{window:?} {budget}: {diff}");
             }
         }
+    }
+
+    /// sentence-transformers' pooling in both of its config forms (`"pooling_mode": "cls"` since
+    /// version 5, a flag per mode before); modes it cannot compute are an error, not mean.
+    #[test]
+    fn pooling_config_reads_both_forms() {
+        let dir = std::env::temp_dir().join(format!("infer-pooling-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("1_Pooling")).unwrap();
+        let modules = r#"[{"type": "sentence_transformers.models.Transformer", "path": ""},
+            {"type": "sentence_transformers.models.Pooling", "path": "1_Pooling"}, {"type": "sentence_transformers.models.Normalize", "path": "2"}]"#;
+        std::fs::write(dir.join("modules.json"), modules).unwrap();
+        let cases: [(&str, Option<EncoderPooling>); 9] = [
+            (r#"{"pooling_mode": "cls"}"#, Some(EncoderPooling::Cls)),
+            (r#"{"pooling_mode": "mean"}"#, Some(EncoderPooling::Mean)),
+            (r#"{"pooling_mode": "max"}"#, Some(EncoderPooling::Max)),
+            (r#"{"pooling_mode": "lasttoken"}"#, Some(EncoderPooling::Last)),
+            (r#"{"pooling_mode": "weightedmean"}"#, None),
+            (r#"{"pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false}"#, Some(EncoderPooling::Cls)),
+            (r#"{"pooling_mode_mean_tokens": true}"#, Some(EncoderPooling::Mean)),
+            (r#"{"pooling_mode_lasttoken": true}"#, Some(EncoderPooling::Last)),
+            (r#"{"pooling_mode_cls_token": true, "pooling_mode_max_tokens": true}"#, None),
+        ];
+        for (cfg, want) in cases {
+            std::fs::write(dir.join("1_Pooling/config.json"), cfg).unwrap();
+            match (pooling_config(&dir), want) {
+                (Ok((got, normalize)), Some(want)) => assert_eq!((got, normalize), (want, true), "{cfg}"),
+                (Err(e), None) => assert!(e.to_string().contains("not supported"), "{cfg}: {e}"),
+                (got, want) => panic!("{cfg}: {:?} vs {want:?}", got.map(|g| g.0)),
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Batches of inputs sorted by length: at most 16 inputs and BATCH_TOKENS positions each, every

@@ -202,7 +202,7 @@ pub(super) unsafe fn quantize_block(chunk: &[f32]) -> BlockQ8 {
 /// Tokens of one register tile over the wide layout (at most).
 pub(super) const WIDE_TOKENS: usize = 4;
 
-/// One group of 16 rows of the wide layout (3- to 6-bit formats) × `r` (1..=4) tokens with AVX2:
+/// One group of 16 rows of the wide layout (all formats but Q2_K) × `r` (1..=4) tokens with AVX2:
 /// each half of a value line (8 rows × 4 values, 32 bytes) multiplies four activation bytes
 /// broadcast to every lane with `vpmaddubsw`; the 16-bit sums of a block add up without overflow
 /// (4-bit values: 8 lines × 2 × 15 × 127; 5-bit: two groups of 4 lines; 6-bit: pairs of lines), so
@@ -246,6 +246,12 @@ pub(super) unsafe fn wide_tile(
         (super::FIVE, D16) => by_tokens!(true, D16),
         (super::FIVE, DM16) => by_tokens!(true, DM16),
         (super::FIVE, KSM) => by_tokens!(true, KSM),
+        (super::BYTES, D16) => match r {
+            1 => wide_bytes::<1>(s, q, a, nb, out, ldo, nrows, moff),
+            2 => wide_bytes::<2>(s, q, a, nb, out, ldo, nrows, moff),
+            3 => wide_bytes::<3>(s, q, a, nb, out, ldo, nrows, moff),
+            _ => wide_bytes::<4>(s, q, a, nb, out, ldo, nrows, moff),
+        },
         (super::SIX, KHALF) => match r {
             1 => wide_half::<1, true>(s, q, a, nb, out, ldo, nrows, moff),
             2 => wide_half::<2, true>(s, q, a, nb, out, ldo, nrows, moff),
@@ -258,7 +264,7 @@ pub(super) unsafe fn wide_tile(
             3 => wide_half::<3, false>(s, q, a, nb, out, ldo, nrows, moff),
             _ => wide_half::<4, false>(s, q, a, nb, out, ldo, nrows, moff),
         },
-        _ => unreachable!("AVX2's wide layout holds 3- to 6-bit formats in compact form, not {form:?}"),
+        _ => unreachable!("AVX2's wide layout holds Q8_0 and 3- to 6-bit formats in compact form, not {form:?}"),
     }
 }
 
@@ -428,6 +434,67 @@ unsafe fn wide_half<const R: usize, const SIX_BIT: bool>(
                 *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_mul_ps(d1, da), *acc);
                 *acc = _mm256_fmadd_ps(m0, _mm256_set1_ps(ab.s0), *acc);
                 *acc = _mm256_fmadd_ps(m1, _mm256_set1_ps(ab.s - ab.s0), *acc);
+            }
+        }
+    }
+    for (h, acc) in accs.iter().enumerate().take(halves) {
+        let valid = (nrows - 8 * h).min(8);
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        for (t, acc) in acc.iter().enumerate() {
+            _mm256_maskstore_ps(out.add(t * ldo + 8 * h), mask, *acc);
+        }
+    }
+}
+
+/// [`wide`] for 8-bit values (Q8_0: unsigned bytes `q + 128`, minimum `moff · d`): a byte's products
+/// with `vpmaddubsw` could overflow its 16-bit sums, so each byte is taken as its two nibbles, whose
+/// sums over a block stay in 16 bits (8 lines × 2 × 15 × 128), and the high one counts 16 times.
+/// The lines of the block four ahead are prefetched (a 512-byte block is 8 lines; without it
+/// decoding read memory at a quarter of its bandwidth).
+#[inline(always)]
+#[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+unsafe fn wide_bytes<const R: usize>(
+    scales: *const u8,
+    qs: *const u8,
+    a: *const BlockQ8,
+    nb: usize,
+    out: *mut f32,
+    ldo: usize,
+    nrows: usize,
+    moff: f32,
+) {
+    let ones = _mm256_set1_epi16(1);
+    let low = _mm256_set1_epi8(0x0F);
+    let moff = _mm256_set1_ps(moff);
+    let halves = if nrows > 8 { 2 } else { 1 };
+    let mut accs = [[_mm256_setzero_ps(); R]; 2];
+    for b in 0..nb {
+        let q = qs.add(b * 512);
+        if b + 4 < nb {
+            for j in 0..8 {
+                _mm_prefetch::<_MM_HINT_T0>(q.add(2048 + 64 * j) as *const i8);
+            }
+        }
+        for (h, acc) in accs.iter_mut().enumerate().take(halves) {
+            let (d, m) = half_scales::<D16>(scales, b, h, moff);
+            // 16-bit sums of low and high nibbles' products, per token.
+            let mut lo = [_mm256_setzero_si256(); R];
+            let mut hi = [_mm256_setzero_si256(); R];
+            for j in 0..8 {
+                let p = _mm256_loadu_si256(q.add(64 * j + 32 * h) as *const __m256i);
+                let wl = _mm256_and_si256(p, low);
+                let wh = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
+                for t in 0..R {
+                    let x = _mm256_set1_epi32(((*a.add(t * nb + b)).qs.as_ptr() as *const i32).add(j).read());
+                    lo[t] = _mm256_add_epi16(lo[t], _mm256_maddubs_epi16(wl, x));
+                    hi[t] = _mm256_add_epi16(hi[t], _mm256_maddubs_epi16(wh, x));
+                }
+            }
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let ab = &*a.add(t * nb + b);
+                let isum = _mm256_add_epi32(_mm256_madd_epi16(lo[t], ones), _mm256_slli_epi32(_mm256_madd_epi16(hi[t], ones), 4));
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, _mm256_set1_ps(ab.d)), *acc);
+                *acc = _mm256_fmadd_ps(m, _mm256_set1_ps(ab.s), *acc);
             }
         }
     }

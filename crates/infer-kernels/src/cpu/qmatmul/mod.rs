@@ -6,13 +6,13 @@
 //! bytes); each output is a sum over blocks of integer dot products scaled in f32. Row groups are
 //! split across the kernels' thread pool.
 //!
-//! - Wide layout (AMX, AVX-512, and AVX2 for 3- to 6-bit formats): 16 rows per group with the
+//! - Wide layout (AMX, AVX-512, and AVX2 for all but Q2_K): 16 rows per group with the
 //!   values as unsigned bytes in AMX's B-tile order, four values of each row side by side, so one
 //!   register holds four values of 16 (AVX2: 8) rows and one byte dot product against four
 //!   broadcast activation bytes advances 16 rows' sums at once (no horizontal sums; one scale step
 //!   per block for all of them). With AMX, every 16 tokens go through tile products instead
 //!   (`amx.rs`), 4- and 5-bit values spread to bytes once per call.
-//! - Narrow layout (scalar, the AVX2 kernels for Q8_0 and Q2_K, `Isa::Avx2Vnni`, and NEON on
+//! - Narrow layout (scalar, the AVX2 kernels for Q2_K, `Isa::Avx2Vnni`, and NEON on
 //!   aarch64, with `sdot` where the CPU has it): 4 rows per group, a register tile of four rows ×
 //!   two or three tokens.
 
@@ -129,13 +129,13 @@ impl QType {
 
 impl Isa {
     /// The layout this instruction set multiplies `qt` weights in: wide for AVX-512 and AMX, and
-    /// for AVX2 with 3- to 6-bit values (8-bit values overflow AVX2's 16-bit byte products; Q2_K's
-    /// minimum per 16 values has no AVX2 wide kernel).
+    /// for AVX2 except Q2_K (its minimum per 16 values has no AVX2 wide kernel; Q8_0's bytes go
+    /// through AVX2's 16-bit byte products as two nibbles).
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     pub fn qlayout(self, qt: QType) -> Layout {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 if !matches!(qt, QType::Q8_0 | QType::Q2K) => Layout::Wide,
+            Isa::Avx2 if qt != QType::Q2K => Layout::Wide,
             _ => self.layout(),
         }
     }

@@ -228,42 +228,28 @@ pub(super) unsafe fn wide_tile(
     debug_assert!((1..=WIDE_TOKENS).contains(&r) && a.len() >= r * nb && nrows <= NW);
     debug_assert!(scales.len() * 4 == form.scale_bytes(nb) && qs.len() == nb * form.value_bytes());
     let (s, q, a, moff) = (scales.as_ptr() as *const u8, qs.as_ptr(), a.as_ptr(), form.moff);
+    // `kernel::<R, extra const args>` for the call's number of tokens.
     macro_rules! by_tokens {
-        ($five:expr, $s:expr) => {
+        ($f:ident $(, $c:expr)*) => {
             match r {
-                1 => wide::<1, { $five }, { $s }>(s, q, a, nb, out, ldo, nrows, moff),
-                2 => wide::<2, { $five }, { $s }>(s, q, a, nb, out, ldo, nrows, moff),
-                3 => wide::<3, { $five }, { $s }>(s, q, a, nb, out, ldo, nrows, moff),
-                _ => wide::<4, { $five }, { $s }>(s, q, a, nb, out, ldo, nrows, moff),
+                1 => $f::<1 $(, { $c })*>(s, q, a, nb, out, ldo, nrows, moff),
+                2 => $f::<2 $(, { $c })*>(s, q, a, nb, out, ldo, nrows, moff),
+                3 => $f::<3 $(, { $c })*>(s, q, a, nb, out, ldo, nrows, moff),
+                _ => $f::<4 $(, { $c })*>(s, q, a, nb, out, ldo, nrows, moff),
             }
         };
     }
     // (The wide forms' value constants; this file's own name the narrow layout's.)
     match (form.values, form.scales) {
-        (super::NIBBLES, D16) => by_tokens!(false, D16),
-        (super::NIBBLES, DM16) => by_tokens!(false, DM16),
-        (super::NIBBLES, KSM) => by_tokens!(false, KSM),
-        (super::FIVE, D16) => by_tokens!(true, D16),
-        (super::FIVE, DM16) => by_tokens!(true, DM16),
-        (super::FIVE, KSM) => by_tokens!(true, KSM),
-        (super::BYTES, D16) => match r {
-            1 => wide_bytes::<1>(s, q, a, nb, out, ldo, nrows, moff),
-            2 => wide_bytes::<2>(s, q, a, nb, out, ldo, nrows, moff),
-            3 => wide_bytes::<3>(s, q, a, nb, out, ldo, nrows, moff),
-            _ => wide_bytes::<4>(s, q, a, nb, out, ldo, nrows, moff),
-        },
-        (super::SIX, KHALF) => match r {
-            1 => wide_half::<1, true>(s, q, a, nb, out, ldo, nrows, moff),
-            2 => wide_half::<2, true>(s, q, a, nb, out, ldo, nrows, moff),
-            3 => wide_half::<3, true>(s, q, a, nb, out, ldo, nrows, moff),
-            _ => wide_half::<4, true>(s, q, a, nb, out, ldo, nrows, moff),
-        },
-        (super::NIBBLES, KHALF) => match r {
-            1 => wide_half::<1, false>(s, q, a, nb, out, ldo, nrows, moff),
-            2 => wide_half::<2, false>(s, q, a, nb, out, ldo, nrows, moff),
-            3 => wide_half::<3, false>(s, q, a, nb, out, ldo, nrows, moff),
-            _ => wide_half::<4, false>(s, q, a, nb, out, ldo, nrows, moff),
-        },
+        (super::NIBBLES, D16) => by_tokens!(wide, false, D16),
+        (super::NIBBLES, DM16) => by_tokens!(wide, false, DM16),
+        (super::NIBBLES, KSM) => by_tokens!(wide, false, KSM),
+        (super::FIVE, D16) => by_tokens!(wide, true, D16),
+        (super::FIVE, DM16) => by_tokens!(wide, true, DM16),
+        (super::FIVE, KSM) => by_tokens!(wide, true, KSM),
+        (super::BYTES, D16) => by_tokens!(wide_bytes),
+        (super::SIX, KHALF) => by_tokens!(wide_half, true),
+        (super::NIBBLES, KHALF) => by_tokens!(wide_half, false),
         _ => unreachable!("AVX2's wide layout holds Q8_0 and 3- to 6-bit formats in compact form, not {form:?}"),
     }
 }
@@ -272,6 +258,42 @@ pub(super) unsafe fn wide_tile(
 #[inline(always)]
 unsafe fn f16x8(p: *const u8) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+}
+
+/// The 8 value lines of half `h` (rows 8h..8h + 8) of a wide block's nibbles at `q`: line j holds
+/// values 4j..4j + 4 of each row (low nibbles for j < 4, high nibbles above).
+#[inline(always)]
+unsafe fn nibble_lines(q: *const u8, h: usize) -> [__m256i; 8] {
+    let low = _mm256_set1_epi8(0x0F);
+    let mut w = [_mm256_setzero_si256(); 8];
+    for j in 0..4 {
+        let p = _mm256_loadu_si256(q.add(64 * j + 32 * h) as *const __m256i);
+        w[j] = _mm256_and_si256(p, low);
+        w[j + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
+    }
+    w
+}
+
+/// Bit j of the 32-bit bit-plane word at `p`, spread to byte j of a line, as `add` where set.
+#[inline(always)]
+unsafe fn plane_bits(p: *const u8, add: __m256i) -> __m256i {
+    let spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let bits = _mm256_set1_epi32((p as *const i32).read_unaligned());
+    _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(bits, spread), bit), bit), add)
+}
+
+/// Writes the sums of both halves (rows 8h..8h + 8, at most `nrows`) for each token t at
+/// `out[t·ldo + row]`.
+#[inline(always)]
+unsafe fn store_halves<const R: usize>(accs: &[[__m256; R]; 2], out: *mut f32, ldo: usize, nrows: usize) {
+    for (h, acc) in accs.iter().enumerate().take(nrows.div_ceil(8)) {
+        let valid = (nrows - 8 * h).min(8);
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        for (t, acc) in acc.iter().enumerate() {
+            _mm256_maskstore_ps(out.add(t * ldo + 8 * h), mask, *acc);
+        }
+    }
 }
 
 /// 8 signed bytes at `p` as f32.
@@ -316,9 +338,6 @@ unsafe fn wide<const R: usize, const FIVE_BIT: bool, const S: u8>(
 ) {
     let qb = if FIVE_BIT { 320 } else { 256 };
     let ones = _mm256_set1_epi16(1);
-    let low = _mm256_set1_epi8(0x0F);
-    let spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
     let sixteen = _mm256_set1_epi8(16);
     let moff = _mm256_set1_ps(moff);
     // Rows 0..8 and 8..16 (the halves of each 64-byte line) of one block after the other, so the
@@ -329,17 +348,10 @@ unsafe fn wide<const R: usize, const FIVE_BIT: bool, const S: u8>(
         for (h, acc) in accs.iter_mut().enumerate().take(halves) {
             let q = qs.add(b * qb);
             let (d, m) = half_scales::<S>(scales, b, h, moff);
-            let mut w = [_mm256_setzero_si256(); 8];
-            for j in 0..4 {
-                let p = _mm256_loadu_si256(q.add(64 * j + 32 * h) as *const __m256i);
-                w[j] = _mm256_and_si256(p, low);
-                w[j + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
-            }
+            let mut w = nibble_lines(q, h);
             if FIVE_BIT {
                 for (j, v) in w.iter_mut().enumerate() {
-                    let bits = _mm256_set1_epi32((q.add(256 + 8 * j + 4 * h) as *const i32).read_unaligned());
-                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(bits, spread), bit), bit);
-                    *v = _mm256_or_si256(*v, _mm256_and_si256(set, sixteen));
+                    *v = _mm256_or_si256(*v, plane_bits(q.add(256 + 8 * j + 4 * h), sixteen));
                 }
             }
             for (t, acc) in acc.iter_mut().enumerate() {
@@ -360,13 +372,7 @@ unsafe fn wide<const R: usize, const FIVE_BIT: bool, const S: u8>(
             }
         }
     }
-    for (h, acc) in accs.iter().enumerate().take(halves) {
-        let valid = (nrows - 8 * h).min(8);
-        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        for (t, acc) in acc.iter().enumerate() {
-            _mm256_maskstore_ps(out.add(t * ldo + 8 * h), mask, *acc);
-        }
-    }
+    store_halves(&accs, out, ldo, nrows);
 }
 
 /// [`wide`] for the forms with a scale per 16 values ([`KHALF`]: Q6_K's 6-bit values as nibbles plus
@@ -387,16 +393,8 @@ unsafe fn wide_half<const R: usize, const SIX_BIT: bool>(
 ) {
     let qb = if SIX_BIT { 384 } else { 256 };
     let ones = _mm256_set1_epi16(1);
-    let low = _mm256_set1_epi8(0x0F);
-    let spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
     let (sixteen, thirty_two) = (_mm256_set1_epi8(16), _mm256_set1_epi8(32));
     let moff = _mm256_set1_ps(moff);
-    // Bit `j` of the 32-bit plane word at `p`, spread to byte j, as `add` where set.
-    let plane = |p: *const u8, add: __m256i| -> __m256i {
-        let bits = _mm256_set1_epi32((p as *const i32).read_unaligned());
-        _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(bits, spread), bit), bit), add)
-    };
     // Both halves of each block in turn, as in `wide`.
     let halves = if nrows > 8 { 2 } else { 1 };
     let mut accs = [[_mm256_setzero_ps(); R]; 2];
@@ -409,16 +407,11 @@ unsafe fn wide_half<const R: usize, const SIX_BIT: bool>(
             let d0 = _mm256_mul_ps(big, ibytes8(scales.add(rec + 8 * h)));
             let d1 = _mm256_mul_ps(big, ibytes8(scales.add(rec + 16 + 8 * h)));
             let (m0, m1) = (_mm256_mul_ps(d0, moff), _mm256_mul_ps(d1, moff));
-            let mut w = [_mm256_setzero_si256(); 8];
-            for j in 0..4 {
-                let p = _mm256_loadu_si256(q.add(64 * j + 32 * h) as *const __m256i);
-                w[j] = _mm256_and_si256(p, low);
-                w[j + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
-            }
+            let mut w = nibble_lines(q, h);
             if SIX_BIT {
                 for (j, v) in w.iter_mut().enumerate() {
-                    let fifth = plane(q.add(256 + 8 * j + 4 * h), sixteen);
-                    let sixth = plane(q.add(320 + 8 * j + 4 * h), thirty_two);
+                    let fifth = plane_bits(q.add(256 + 8 * j + 4 * h), sixteen);
+                    let sixth = plane_bits(q.add(320 + 8 * j + 4 * h), thirty_two);
                     *v = _mm256_or_si256(*v, _mm256_or_si256(fifth, sixth));
                 }
             }
@@ -437,13 +430,7 @@ unsafe fn wide_half<const R: usize, const SIX_BIT: bool>(
             }
         }
     }
-    for (h, acc) in accs.iter().enumerate().take(halves) {
-        let valid = (nrows - 8 * h).min(8);
-        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        for (t, acc) in acc.iter().enumerate() {
-            _mm256_maskstore_ps(out.add(t * ldo + 8 * h), mask, *acc);
-        }
-    }
+    store_halves(&accs, out, ldo, nrows);
 }
 
 /// [`wide`] for 8-bit values (Q8_0: unsigned bytes `q + 128`, minimum `moff · d`): a byte's products
@@ -498,11 +485,5 @@ unsafe fn wide_bytes<const R: usize>(
             }
         }
     }
-    for (h, acc) in accs.iter().enumerate().take(halves) {
-        let valid = (nrows - 8 * h).min(8);
-        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        for (t, acc) in acc.iter().enumerate() {
-            _mm256_maskstore_ps(out.add(t * ldo + 8 * h), mask, *acc);
-        }
-    }
+    store_halves(&accs, out, ldo, nrows);
 }

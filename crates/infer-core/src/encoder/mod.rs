@@ -155,6 +155,33 @@ fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Result<Te
     Ok(candle_nn::ops::layer_norm(&x.contiguous()?, w, b, eps as f32)?)
 }
 
+/// Plain RoPE (rotate-half form, no scaling) of an encoder: the inverse frequencies of a head size
+/// and base, and the cos/sin tables of positions 0..len for `candle_nn::rotary_emb::rope`. (The
+/// decoders' [`crate::models`] RoPE carries their scaling variants and caches; encoders need none.)
+struct Rope {
+    inv_freq: Vec<f32>, // [hd / 2]
+}
+
+impl Rope {
+    fn new(theta: f64, head_dim: usize) -> Self {
+        Self { inv_freq: (0..head_dim / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32).collect() }
+    }
+
+    /// cos and sin [len, hd / 2].
+    fn tables(&self, len: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let (mut cos, mut sin) = (Vec::with_capacity(len * half), Vec::with_capacity(len * half));
+        for p in 0..len {
+            for &f in &self.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok((Tensor::from_vec(cos, (len, half), dev)?, Tensor::from_vec(sin, (len, half), dev)?))
+    }
+}
+
 /// Scores of this many f32 values at most are held at once (64 MiB): attention runs in query chunks.
 const SCORE_BUDGET: usize = 16 << 20;
 

@@ -15,7 +15,7 @@
 use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
-use super::{attention, layer_norm, linear, Act, Batch, Dims, Net, Weights};
+use super::{attention, layer_norm, linear, Act, Batch, Dims, Net, Rope, Weights};
 use crate::error::Result;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -104,9 +104,9 @@ pub(super) struct ModernBert {
     emb_norm: (Tensor, Option<Tensor>),
     layers: Vec<Layer>,
     final_norm: (Tensor, Option<Tensor>),
-    /// RoPE inverse frequencies [hd / 2] of global and local layers.
-    inv_freq_global: Vec<f32>,
-    inv_freq_local: Vec<f32>,
+    /// RoPE of global and local layers.
+    rope_global: Rope,
+    rope_local: Rope,
     head: Option<Head>,
 }
 
@@ -160,7 +160,6 @@ impl ModernBert {
             return Err(w.bad("a RoPE theta is out of range"));
         }
         let hd = h / heads;
-        let inv = |theta: f64| -> Vec<f32> { (0..hd / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / hd as f64)) as f32).collect() };
         let norm = |p: &str| -> Result<(Tensor, Option<Tensor>)> { w.maybe_bias(p, h, None, cfg.norm_bias) };
         let mut layers = Vec::with_capacity(n);
         for (i, &global) in kinds.iter().enumerate() {
@@ -211,25 +210,10 @@ impl ModernBert {
             emb_norm: norm("embeddings.norm")?,
             layers,
             final_norm: norm("final_norm")?,
-            inv_freq_global: inv(theta_g),
-            inv_freq_local: inv(theta_l),
+            rope_global: Rope::new(theta_g, hd),
+            rope_local: Rope::new(theta_l, hd),
             head,
         })
-    }
-
-    /// cos and sin [len, hd / 2] of positions 0..len.
-    fn rope(&self, inv_freq: &[f32], len: usize, dev: &candle_core::Device) -> Result<(Tensor, Tensor)> {
-        let half = inv_freq.len();
-        let mut cos = Vec::with_capacity(len * half);
-        let mut sin = Vec::with_capacity(len * half);
-        for p in 0..len {
-            for &f in inv_freq {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
-        Ok((Tensor::from_vec(cos, (len, half), dev)?, Tensor::from_vec(sin, (len, half), dev)?))
     }
 }
 
@@ -256,8 +240,8 @@ impl Net for ModernBert {
         let dev = batch.ids.device();
         let x = self.tok.embedding(&batch.ids.flatten_all()?)?.reshape((b, len, h))?; // [b, len, h]
         let mut x = norm(&x, &self.emb_norm, self.eps)?;
-        let global = self.rope(&self.inv_freq_global, len, dev)?; // [len, hd / 2] each
-        let local = self.rope(&self.inv_freq_local, len, dev)?;
+        let global = self.rope_global.tables(len, dev)?; // [len, hd / 2] each
+        let local = self.rope_local.tables(len, dev)?;
         let scale = 1.0 / (hd as f64).sqrt();
         for l in &self.layers {
             let a = match &l.attn_norm {

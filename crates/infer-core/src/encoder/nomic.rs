@@ -13,7 +13,7 @@ use std::collections::HashMap;
 
 use candle_core::Tensor;
 
-use super::{attention, layer_norm, linear, Batch, Dims, Net, Weights};
+use super::{attention, layer_norm, linear, Batch, Dims, Net, Rope, Weights};
 use crate::error::Result;
 
 /// The sizes and options of a NomicBERT, whichever form they were read from.
@@ -144,8 +144,7 @@ pub(super) struct Nomic {
     types: Tensor, // [type_vocab, h]
     ln: (Tensor, Tensor),
     layers: Vec<Layer>,
-    /// RoPE inverse frequencies [hd / 2].
-    inv_freq: Vec<f32>,
+    rope: Rope,
 }
 
 impl Nomic {
@@ -190,7 +189,7 @@ impl Nomic {
             types: w.get("types.weight", &[cfg.type_vocab, h])?,
             ln: pair("ln")?,
             layers,
-            inv_freq: (0..hd / 2).map(|i| (1.0 / cfg.theta.powf(2.0 * i as f64 / hd as f64)) as f32).collect(),
+            rope: Rope::new(cfg.theta, hd),
         })
     }
 }
@@ -214,17 +213,7 @@ impl Net for Nomic {
             Some(t) => (x + self.types.embedding(&t.flatten_all()?)?.reshape((b, len, h))?)?,
         };
         let mut x = layer_norm(&x, &self.ln.0, Some(&self.ln.1), self.eps)?;
-        let half = self.inv_freq.len();
-        let (mut cos, mut sin) = (Vec::with_capacity(len * half), Vec::with_capacity(len * half));
-        for p in 0..len {
-            for &f in &self.inv_freq {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
-        let cos = Tensor::from_vec(cos, (len, half), dev)?; // [len, hd / 2]
-        let sin = Tensor::from_vec(sin, (len, half), dev)?;
+        let (cos, sin) = self.rope.tables(len, dev)?; // [len, hd / 2] each
         let scale = 1.0 / (hd as f64).sqrt();
         for l in &self.layers {
             let qkv = linear(&x, &l.qkv, None)?.reshape((b, len, 3, heads, hd))?; // [b, len, 3, heads, hd]

@@ -268,3 +268,23 @@ fn encoder_folders_out_of_range() {
     assert!(enc.embed_ids(&[vec![]]).is_err());
     assert!(enc.embed_ids(&[vec![1_000_000]]).is_err());
 }
+
+/// A NomicBERT config claiming a billion layers is refused at once (the loader walks the layers to
+/// fuse transformers' q/k/v before building them).
+#[test]
+fn nomic_config_with_huge_layer_count_is_refused() {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-nomic-bert");
+    let dir = std::env::temp_dir().join(format!("infer-hostile-{}-nomic", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(&src).unwrap().flatten().filter(|e| e.path().is_file()) {
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    let cfg = std::fs::read_to_string(src.join("config.json")).unwrap();
+    assert!(cfg.contains("\"n_layer\": 2"));
+    std::fs::write(dir.join("config.json"), cfg.replacen("\"n_layer\": 2", "\"n_layer\": 1000000000", 1)).unwrap();
+    let t = std::time::Instant::now();
+    let err = infer_core::encoder::Encoder::load(&dir, &infer_core::Device::Cpu).err().expect("refused").to_string();
+    assert!(err.contains("out of range"), "{err}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    let _ = std::fs::remove_dir_all(&dir);
+}

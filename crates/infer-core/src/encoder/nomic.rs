@@ -65,11 +65,16 @@ impl NomicConfig {
             return Err(w.bad(format!("head_dim {hd} × {heads} heads is not the hidden size {hidden}")));
         }
         let rope = v.get("rope_parameters").and_then(|p| p.get("rope_theta")).and_then(|t| t.as_f64());
+        let layers = need(&["n_layer", "num_hidden_layers"])?;
+        // Checked here too: the loader walks the layers (fusing q/k/v) before `Nomic::load` does.
+        if layers > 256 {
+            return Err(w.bad("the config's sizes are out of range"));
+        }
         Ok(Self {
             vocab: need(&["vocab_size"])?,
             hidden,
             heads,
-            layers: need(&["n_layer", "num_hidden_layers"])?,
+            layers,
             inner: num(&["n_inner", "intermediate_size"]).unwrap_or(4 * hidden),
             max_positions: need(&["n_positions", "max_position_embeddings"])?,
             type_vocab: num(&["type_vocab_size"]).unwrap_or(2),

@@ -194,7 +194,7 @@ pub(super) unsafe fn quantize_block(chunk: &[f32]) -> BlockQ8 {
     let w23 = _mm256_packs_epi32(q[2], q[3]);
     let b = _mm256_packs_epi16(w01, w23);
     let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    let mut out = BlockQ8 { qs: [0; QK], d, s: d * (half + rest) as f32, s0: d * half as f32 };
+    let mut out = BlockQ8 { qs: [0; QK], d, s: d * (half + rest) as f32, s0: d * half as f32, neg_sums: [-half, -rest] };
     _mm256_store_si256(out.qs.as_mut_ptr() as *mut __m256i, b);
     out
 }

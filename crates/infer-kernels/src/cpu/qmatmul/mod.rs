@@ -150,6 +150,9 @@ pub struct BlockQ8 {
     pub s: f32,
     /// `d · Σ qs[0..16]` (for formats with a minimum per 16 values).
     pub s0: f32,
+    /// `−Σ qs[0..16]` and `−Σ qs[16..32]`: the AVX-512 kernels start their integer sums at these
+    /// times 2^k where a format's values are unsigned with offset −2^k (in the block's padding).
+    pub neg_sums: [i32; 2],
 }
 
 /// Quantizes `x` (length a multiple of 32) to 8-bit blocks, appending to `out`.
@@ -190,7 +193,7 @@ pub(crate) fn quantize_block_scalar(chunk: &[f32]) -> BlockQ8 {
     }
     let half: i32 = qs[..16].iter().map(|&q| q as i32).sum();
     let isum: i32 = half + qs[16..].iter().map(|&q| q as i32).sum::<i32>();
-    BlockQ8 { qs, d, s: d * isum as f32, s0: d * half as f32 }
+    BlockQ8 { qs, d, s: d * isum as f32, s0: d * half as f32, neg_sums: [-half, half - isum] }
 }
 
 /// A weight matrix `[rows, cols]` from GGUF blocks, repacked once at load for the kernels of one
@@ -556,7 +559,7 @@ impl QWeight {
 /// kernels' pool.
 fn quantize_parallel(x: &[f32], out: &mut Vec<BlockQ8>) {
     let n = x.len() / QK;
-    out.resize(n, BlockQ8 { qs: [0; QK], d: 0.0, s: 0.0, s0: 0.0 });
+    out.resize(n, BlockQ8 { qs: [0; QK], d: 0.0, s: 0.0, s0: 0.0, neg_sums: [0; 2] });
     let per = 64;
     let dst = BlockPtr(out.as_mut_ptr());
     crate::cpu::pool::Pool::global().run(n.div_ceil(per), &|c| {

@@ -218,7 +218,8 @@ fn simd_activation_quantization_equals_the_scalar_one() {
             _ => vec![0.0; QK],
         };
         let (want, got) = (quantize_block_scalar(&x), quantize_block(&x));
-        assert_eq!((want.qs, want.d, want.s, want.s0), (got.qs, got.d, got.s, got.s0), "row {k}");
+        assert_eq!((want.qs, want.d, want.s, want.s0, want.neg_sums), (got.qs, got.d, got.s, got.s0, got.neg_sums), "row {k}");
+        assert_eq!(want.neg_sums.iter().sum::<i32>(), -want.qs.iter().map(|&q| q as i32).sum::<i32>(), "row {k}");
     }
 }
 

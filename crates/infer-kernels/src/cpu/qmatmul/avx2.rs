@@ -296,6 +296,26 @@ unsafe fn store_halves<const R: usize>(accs: &[[__m256; R]; 2], out: *mut f32, l
     }
 }
 
+/// Prefetches the `qb`-byte block `ahead` blocks past block `b` of a group's values at `qs` (past
+/// the group's end: the next group's, which this thread usually takes next).
+#[inline(always)]
+unsafe fn prefetch_ahead(qs: *const u8, b: usize, qb: usize, ahead: usize) {
+    let p = qs.wrapping_add((b + ahead) * qb);
+    for l in 0..qb / 64 {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * l) as *const i8);
+    }
+}
+
+/// Blocks [`prefetch_ahead`] for a tile of `r` tokens: about the same time ahead whatever the
+/// tokens (a block takes longer the more tokens it serves).
+const fn blocks_ahead(r: usize) -> usize {
+    if r == 1 {
+        16
+    } else {
+        8
+    }
+}
+
 /// 8 signed bytes at `p` as f32.
 #[inline(always)]
 unsafe fn ibytes8(p: *const u8) -> __m256 {
@@ -345,6 +365,7 @@ unsafe fn wide<const R: usize, const FIVE_BIT: bool, const S: u8>(
     let halves = if nrows > 8 { 2 } else { 1 };
     let mut accs = [[_mm256_setzero_ps(); R]; 2];
     for b in 0..nb {
+        prefetch_ahead(qs, b, qb, blocks_ahead(R));
         for (h, acc) in accs.iter_mut().enumerate().take(halves) {
             let q = qs.add(b * qb);
             let (d, m) = half_scales::<S>(scales, b, h, moff);
@@ -399,6 +420,7 @@ unsafe fn wide_half<const R: usize, const SIX_BIT: bool>(
     let halves = if nrows > 8 { 2 } else { 1 };
     let mut accs = [[_mm256_setzero_ps(); R]; 2];
     for b in 0..nb {
+        prefetch_ahead(qs, b, qb, blocks_ahead(R));
         for (h, acc) in accs.iter_mut().enumerate().take(halves) {
             let q = qs.add(b * qb);
             let (sup, rec) = scale_offsets(KHALF, b);

@@ -31,18 +31,30 @@ pub const WIDE_TOKENS: usize = 6;
 pub unsafe fn wide_tile(kind: HalfKind, w: &[u16], xs: &[f32], n: usize, cols: usize, out: *mut f32, ldo: usize, nrows: usize) {
     debug_assert!(w.len() == cols * NW && xs.len() >= n * cols && (1..=WIDE_TOKENS).contains(&n));
     let (wp, xp) = (w.as_ptr(), xs.as_ptr());
-    match n {
-        1 => wide::<1>(kind, wp, xp, cols, out, ldo, nrows),
-        2 => wide::<2>(kind, wp, xp, cols, out, ldo, nrows),
-        3 => wide::<3>(kind, wp, xp, cols, out, ldo, nrows),
-        4 => wide::<4>(kind, wp, xp, cols, out, ldo, nrows),
-        5 => wide::<5>(kind, wp, xp, cols, out, ldo, nrows),
-        _ => wide::<6>(kind, wp, xp, cols, out, ldo, nrows),
+    // The format is a constant of each kernel, so its inner loop has no branch on it.
+    macro_rules! by_tokens {
+        ($bf16:expr) => {
+            match n {
+                1 => wide::<1, { $bf16 }>(wp, xp, cols, out, ldo, nrows),
+                2 => wide::<2, { $bf16 }>(wp, xp, cols, out, ldo, nrows),
+                3 => wide::<3, { $bf16 }>(wp, xp, cols, out, ldo, nrows),
+                4 => wide::<4, { $bf16 }>(wp, xp, cols, out, ldo, nrows),
+                5 => wide::<5, { $bf16 }>(wp, xp, cols, out, ldo, nrows),
+                _ => wide::<6, { $bf16 }>(wp, xp, cols, out, ldo, nrows),
+            }
+        };
+    }
+    match kind {
+        HalfKind::F16 => by_tokens!(false),
+        HalfKind::Bf16 => by_tokens!(true),
     }
 }
 
 #[inline(always)]
-unsafe fn wide<const R: usize>(kind: HalfKind, w: *const u16, x: *const f32, cols: usize, out: *mut f32, ldo: usize, nrows: usize) {
+unsafe fn wide<const R: usize, const BF16: bool>(w: *const u16, x: *const f32, cols: usize, out: *mut f32, ldo: usize, nrows: usize) {
+    let kind = if BF16 { HalfKind::Bf16 } else { HalfKind::F16 };
+    // Each token's activations from its own pointer (no address arithmetic per token and column).
+    let xs: [*const f32; R] = std::array::from_fn(|t| x.add(t * cols));
     // One token: two sets of accumulators over alternating columns hide the FMA latency.
     let sets = if R == 1 { 2 } else { 1 };
     let mut lo = [[_mm256_setzero_ps(); R]; 2];
@@ -52,7 +64,7 @@ unsafe fn wide<const R: usize>(kind: HalfKind, w: *const u16, x: *const f32, col
         for s in 0..sets {
             let (wl, wh) = (load8(kind, w.add((k + s) * NW)), load8(kind, w.add((k + s) * NW + 8)));
             for t in 0..R {
-                let xv = _mm256_set1_ps(*x.add(t * cols + k + s));
+                let xv = _mm256_set1_ps(*xs[t].add(k + s));
                 lo[s][t] = _mm256_fmadd_ps(wl, xv, lo[s][t]);
                 hi[s][t] = _mm256_fmadd_ps(wh, xv, hi[s][t]);
             }
@@ -62,7 +74,7 @@ unsafe fn wide<const R: usize>(kind: HalfKind, w: *const u16, x: *const f32, col
     if k < cols {
         let (wl, wh) = (load8(kind, w.add(k * NW)), load8(kind, w.add(k * NW + 8)));
         for t in 0..R {
-            let xv = _mm256_set1_ps(*x.add(t * cols + k));
+            let xv = _mm256_set1_ps(*xs[t].add(k));
             lo[0][t] = _mm256_fmadd_ps(wl, xv, lo[0][t]);
             hi[0][t] = _mm256_fmadd_ps(wh, xv, hi[0][t]);
         }

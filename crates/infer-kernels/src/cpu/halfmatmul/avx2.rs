@@ -60,7 +60,14 @@ unsafe fn wide<const R: usize, const BF16: bool>(w: *const u16, x: *const f32, c
     let mut lo = [[_mm256_setzero_ps(); R]; 2];
     let mut hi = [[_mm256_setzero_ps(); R]; 2];
     let mut k = 0;
+    // The weights' line (two columns) `ahead` columns on is prefetched: the hardware prefetcher
+    // alone left the first tile over a group stalling on its loads (a 2048 × 8192 F16 matrix at 16
+    // tokens: 136-142 → 181-199 GFLOPS on 2 Zen 4 cores; at 64 tokens 134-173 → 186-203).
+    let ahead = if R == 1 { 128 } else { 64 };
     while k + sets <= cols {
+        if k % 2 == 0 {
+            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((k + ahead) * NW) as *const i8);
+        }
         for s in 0..sets {
             let (wl, wh) = (load8(kind, w.add((k + s) * NW)), load8(kind, w.add((k + s) * NW + 8)));
             for t in 0..R {

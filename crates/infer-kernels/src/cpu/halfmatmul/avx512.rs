@@ -45,6 +45,10 @@ unsafe fn column(kind: HalfKind, w: *const u16, k: usize) -> __m512 {
 unsafe fn kernel<const R: usize>(kind: HalfKind, w: *const u16, x: *const f32, cols: usize, out: *mut f32, ldo: usize, mask: __mmask16) {
     let mut acc = [_mm512_setzero_ps(); R];
     for k in 0..cols {
+        // The weights' line (two columns) 64 columns on, as in the AVX2 kernel.
+        if k % 2 == 0 {
+            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((k + 64) * NW) as *const i8);
+        }
         let wk = column(kind, w, k);
         for (t, acc) in acc.iter_mut().enumerate() {
             *acc = _mm512_fmadd_ps(wk, _mm512_set1_ps(*x.add(t * cols + k)), *acc);
@@ -61,6 +65,9 @@ unsafe fn single(kind: HalfKind, w: *const u16, x: *const f32, cols: usize, out:
     let mut acc = [_mm512_setzero_ps(); 4];
     let mut k = 0;
     while k + 4 <= cols {
+        for l in [128, 130] {
+            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((k + l) * NW) as *const i8);
+        }
         for (j, acc) in acc.iter_mut().enumerate() {
             *acc = _mm512_fmadd_ps(column(kind, w, k + j), _mm512_set1_ps(*x.add(k + j)), *acc);
         }

@@ -296,26 +296,6 @@ unsafe fn store_halves<const R: usize>(accs: &[[__m256; R]; 2], out: *mut f32, l
     }
 }
 
-/// Prefetches the `qb`-byte block `ahead` blocks past block `b` of a group's values at `qs` (past
-/// the group's end: the next group's, which this thread usually takes next).
-#[inline(always)]
-unsafe fn prefetch_ahead(qs: *const u8, b: usize, qb: usize, ahead: usize) {
-    let p = qs.wrapping_add((b + ahead) * qb);
-    for l in 0..qb / 64 {
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * l) as *const i8);
-    }
-}
-
-/// Blocks [`prefetch_ahead`] for a tile of `r` tokens: about the same time ahead whatever the
-/// tokens (a block takes longer the more tokens it serves).
-const fn blocks_ahead(r: usize) -> usize {
-    if r == 1 {
-        16
-    } else {
-        8
-    }
-}
-
 /// 8 signed bytes at `p` as f32.
 #[inline(always)]
 unsafe fn ibytes8(p: *const u8) -> __m256 {
@@ -479,11 +459,7 @@ unsafe fn wide_bytes<const R: usize>(
     let mut accs = [[_mm256_setzero_ps(); R]; 2];
     for b in 0..nb {
         let q = qs.add(b * 512);
-        if b + 4 < nb {
-            for j in 0..8 {
-                _mm_prefetch::<_MM_HINT_T0>(q.add(2048 + 64 * j) as *const i8);
-            }
-        }
+        prefetch_ahead(qs, b, 512, 4);
         for (h, acc) in accs.iter_mut().enumerate().take(halves) {
             let (d, m) = half_scales::<D16>(scales, b, h, moff);
             // 16-bit sums of low and high nibbles' products, per token.

@@ -274,13 +274,38 @@ unsafe fn nibble_lines(q: *const u8, h: usize) -> [__m256i; 8] {
     w
 }
 
-/// Bit j of the 32-bit bit-plane word at `p`, spread to byte j of a line, as `add` where set.
+/// Half `h` of the high-bit lines at `q + 256` (see `pack::high_bits`: `LINES` of them, one per
+/// 8 / `LINES` registers) ORed into the 8 value lines `w` of that half: for line j, its bits
+/// (`LINES` wide) at bit `LINES · (j % (8 / LINES))` of each byte shifted to bit 4 and masked.
 #[inline(always)]
-unsafe fn plane_bits(p: *const u8, add: __m256i) -> __m256i {
-    let spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-    let bits = _mm256_set1_epi32((p as *const i32).read_unaligned());
-    _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(bits, spread), bit), bit), add)
+unsafe fn or_high_bits<const LINES: usize>(w: &mut [__m256i; 8], q: *const u8, h: usize) {
+    let mask = _mm256_set1_epi8(if LINES == 1 { 0x10 } else { 0x30 });
+    let mut lines = [_mm256_setzero_si256(); LINES];
+    for (l, line) in lines.iter_mut().enumerate() {
+        *line = _mm256_loadu_si256(q.add(256 + 64 * l + 32 * h) as *const __m256i);
+    }
+    let per = 8 / LINES;
+    for (j, v) in w.iter_mut().enumerate() {
+        let bits = move_bits(lines[j / per], (LINES * (j % per)) as i32, 4);
+        *v = _mm256_or_si256(*v, _mm256_and_si256(bits, mask));
+    }
+}
+
+/// `v` shifted so that bit `from` of each byte lands at bit `to` (|to − from| < 8; 16-bit lanes, so
+/// bits also cross into the neighbouring byte: the caller masks them off).
+#[inline(always)]
+unsafe fn move_bits(v: __m256i, from: i32, to: i32) -> __m256i {
+    match to - from {
+        0 => v,
+        1 => _mm256_slli_epi16::<1>(v),
+        2 => _mm256_slli_epi16::<2>(v),
+        3 => _mm256_slli_epi16::<3>(v),
+        4 => _mm256_slli_epi16::<4>(v),
+        -1 => _mm256_srli_epi16::<1>(v),
+        -2 => _mm256_srli_epi16::<2>(v),
+        -3 => _mm256_srli_epi16::<3>(v),
+        _ => unreachable!("bits move by at most 4 places"),
+    }
 }
 
 /// Writes the sums of both halves (rows 8h..8h + 8, at most `nrows`) for each token t at
@@ -338,7 +363,6 @@ unsafe fn wide<const R: usize, const FIVE_BIT: bool, const S: u8>(
 ) {
     let qb = if FIVE_BIT { 320 } else { 256 };
     let ones = _mm256_set1_epi16(1);
-    let sixteen = _mm256_set1_epi8(16);
     let moff = _mm256_set1_ps(moff);
     // Rows 0..8 and 8..16 (the halves of each 64-byte line) of one block after the other, so the
     // weights stream from memory once (a pass per half re-read them from cache while memory idled).
@@ -351,9 +375,7 @@ unsafe fn wide<const R: usize, const FIVE_BIT: bool, const S: u8>(
             let (d, m) = half_scales::<S>(scales, b, h, moff);
             let mut w = nibble_lines(q, h);
             if FIVE_BIT {
-                for (j, v) in w.iter_mut().enumerate() {
-                    *v = _mm256_or_si256(*v, plane_bits(q.add(256 + 8 * j + 4 * h), sixteen));
-                }
+                or_high_bits::<1>(&mut w, q, h);
             }
             for (t, acc) in acc.iter_mut().enumerate() {
                 let ab = &*a.add(t * nb + b);
@@ -394,7 +416,6 @@ unsafe fn wide_half<const R: usize, const SIX_BIT: bool>(
 ) {
     let qb = if SIX_BIT { 384 } else { 256 };
     let ones = _mm256_set1_epi16(1);
-    let (sixteen, thirty_two) = (_mm256_set1_epi8(16), _mm256_set1_epi8(32));
     let moff = _mm256_set1_ps(moff);
     // Both halves of each block in turn, as in `wide`.
     let halves = if nrows > 8 { 2 } else { 1 };
@@ -411,11 +432,7 @@ unsafe fn wide_half<const R: usize, const SIX_BIT: bool>(
             let (m0, m1) = (_mm256_mul_ps(d0, moff), _mm256_mul_ps(d1, moff));
             let mut w = nibble_lines(q, h);
             if SIX_BIT {
-                for (j, v) in w.iter_mut().enumerate() {
-                    let fifth = plane_bits(q.add(256 + 8 * j + 4 * h), sixteen);
-                    let sixth = plane_bits(q.add(320 + 8 * j + 4 * h), thirty_two);
-                    *v = _mm256_or_si256(*v, _mm256_or_si256(fifth, sixth));
-                }
+                or_high_bits::<2>(&mut w, q, h);
             }
             for (t, acc) in acc.iter_mut().enumerate() {
                 let ab = &*a.add(t * nb + b);

@@ -298,11 +298,11 @@ impl QType {
 /// Value forms of a wide block (16 rows × 32 values in [`wide_index`](pack::wide_index) order).
 /// Nibbles: byte i holds value i (low) and i + 256 (high).
 pub(super) const NIBBLES: u8 = 0;
-/// Nibbles, then a 512-bit plane of fifth bits (bit i: value i).
+/// Nibbles, then a 64-byte line of fifth bits (see [`high_bits`](pack::high_bits)).
 pub(super) const FIVE: u8 = 1;
 /// Unsigned bytes.
 pub(super) const BYTES: u8 = 2;
-/// Nibbles, then the planes of fifth and sixth bits.
+/// Nibbles, then two 64-byte lines of fifth and sixth bits (see [`high_bits`](pack::high_bits)).
 pub(super) const SIX: u8 = 3;
 
 /// Scale forms of a wide block (for each of the 16 rows; K-quant forms keep the f16 super-block

@@ -185,6 +185,30 @@ pub(super) fn unsigned_block(qtype: QType, data: &[u8], cols: usize, row: usize,
     (q, [v[0], v[0], v[1], v[1]])
 }
 
+/// Where the fifth and sixth bits of value `i` (0..512, [`wide_index`] order) of a wide block in
+/// form `values` are kept: (byte, bit) in the block, for [`FIVE`] the first and for [`SIX`] both
+/// (none for [`NIBBLES`] and [`BYTES`]). Value i's low bits are in the nibbles of register
+/// `j = i / 64` (64-byte line `j % 4`, high nibbles for j ≥ 4), byte `p = i % 64`; its high bits
+/// are byte p of a 64-byte line after the nibbles, at a bit that depends on j only, so one 16-bit
+/// shift and a mask move them to their place in all 64 bytes of register j at once:
+/// - [`FIVE`]: one line; bit j is the fifth bit of register j.
+/// - [`SIX`]: two lines, one for registers 0..4 and one for 4..8; bits 2·(j % 4) and 2·(j % 4) + 1
+///   are the fifth and sixth bits of register j.
+#[inline]
+pub(super) fn high_bits(values: u8, i: usize) -> impl Iterator<Item = (usize, u32)> {
+    let (j, p) = (i / 64, i % 64);
+    let (at, count) = match values {
+        FIVE => ([(256 + p, j as u32), (0, 0)], 1),
+        SIX => {
+            let line = 256 + 64 * (j / 4) + p;
+            let bit = 2 * (j % 4) as u32;
+            ([(line, bit), (line, bit + 1)], 2)
+        }
+        _ => ([(0, 0); 2], 0),
+    };
+    at.into_iter().take(count)
+}
+
 /// Position of value `k` (0..32) of row `n` (0..16) of a wide block: the VNNI order of AMX's B tiles
 /// (four consecutive values of a row side by side, the 16 rows across a 64-byte line).
 #[inline]
@@ -332,10 +356,8 @@ pub(super) fn pack_wide(qtype: QType, form: WideForm, rows: usize, cols: usize, 
                         continue;
                     }
                     dst[i % 256] |= (v & 0x0F) << (4 * (i / 256));
-                    for (plane, bit) in [(256, 0x10), (320, 0x20)] {
-                        if v & bit != 0 {
-                            dst[plane + i / 8] |= 1 << (i % 8);
-                        }
+                    for (h, (byte, bit)) in high_bits(form.values, i).enumerate() {
+                        dst[byte] |= ((v >> (4 + h)) & 1) << bit;
                     }
                 }
             }

@@ -280,13 +280,9 @@ fn compact_wide_form_holds_the_same_numbers() {
                         let got = if form.values == BYTES {
                             blk[i]
                         } else {
-                            let bit = |plane: usize| (blk[plane + i / 8] >> (i % 8)) & 1;
                             let mut u = (blk[i % 256] >> (4 * (i / 256))) & 0x0F;
-                            if form.values != NIBBLES {
-                                u |= bit(256) << 4;
-                            }
-                            if form.values == SIX {
-                                u |= bit(320) << 5;
+                            for (h, (byte, bit)) in high_bits(form.values, i).enumerate() {
+                                u |= ((blk[byte] >> bit) & 1) << (4 + h);
                             }
                             u
                         };

@@ -25,6 +25,7 @@ pub(super) unsafe fn tile(
     scales: &[f32],
     qs: &[u8],
     a: &[BlockQ8],
+    offsets: &[[i32; 2]],
     nb: usize,
     r: usize,
     out: *mut f32,
@@ -33,21 +34,24 @@ pub(super) unsafe fn tile(
 ) {
     debug_assert!((1..=TOKENS).contains(&r) && a.len() >= r * nb && nrows <= NW);
     debug_assert!(scales.len() * 4 == form.scale_bytes(nb) && qs.len() == nb * form.value_bytes());
+    // The kernel reads r·nb starting points unchecked: a short slice must never reach it.
+    assert!(offsets.len() >= r * nb || offset_shift(form.values, form.scales) == 0);
     let mask: __mmask16 = if nrows == NW { 0xFFFF } else { (1u16 << nrows) - 1 };
     let (s, q, a, moff) = (scales.as_ptr() as *const u8, qs.as_ptr(), a.as_ptr(), form.moff);
+    let o = offsets.as_ptr();
     macro_rules! by_tokens {
         ($l:expr, $s:expr) => {
             match r {
-                1 => kernel::<1, { $l }, { $s }>(s, q, a, nb, out, ldo, mask, moff),
-                2 => kernel::<2, { $l }, { $s }>(s, q, a, nb, out, ldo, mask, moff),
-                3 => kernel::<3, { $l }, { $s }>(s, q, a, nb, out, ldo, mask, moff),
-                4 => kernel::<4, { $l }, { $s }>(s, q, a, nb, out, ldo, mask, moff),
-                5 => kernel::<5, { $l }, { $s }>(s, q, a, nb, out, ldo, mask, moff),
-                6 => kernel::<6, { $l }, { $s }>(s, q, a, nb, out, ldo, mask, moff),
-                7 => kernel::<7, { $l }, { $s }>(s, q, a, nb, out, ldo, mask, moff),
-                8 => kernel::<8, { $l }, { $s }>(s, q, a, nb, out, ldo, mask, moff),
-                9 => kernel::<9, { $l }, { $s }>(s, q, a, nb, out, ldo, mask, moff),
-                _ => kernel::<10, { $l }, { $s }>(s, q, a, nb, out, ldo, mask, moff),
+                1 => kernel::<1, { $l }, { $s }>(s, q, a, o, nb, out, ldo, mask, moff),
+                2 => kernel::<2, { $l }, { $s }>(s, q, a, o, nb, out, ldo, mask, moff),
+                3 => kernel::<3, { $l }, { $s }>(s, q, a, o, nb, out, ldo, mask, moff),
+                4 => kernel::<4, { $l }, { $s }>(s, q, a, o, nb, out, ldo, mask, moff),
+                5 => kernel::<5, { $l }, { $s }>(s, q, a, o, nb, out, ldo, mask, moff),
+                6 => kernel::<6, { $l }, { $s }>(s, q, a, o, nb, out, ldo, mask, moff),
+                7 => kernel::<7, { $l }, { $s }>(s, q, a, o, nb, out, ldo, mask, moff),
+                8 => kernel::<8, { $l }, { $s }>(s, q, a, o, nb, out, ldo, mask, moff),
+                9 => kernel::<9, { $l }, { $s }>(s, q, a, o, nb, out, ldo, mask, moff),
+                _ => kernel::<10, { $l }, { $s }>(s, q, a, o, nb, out, ldo, mask, moff),
             }
         };
     }
@@ -206,7 +210,7 @@ macro_rules! each_token {
 
 /// k where the minimum of values in form `L` with scales in form `S` is −2^k times the scale
 /// (`WideForm::moff`: Q4_0, Q5_0, Q8_0, Q3_K, Q6_K), else 0.
-const fn offset_shift(l: u8, s: u8) -> u32 {
+pub(super) const fn offset_shift(l: u8, s: u8) -> u32 {
     match (l, s) {
         (NIBBLES, D16) => 3,
         (FIVE, D16) => 4,
@@ -217,18 +221,12 @@ const fn offset_shift(l: u8, s: u8) -> u32 {
     }
 }
 
-/// Each 32-bit lane of `v` shifted left by `k` (1..=7).
-#[inline(always)]
-unsafe fn shift_left(v: __m512i, k: u32) -> __m512i {
-    match k {
-        1 => _mm512_slli_epi32::<1>(v),
-        2 => _mm512_slli_epi32::<2>(v),
-        3 => _mm512_slli_epi32::<3>(v),
-        4 => _mm512_slli_epi32::<4>(v),
-        5 => _mm512_slli_epi32::<5>(v),
-        6 => _mm512_slli_epi32::<6>(v),
-        _ => _mm512_slli_epi32::<7>(v),
-    }
+/// The integer sums' starting points for a weight whose values are offset by −2^`k`
+/// ([`offset_shift`], k > 0): `−2^k·Σ x` of each half of each activation block, into `out`
+/// (one entry per block of `a`), read by [`tile`] with one broadcast load each (shifting and
+/// broadcasting them in the kernel took 5-7% of a 9-token Q6_K tile's time).
+pub(super) fn offsets(a: &[BlockQ8], k: u32, out: &mut Vec<[i32; 2]>) {
+    out.extend(a.iter().map(|b| b.neg_sums.map(|n| n << k)));
 }
 
 /// `R` tokens × 16 rows, values in form `L`, scales in form `S`.
@@ -238,6 +236,7 @@ unsafe fn kernel<const R: usize, const L: u8, const S: u8>(
     scales: *const u8,
     qs: *const u8,
     a: *const BlockQ8,
+    offsets: *const [i32; 2],
     nb: usize,
     out: *mut f32,
     ldo: usize,
@@ -252,8 +251,8 @@ unsafe fn kernel<const R: usize, const L: u8, const S: u8>(
     };
     let half = matches!(S, F32_HALF | KHALF | KHALFM);
     // Forms whose minimum is the scale times −2^k: the offset goes into the integer sums instead
-    // (Σ (q − 2^k)·x = Σ q·x − 2^k·Σ x, started from the activation block's −Σ x shifted by k), a
-    // vector shift rather than a multiply-add per token and block (the unit the products use).
+    // (Σ (q − 2^k)·x = Σ q·x − 2^k·Σ x, started from `offsets`), a broadcast load rather than a
+    // multiply-add per token and block (the unit the products use).
     let k = offset_shift(L, S);
     debug_assert!(k == 0 || moff == -((1u32 << k) as f32));
     let moff = _mm512_set1_ps(moff);
@@ -273,8 +272,8 @@ unsafe fn kernel<const R: usize, const L: u8, const S: u8>(
             let x = ab.qs.as_ptr() as *const i32;
             // Two independent chains (values 0..16 and 16..32) keep the dot-product unit busy.
             let (mut i0, mut i1) = if k > 0 {
-                let n = ab.neg_sums;
-                (shift_left(_mm512_set1_epi32(n[0]), k), shift_left(_mm512_set1_epi32(n[1]), k))
+                let n = offsets.add(T * nb + b) as *const i32;
+                (_mm512_set1_epi32(n.read()), _mm512_set1_epi32(n.add(1).read()))
             } else {
                 (_mm512_setzero_si512(), _mm512_setzero_si512())
             };

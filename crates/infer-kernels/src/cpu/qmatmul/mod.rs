@@ -530,26 +530,39 @@ impl QWeight {
             // VNNI) and the OS granted the tile state; outputs are in bounds (t < m, rows of g).
             unsafe { amx::run(self.qtype, acts, nb, t0, g0..g1, &group, dst.at(0), self.rows) };
         }
-        // The register-tile kernel of this instruction set and its most tokens per tile: AVX2 (the
-        // wide layout holds 4- or 5-bit values with it) or AVX-512 (Avx512/Amx).
-        type Tile = unsafe fn(WideForm, &[f32], &[u8], &[BlockQ8], usize, usize, *mut f32, usize, usize);
-        let (tokens, tile): (usize, Tile) =
-            if isa == Isa::Avx2 { (avx2::WIDE_TOKENS, avx2::wide_tile) } else { (avx512::TOKENS, avx512::tile) };
-        for tb in (t0..m).step_by(TOKEN_BLOCK) {
-            let tb_end = (tb + TOKEN_BLOCK).min(m);
-            for g in g0..g1 {
-                let (sc, qs, nrows) = group(g);
-                let mut t = tb;
-                while t < tb_end {
-                    let r = tokens.min(tb_end - t);
-                    // SAFETY: the wide layout is only made for `Isa::Avx2` (AVX2, FMA, F16C) and
-                    // `Isa::Avx512`/`Isa::Amx` (AVX-512 F/BW/VL/VNNI), whose kernel `tile` is; it
-                    // writes rows g·16.. (nrows of them) of tokens t..t + r.
-                    unsafe { tile(self.form, sc, qs, &acts[t * nb..], nb, r, dst.at(t * self.rows + g * NW), self.rows, nrows) };
-                    t += r;
+        // The most tokens of a register tile of this instruction set: AVX2 or AVX-512 (Avx512/Amx).
+        let tokens = if isa == Isa::Avx2 { avx2::WIDE_TOKENS } else { avx512::TOKENS };
+        scratch::with(&OFFSETS, |offsets| {
+            // AVX-512's tiles start the integer sums of weights offset by −2^k at −2^k·Σ x.
+            let k = avx512::offset_shift(self.form.values, self.form.scales);
+            if isa != Isa::Avx2 && k > 0 {
+                avx512::offsets(&acts[t0 * nb..m * nb], k, offsets);
+            }
+            for tb in (t0..m).step_by(TOKEN_BLOCK) {
+                let tb_end = (tb + TOKEN_BLOCK).min(m);
+                for g in g0..g1 {
+                    let (sc, qs, nrows) = group(g);
+                    let mut t = tb;
+                    while t < tb_end {
+                        let r = tokens.min(tb_end - t);
+                        let a = &acts[t * nb..];
+                        // SAFETY: the wide layout is only made for `Isa::Avx2` (AVX2, FMA, F16C)
+                        // and `Isa::Avx512`/`Isa::Amx` (AVX-512 F/BW/VL/VNNI), whose kernels these
+                        // are; they write rows g·16.. (nrows of them) of tokens t..t + r.
+                        unsafe {
+                            let out = dst.at(t * self.rows + g * NW);
+                            if isa == Isa::Avx2 {
+                                avx2::wide_tile(self.form, sc, qs, a, nb, r, out, self.rows, nrows)
+                            } else {
+                                let o = offsets.get((t - t0) * nb..).unwrap_or(&[]);
+                                avx512::tile(self.form, sc, qs, a, o, nb, r, out, self.rows, nrows)
+                            }
+                        };
+                        t += r;
+                    }
                 }
             }
-        }
+        })
     }
 
     /// One row group × `r` (≤ MR) activation rows starting at `a` → `o[weight row][token]`.
@@ -599,6 +612,8 @@ thread_local! {
     static ACTS: std::cell::RefCell<Vec<BlockQ8>> = const { std::cell::RefCell::new(Vec::new()) };
     static TASKS: std::cell::RefCell<Vec<(usize, usize, usize)>> = const { std::cell::RefCell::new(Vec::new()) };
     static DSTS: std::cell::RefCell<Vec<OutPtr>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A task's starting points of the integer sums (`avx512::offsets`).
+    static OFFSETS: std::cell::RefCell<Vec<[i32; 2]>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Shares the activation blocks between the tasks that fill them (each writes its own range).

@@ -9,7 +9,7 @@ use std::arch::asm;
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::avx512::load_block;
+use super::avx512::{block_scales, load_block};
 use super::*;
 
 /// Tokens per tile product.
@@ -64,14 +64,15 @@ struct Scratch {
 }
 
 /// Tokens `0..m` (a multiple of 16) of `acts` (`[m, nb]` blocks) × the row groups `groups` (`group(g)`
-/// gives a group's scales, values and valid rows) into `out` (`[m, ldo]`, the group's rows at g·16).
+/// gives a group's scales, values and valid rows, in `form`) into `out` (`[m, ldo]`, the group's
+/// rows at g·16).
 ///
 /// # Safety
 /// [`amx_available`](crate::cpu::isa::amx_available) must be true and the CPU must have AVX-512 F/BW/VL/VNNI; `out` must be valid for
 /// those writes.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn run<'w>(
-    qt: QType,
+    form: WideForm,
     acts: &[BlockQ8],
     nb: usize,
     m: usize,
@@ -81,7 +82,7 @@ pub(super) unsafe fn run<'w>(
     ldo: usize,
 ) {
     // SAFETY: the caller's guarantees, passed on.
-    crate::cpu::scratch::with(&SPREAD, |bytes| unsafe { run_in(qt, acts, nb, m, groups, group, out, ldo, bytes) })
+    crate::cpu::scratch::with(&SPREAD, |bytes| unsafe { run_in(form, acts, nb, m, groups, group, out, ldo, bytes) })
 }
 
 thread_local! {
@@ -89,11 +90,26 @@ thread_local! {
     static SPREAD: std::cell::RefCell<Vec<Line>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Block `b`'s values (form `values`, `qb` bytes per block, at `qs`) as the 8 lines of a B tile at
+/// `dst` (unsigned bytes).
+#[inline(always)]
+unsafe fn spread_block(values: u8, qs: *const u8, qb: usize, b: usize, dst: *mut u8) {
+    let q = qs.add(b * qb);
+    let w = match values {
+        FIVE => load_block::<FIVE>(q),
+        SIX => load_block::<SIX>(q),
+        _ => load_block::<NIBBLES>(q),
+    };
+    for (j, v) in w.iter().enumerate() {
+        _mm512_store_si512(dst.add(64 * j) as *mut _, *v);
+    }
+}
+
 /// [`run`] with this thread's buffer for the spread weights.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn run_in<'w>(
-    qt: QType,
+    form: WideForm,
     acts: &[BlockQ8],
     nb: usize,
     m: usize,
@@ -104,104 +120,124 @@ unsafe fn run_in<'w>(
     bytes: &mut Vec<Line>,
 ) {
     debug_assert!(m.is_multiple_of(TOKENS) && acts.len() >= m * nb);
-    let cfg = TileConfig::new(qt.half_scales());
+    let cfg = TileConfig::new(matches!(form.scales, KHALF | KHALFM));
     asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
     let mut scratch = Scratch { b: [0; 1024], c: [0; 512] };
-    // 4- and 5-bit values are spread into bytes once per call when several token tiles reuse them
-    // (else once per tile and block, into `scratch.b`).
-    let spread = !qt.byte_quants() && m >= 2 * TOKENS;
+    let qb = form.value_bytes();
+    // 4-, 5- and 6-bit values are spread into bytes once per call when several token tiles reuse
+    // them (else once per tile and block, into `scratch.b`).
+    let spread = form.values != BYTES && m >= 2 * TOKENS;
     if spread {
         bytes.resize(groups.len() * nb * 8, Line([0; 64]));
         for (i, g) in groups.clone().enumerate() {
             let qs = group(g).1.as_ptr();
             for b in 0..nb {
-                let q = qs.add(b * qt.wide_form(false).value_bytes());
-                let w = if qt.five_bit() { load_block::<FIVE>(q) } else { load_block::<NIBBLES>(q) };
-                for (j, v) in w.iter().enumerate() {
-                    _mm512_store_si512(bytes[(i * nb + b) * 8 + j].0.as_mut_ptr() as *mut _, *v);
-                }
+                spread_block(form.values, qs, qb, b, bytes[(i * nb + b) * 8].0.as_mut_ptr());
             }
         }
     }
+    // With the values already in bytes, every format reads its B tiles as BYTES does.
+    let (values, qb) = if spread { (BYTES, 512) } else { (form.values, qb) };
+    let moff = _mm512_set1_ps(form.moff);
     for t0 in (0..m).step_by(TOKENS) {
         let a = acts.as_ptr().add(t0 * nb);
         for (i, g) in groups.clone().enumerate() {
             let (sc, qs, nrows) = group(g);
             let mask: __mmask16 = if nrows == NW { 0xFFFF } else { (1u16 << nrows) - 1 };
             let o = out.add(t0 * ldo + g * NW);
-            let s = sc.as_ptr();
-            // With the values already in bytes, every format reads its B tiles as BYTES does.
+            let s = sc.as_ptr() as *const u8;
             let q = if spread { bytes.as_ptr().add(i * nb * 8) as *const u8 } else { qs.as_ptr() };
-            match (qt.byte_quants() || spread, qt.half_scales(), qt.five_bit()) {
-                (true, true, _) => tile::<BYTES, true>(s, q, a, nb, o, ldo, mask, &mut scratch),
-                (true, false, _) => tile::<BYTES, false>(s, q, a, nb, o, ldo, mask, &mut scratch),
-                (false, _, true) => tile::<FIVE, false>(s, q, a, nb, o, ldo, mask, &mut scratch),
-                (false, _, false) => tile::<NIBBLES, false>(s, q, a, nb, o, ldo, mask, &mut scratch),
+            let v = Values { form: values, qs: q, qb };
+            match form.scales {
+                D16 => tile::<D16>(s, v, a, nb, o, ldo, mask, moff, &mut scratch),
+                DM16 => tile::<DM16>(s, v, a, nb, o, ldo, mask, moff, &mut scratch),
+                KSM => tile::<KSM>(s, v, a, nb, o, ldo, mask, moff, &mut scratch),
+                KHALF => tile::<KHALF>(s, v, a, nb, o, ldo, mask, moff, &mut scratch),
+                _ => tile::<KHALFM>(s, v, a, nb, o, ldo, mask, moff, &mut scratch),
             }
         }
     }
     asm!("tilerelease", options(nostack, nomem));
 }
 
-/// 16 tokens × one group of 16 rows, over all `nb` blocks.
+/// A group's values: form, where, bytes per block.
+#[derive(Clone, Copy)]
+struct Values {
+    form: u8,
+    qs: *const u8,
+    qb: usize,
+}
+
+/// B tile of block `b` of `v` (spread into `scratch.b` at `slot` unless stored as bytes).
+/// (This and [`scale_block`] are functions inlined by force, not closures: a closure the compiler
+/// kept out of line ran without the caller's target features, every intrinsic a call: prompts 12x
+/// slower.)
+#[inline(always)]
+unsafe fn b_tile(v: Values, scratch: &mut Scratch, b: usize, slot: usize) -> *const u8 {
+    if v.form == BYTES {
+        return v.qs.add(b * v.qb);
+    }
+    let dst = scratch.b.as_mut_ptr().add(512 * slot);
+    spread_block(v.form, v.qs, v.qb, b, dst);
+    dst
+}
+
+/// Scales the int32 sums at `c` of block `b` (16 tokens × 16 rows, and at `c + 256` those of the
+/// second halves for the forms with two scales per block) into the accumulators: scales in form
+/// `S` at `scales`, decoded once for all 16 tokens of `a`; the minimum (or the unsigned values'
+/// offset) enters as m·d_a·Σx.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile<const L: u8, const HALF: bool>(
-    scales: *const f32,
-    qs: *const u8,
+unsafe fn scale_block<const S: u8>(
+    acc: &mut [__m512; TOKENS],
+    c: *const i32,
+    scales: *const u8,
+    a: *const BlockQ8,
+    nb: usize,
+    b: usize,
+    moff: __m512,
+) {
+    let [d0, d1, m0, m1] = block_scales::<S>(scales, b, moff);
+    for (i, acc) in acc.iter_mut().enumerate() {
+        let ab = &*a.add(i * nb + b);
+        let da = _mm512_set1_ps(ab.d);
+        let s0 = _mm512_cvtepi32_ps(_mm512_load_si512(c.add(16 * i) as *const _));
+        *acc = _mm512_fmadd_ps(s0, _mm512_mul_ps(d0, da), *acc);
+        if matches!(S, KHALF | KHALFM) {
+            let s1 = _mm512_cvtepi32_ps(_mm512_load_si512(c.add(256 + 16 * i) as *const _));
+            *acc = _mm512_fmadd_ps(s1, _mm512_mul_ps(d1, da), *acc);
+            *acc = _mm512_fmadd_ps(m0, _mm512_set1_ps(ab.s0), *acc);
+            *acc = _mm512_fmadd_ps(m1, _mm512_set1_ps(ab.s - ab.s0), *acc);
+        } else {
+            *acc = _mm512_fmadd_ps(m0, _mm512_set1_ps(ab.s), *acc);
+        }
+    }
+}
+
+/// 16 tokens × one group of 16 rows, over all `nb` blocks; scales in form `S` (decoded once per
+/// block for all 16 tokens, so the compact forms cost AMX little).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<const S: u8>(
+    scales: *const u8,
+    v: Values,
     a: *const BlockQ8,
     nb: usize,
     out: *mut f32,
     ldo: usize,
     mask: __mmask16,
+    moff: __m512,
     scratch: &mut Scratch,
 ) {
-    let qb = match L {
-        BYTES => 512,
-        FIVE => 320,
-        _ => 256,
-    };
-    let sn = if HALF { 4 * NW } else { 2 * NW };
+    let half = matches!(S, KHALF | KHALFM);
     let astride = nb * std::mem::size_of::<BlockQ8>();
     let c = scratch.c.as_mut_ptr();
     let mut acc = [_mm512_setzero_ps(); TOKENS];
-    // B tile of block b (spread into `scratch.b` at `slot` when stored as nibbles).
-    let b_tile = |scratch: &mut Scratch, b: usize, slot: usize| -> *const u8 {
-        let q = qs.add(b * qb);
-        if L == BYTES {
-            return q;
-        }
-        let w = load_block::<L>(q);
-        let dst = scratch.b.as_mut_ptr().add(512 * slot);
-        for (j, v) in w.iter().enumerate() {
-            _mm512_store_si512(dst.add(64 * j) as *mut _, *v);
-        }
-        dst
-    };
-    // Scales the int32 sums at `c` of block b into the accumulators.
-    let scale = |acc: &mut [__m512; TOKENS], c: *const i32, b: usize| {
-        let sc = scales.add(b * sn);
-        let d0 = _mm512_loadu_ps(sc);
-        for (i, acc) in acc.iter_mut().enumerate() {
-            let ab = &*a.add(i * nb + b);
-            let da = _mm512_set1_ps(ab.d);
-            let s0 = _mm512_cvtepi32_ps(_mm512_load_si512(c.add(16 * i) as *const _));
-            if HALF {
-                let s1 = _mm512_cvtepi32_ps(_mm512_load_si512(c.add(256 + 16 * i) as *const _));
-                *acc = _mm512_fmadd_ps(s0, _mm512_mul_ps(d0, da), *acc);
-                *acc = _mm512_fmadd_ps(s1, _mm512_mul_ps(_mm512_loadu_ps(sc.add(NW)), da), *acc);
-                *acc = _mm512_fmadd_ps(_mm512_loadu_ps(sc.add(2 * NW)), _mm512_set1_ps(ab.s0), *acc);
-                *acc = _mm512_fmadd_ps(_mm512_loadu_ps(sc.add(3 * NW)), _mm512_set1_ps(ab.s - ab.s0), *acc);
-            } else {
-                *acc = _mm512_fmadd_ps(s0, _mm512_mul_ps(d0, da), *acc);
-                *acc = _mm512_fmadd_ps(_mm512_loadu_ps(sc.add(NW)), _mm512_set1_ps(ab.s), *acc);
-            }
-        }
-    };
+    // B tile of block b (spread into `scratch.b` at `slot` unless stored as bytes).
     let mut b = 0;
-    if HALF {
+    if half {
         while b < nb {
-            let bp = b_tile(scratch, b, 0);
+            let bp = b_tile(v, scratch, b, 0);
             let ap = (*a.add(b)).qs.as_ptr();
             asm!(
                 "tileloadd tmm2, [{a} + {sa}*1]",
@@ -224,7 +260,7 @@ unsafe fn tile<const L: u8, const HALF: bool>(
                 c1 = in(reg) c.add(256),
                 options(nostack),
             );
-            scale(&mut acc, c, b);
+            scale_block::<S>(&mut acc, c, scales, a, nb, b, moff);
             b += 1;
         }
     } else {
@@ -234,7 +270,7 @@ unsafe fn tile<const L: u8, const HALF: bool>(
         macro_rules! issue {
             ($p:expr, $c0:literal, $c1:literal) => {{
                 let b = 2 * $p;
-                let (bp0, bp1) = (b_tile(scratch, b, 0), b_tile(scratch, b + 1, 1));
+                let (bp0, bp1) = (b_tile(v, scratch, b, 0), b_tile(v, scratch, b + 1, 1));
                 let ap = (*a.add(b)).qs.as_ptr();
                 asm!(
                     "tileloadd tmm2, [{a} + {sa}*1]",
@@ -265,8 +301,8 @@ unsafe fn tile<const L: u8, const HALF: bool>(
                     s64 = in(reg) 64usize,
                     options(nostack),
                 );
-                scale(&mut acc, c, 2 * $p);
-                scale(&mut acc, c.add(256), 2 * $p + 1);
+                scale_block::<S>(&mut acc, c, scales, a, nb, 2 * $p, moff);
+                scale_block::<S>(&mut acc, c.add(256), scales, a, nb, 2 * $p + 1, moff);
             }};
         }
         let pairs = nb / 2;
@@ -289,7 +325,7 @@ unsafe fn tile<const L: u8, const HALF: bool>(
             b = 2 * pairs;
         }
         if b < nb {
-            let bp = b_tile(scratch, b, 0);
+            let bp = b_tile(v, scratch, b, 0);
             let ap = (*a.add(b)).qs.as_ptr();
             asm!(
                 "tileloadd tmm2, [{a} + {sa}*1]",
@@ -304,7 +340,7 @@ unsafe fn tile<const L: u8, const HALF: bool>(
                 c = in(reg) c,
                 options(nostack),
             );
-            scale(&mut acc, c, b);
+            scale_block::<S>(&mut acc, c, scales, a, nb, b, moff);
         }
     }
     for (i, acc) in acc.iter().enumerate() {

@@ -67,11 +67,6 @@ pub(super) unsafe fn tile(
         (NIBBLES, KHALFM) => by_tokens!(NIBBLES, KHALFM),
         (NIBBLES, KHALF) => by_tokens!(NIBBLES, KHALF),
         (SIX, KHALF) => by_tokens!(SIX, KHALF),
-        // AMX's form (the tokens short of a 16-token tile).
-        (BYTES, F32_HALF) => by_tokens!(BYTES, F32_HALF),
-        (BYTES, F32) => by_tokens!(BYTES, F32),
-        (FIVE, F32) => by_tokens!(FIVE, F32),
-        (NIBBLES, F32) => by_tokens!(NIBBLES, F32),
         _ => unreachable!("no format has the wide form {form:?}"),
     }
 }
@@ -97,11 +92,6 @@ pub(super) unsafe fn block_scales<const S: u8>(sc: *const u8, b: usize, moff: __
     let (sup, rec) = scale_offsets(S, b);
     let (sup, rec) = (sc.add(sup), sc.add(rec));
     match S {
-        F32 => {
-            let (d, m) = (_mm512_loadu_ps(rec as *const f32), _mm512_loadu_ps(rec.add(64) as *const f32));
-            [d, d, m, m]
-        }
-        F32_HALF => [0, 1, 2, 3].map(|k| _mm512_loadu_ps(rec.add(64 * k) as *const f32)),
         D16 => {
             let d = f16x16(rec);
             let m = _mm512_mul_ps(d, moff);
@@ -249,7 +239,7 @@ unsafe fn kernel<const R: usize, const L: u8, const S: u8>(
         SIX => 384,
         _ => 256,
     };
-    let half = matches!(S, F32_HALF | KHALF | KHALFM);
+    let half = matches!(S, KHALF | KHALFM);
     // Forms whose minimum is the scale times −2^k: the offset goes into the integer sums instead
     // (Σ (q − 2^k)·x = Σ q·x − 2^k·Σ x, started from `offsets`), a broadcast load rather than a
     // multiply-add per token and block (the unit the products use).

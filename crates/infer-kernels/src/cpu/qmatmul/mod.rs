@@ -238,8 +238,8 @@ pub struct QWeight {
     scales: Vec<f32>,
     /// Narrow, per (group, block): four rows × `quant_bytes()`.
     qs: Vec<u8>,
-    /// Wide: how `scales` (then bytes in f32 words) and `qs` hold each group (compact for AVX-512
-    /// and AVX2, f32 scales and byte values for AMX's tiles).
+    /// Wide: how `scales` (then bytes in f32 words) and `qs` hold each group (one form for AMX,
+    /// AVX-512 and AVX2: f16 factors and integer sub-scales, values in as few bits as the file's).
     form: WideForm,
 }
 
@@ -266,19 +266,8 @@ impl QType {
         }
     }
 
-    /// How the wide layout holds this format: `compact` (AVX-512 and AVX2 kernels) or the f32
-    /// form AMX's tile kernels read.
-    fn wide_form(self, compact: bool) -> WideForm {
-        if !compact {
-            let values = if self.byte_quants() {
-                BYTES
-            } else if self.five_bit() {
-                FIVE
-            } else {
-                NIBBLES
-            };
-            return WideForm { values, scales: if self.half_scales() { F32_HALF } else { F32 }, moff: 0.0 };
-        }
+    /// How the wide layout holds this format (every kernel that reads it: AMX, AVX-512, AVX2).
+    fn wide_form(self) -> WideForm {
         let (values, scales, moff) = match self {
             QType::Q4_0 => (NIBBLES, D16, -8.0),
             QType::Q4_1 => (NIBBLES, DM16, 0.0),
@@ -307,30 +296,26 @@ pub(super) const SIX: u8 = 3;
 
 /// Scale forms of a wide block (for each of the 16 rows; K-quant forms keep the f16 super-block
 /// factors once per 8 blocks, followed by the 8 blocks' integer sub-scales).
-/// `d[16], m[16]` as f32 (AMX).
-pub(super) const F32: u8 = 0;
-/// `d0[16], d1[16], m0[16], m1[16]` as f32, a scale and minimum per 16 values (AMX).
-pub(super) const F32_HALF: u8 = 1;
 /// `d[16]` as f16; the minimum is `moff · d` (Q4_0, Q5_0, Q8_0).
-pub(super) const D16: u8 = 2;
+pub(super) const D16: u8 = 0;
 /// `d[16], m[16]` as f16 (Q4_1, Q5_1).
-pub(super) const DM16: u8 = 3;
+pub(super) const DM16: u8 = 1;
 /// Super-block `D[16], M[16]` (f16, M = −dmin), then per block `sc[16], mn[16]` (u8):
 /// d = D·sc, m = M·mn (Q4_K, Q5_K).
-pub(super) const KSM: u8 = 4;
+pub(super) const KSM: u8 = 2;
 /// Super-block `D[16]` (f16), then per block `s0[16], s1[16]` (i8): d_h = D·s_h, m_h = moff·d_h
 /// (Q3_K, Q6_K).
-pub(super) const KHALF: u8 = 5;
+pub(super) const KHALF: u8 = 3;
 /// Super-block `D[16], M[16]` (f16, M = −dmin), then per block `s0, s1, n0, n1` (u8 × 16 each):
 /// d_h = D·s_h, m_h = M·n_h (Q2_K).
-pub(super) const KHALFM: u8 = 6;
+pub(super) const KHALFM: u8 = 4;
 
 /// How a weight's wide layout stores values and scales.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct WideForm {
     /// [`NIBBLES`], [`FIVE`], [`SIX`] or [`BYTES`].
     pub values: u8,
-    /// [`F32`], [`F32_HALF`], [`D16`], [`DM16`], [`KSM`], [`KHALF`] or [`KHALFM`].
+    /// [`D16`], [`DM16`], [`KSM`], [`KHALF`] or [`KHALFM`].
     pub scales: u8,
     /// The minimum as a multiple of the scale ([`D16`], [`KHALF`]): the unsigned offset, negated.
     pub moff: f32,
@@ -358,11 +343,6 @@ impl WideForm {
         nb * rec + nb.div_ceil(8) * sup
     }
 
-    /// Whether the scales are the compact forms (AVX-512 and AVX2) rather than AMX's f32.
-    pub fn compact(self) -> bool {
-        !matches!(self.scales, F32 | F32_HALF)
-    }
-
     /// Byte offsets of block `b`'s super-block factors and of its own scales in its group's scales.
     pub fn offsets(self, b: usize) -> (usize, usize) {
         scale_offsets(self.scales, b)
@@ -373,8 +353,6 @@ impl WideForm {
 #[inline(always)]
 pub(super) const fn record_bytes(scales: u8) -> (usize, usize) {
     match scales {
-        F32 => (0, 2 * 4 * NW),
-        F32_HALF => (0, 4 * 4 * NW),
         D16 => (0, 2 * NW),
         DM16 => (0, 4 * NW),
         KSM => (4 * NW, 2 * NW),
@@ -412,10 +390,7 @@ impl QWeight {
         if data.len() != want {
             return Err(format!("{qtype:?} weight [{rows}, {cols}] needs {want} bytes, got {}", data.len()));
         }
-        #[cfg(target_arch = "x86_64")]
-        let form = qtype.wide_form(isa != Isa::Amx);
-        #[cfg(not(target_arch = "x86_64"))]
-        let form = qtype.wide_form(true);
+        let form = qtype.wide_form();
         if isa.qlayout(qtype) == Layout::Wide {
             let (scales, qs) = pack_wide(qtype, form, rows, cols, &data);
             return Ok(Self { qtype, rows, cols, isa, layout: Layout::Wide, scales, qs, form });
@@ -524,11 +499,11 @@ impl QWeight {
         let (sn, qb) = (self.form.scale_bytes(nb) / 4, self.form.value_bytes() * nb);
         let group = |g: usize| (&self.scales[g * sn..(g + 1) * sn], &self.qs[g * qb..(g + 1) * qb], (self.rows - g * NW).min(NW));
         let mut t0 = 0;
-        if isa == Isa::Amx && !self.form.compact() && m >= amx::TOKENS {
+        if isa == Isa::Amx && m >= amx::TOKENS {
             t0 = m / amx::TOKENS * amx::TOKENS;
             // SAFETY: `Isa::Amx` is only produced when the CPU has AMX-INT8 (and AVX-512 F/BW/VL/
             // VNNI) and the OS granted the tile state; outputs are in bounds (t < m, rows of g).
-            unsafe { amx::run(self.qtype, acts, nb, t0, g0..g1, &group, dst.at(0), self.rows) };
+            unsafe { amx::run(self.form, acts, nb, t0, g0..g1, &group, dst.at(0), self.rows) };
         }
         // The most tokens of a register tile of this instruction set: AVX2 or AVX-512 (Avx512/Amx).
         let tokens = if isa == Isa::Avx2 { avx2::WIDE_TOKENS } else { avx512::TOKENS };
@@ -650,8 +625,6 @@ pub fn matmul_many_with(isa: Isa, ws: &[&QWeight], x: &[f32], m: usize, outs: &m
     for (w, o) in ws.iter().zip(outs.iter()) {
         assert_eq!(o.len(), m * w.rows, "out must be [m, rows]");
         assert_eq!(w.layout, isa.qlayout(w.qtype), "{:?} weight packed for another instruction set than {isa:?}", w.qtype);
-        #[cfg(target_arch = "x86_64")]
-        assert!(w.layout == Layout::Narrow || isa != Isa::Avx2 || w.form.compact(), "AVX2 reads the compact wide form only");
     }
     // The buffers are this thread's, reused: no allocation once a call this large has been seen.
     scratch::with(&ACTS, |acts| {

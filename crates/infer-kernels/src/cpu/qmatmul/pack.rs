@@ -256,42 +256,32 @@ fn compact_scales(qtype: QType, data: &[u8], cols: usize, row: usize, b: usize) 
 
 /// Writes row `n`'s scales of block `b` into its group's scales `dst` (bytes) in `form`.
 #[allow(clippy::too_many_arguments)]
-fn put_scales(form: WideForm, qtype: QType, data: &[u8], cols: usize, row: usize, n: usize, b: usize, s: [f32; 4], dst: &mut [u8]) {
+fn put_scales(form: WideForm, qtype: QType, data: &[u8], cols: usize, row: usize, n: usize, b: usize, dst: &mut [u8]) {
     let (sup, rec) = form.offsets(b);
     let put16 = |dst: &mut [u8], at: usize, v: f16| dst[at + 2 * n..at + 2 * n + 2].copy_from_slice(&v.to_le_bytes());
+    let (ints, [d, m]) = compact_scales(qtype, data, cols, row, b);
     match form.scales {
-        F32 | F32_HALF => {
-            let slots: &[f32] = if form.scales == F32 { &[s[0], s[2]] } else { &s };
-            for (k, v) in slots.iter().enumerate() {
-                dst[rec + 4 * (k * NW + n)..][..4].copy_from_slice(&v.to_le_bytes());
-            }
+        D16 => put16(dst, rec, d),
+        DM16 => {
+            put16(dst, rec, d);
+            put16(dst, rec + 2 * NW, m);
+        }
+        KSM => {
+            put16(dst, sup, d);
+            put16(dst, sup + 2 * NW, m);
+            dst[rec + n] = ints[0] as u8;
+            dst[rec + NW + n] = ints[2] as u8;
+        }
+        KHALF => {
+            put16(dst, sup, d);
+            dst[rec + n] = ints[0] as i8 as u8;
+            dst[rec + NW + n] = ints[1] as i8 as u8;
         }
         _ => {
-            let (ints, [d, m]) = compact_scales(qtype, data, cols, row, b);
-            match form.scales {
-                D16 => put16(dst, rec, d),
-                DM16 => {
-                    put16(dst, rec, d);
-                    put16(dst, rec + 2 * NW, m);
-                }
-                KSM => {
-                    put16(dst, sup, d);
-                    put16(dst, sup + 2 * NW, m);
-                    dst[rec + n] = ints[0] as u8;
-                    dst[rec + NW + n] = ints[2] as u8;
-                }
-                KHALF => {
-                    put16(dst, sup, d);
-                    dst[rec + n] = ints[0] as i8 as u8;
-                    dst[rec + NW + n] = ints[1] as i8 as u8;
-                }
-                _ => {
-                    put16(dst, sup, d);
-                    put16(dst, sup + 2 * NW, m);
-                    for (k, &v) in ints.iter().enumerate() {
-                        dst[rec + k * NW + n] = v as u8;
-                    }
-                }
+            put16(dst, sup, d);
+            put16(dst, sup + 2 * NW, m);
+            for (k, &v) in ints.iter().enumerate() {
+                dst[rec + k * NW + n] = v as u8;
             }
         }
     }
@@ -303,12 +293,9 @@ fn put_scales(form: WideForm, qtype: QType, data: &[u8], cols: usize, row: usize
 pub(super) fn read_scales(form: WideForm, sc: &[u8], n: usize, b: usize) -> [f32; 4] {
     let (sup, rec) = form.offsets(b);
     let f16_at = |at: usize| f16::from_le_bytes([sc[at + 2 * n], sc[at + 2 * n + 1]]).to_f32();
-    let f32_at = |k: usize| f32::from_le_bytes(sc[rec + 4 * (k * NW + n)..][..4].try_into().unwrap());
     let u = |k: usize| sc[rec + k * NW + n] as f32;
     let i = |k: usize| sc[rec + k * NW + n] as i8 as f32;
     match form.scales {
-        F32 => [f32_at(0), f32_at(0), f32_at(1), f32_at(1)],
-        F32_HALF => [f32_at(0), f32_at(1), f32_at(2), f32_at(3)],
         D16 => {
             let d = f16_at(rec);
             [d, d, form.moff * d, form.moff * d]
@@ -346,8 +333,8 @@ pub(super) fn pack_wide(qtype: QType, form: WideForm, rows: usize, cols: usize, 
     scales.par_chunks_mut(sn).zip(qs.par_chunks_mut(nb * qb)).enumerate().for_each(|(g, (gsc, gqs))| {
         for n in 0..NW.min(rows - g * NW) {
             for b in 0..nb {
-                let (q, s) = unsigned_block(qtype, data, cols, g * NW + n, b);
-                put_scales(form, qtype, data, cols, g * NW + n, n, b, s, gsc);
+                let (q, _) = unsigned_block(qtype, data, cols, g * NW + n, b);
+                put_scales(form, qtype, data, cols, g * NW + n, n, b, gsc);
                 let dst = &mut gqs[b * qb..(b + 1) * qb];
                 for (k, &v) in q.iter().enumerate() {
                     let i = wide_index(n, k);

@@ -36,17 +36,9 @@ fn assert_every_path_matches(qt: QType, rows: usize, cols: usize, raw: &[u8], wd
     });
 }
 
-/// (instruction set a weight is packed for, the one multiplying it): every available one with
-/// itself, and where AVX-512 is there but AMX is not, AMX's form through the AVX-512 kernel (what
-/// an AMX machine runs for the tokens short of a 16-token tile).
+/// (instruction set a weight is packed for, the one multiplying it): every available one.
 fn isa_pairs() -> Vec<(Isa, Isa)> {
-    let available = Isa::available();
-    let mut pairs: Vec<(Isa, Isa)> = available.iter().map(|&i| (i, i)).collect();
-    #[cfg(target_arch = "x86_64")]
-    if available.contains(&Isa::Avx512) && !available.contains(&Isa::Amx) {
-        pairs.push((Isa::Amx, Isa::Avx512));
-    }
-    pairs
+    Isa::available().iter().map(|&i| (i, i)).collect()
 }
 
 /// Every ISA path's `x · wᵀ` against `reference(t, r)` = (the exact product of token t and row r,
@@ -247,62 +239,79 @@ fn random_blocks(qt: QType, blocks: usize, rng: &mut Lcg) -> Vec<u8> {
 const ALL_FORMATS: [QType; 10] =
     [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::Q8_0, QType::Q2K, QType::Q3K, QType::Q4K, QType::Q5K, QType::Q6K];
 
-/// The compact wide form's scales (f16 factors, integer sub-scales) give exactly the f32 scales
-/// and minimums of the unpacked blocks, and its values are the same: the compact and the f32
-/// (AMX) forms differ only in bytes.
+/// Every format on every path at token counts around AMX's 16-token tiles: one tile whose
+/// values are spread block by block (16), a tile and a rest for the AVX-512 tiles (21), and
+/// several tiles sharing values spread once per call (32, 37).
 #[test]
-fn compact_wide_form_holds_the_same_numbers() {
+fn every_format_matches_around_the_tile_sizes() {
+    let mut rng = Lcg(31);
+    let (rows, cols) = (37, 512);
+    for qt in ALL_FORMATS {
+        let raw = random_blocks(qt, rows * cols / qt.block_values(), &mut rng);
+        // The unpacked blocks (checked against ggml's dequantization by the test below) as f32.
+        let mut wd = Vec::new();
+        for r in 0..rows {
+            for b in 0..cols / QK {
+                let (q, [d0, d1, m0, m1]) = unsigned_block(qt, &raw, cols, r, b);
+                wd.extend(q.iter().enumerate().map(|(k, &v)| if k < 16 { d0 * v as f32 + m0 } else { d1 * v as f32 + m1 }));
+            }
+        }
+        for m in [16, 21, 32, 37] {
+            let x: Vec<f32> = (0..m * cols).map(|_| rng.f() * 2.0).collect();
+            assert_every_path_matches(qt, rows, cols, &raw, &wd, &x, m);
+        }
+    }
+}
+
+/// The wide form's scales (f16 factors, integer sub-scales) give exactly the f32 scales and
+/// minimums of the unpacked blocks, and its values are the same.
+#[test]
+fn wide_form_holds_the_same_numbers() {
     let mut rng = Lcg(23);
     let (rows, cols) = (21, 512);
     for qt in ALL_FORMATS {
         let raw = random_blocks(qt, rows * cols / qt.block_values(), &mut rng);
         let nb = cols / QK;
-        for compact in [true, false] {
-            let form = qt.wide_form(compact);
-            let (words, qs) = pack_wide(qt, form, rows, cols, &raw);
-            // SAFETY: reading the f32 words' bytes.
-            let sc = unsafe { std::slice::from_raw_parts(words.as_ptr() as *const u8, words.len() * 4) };
-            let (sn, qb) = (form.scale_bytes(nb), form.value_bytes());
-            assert_eq!((sc.len(), qs.len()), (rows.div_ceil(NW) * sn, rows.div_ceil(NW) * nb * qb), "{qt:?}");
-            for row in 0..rows {
-                let (g, n) = (row / NW, row % NW);
-                for b in 0..nb {
-                    let (q, want) = unsigned_block(qt, &raw, cols, row, b);
-                    let got = read_scales(form, &sc[g * sn..(g + 1) * sn], n, b);
-                    assert_eq!(
-                        got.map(f32::to_bits),
-                        want.map(f32::to_bits),
-                        "{qt:?} compact={compact} row {row} block {b}: {got:?} vs {want:?}"
-                    );
-                    let blk = &qs[(g * nb + b) * qb..(g * nb + b + 1) * qb];
-                    for (k, &v) in q.iter().enumerate() {
-                        let i = wide_index(n, k);
-                        let got = if form.values == BYTES {
-                            blk[i]
-                        } else {
-                            let mut u = (blk[i % 256] >> (4 * (i / 256))) & 0x0F;
-                            for (h, (byte, bit)) in high_bits(form.values, i).enumerate() {
-                                u |= ((blk[byte] >> bit) & 1) << (4 + h);
-                            }
-                            u
-                        };
-                        assert_eq!(got, v, "{qt:?} compact={compact} row {row} block {b} value {k}");
-                    }
+        let form = qt.wide_form();
+        let (words, qs) = pack_wide(qt, form, rows, cols, &raw);
+        // SAFETY: reading the f32 words' bytes.
+        let sc = unsafe { std::slice::from_raw_parts(words.as_ptr() as *const u8, words.len() * 4) };
+        let (sn, qb) = (form.scale_bytes(nb), form.value_bytes());
+        assert_eq!((sc.len(), qs.len()), (rows.div_ceil(NW) * sn, rows.div_ceil(NW) * nb * qb), "{qt:?}");
+        for row in 0..rows {
+            let (g, n) = (row / NW, row % NW);
+            for b in 0..nb {
+                let (q, want) = unsigned_block(qt, &raw, cols, row, b);
+                let got = read_scales(form, &sc[g * sn..(g + 1) * sn], n, b);
+                assert_eq!(got.map(f32::to_bits), want.map(f32::to_bits), "{qt:?} row {row} block {b}: {got:?} vs {want:?}");
+                let blk = &qs[(g * nb + b) * qb..(g * nb + b + 1) * qb];
+                for (k, &v) in q.iter().enumerate() {
+                    let i = wide_index(n, k);
+                    let got = if form.values == BYTES {
+                        blk[i]
+                    } else {
+                        let mut u = (blk[i % 256] >> (4 * (i / 256))) & 0x0F;
+                        for (h, (byte, bit)) in high_bits(form.values, i).enumerate() {
+                            u |= ((blk[byte] >> bit) & 1) << (4 + h);
+                        }
+                        u
+                    };
+                    assert_eq!(got, v, "{qt:?} row {row} block {b} value {k}");
                 }
             }
         }
     }
 }
 
-/// What AVX-512 and AVX2 keep in memory per weight is (nearly) what the file holds: decode reads
+/// What AMX, AVX-512 and AVX2 keep in memory per weight is (nearly) what the file holds: decode reads
 /// every byte of it once per token.
 #[test]
-fn compact_wide_form_is_as_small_as_the_file() {
+fn wide_form_is_as_small_as_the_file() {
     let mut rng = Lcg(29);
     let (rows, cols) = (64, 1024);
     for qt in ALL_FORMATS {
         let raw = random_blocks(qt, rows * cols / qt.block_values(), &mut rng);
-        let (words, qs) = pack_wide(qt, qt.wide_form(true), rows, cols, &raw);
+        let (words, qs) = pack_wide(qt, qt.wide_form(), rows, cols, &raw);
         let ratio = (words.len() * 4 + qs.len()) as f64 / raw.len() as f64;
         // Q2_K and Q3_K keep their 2- and 3-bit values as nibbles.
         let bound = match qt {

@@ -57,8 +57,6 @@ struct Line([u8; 64]);
 
 #[repr(C, align(64))]
 struct Scratch {
-    /// Two blocks' unpacked B tiles (formats stored as nibbles).
-    b: [u8; 1024],
     /// The int32 sums of one or two tile products.
     c: [i32; 512],
 }
@@ -122,64 +120,87 @@ unsafe fn run_in<'w>(
     debug_assert!(m.is_multiple_of(TOKENS) && acts.len() >= m * nb);
     let cfg = TileConfig::new(matches!(form.scales, KHALF | KHALFM));
     asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
-    let mut scratch = Scratch { b: [0; 1024], c: [0; 512] };
+    let mut scratch = Scratch { c: [0; 512] };
     let qb = form.value_bytes();
-    // 4-, 5- and 6-bit values are spread into bytes once per call when several token tiles reuse
-    // them (else once per tile and block, into `scratch.b`).
-    let spread = form.values != BYTES && m >= 2 * TOKENS;
-    if spread {
-        bytes.resize(groups.len() * nb * 8, Line([0; 64]));
-        for (i, g) in groups.clone().enumerate() {
-            let qs = group(g).1.as_ptr();
-            for b in 0..nb {
-                spread_block(form.values, qs, qb, b, bytes[(i * nb + b) * 8].0.as_mut_ptr());
-            }
-        }
-    }
-    // With the values already in bytes, every format reads its B tiles as BYTES does.
-    let (values, qb) = if spread { (BYTES, 512) } else { (form.values, qb) };
     let moff = _mm512_set1_ps(form.moff);
-    for t0 in (0..m).step_by(TOKENS) {
-        let a = acts.as_ptr().add(t0 * nb);
-        for (i, g) in groups.clone().enumerate() {
+    // 4-, 5- and 6-bit values are spread into bytes one group at a time, by the first of up to
+    // `CHUNK_TILES` token tiles, `LEAD` blocks ahead of its own B-tile loads: a tile load right
+    // after the stores of its bytes stalled on them (16 tokens ran at a third of the decode
+    // speed), spreading a whole group first left memory idle while it did, and spreading all of a
+    // task's groups once per call wrote and read back 4x the weights' bytes (32 tokens took 3x as
+    // long as 16). The later tiles of the chunk read the group's bytes from the core's caches.
+    let spread = form.values != BYTES;
+    if spread {
+        bytes.resize(nb * 8, Line([0; 64]));
+    }
+    let buf = bytes.as_mut_ptr() as *mut u8;
+    for tb in (0..m).step_by(CHUNK_TILES * TOKENS) {
+        let te = m.min(tb + CHUNK_TILES * TOKENS);
+        for g in groups.clone() {
             let (sc, qs, nrows) = group(g);
             let mask: __mmask16 = if nrows == NW { 0xFFFF } else { (1u16 << nrows) - 1 };
-            let o = out.add(t0 * ldo + g * NW);
             let s = sc.as_ptr() as *const u8;
-            let q = if spread { bytes.as_ptr().add(i * nb * 8) as *const u8 } else { qs.as_ptr() };
-            let v = Values { form: values, qs: q, qb };
-            match form.scales {
-                D16 => tile::<D16>(s, v, a, nb, o, ldo, mask, moff, &mut scratch),
-                DM16 => tile::<DM16>(s, v, a, nb, o, ldo, mask, moff, &mut scratch),
-                KSM => tile::<KSM>(s, v, a, nb, o, ldo, mask, moff, &mut scratch),
-                KHALF => tile::<KHALF>(s, v, a, nb, o, ldo, mask, moff, &mut scratch),
-                _ => tile::<KHALFM>(s, v, a, nb, o, ldo, mask, moff, &mut scratch),
+            for t0 in (tb..te).step_by(TOKENS) {
+                let v = if !spread {
+                    Values { qs: qs.as_ptr(), qb, src: None }
+                } else if t0 == tb {
+                    Values { qs: buf, qb: 512, src: Some((form.values, qs.as_ptr(), qb, nb)) }
+                } else {
+                    Values { qs: buf, qb: 512, src: None }
+                };
+                let a = acts.as_ptr().add(t0 * nb);
+                let o = out.add(t0 * ldo + g * NW);
+                match form.scales {
+                    D16 => tile::<D16>(s, v, a, nb, o, ldo, mask, moff, &mut scratch),
+                    DM16 => tile::<DM16>(s, v, a, nb, o, ldo, mask, moff, &mut scratch),
+                    KSM => tile::<KSM>(s, v, a, nb, o, ldo, mask, moff, &mut scratch),
+                    KHALF => tile::<KHALF>(s, v, a, nb, o, ldo, mask, moff, &mut scratch),
+                    _ => tile::<KHALFM>(s, v, a, nb, o, ldo, mask, moff, &mut scratch),
+                }
             }
         }
     }
     asm!("tilerelease", options(nostack, nomem));
 }
 
-/// A group's values: form, where, bytes per block.
+/// Token tiles that share one spreading of a group's values.
+const CHUNK_TILES: usize = 4;
+
+/// Blocks between spreading a block's values and loading them as a B tile.
+const LEAD: usize = 2;
+
+/// A group's values as bytes in B-tile order (`qb` bytes per block at `qs`), and where the tile
+/// spreads them from first, `LEAD` blocks ahead (value form, packed values, bytes per block,
+/// blocks), if it does.
 #[derive(Clone, Copy)]
 struct Values {
-    form: u8,
     qs: *const u8,
     qb: usize,
+    src: Option<(u8, *const u8, usize, usize)>,
 }
 
-/// B tile of block `b` of `v` (spread into `scratch.b` at `slot` unless stored as bytes).
+/// B tile of block `b` of `v`, called for b = 0, 1, … in turn: spreads block b + LEAD (and
+/// at b = 0 the first LEAD) where `v` says so, else prefetches the bytes it reads.
 /// (This and [`scale_block`] are functions inlined by force, not closures: a closure the compiler
-/// kept out of line ran without the caller's target features, every intrinsic a call: prompts 12x
-/// slower.)
+/// kept out of line ran without the caller's target features, every intrinsic a call: prompts
+/// 12x slower.)
 #[inline(always)]
-unsafe fn b_tile(v: Values, scratch: &mut Scratch, b: usize, slot: usize) -> *const u8 {
-    if v.form == BYTES {
-        return v.qs.add(b * v.qb);
+unsafe fn b_tile(v: Values, b: usize) -> *const u8 {
+    if let Some((form, src, qb, nb)) = v.src {
+        let dst = v.qs as *mut u8;
+        if b == 0 {
+            for k in 0..LEAD.min(nb) {
+                spread_block(form, src, qb, k, dst.add(512 * k));
+            }
+        }
+        if b + LEAD < nb {
+            prefetch_ahead(src, b + LEAD, qb, 8);
+            spread_block(form, src, qb, b + LEAD, dst.add(512 * (b + LEAD)));
+        }
+    } else {
+        prefetch_ahead(v.qs, b, v.qb, 8);
     }
-    let dst = scratch.b.as_mut_ptr().add(512 * slot);
-    spread_block(v.form, v.qs, v.qb, b, dst);
-    dst
+    v.qs.add(b * v.qb)
 }
 
 /// Scales the int32 sums at `c` of block `b` (16 tokens × 16 rows, and at `c + 256` those of the
@@ -237,7 +258,7 @@ unsafe fn tile<const S: u8>(
     let mut b = 0;
     if half {
         while b < nb {
-            let bp = b_tile(v, scratch, b, 0);
+            let bp = b_tile(v, b);
             let ap = (*a.add(b)).qs.as_ptr();
             asm!(
                 "tileloadd tmm2, [{a} + {sa}*1]",
@@ -270,7 +291,7 @@ unsafe fn tile<const S: u8>(
         macro_rules! issue {
             ($p:expr, $c0:literal, $c1:literal) => {{
                 let b = 2 * $p;
-                let (bp0, bp1) = (b_tile(v, scratch, b, 0), b_tile(v, scratch, b + 1, 1));
+                let (bp0, bp1) = (b_tile(v, b), b_tile(v, b + 1));
                 let ap = (*a.add(b)).qs.as_ptr();
                 asm!(
                     "tileloadd tmm2, [{a} + {sa}*1]",
@@ -325,7 +346,7 @@ unsafe fn tile<const S: u8>(
             b = 2 * pairs;
         }
         if b < nb {
-            let bp = b_tile(v, scratch, b, 0);
+            let bp = b_tile(v, b);
             let ap = (*a.add(b)).qs.as_ptr();
             asm!(
                 "tileloadd tmm2, [{a} + {sa}*1]",

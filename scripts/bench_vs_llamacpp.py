@@ -13,6 +13,7 @@ machine these figures come from; --extra-bufts turns them back on.
 import argparse
 import json
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -45,8 +46,8 @@ def llama_run(llm, p, n, seed):
     return (p + n) / (time.perf_counter() - t0)
 
 
-def llama_bench_run(binary, model, p, n, threads, reps):
-    out = subprocess.run([binary, "-m", model, "-p", str(p), "-n", str(n), "-t", str(threads), "-r", str(reps), "-o", "json"],
+def llama_bench_run(binary, model, p, n, threads, reps, extra=()):
+    out = subprocess.run([binary, "-m", model, "-p", str(p), "-n", str(n), "-t", str(threads), "-r", str(reps), "-o", "json", *extra],
                          check=True, capture_output=True, text=True).stdout
     return [x for r in json.loads(out) for x in r["samples_ts"]]
 
@@ -68,6 +69,8 @@ def main():
     ap.add_argument("--infer", default="target/release/infer")
     ap.add_argument("--extra-bufts", action="store_true")
     ap.add_argument("--llama-bench", help="time llama.cpp with this llama-bench binary instead of llama-cpp-python")
+    ap.add_argument("--llama-bench-args", default="",
+                    help="more llama-bench arguments, e.g. '--repack 0' where its repacked/AMX weights crash (Sapphire Rapids VM)")
     ap.add_argument("--json")
     a = ap.parse_args()
     if a.llama_bench:
@@ -80,7 +83,7 @@ def main():
         ll, inf = [], []
         for round_ in range(2):
             if a.llama_bench:
-                ll += llama_bench_run(a.llama_bench, a.model, p, n, a.t, a.r)
+                ll += llama_bench_run(a.llama_bench, a.model, p, n, a.t, a.r, shlex.split(a.llama_bench_args))
             else:
                 llama_run(llm, p, n, 999)  # warm-up
                 ll += [llama_run(llm, p, n, round_ * 100 + i) for i in range(a.r)]
@@ -90,7 +93,7 @@ def main():
         row["ratio"] = row["infer_ts"] / row["llama_cpp_ts"]
         rows.append(row)
         print(f"{name}: llama.cpp {row['llama_cpp_ts']:.1f} t/s, infer {row['infer_ts']:.1f} t/s, ratio {row['ratio']:.2f}", file=sys.stderr)
-    print(f"\n{a.model.split('/')[-1]}, {a.t} threads, {'' if a.llama_bench else 'llama-cpp-python '}{version}"
+    print(f"\n{a.model.split('/')[-1]}, {a.t} threads, {'' if a.llama_bench else 'llama-cpp-python '}{version} {a.llama_bench_args}"
           f"{'' if a.llama_bench else ' (extra buffer types ' + ('on' if a.extra_bufts else 'off') + ')'}, median of {2 * a.r} runs each\n")
     print("| test | llama.cpp t/s | infer t/s | infer / llama.cpp |")
     print("|---|---:|---:|---:|")

@@ -15,37 +15,27 @@ use super::*;
 /// Tokens per tile product.
 pub(super) const TOKENS: usize = 16;
 
-/// The 64-byte tile configuration (palette 1): tmm0/tmm1 the 16×16 int32 sums; for one scale per
-/// block tmm2 = A (16 tokens × 32 bytes) and tmm4 = B (8 × 64 bytes), for two (one per 16 values)
-/// tmm2/tmm3 = A halves (16 × 16 bytes) and tmm4/tmm5 = B halves (4 × 64 bytes).
+/// The 64-byte tile configuration (palette 1): two blocks per step, A and B of the even block in
+/// tmm2/tmm4 (16 tokens × 32 bytes, 8 × 64 bytes), of the odd one in tmm3/tmm5; their 16×16 int32
+/// sums alternate between tmm0/tmm1 and tmm6/tmm7 from step to step.
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
 impl TileConfig {
-    fn new(half: bool) -> Self {
+    fn new() -> Self {
         let mut c = [0u8; 64];
         c[0] = 1;
         let mut set = |t: usize, rows: u8, colsb: u16| {
             c[16 + 2 * t..18 + 2 * t].copy_from_slice(&colsb.to_le_bytes());
             c[48 + t] = rows;
         };
-        set(0, 16, 64);
-        set(1, 16, 64);
-        if half {
-            set(2, 16, 16);
-            set(3, 16, 16);
-            set(4, 4, 64);
-            set(5, 4, 64);
-        } else {
-            // Two blocks per step: A and B of the even block in tmm2/tmm4, of the odd one in
-            // tmm3/tmm5; their sums alternate between tmm0/tmm1 and tmm6/tmm7 from step to step.
-            set(6, 16, 64);
-            set(7, 16, 64);
-            set(2, 16, 32);
-            set(3, 16, 32);
-            set(4, 8, 64);
-            set(5, 8, 64);
+        for t in [0, 1, 6, 7] {
+            set(t, 16, 64);
         }
+        set(2, 16, 32);
+        set(3, 16, 32);
+        set(4, 8, 64);
+        set(5, 8, 64);
         Self(c)
     }
 }
@@ -118,7 +108,8 @@ unsafe fn run_in<'w>(
     bytes: &mut Vec<Line>,
 ) {
     debug_assert!(m.is_multiple_of(TOKENS) && acts.len() >= m * nb);
-    let cfg = TileConfig::new(matches!(form.scales, KHALF | KHALFM));
+    assert!(matches!(form.scales, D16 | DM16 | KSM), "AMX takes formats with one scale per block, not {form:?}");
+    let cfg = TileConfig::new();
     asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
     let mut scratch = Scratch { c: [0; 512] };
     let qb = form.value_bytes();
@@ -153,9 +144,7 @@ unsafe fn run_in<'w>(
                 match form.scales {
                     D16 => tile::<D16>(s, v, a, nb, o, ldo, mask, moff, &mut scratch),
                     DM16 => tile::<DM16>(s, v, a, nb, o, ldo, mask, moff, &mut scratch),
-                    KSM => tile::<KSM>(s, v, a, nb, o, ldo, mask, moff, &mut scratch),
-                    KHALF => tile::<KHALF>(s, v, a, nb, o, ldo, mask, moff, &mut scratch),
-                    _ => tile::<KHALFM>(s, v, a, nb, o, ldo, mask, moff, &mut scratch),
+                    _ => tile::<KSM>(s, v, a, nb, o, ldo, mask, moff, &mut scratch),
                 }
             }
         }
@@ -203,10 +192,9 @@ unsafe fn b_tile(v: Values, b: usize) -> *const u8 {
     v.qs.add(b * v.qb)
 }
 
-/// Scales the int32 sums at `c` of block `b` (16 tokens × 16 rows, and at `c + 256` those of the
-/// second halves for the forms with two scales per block) into the accumulators: scales in form
-/// `S` at `scales`, decoded once for all 16 tokens of `a`; the minimum (or the unsigned values'
-/// offset) enters as m·d_a·Σx.
+/// Scales the int32 sums at `c` of block `b` (16 tokens × 16 rows) into the accumulators: scales
+/// in form `S` at `scales`, decoded once for all 16 tokens of `a`; the minimum (or the unsigned
+/// values' offset) enters as m·d_a·Σx.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn scale_block<const S: u8>(
@@ -218,20 +206,12 @@ unsafe fn scale_block<const S: u8>(
     b: usize,
     moff: __m512,
 ) {
-    let [d0, d1, m0, m1] = block_scales::<S>(scales, b, moff);
+    let [d, _, m, _] = block_scales::<S>(scales, b, moff);
     for (i, acc) in acc.iter_mut().enumerate() {
         let ab = &*a.add(i * nb + b);
-        let da = _mm512_set1_ps(ab.d);
-        let s0 = _mm512_cvtepi32_ps(_mm512_load_si512(c.add(16 * i) as *const _));
-        *acc = _mm512_fmadd_ps(s0, _mm512_mul_ps(d0, da), *acc);
-        if matches!(S, KHALF | KHALFM) {
-            let s1 = _mm512_cvtepi32_ps(_mm512_load_si512(c.add(256 + 16 * i) as *const _));
-            *acc = _mm512_fmadd_ps(s1, _mm512_mul_ps(d1, da), *acc);
-            *acc = _mm512_fmadd_ps(m0, _mm512_set1_ps(ab.s0), *acc);
-            *acc = _mm512_fmadd_ps(m1, _mm512_set1_ps(ab.s - ab.s0), *acc);
-        } else {
-            *acc = _mm512_fmadd_ps(m0, _mm512_set1_ps(ab.s), *acc);
-        }
+        let s = _mm512_cvtepi32_ps(_mm512_load_si512(c.add(16 * i) as *const _));
+        *acc = _mm512_fmadd_ps(s, _mm512_mul_ps(d, _mm512_set1_ps(ab.d)), *acc);
+        *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(ab.s), *acc);
     }
 }
 
@@ -250,119 +230,87 @@ unsafe fn tile<const S: u8>(
     moff: __m512,
     scratch: &mut Scratch,
 ) {
-    let half = matches!(S, KHALF | KHALFM);
     let astride = nb * std::mem::size_of::<BlockQ8>();
     let c = scratch.c.as_mut_ptr();
     let mut acc = [_mm512_setzero_ps(); TOKENS];
-    // B tile of block b (spread into `scratch.b` at `slot` unless stored as bytes).
     let mut b = 0;
-    if half {
-        while b < nb {
-            let bp = b_tile(v, b);
+    // Two blocks per step, software-pipelined: the products of step p go to one pair of sum
+    // tiles while the sums of step p − 1 (long finished) are stored from the other pair and
+    // scaled, so the tile unit works while the vector unit scales.
+    macro_rules! issue {
+        ($p:expr, $c0:literal, $c1:literal) => {{
+            let b = 2 * $p;
+            let (bp0, bp1) = (b_tile(v, b), b_tile(v, b + 1));
             let ap = (*a.add(b)).qs.as_ptr();
             asm!(
                 "tileloadd tmm2, [{a} + {sa}*1]",
+                "tileloadd tmm4, [{b0} + {s64}*1]",
                 "tileloadd tmm3, [{a1} + {sa}*1]",
-                "tileloadd tmm4, [{b} + {s64}*1]",
                 "tileloadd tmm5, [{b1} + {s64}*1]",
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tdpbsud tmm0, tmm2, tmm4",
-                "tdpbsud tmm1, tmm3, tmm5",
-                "tilestored [{c} + {s64}*1], tmm0",
-                "tilestored [{c1} + {s64}*1], tmm1",
+                concat!("tilezero ", $c0),
+                concat!("tilezero ", $c1),
+                concat!("tdpbsud ", $c0, ", tmm2, tmm4"),
+                concat!("tdpbsud ", $c1, ", tmm3, tmm5"),
                 a = in(reg) ap,
-                a1 = in(reg) ap.add(16),
+                a1 = in(reg) ap.add(std::mem::size_of::<BlockQ8>()),
                 sa = in(reg) astride,
-                b = in(reg) bp,
-                b1 = in(reg) bp.add(256),
+                b0 = in(reg) bp0,
+                b1 = in(reg) bp1,
                 s64 = in(reg) 64usize,
+                options(nostack),
+            );
+        }};
+    }
+    macro_rules! finish {
+        ($p:expr, $c0:literal, $c1:literal) => {{
+            asm!(
+                concat!("tilestored [{c} + {s64}*1], ", $c0),
+                concat!("tilestored [{c1} + {s64}*1], ", $c1),
                 c = in(reg) c,
                 c1 = in(reg) c.add(256),
-                options(nostack),
-            );
-            scale_block::<S>(&mut acc, c, scales, a, nb, b, moff);
-            b += 1;
-        }
-    } else {
-        // Two blocks per step, software-pipelined: the products of step p go to one pair of sum
-        // tiles while the sums of step p − 1 (long finished) are stored from the other pair and
-        // scaled, so the tile unit works while the vector unit scales.
-        macro_rules! issue {
-            ($p:expr, $c0:literal, $c1:literal) => {{
-                let b = 2 * $p;
-                let (bp0, bp1) = (b_tile(v, b), b_tile(v, b + 1));
-                let ap = (*a.add(b)).qs.as_ptr();
-                asm!(
-                    "tileloadd tmm2, [{a} + {sa}*1]",
-                    "tileloadd tmm4, [{b0} + {s64}*1]",
-                    "tileloadd tmm3, [{a1} + {sa}*1]",
-                    "tileloadd tmm5, [{b1} + {s64}*1]",
-                    concat!("tilezero ", $c0),
-                    concat!("tilezero ", $c1),
-                    concat!("tdpbsud ", $c0, ", tmm2, tmm4"),
-                    concat!("tdpbsud ", $c1, ", tmm3, tmm5"),
-                    a = in(reg) ap,
-                    a1 = in(reg) ap.add(std::mem::size_of::<BlockQ8>()),
-                    sa = in(reg) astride,
-                    b0 = in(reg) bp0,
-                    b1 = in(reg) bp1,
-                    s64 = in(reg) 64usize,
-                    options(nostack),
-                );
-            }};
-        }
-        macro_rules! finish {
-            ($p:expr, $c0:literal, $c1:literal) => {{
-                asm!(
-                    concat!("tilestored [{c} + {s64}*1], ", $c0),
-                    concat!("tilestored [{c1} + {s64}*1], ", $c1),
-                    c = in(reg) c,
-                    c1 = in(reg) c.add(256),
-                    s64 = in(reg) 64usize,
-                    options(nostack),
-                );
-                scale_block::<S>(&mut acc, c, scales, a, nb, 2 * $p, moff);
-                scale_block::<S>(&mut acc, c.add(256), scales, a, nb, 2 * $p + 1, moff);
-            }};
-        }
-        let pairs = nb / 2;
-        if pairs > 0 {
-            issue!(0, "tmm0", "tmm1");
-            for p in 1..pairs {
-                if p % 2 == 1 {
-                    issue!(p, "tmm6", "tmm7");
-                    finish!(p - 1, "tmm0", "tmm1");
-                } else {
-                    issue!(p, "tmm0", "tmm1");
-                    finish!(p - 1, "tmm6", "tmm7");
-                }
-            }
-            if (pairs - 1).is_multiple_of(2) {
-                finish!(pairs - 1, "tmm0", "tmm1");
-            } else {
-                finish!(pairs - 1, "tmm6", "tmm7");
-            }
-            b = 2 * pairs;
-        }
-        if b < nb {
-            let bp = b_tile(v, b);
-            let ap = (*a.add(b)).qs.as_ptr();
-            asm!(
-                "tileloadd tmm2, [{a} + {sa}*1]",
-                "tileloadd tmm4, [{b} + {s64}*1]",
-                "tilezero tmm0",
-                "tdpbsud tmm0, tmm2, tmm4",
-                "tilestored [{c} + {s64}*1], tmm0",
-                a = in(reg) ap,
-                sa = in(reg) astride,
-                b = in(reg) bp,
                 s64 = in(reg) 64usize,
-                c = in(reg) c,
                 options(nostack),
             );
-            scale_block::<S>(&mut acc, c, scales, a, nb, b, moff);
+            scale_block::<S>(&mut acc, c, scales, a, nb, 2 * $p, moff);
+            scale_block::<S>(&mut acc, c.add(256), scales, a, nb, 2 * $p + 1, moff);
+        }};
+    }
+    let pairs = nb / 2;
+    if pairs > 0 {
+        issue!(0, "tmm0", "tmm1");
+        for p in 1..pairs {
+            if p % 2 == 1 {
+                issue!(p, "tmm6", "tmm7");
+                finish!(p - 1, "tmm0", "tmm1");
+            } else {
+                issue!(p, "tmm0", "tmm1");
+                finish!(p - 1, "tmm6", "tmm7");
+            }
         }
+        if (pairs - 1).is_multiple_of(2) {
+            finish!(pairs - 1, "tmm0", "tmm1");
+        } else {
+            finish!(pairs - 1, "tmm6", "tmm7");
+        }
+        b = 2 * pairs;
+    }
+    if b < nb {
+        let bp = b_tile(v, b);
+        let ap = (*a.add(b)).qs.as_ptr();
+        asm!(
+            "tileloadd tmm2, [{a} + {sa}*1]",
+            "tileloadd tmm4, [{b} + {s64}*1]",
+            "tilezero tmm0",
+            "tdpbsud tmm0, tmm2, tmm4",
+            "tilestored [{c} + {s64}*1], tmm0",
+            a = in(reg) ap,
+            sa = in(reg) astride,
+            b = in(reg) bp,
+            s64 = in(reg) 64usize,
+            c = in(reg) c,
+            options(nostack),
+        );
+        scale_block::<S>(&mut acc, c, scales, a, nb, b, moff);
     }
     for (i, acc) in acc.iter().enumerate() {
         _mm512_mask_storeu_ps(out.add(i * ldo), mask, *acc);

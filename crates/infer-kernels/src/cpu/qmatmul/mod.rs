@@ -10,8 +10,9 @@
 //!   values as unsigned bytes in AMX's B-tile order, four values of each row side by side, so one
 //!   register holds four values of 16 (AVX2: 8) rows and one byte dot product against four
 //!   broadcast activation bytes advances 16 rows' sums at once (no horizontal sums; one scale step
-//!   per block for all of them). With AMX, every 16 tokens go through tile products instead
-//!   (`amx.rs`), 4- and 5-bit values spread to bytes once per call.
+//!   per block for all of them). With AMX, every 16 tokens of the formats with one scale per block
+//!   go through tile products instead (`amx.rs`), a group's 4/5-bit values spread to bytes once
+//!   per 64 tokens.
 //! - Narrow layout (scalar, the AVX2 kernels for Q2_K, `Isa::Avx2Vnni`, and NEON on
 //!   aarch64, with `sdot` where the CPU has it): 4 rows per group, a register tile of four rows ×
 //!   two or three tokens.
@@ -491,7 +492,7 @@ impl QWeight {
     }
 
     /// [`run_groups`](Self::run_groups) over the wide layout: AMX for each 16 tokens where the
-    /// instruction set has it (and the weight is in AMX's form), AVX-512 (or AVX2) register tiles
+    /// instruction set has it (formats with one scale per block), AVX-512 (or AVX2) register tiles
     /// of up to 10 (4) tokens for the rest.
     #[cfg(target_arch = "x86_64")]
     fn run_groups_wide(&self, isa: Isa, acts: &[BlockQ8], m: usize, g0: usize, g1: usize, dst: OutPtr) {
@@ -499,7 +500,10 @@ impl QWeight {
         let (sn, qb) = (self.form.scale_bytes(nb) / 4, self.form.value_bytes() * nb);
         let group = |g: usize| (&self.scales[g * sn..(g + 1) * sn], &self.qs[g * qb..(g + 1) * qb], (self.rows - g * NW).min(NW));
         let mut t0 = 0;
-        if isa == Isa::Amx && m >= amx::TOKENS {
+        // Q2_K/Q3_K/Q6_K (a scale per 16 values) stay on the AVX-512 tiles: AMX needs two half-depth
+        // tile products and twice the scaling per block for them, and a Q6_K prompt ran 22% slower
+        // than on AVX-512 (1B shape, pp512 193-196 vs 249-252 t/s).
+        if isa == Isa::Amx && m >= amx::TOKENS && !matches!(self.form.scales, KHALF | KHALFM) {
             t0 = m / amx::TOKENS * amx::TOKENS;
             // SAFETY: `Isa::Amx` is only produced when the CPU has AMX-INT8 (and AVX-512 F/BW/VL/
             // VNNI) and the OS granted the tile state; outputs are in bounds (t < m, rows of g).

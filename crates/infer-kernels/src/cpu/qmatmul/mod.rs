@@ -157,15 +157,17 @@ pub struct BlockQ8 {
 }
 
 /// Prefetches the `qb`-byte block `ahead` blocks past block `b` of a wide group's values at `qs`
-/// (past the group's end: the next group's, which this thread usually takes next). The AVX-512
-/// and AVX2 tiles call it once per block.
+/// (past the group's end: the next group's, which this thread usually takes next). The AVX-512,
+/// AVX2 and AMX tiles call it once per block. Into L2 (T1), not L1: on the Xeon (Sapphire Rapids)
+/// that decoded the 1B shape 8-10% faster (Q4_K_M tg64 35.5 → 39.4 t/s; a memory-resident Q4_K
+/// matrix at 1 token read 23.7 → 26.1 GB/s; 9 tokens unchanged).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn prefetch_ahead(qs: *const u8, b: usize, qb: usize, ahead: usize) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
     let p = qs.wrapping_add((b + ahead) * qb);
     for l in 0..qb / 64 {
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * l) as *const i8);
+        _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64 * l) as *const i8);
     }
 }
 

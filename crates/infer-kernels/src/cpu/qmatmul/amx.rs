@@ -15,6 +15,22 @@ use super::*;
 /// Tokens per tile product.
 pub(super) const TOKENS: usize = 16;
 
+/// The fewest tokens past the last whole tile that AMX takes as a tile of its own (fewer go to
+/// the AVX-512 tiles). A tile costs AMX nearly the same whatever its rows: on the Xeon (Sapphire
+/// Rapids, 2 threads, an 8192 × 2048 Q4_K matrix) 1 token took 0.33-0.35 ms on AMX and 0.18 on
+/// AVX-512, 9 tokens 0.51-0.54 vs 0.42-0.44, 12 0.60 vs 0.59-0.66, 15 0.68-0.69 vs 0.70-0.78.
+pub(super) const MIN_REST: usize = 13;
+
+/// How many of `m` tokens the tiles take: the whole tiles, and the rest if it is big enough.
+pub(super) fn tokens_for(m: usize) -> usize {
+    let full = m / TOKENS * TOKENS;
+    if m - full >= MIN_REST {
+        m
+    } else {
+        full
+    }
+}
+
 /// The 64-byte tile configuration (palette 1): two blocks per step, A and B of the even block in
 /// tmm2/tmm4 (16 tokens × 32 bytes, 8 × 64 bytes), of the odd one in tmm3/tmm5; their 16×16 int32
 /// sums alternate between tmm0/tmm1 and tmm6/tmm7 from step to step.
@@ -22,7 +38,10 @@ pub(super) const TOKENS: usize = 16;
 struct TileConfig([u8; 64]);
 
 impl TileConfig {
-    fn new() -> Self {
+    /// For tiles of `r` (1..=16) tokens: A and the sums have `r` rows.
+    fn new(r: usize) -> Self {
+        debug_assert!((1..=TOKENS).contains(&r));
+        let r = r as u8;
         let mut c = [0u8; 64];
         c[0] = 1;
         let mut set = |t: usize, rows: u8, colsb: u16| {
@@ -30,10 +49,10 @@ impl TileConfig {
             c[48 + t] = rows;
         };
         for t in [0, 1, 6, 7] {
-            set(t, 16, 64);
+            set(t, r, 64);
         }
-        set(2, 16, 32);
-        set(3, 16, 32);
+        set(2, r, 32);
+        set(3, r, 32);
         set(4, 8, 64);
         set(5, 8, 64);
         Self(c)
@@ -51,7 +70,7 @@ struct Scratch {
     c: [i32; 512],
 }
 
-/// Tokens `0..m` (a multiple of 16) of `acts` (`[m, nb]` blocks) × the row groups `groups` (`group(g)`
+/// Tokens `0..m` (tiles of 16, then one of the rest) of `acts` (`[m, nb]` blocks) × the row groups `groups` (`group(g)`
 /// gives a group's scales, values and valid rows, in `form`) into `out` (`[m, ldo]`, the group's
 /// rows at g·16).
 ///
@@ -107,10 +126,8 @@ unsafe fn run_in<'w>(
     ldo: usize,
     bytes: &mut Vec<Line>,
 ) {
-    debug_assert!(m.is_multiple_of(TOKENS) && acts.len() >= m * nb);
+    debug_assert!(acts.len() >= m * nb);
     assert!(matches!(form.scales, D16 | DM16 | KSM), "AMX takes formats with one scale per block, not {form:?}");
-    let cfg = TileConfig::new();
-    asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
     let mut scratch = Scratch { c: [0; 512] };
     let qb = form.value_bytes();
     let moff = _mm512_set1_ps(form.moff);
@@ -125,27 +142,52 @@ unsafe fn run_in<'w>(
         bytes.resize(nb * 8, Line([0; 64]));
     }
     let buf = bytes.as_mut_ptr() as *mut u8;
-    for tb in (0..m).step_by(CHUNK_TILES * TOKENS) {
-        let te = m.min(tb + CHUNK_TILES * TOKENS);
+    let values = |qs: &[u8], first: bool| {
+        if !spread {
+            Values { qs: qs.as_ptr(), qb, src: None }
+        } else if first {
+            Values { qs: buf, qb: 512, src: Some((form.values, qs.as_ptr(), qb, nb)) }
+        } else {
+            Values { qs: buf, qb: 512, src: None }
+        }
+    };
+    // Whole tiles of 16 tokens, then the rest (a tile of fewer rows: a verifying pass of 9-15).
+    let full = m / TOKENS * TOKENS;
+    if full > 0 {
+        let cfg = TileConfig::new(TOKENS);
+        asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+    }
+    for tb in (0..full).step_by(CHUNK_TILES * TOKENS) {
+        let te = full.min(tb + CHUNK_TILES * TOKENS);
         for g in groups.clone() {
             let (sc, qs, nrows) = group(g);
             let mask: __mmask16 = if nrows == NW { 0xFFFF } else { (1u16 << nrows) - 1 };
             let s = sc.as_ptr() as *const u8;
             for t0 in (tb..te).step_by(TOKENS) {
-                let v = if !spread {
-                    Values { qs: qs.as_ptr(), qb, src: None }
-                } else if t0 == tb {
-                    Values { qs: buf, qb: 512, src: Some((form.values, qs.as_ptr(), qb, nb)) }
-                } else {
-                    Values { qs: buf, qb: 512, src: None }
-                };
+                let v = values(qs, t0 == tb);
                 let a = acts.as_ptr().add(t0 * nb);
                 let o = out.add(t0 * ldo + g * NW);
                 match form.scales {
-                    D16 => tile::<D16>(s, v, a, nb, o, ldo, mask, moff, &mut scratch),
-                    DM16 => tile::<DM16>(s, v, a, nb, o, ldo, mask, moff, &mut scratch),
-                    _ => tile::<KSM>(s, v, a, nb, o, ldo, mask, moff, &mut scratch),
+                    D16 => tile::<D16>(s, v, a, nb, TOKENS, o, ldo, mask, moff, &mut scratch),
+                    DM16 => tile::<DM16>(s, v, a, nb, TOKENS, o, ldo, mask, moff, &mut scratch),
+                    _ => tile::<KSM>(s, v, a, nb, TOKENS, o, ldo, mask, moff, &mut scratch),
                 }
+            }
+        }
+    }
+    let r = m - full;
+    if r > 0 {
+        let cfg = TileConfig::new(r);
+        asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+        for g in groups.clone() {
+            let (sc, qs, nrows) = group(g);
+            let mask: __mmask16 = if nrows == NW { 0xFFFF } else { (1u16 << nrows) - 1 };
+            let (s, v) = (sc.as_ptr() as *const u8, values(qs, true));
+            let (a, o) = (acts.as_ptr().add(full * nb), out.add(full * ldo + g * NW));
+            match form.scales {
+                D16 => tile::<D16>(s, v, a, nb, r, o, ldo, mask, moff, &mut scratch),
+                DM16 => tile::<DM16>(s, v, a, nb, r, o, ldo, mask, moff, &mut scratch),
+                _ => tile::<KSM>(s, v, a, nb, r, o, ldo, mask, moff, &mut scratch),
             }
         }
     }
@@ -192,13 +234,14 @@ unsafe fn b_tile(v: Values, b: usize) -> *const u8 {
     v.qs.add(b * v.qb)
 }
 
-/// Scales the int32 sums at `c` of block `b` (16 tokens × 16 rows) into the accumulators: scales
-/// in form `S` at `scales`, decoded once for all 16 tokens of `a`; the minimum (or the unsigned
+/// Scales the int32 sums at `c` of block `b` (`r` tokens × 16 rows) into the first `r`
+/// accumulators: scales in form `S` at `scales`, decoded once for all the tokens of `a`; the minimum (or the unsigned
 /// values' offset) enters as m·d_a·Σx.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn scale_block<const S: u8>(
     acc: &mut [__m512; TOKENS],
+    r: usize,
     c: *const i32,
     scales: *const u8,
     a: *const BlockQ8,
@@ -207,7 +250,7 @@ unsafe fn scale_block<const S: u8>(
     moff: __m512,
 ) {
     let [d, _, m, _] = block_scales::<S>(scales, b, moff);
-    for (i, acc) in acc.iter_mut().enumerate() {
+    for (i, acc) in acc.iter_mut().enumerate().take(r) {
         let ab = &*a.add(i * nb + b);
         let s = _mm512_cvtepi32_ps(_mm512_load_si512(c.add(16 * i) as *const _));
         *acc = _mm512_fmadd_ps(s, _mm512_mul_ps(d, _mm512_set1_ps(ab.d)), *acc);
@@ -215,7 +258,8 @@ unsafe fn scale_block<const S: u8>(
     }
 }
 
-/// 16 tokens × one group of 16 rows, over all `nb` blocks; scales in form `S` (decoded once per
+/// `r` (≤ 16, the rows the tile configuration gives A and the sums) tokens × one group of 16
+/// rows, over all `nb` blocks; scales in form `S` (decoded once per
 /// block for all 16 tokens, so the compact forms cost AMX little).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -224,6 +268,7 @@ unsafe fn tile<const S: u8>(
     v: Values,
     a: *const BlockQ8,
     nb: usize,
+    r: usize,
     out: *mut f32,
     ldo: usize,
     mask: __mmask16,
@@ -271,8 +316,8 @@ unsafe fn tile<const S: u8>(
                 s64 = in(reg) 64usize,
                 options(nostack),
             );
-            scale_block::<S>(&mut acc, c, scales, a, nb, 2 * $p, moff);
-            scale_block::<S>(&mut acc, c.add(256), scales, a, nb, 2 * $p + 1, moff);
+            scale_block::<S>(&mut acc, r, c, scales, a, nb, 2 * $p, moff);
+            scale_block::<S>(&mut acc, r, c.add(256), scales, a, nb, 2 * $p + 1, moff);
         }};
     }
     let pairs = nb / 2;
@@ -310,9 +355,9 @@ unsafe fn tile<const S: u8>(
             c = in(reg) c,
             options(nostack),
         );
-        scale_block::<S>(&mut acc, c, scales, a, nb, b, moff);
+        scale_block::<S>(&mut acc, r, c, scales, a, nb, b, moff);
     }
-    for (i, acc) in acc.iter().enumerate() {
+    for (i, acc) in acc.iter().enumerate().take(r) {
         _mm512_mask_storeu_ps(out.add(i * ldo), mask, *acc);
     }
 }

@@ -505,8 +505,8 @@ impl QWeight {
         // Q2_K/Q3_K/Q6_K (a scale per 16 values) stay on the AVX-512 tiles: AMX needs two half-depth
         // tile products and twice the scaling per block for them, and a Q6_K prompt ran 22% slower
         // than on AVX-512 (1B shape, pp512 193-196 vs 249-252 t/s).
-        if isa == Isa::Amx && m >= amx::TOKENS && !matches!(self.form.scales, KHALF | KHALFM) {
-            t0 = m / amx::TOKENS * amx::TOKENS;
+        if isa == Isa::Amx && amx::tokens_for(m) > 0 && !matches!(self.form.scales, KHALF | KHALFM) {
+            t0 = amx::tokens_for(m);
             // SAFETY: `Isa::Amx` is only produced when the CPU has AMX-INT8 (and AVX-512 F/BW/VL/
             // VNNI) and the OS granted the tile state; outputs are in bounds (t < m, rows of g).
             unsafe { amx::run(self.form, acts, nb, t0, g0..g1, &group, dst.at(0), self.rows) };

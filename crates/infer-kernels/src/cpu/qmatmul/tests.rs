@@ -239,9 +239,9 @@ fn random_blocks(qt: QType, blocks: usize, rng: &mut Lcg) -> Vec<u8> {
 const ALL_FORMATS: [QType; 10] =
     [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::Q8_0, QType::Q2K, QType::Q3K, QType::Q4K, QType::Q5K, QType::Q6K];
 
-/// Every format on every path at token counts around AMX's 16-token tiles: one tile whose
-/// values are spread block by block (16), a tile and a rest for the AVX-512 tiles (21), and
-/// several tiles sharing values spread once per call (32, 37).
+/// Every format on every path at token counts around AMX's 16-token tiles: a tile of fewer rows
+/// (14), one whole tile (16), a tile and a rest for the AVX-512 tiles (21), a tile and a tile of
+/// fewer rows (29), and tiles sharing the values spread by the first (32, 37).
 #[test]
 fn every_format_matches_around_the_tile_sizes() {
     let mut rng = Lcg(31);
@@ -256,7 +256,7 @@ fn every_format_matches_around_the_tile_sizes() {
                 wd.extend(q.iter().enumerate().map(|(k, &v)| if k < 16 { d0 * v as f32 + m0 } else { d1 * v as f32 + m1 }));
             }
         }
-        for m in [16, 21, 32, 37] {
+        for m in [14, 16, 21, 29, 32, 37] {
             let x: Vec<f32> = (0..m * cols).map(|_| rng.f() * 2.0).collect();
             assert_every_path_matches(qt, rows, cols, &raw, &wd, &x, m);
         }

@@ -66,7 +66,8 @@ struct Line([u8; 64]);
 
 #[repr(C, align(64))]
 struct Scratch {
-    /// The int32 sums of one or two tile products.
+    /// The int32 sums of one or two tile products (stored and scaled right after the next pair of
+    /// products is issued; a second buffer to scale them a step later measured 5-9% slower).
     c: [i32; 512],
 }
 

@@ -21,14 +21,24 @@ pub(super) const TOKENS: usize = 16;
 /// AVX-512, 9 tokens 0.51-0.54 vs 0.42-0.44, 12 0.60 vs 0.59-0.66, 15 0.68-0.69 vs 0.70-0.78.
 pub(super) const MIN_REST: usize = 13;
 
-/// How many of `m` tokens the tiles take: the whole tiles, and the rest if it is big enough.
-pub(super) fn tokens_for(m: usize) -> usize {
+/// How many of `m` tokens the tiles take for a weight in `form`: the whole tiles, and the rest if
+/// it is big enough; none for Q2_K/Q3_K/Q6_K (a scale per 16 values), which stay on the AVX-512
+/// tiles: AMX needs two half-depth tile products and twice the scaling per block for them, and a
+/// Q6_K prompt ran 22% slower than on AVX-512 (1B shape, pp512 193-196 vs 249-252 t/s).
+pub(super) fn tokens_for(form: WideForm, m: usize) -> usize {
     let full = m / TOKENS * TOKENS;
-    if m - full >= MIN_REST {
+    if !takes(form) {
+        0
+    } else if m - full >= MIN_REST {
         m
     } else {
         full
     }
+}
+
+/// Whether the tiles take weights in `form` (one scale per block).
+fn takes(form: WideForm) -> bool {
+    matches!(form.scales, D16 | DM16 | KSM)
 }
 
 /// The 64-byte tile configuration (palette 1): two blocks per step, A and B of the even block in
@@ -71,9 +81,9 @@ struct Scratch {
     c: [i32; 512],
 }
 
-/// Tokens `0..m` (tiles of 16, then one of the rest) of `acts` (`[m, nb]` blocks) × the row groups `groups` (`group(g)`
-/// gives a group's scales, values and valid rows, in `form`) into `out` (`[m, ldo]`, the group's
-/// rows at g·16).
+/// Tokens `0..m` (tiles of 16, then one of the rest) of `acts` (`[m, nb]` blocks) × the row
+/// groups `groups` (`group(g)` gives a group's scales, values and valid rows, in `form`) into
+/// `out` (`[m, ldo]`, the group's rows at g·16).
 ///
 /// # Safety
 /// [`amx_available`](crate::cpu::isa::amx_available) must be true and the CPU must have AVX-512 F/BW/VL/VNNI; `out` must be valid for
@@ -128,7 +138,7 @@ unsafe fn run_in<'w>(
     bytes: &mut Vec<Line>,
 ) {
     debug_assert!(acts.len() >= m * nb);
-    assert!(matches!(form.scales, D16 | DM16 | KSM), "AMX takes formats with one scale per block, not {form:?}");
+    assert!(takes(form), "AMX takes formats with one scale per block, not {form:?}");
     let mut scratch = Scratch { c: [0; 512] };
     let qb = form.value_bytes();
     let moff = _mm512_set1_ps(form.moff);
@@ -152,43 +162,40 @@ unsafe fn run_in<'w>(
             Values { qs: buf, qb: 512, src: None }
         }
     };
-    // Whole tiles of 16 tokens, then the rest (a tile of fewer rows: a verifying pass of 9-15).
+    // Whole tiles of 16 tokens, then the rest as one tile of fewer rows.
     let full = m / TOKENS * TOKENS;
-    if full > 0 {
-        let cfg = TileConfig::new(TOKENS);
-        asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
-    }
-    for tb in (0..full).step_by(CHUNK_TILES * TOKENS) {
-        let te = full.min(tb + CHUNK_TILES * TOKENS);
-        for g in groups.clone() {
-            let (sc, qs, nrows) = group(g);
-            let mask: __mmask16 = if nrows == NW { 0xFFFF } else { (1u16 << nrows) - 1 };
-            let s = sc.as_ptr() as *const u8;
-            for t0 in (tb..te).step_by(TOKENS) {
-                let v = values(qs, t0 == tb);
-                let a = acts.as_ptr().add(t0 * nb);
-                let o = out.add(t0 * ldo + g * NW);
-                match form.scales {
-                    D16 => tile::<D16>(s, v, a, nb, TOKENS, o, ldo, mask, moff, &mut scratch),
-                    DM16 => tile::<DM16>(s, v, a, nb, TOKENS, o, ldo, mask, moff, &mut scratch),
-                    _ => tile::<KSM>(s, v, a, nb, TOKENS, o, ldo, mask, moff, &mut scratch),
-                }
-            }
+    for (start, end, rows) in [(0, full, TOKENS), (full, m, m - full)] {
+        if start == end {
+            continue;
         }
-    }
-    let r = m - full;
-    if r > 0 {
-        let cfg = TileConfig::new(r);
+        let cfg = TileConfig::new(rows);
         asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
-        for g in groups.clone() {
-            let (sc, qs, nrows) = group(g);
-            let mask: __mmask16 = if nrows == NW { 0xFFFF } else { (1u16 << nrows) - 1 };
-            let (s, v) = (sc.as_ptr() as *const u8, values(qs, true));
-            let (a, o) = (acts.as_ptr().add(full * nb), out.add(full * ldo + g * NW));
-            match form.scales {
-                D16 => tile::<D16>(s, v, a, nb, r, o, ldo, mask, moff, &mut scratch),
-                DM16 => tile::<DM16>(s, v, a, nb, r, o, ldo, mask, moff, &mut scratch),
-                _ => tile::<KSM>(s, v, a, nb, r, o, ldo, mask, moff, &mut scratch),
+        for tb in (start..end).step_by(CHUNK_TILES * TOKENS) {
+            let te = end.min(tb + CHUNK_TILES * TOKENS);
+            for g in groups.clone() {
+                let (sc, qs, nrows) = group(g);
+                let mask: __mmask16 = if nrows == NW { 0xFFFF } else { (1u16 << nrows) - 1 };
+                let s = sc.as_ptr() as *const u8;
+                for t0 in (tb..te).step_by(TOKENS) {
+                    let v = values(qs, t0 == tb);
+                    let (a, o) = (acts.as_ptr().add(t0 * nb), out.add(t0 * ldo + g * NW));
+                    macro_rules! by_scales {
+                        ($r:expr) => {
+                            match form.scales {
+                                D16 => tile::<D16>(s, v, a, nb, $r, o, ldo, mask, moff, &mut scratch),
+                                DM16 => tile::<DM16>(s, v, a, nb, $r, o, ldo, mask, moff, &mut scratch),
+                                _ => tile::<KSM>(s, v, a, nb, $r, o, ldo, mask, moff, &mut scratch),
+                            }
+                        };
+                    }
+                    // Whole tiles with the row count a constant, so that the scaling loops unroll
+                    // (a count known only at run time made 16-128 tokens 8-15% slower).
+                    if rows == TOKENS {
+                        by_scales!(TOKENS)
+                    } else {
+                        by_scales!(rows)
+                    }
+                }
             }
         }
     }
@@ -226,18 +233,18 @@ unsafe fn b_tile(v: Values, b: usize) -> *const u8 {
             }
         }
         if b + LEAD < nb {
-            prefetch_ahead(src, b + LEAD, qb, 8);
+            prefetch_ahead(src, b + LEAD, qb, blocks_ahead(TOKENS));
             spread_block(form, src, qb, b + LEAD, dst.add(512 * (b + LEAD)));
         }
     } else {
-        prefetch_ahead(v.qs, b, v.qb, 8);
+        prefetch_ahead(v.qs, b, v.qb, blocks_ahead(TOKENS));
     }
     v.qs.add(b * v.qb)
 }
 
 /// Scales the int32 sums at `c` of block `b` (`r` tokens × 16 rows) into the first `r`
-/// accumulators: scales in form `S` at `scales`, decoded once for all the tokens of `a`; the minimum (or the unsigned
-/// values' offset) enters as m·d_a·Σx.
+/// accumulators: scales in form `S` at `scales`, decoded once for all the tokens of `a`; the
+/// minimum (or the unsigned values' offset) enters as m·d_a·Σx.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn scale_block<const S: u8>(
@@ -260,8 +267,8 @@ unsafe fn scale_block<const S: u8>(
 }
 
 /// `r` (≤ 16, the rows the tile configuration gives A and the sums) tokens × one group of 16
-/// rows, over all `nb` blocks; scales in form `S` (decoded once per
-/// block for all 16 tokens, so the compact forms cost AMX little).
+/// rows, over all `nb` blocks; scales in form `S` (decoded once per block for all the tokens,
+/// so the compact forms cost AMX little).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile<const S: u8>(

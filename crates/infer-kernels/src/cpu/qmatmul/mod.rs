@@ -501,12 +501,10 @@ impl QWeight {
         let nb = self.cols / QK;
         let (sn, qb) = (self.form.scale_bytes(nb) / 4, self.form.value_bytes() * nb);
         let group = |g: usize| (&self.scales[g * sn..(g + 1) * sn], &self.qs[g * qb..(g + 1) * qb], (self.rows - g * NW).min(NW));
-        let mut t0 = 0;
-        // Q2_K/Q3_K/Q6_K (a scale per 16 values) stay on the AVX-512 tiles: AMX needs two half-depth
-        // tile products and twice the scaling per block for them, and a Q6_K prompt ran 22% slower
-        // than on AVX-512 (1B shape, pp512 193-196 vs 249-252 t/s).
-        if isa == Isa::Amx && amx::tokens_for(m) > 0 && !matches!(self.form.scales, KHALF | KHALFM) {
-            t0 = amx::tokens_for(m);
+        // AMX's tiles take the tokens they are faster for (`amx::tokens_for`); the register tiles
+        // the rest.
+        let t0 = if isa == Isa::Amx { amx::tokens_for(self.form, m) } else { 0 };
+        if t0 > 0 {
             // SAFETY: `Isa::Amx` is only produced when the CPU has AMX-INT8 (and AVX-512 F/BW/VL/
             // VNNI) and the OS granted the tile state; outputs are in bounds (t < m, rows of g).
             unsafe { amx::run(self.form, acts, nb, t0, g0..g1, &group, dst.at(0), self.rows) };

@@ -2,30 +2,54 @@
 # Everything to run on a lent GPU machine, in one command (device time is scarce), from the
 # repository root with target-gpu/bundle.tar.xz carried (made by scripts/cuda-check.sh --bundle here):
 #
-#   run(command="bash scripts/gpu/session.sh", carry=["target-gpu/bundle.tar.xz"])
+#   run(command="bash scripts/gpu/session.sh", carry=["target-gpu/bundle.tar.xz"], timeout_s=560)
 #
-# Unpacks the binaries, finds the CUDA runtime libraries (toolkit or PyTorch's wheels), then:
+# Unpacks the binaries, finds the CUDA runtime libraries (toolkit or PyTorch's wheels), then, each step
+# under a time cap so the whole stays inside GPU_SESSION_BUDGET seconds (default 520):
 #   1. the CUDA kernel tests (each kernel against its CPU reference);
 #   2. the transformers reference tests on the GPU (INFER_TEST_DEVICE=cuda);
-#   3. scripts/gpu/bench_gpu.py: roofline, PyTorch, infer bench bf16 / Q8_0 / Q4_K, greedy tokens,
-#      serving with 16 and 64 clients on a Llama-3-8B-shaped model (skip steps with GPU_BENCH_SKIP).
-# Logs and results go to $OUT (the device tool brings them back).
+#   3. scripts/gpu/bench_gpu.py: roofline, greedy tokens (GPU vs PyTorch vs CPU), infer bench bf16 /
+#      Q8_0 / Q4_K and PyTorch on Llama-3.2-1B and Llama-3-8B shapes, serving with 16 and 64 clients
+#      (skip parts with GPU_BENCH_SKIP=1b,8b,quant,serve).
+# Logs and results go to $OUT (the device tool brings back at most 8 files): env.txt, kernel-tests.log,
+# hf-reference-tests.log, bench.log, results.json, summary.md, serve.log.
 set -uo pipefail
+start=$(date +%s)
+budget="${GPU_SESSION_BUDGET:-520}"
+left() { echo $((budget - ($(date +%s) - start))); }
 OUT="${OUT:-/tmp/infer-gpu-out}"
 mkdir -p "$OUT"
 bin=/tmp/infer-gpu-bin
 mkdir -p "$bin"
 tar -xJf target-gpu/bundle.tar.xz -C "$bin" || { echo "no target-gpu/bundle.tar.xz: run scripts/cuda-check.sh --bundle and carry it"; exit 1; }
-libdirs=""
-for lib in libcuda.so.1 libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13; do
-  f="$(find / \( -path /proc -o -path /sys \) -prune -o -name "$lib*" -print 2>/dev/null | head -1)"
-  [ -n "$f" ] && libdirs="$libdirs:$(dirname "$f")" || echo "warning: $lib not found"
-done
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+  nvcc --version 2>/dev/null | tail -1
+  # The runtime libraries the binaries link: the CUDA toolkit's, else PyTorch's wheels.
+  libdirs=""
+  for lib in libcuda.so.1 libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13; do
+    # Never the toolkit's compat/ libcuda: it mismatches the installed driver (error 803).
+    f="$(find /usr/local/nvidia /usr/lib /usr/lib64 /usr/local /opt /lib \( -name "$lib" -o -name "$lib.*" \) -not -path '*/compat/*' -print 2>/dev/null | head -1)"
+    [ -n "$f" ] && libdirs="$libdirs:$(dirname "$f")" && echo "$lib: $f" || echo "warning: $lib not found"
+  done
+  echo "LD_LIBRARY_PATH+=${libdirs#:}"
+  echo "$libdirs" > /tmp/infer-gpu-libdirs
+  echo "== ldd (missing)"
+  for b in infer cuda-kernel-tests hf-reference-tests; do
+    LD_LIBRARY_PATH="${libdirs#:}" ldd "$bin/$b" | grep -i "not found" | sed "s|^|$b: |"
+  done
+  echo "setup took $(($(date +%s) - start))s"
+} 2>&1 | tee "$OUT/env.txt"
+libdirs="$(cat /tmp/infer-gpu-libdirs)"
 export LD_LIBRARY_PATH="${libdirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-echo "== kernel tests"
-"$bin/cuda-kernel-tests" --test-threads=1 2>&1 | tee "$OUT/kernel-tests.log"
-echo "== transformers reference tests on the GPU"
-INFER_TEST_DEVICE=cuda INFER_FIXTURES="$PWD/tests/fixtures" "$bin/hf-reference-tests" --test-threads=1 --nocapture 2>&1 | tee "$OUT/hf-reference-tests.log"
-echo "== benchmarks"
-python3 scripts/gpu/bench_gpu.py --infer "$bin/infer" --out "$OUT" --skip "${GPU_BENCH_SKIP:-}" 2>&1 | tee "$OUT/bench.log"
+echo "== kernel tests ($(left)s left)"
+timeout -k 5 90 "$bin/cuda-kernel-tests" --test-threads=1 2>&1 | tee "$OUT/kernel-tests.log"
+echo "kernel tests exit ${PIPESTATUS[0]}" | tee -a "$OUT/env.txt"
+echo "== transformers reference tests on the GPU ($(left)s left)"
+INFER_TEST_DEVICE=cuda INFER_FIXTURES="$PWD/tests/fixtures" timeout -k 5 120 "$bin/hf-reference-tests" --test-threads=1 2>&1 |
+  tee "$OUT/hf-reference-tests.log"
+echo "hf reference tests exit ${PIPESTATUS[0]}" | tee -a "$OUT/env.txt"
+echo "== benchmarks ($(left)s left)"
+PYTHONUNBUFFERED=1 python3 scripts/gpu/bench_gpu.py --infer "$bin/infer" --out "$OUT" --budget "$(left)" \
+  --skip "${GPU_BENCH_SKIP:-}" 2>&1 | tee "$OUT/bench.log"
+echo "session took $(($(date +%s) - start))s" | tee -a "$OUT/env.txt"

@@ -290,6 +290,33 @@ impl std::str::FromStr for Quantize {
     }
 }
 
+/// Quantizes a `[rows, cols]` weight (any float dtype, on the host) to `dtype` blocks, row-major, with
+/// row chunks spread over the threads. `cols` must be a multiple of the block size, so every block lies
+/// in one row and the bytes equal those of quantizing the whole tensor at once (candle does that on
+/// one thread: minutes for an 8B model's Q4_K).
+pub(crate) fn quantize_rows(t: &Tensor, dtype: GgmlDType, rows: usize, cols: usize) -> Result<Vec<u8>> {
+    use rayon::prelude::*;
+    if t.dims() != [rows, cols] || !cols.is_multiple_of(dtype.block_size()) {
+        return Err(Error::Model(format!("quantizing a {:?} tensor as [{rows}, {cols}] rows of {dtype:?}", t.dims())));
+    }
+    let values: Vec<f32> = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let row_bytes = cols / dtype.block_size() * dtype.type_size();
+    // Chunks of at least 64k values, about 4 per thread.
+    let chunk_rows = rows.div_ceil(4 * rayon::current_num_threads()).max(65_536usize.div_ceil(cols)).max(1);
+    let parts: Vec<Result<Vec<u8>>> = values
+        .par_chunks(chunk_rows * cols)
+        .map(|c| {
+            let part = Tensor::from_slice(c, (c.len() / cols, cols), &Device::Cpu)?;
+            Ok(QTensor::quantize(&part, dtype)?.data()?.into_owned())
+        })
+        .collect();
+    let mut out = Vec::with_capacity(rows * row_bytes);
+    for p in parts {
+        out.extend_from_slice(&p?);
+    }
+    Ok(out)
+}
+
 /// A source of named tensors.
 pub enum WeightSource {
     /// Safetensors files, memory-mapped; tensors are converted to `dtype` as they are loaded, and
@@ -659,12 +686,20 @@ impl WeightSource {
         let b = if bias { Some(self.tensor(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
         let w = match self {
             Self::Safetensors { quantize: Some(q), device, .. } if in_dim.is_multiple_of(QType::from(*q).block_values()) => {
-                let t = self.tensor(&wname, &[out_dim, in_dim])?.to_dtype(DType::F32)?;
-                let qt = QTensor::quantize(&t, q.ggml())?;
+                let Self::Safetensors { st, .. } = self else { unreachable!() };
+                self.check_shape(&wname, st.get(&wname).map_err(|_| self.missing(&wname))?.shape(), &[out_dim, in_dim])?;
+                // On the host whatever the device: rows quantize in parallel there, and the blocks go to
+                // the GPU once (not f32 there and back).
+                let t = st
+                    .load(&wname, &Device::Cpu)
+                    .map_err(|e| Error::Model(format!("{}: tensor `{wname}`: {}", self.where_(), root_cause(&e))))?;
+                let data = quantize_rows(&t, q.ggml(), out_dim, in_dim)?;
                 if !device.is_cpu() {
-                    return Ok(Linear::new(QMatMul::from_qtensor(qt)?, b));
+                    // `from_data` zeroes the row padding the GPU kernels read past the last block.
+                    let storage = candle_core::quantized::QStorage::from_data(std::borrow::Cow::Owned(data), device, q.ggml())?;
+                    return Ok(Linear::new(QMatMul::from_qtensor(QTensor::new(storage, (out_dim, in_dim))?)?, b));
                 }
-                let kw = QWeight::new_for(self.kernels().isa(), QType::from(*q), out_dim, in_dim, qt.data()?.into_owned())
+                let kw = QWeight::new_for(self.kernels().isa(), QType::from(*q), out_dim, in_dim, data)
                     .map_err(|e| Error::Model(format!("quantizing `{wname}`: {e}")))?;
                 return Ok(Linear::from_kernel_weight(kw, b));
             }
@@ -737,5 +772,28 @@ pub(crate) fn root_cause(e: &candle_core::Error) -> String {
         candle_core::Error::Context { inner, .. } => root_cause(inner),
         candle_core::Error::WithPath { inner, .. } => root_cause(inner),
         other => other.to_string().replace('\n', "; "),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_quantized_in_parallel_equal_the_whole_tensor_quantized() {
+        // 512 rows of 256: chunks of 256 rows (64k values), so at least two chunks whatever the threads.
+        let (rows, cols) = (512, 256);
+        let v: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 97.0).collect();
+        let t = Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap();
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+            let whole = QTensor::quantize(&t, dtype).unwrap().data().unwrap().into_owned();
+            assert_eq!(quantize_rows(&t, dtype, rows, cols).unwrap(), whole, "{dtype:?}");
+            let bf16 = t.to_dtype(DType::BF16).unwrap();
+            let want = QTensor::quantize(&bf16.to_dtype(DType::F32).unwrap(), dtype).unwrap().data().unwrap().into_owned();
+            assert_eq!(quantize_rows(&bf16, dtype, rows, cols).unwrap(), want, "{dtype:?} from bf16");
+        }
+        assert!(quantize_rows(&t, GgmlDType::Q8_0, cols, rows).is_err(), "wrong shape");
+        let odd = Tensor::zeros((2, 48), DType::F32, &Device::Cpu).unwrap();
+        assert!(quantize_rows(&odd, GgmlDType::Q8_0, 2, 48).is_err(), "rows not whole blocks");
     }
 }

@@ -16,8 +16,10 @@ __device__ void quantize_q8(const T* x, int8_t* xq, float* xd, float* xs, size_t
     if (b >= blocks) return;
     const float v = to_f32(x[b * QK + lane]);
     const float amax = warp_max(fabsf(v));
+    // v · (1/d), rounded to nearest even: the CPU kernels' formula, so both give the same 8-bit values.
     const float d = amax / 127.0f;
-    const int q = d > 0.0f ? __float2int_rn(v / d) : 0;
+    const float id = d > 0.0f ? 1.0f / d : 0.0f;
+    const int q = __float2int_rn(v * id);
     xq[b * QK + lane] = (int8_t)q;
     const float s = warp_sum((float)q);
     if (lane == 0) { xd[b] = d; xs[b] = d * s; }

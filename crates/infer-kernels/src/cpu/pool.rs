@@ -119,10 +119,15 @@ impl Pool {
         Self { shared, workers, busy: AtomicBool::new(false) }
     }
 
-    /// The pool the kernels use, sized like rayon's global pool when first used.
+    /// The pool the kernels use: as many threads as the calling rayon pool has (rayon's global pool,
+    /// or the one a caller `install`ed: `infer bench -t 1,2` runs each row in its own), one pool per
+    /// thread count, started when first used. (A single pool sized by its first caller ran every
+    /// later thread count on the first one's threads.)
     pub fn global() -> &'static Pool {
-        static POOL: OnceLock<Pool> = OnceLock::new();
-        POOL.get_or_init(|| Pool::new(rayon::current_num_threads().max(1)))
+        const MAX: usize = 512;
+        static POOLS: [OnceLock<Pool>; MAX] = [const { OnceLock::new() }; MAX];
+        let threads = rayon::current_num_threads().clamp(1, MAX);
+        POOLS[threads - 1].get_or_init(|| Pool::new(threads))
     }
 
     /// Threads a job runs on (the caller included).
@@ -174,6 +179,25 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_global_pool_follows_the_calling_rayon_pool() {
+        for t in [1, 3, 2] {
+            let rp = rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
+            let (threads, ran) = rp.install(|| {
+                let pool = Pool::global();
+                let ids = Mutex::new(std::collections::HashSet::new());
+                // Tasks that wait for each other a little, so every thread takes some.
+                pool.run(64, &|_| {
+                    ids.lock().unwrap().insert(std::thread::current().id());
+                    std::thread::sleep(Duration::from_micros(200));
+                });
+                (pool.threads(), ids.into_inner().unwrap().len())
+            });
+            assert_eq!(threads, t);
+            assert!(ran <= t && (t == 1 || ran > 1), "{t} threads: tasks ran on {ran}");
+        }
+    }
 
     #[test]
     fn every_task_runs_once_across_many_jobs() {

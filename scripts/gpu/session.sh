@@ -2,17 +2,21 @@
 # Everything to run on a lent GPU machine, in one command (device time is scarce), from the
 # repository root with target-gpu/bundle.tar.xz carried (made by scripts/cuda-check.sh --bundle here):
 #
-#   run(command="bash scripts/gpu/session.sh", carry=["target-gpu/bundle.tar.xz"], timeout_s=560)
+#   run(command="GPU_SESSION_BUDGET=400 GPU_BENCH_SKIP=serve bash scripts/gpu/session.sh",
+#       carry=["target-gpu/bundle.tar.xz"], timeout_s=430)
 #
 # Unpacks the binaries, finds the CUDA runtime libraries (toolkit or PyTorch's wheels), then, each step
-# under a time cap so the whole stays inside GPU_SESSION_BUDGET seconds (default 520):
+# under a time cap so the whole stays inside GPU_SESSION_BUDGET seconds (default 520; the last
+# GPU_NCU_SECONDS of it, default 90, kept for step 4):
 #   1. the CUDA kernel tests (each kernel against its CPU reference);
 #   2. the transformers reference tests on the GPU (INFER_TEST_DEVICE=cuda);
 #   3. scripts/gpu/bench_gpu.py: roofline, greedy tokens (GPU vs PyTorch vs CPU), infer bench bf16 /
 #      Q8_0 / Q4_K and PyTorch on Llama-3.2-1B and Llama-3-8B shapes, serving with 16 and 64 clients
-#      (skip parts with GPU_BENCH_SKIP=1b,8b,quant,serve).
+#      (skip parts with GPU_BENCH_SKIP=1b,8b,quant,serve);
+#   4. ncu: per-kernel GPU times of a few 1B decode steps.
 # Logs and results go to $OUT (the device tool brings back at most 8 files): env.txt, kernel-tests.log,
-# hf-reference-tests.log, bench.log, results.json, summary.md, serve.log.
+# hf-reference-tests.log, bench.log, results.json, summary.md, serve.log, ncu.csv (per-kernel GPU times of
+# 1B decode steps, when ncu is there and time is left).
 set -uo pipefail
 start=$(date +%s)
 budget="${GPU_SESSION_BUDGET:-520}"
@@ -50,6 +54,16 @@ INFER_TEST_DEVICE=cuda INFER_FIXTURES="$PWD/tests/fixtures" timeout -k 5 120 "$b
   tee "$OUT/hf-reference-tests.log"
 echo "hf reference tests exit ${PIPESTATUS[0]}" | tee -a "$OUT/env.txt"
 echo "== benchmarks ($(left)s left)"
-PYTHONUNBUFFERED=1 python3 scripts/gpu/bench_gpu.py --infer "$bin/infer" --out "$OUT" --budget "$(left)" \
+ncu_bin="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)"
+ncu_time=$([ -n "$ncu_bin" ] && echo "${GPU_NCU_SECONDS:-90}" || echo 0)
+PYTHONUNBUFFERED=1 python3 scripts/gpu/bench_gpu.py --infer "$bin/infer" --out "$OUT" --budget "$(($(left) - ncu_time))" \
   --skip "${GPU_BENCH_SKIP:-}" 2>&1 | tee "$OUT/bench.log"
+# Per-kernel GPU times of a few 1B decode steps (ncu reads the counters on these machines; clocks left
+# alone): how many launches a token takes and how much of its wall time the GPU is busy.
+if [ -n "$ncu_bin" ] && [ -d /tmp/infer-gpu-models/1b ] && [ "$(left)" -gt 45 ]; then
+  echo "== ncu: kernels of 1B decode steps ($(left)s left)"
+  timeout -k 5 $(($(left) - 15)) "$ncu_bin" --clock-control none --metrics gpu__time_duration.sum --csv -c 1500 \
+    "$bin/infer" bench /tmp/infer-gpu-models/1b --device cuda --dtype bf16 -p 0 -n 4 -r 1 > "$OUT/ncu.csv" 2>> "$OUT/env.txt"
+  echo "ncu exit $? ($(wc -l < "$OUT/ncu.csv") lines)" | tee -a "$OUT/env.txt"
+fi
 echo "session took $(($(date +%s) - start))s" | tee -a "$OUT/env.txt"

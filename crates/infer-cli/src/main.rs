@@ -131,7 +131,7 @@ pub(crate) struct ModelArgs {
     /// Context size in tokens (prompt + answer); default: the model's trained context.
     #[arg(short = 'c', long)]
     pub ctx_size: Option<usize>,
-    /// Quantize safetensors weights at load: q8_0, q4_0, q4_k, q5_k or q6_k (CPU).
+    /// Quantize safetensors weights at load: q8_0, q4_0, q4_k, q5_k or q6_k (CPU or CUDA; not Metal).
     #[arg(long, value_name = "TYPE")]
     pub quantize: Option<String>,
     /// KV cache storage: f32, f16 (half the memory) or q8_0 (about a quarter: 8-bit values with a

@@ -299,7 +299,14 @@ pub(crate) fn quantize_rows(t: &Tensor, dtype: GgmlDType, rows: usize, cols: usi
     if t.dims() != [rows, cols] || !cols.is_multiple_of(dtype.block_size()) {
         return Err(Error::Model(format!("quantizing a {:?} tensor as [{rows}, {cols}] rows of {dtype:?}", t.dims())));
     }
-    let values: Vec<f32> = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    // Read in place (an 8B model's output head is 2.1 GB in f32: no second copy of it).
+    let t = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::Model("quantizing: the weight is not in host memory".into()));
+    };
+    let start = layout.start_offset();
+    let values = cpu.as_slice::<f32>()?.get(start..start + rows * cols).ok_or_else(|| Error::Model("quantizing: short weight".into()))?;
     let row_bytes = cols / dtype.block_size() * dtype.type_size();
     // Chunks of at least 64k values, about 4 per thread.
     let chunk_rows = rows.div_ceil(4 * rayon::current_num_threads()).max(65_536usize.div_ceil(cols)).max(1);
@@ -792,6 +799,11 @@ mod tests {
             let want = QTensor::quantize(&bf16.to_dtype(DType::F32).unwrap(), dtype).unwrap().data().unwrap().into_owned();
             assert_eq!(quantize_rows(&bf16, dtype, rows, cols).unwrap(), want, "{dtype:?} from bf16");
         }
+        // A view into a larger tensor (rows 3.. of it) reads from its own start.
+        let big = Tensor::cat(&[&Tensor::ones((3, cols), DType::F32, &Device::Cpu).unwrap(), &t], 0).unwrap();
+        let view = big.narrow(0, 3, rows).unwrap();
+        let whole = QTensor::quantize(&t, GgmlDType::Q8_0).unwrap().data().unwrap().into_owned();
+        assert_eq!(quantize_rows(&view, GgmlDType::Q8_0, rows, cols).unwrap(), whole, "a view");
         assert!(quantize_rows(&t, GgmlDType::Q8_0, cols, rows).is_err(), "wrong shape");
         let odd = Tensor::zeros((2, 48), DType::F32, &Device::Cpu).unwrap();
         assert!(quantize_rows(&odd, GgmlDType::Q8_0, 2, 48).is_err(), "rows not whole blocks");

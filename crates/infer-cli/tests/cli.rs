@@ -552,11 +552,13 @@ fn unloaded_models_give_their_memory_back() {
     }
     // The engine's thread lets go of the weights and cache after the state reads "unloaded"; with
     // the other tests running beside it that took over 300 ms once (29 MiB left): wait for the RSS
-    // to settle, at most 5 s.
+    // to settle, at most 5 s. What stays is the allocator's and the threads' reused buffers: 10-12
+    // MiB alone, 30 MiB once in CI beside the other tests (2026-12-04), so the bound is 40% of the
+    // weights: weights kept resident would leave all of them (94 MiB).
     let weights = std::fs::metadata(&model).unwrap().len() as f64 / (1 << 20) as f64;
     let t = std::time::Instant::now();
     let mut unloaded = rss_mib(pid);
-    while unloaded - idle >= weights * 0.3 && t.elapsed() < std::time::Duration::from_secs(5) {
+    while unloaded - idle >= weights * 0.4 && t.elapsed() < std::time::Duration::from_secs(5) {
         std::thread::sleep(std::time::Duration::from_millis(100));
         unloaded = rss_mib(pid);
     }
@@ -566,6 +568,6 @@ fn unloaded_models_give_their_memory_back() {
     child.wait().unwrap();
     eprintln!("RSS MiB: idle {idle:.0}, loaded {loaded:.0}, unloaded {unloaded:.0}, reloaded {reloaded:.0} (weights {weights:.0})");
     assert!(loaded - idle > weights * 0.8, "loading took {:.0} MiB", loaded - idle);
-    assert!(unloaded - idle < weights * 0.3, "unloading left {:.0} MiB", unloaded - idle);
+    assert!(unloaded - idle < weights * 0.4, "unloading left {:.0} MiB", unloaded - idle);
     assert!(reloaded < loaded * 1.1, "reloading took more: {reloaded:.0} vs {loaded:.0} MiB");
 }

@@ -300,7 +300,7 @@ pub(crate) fn quantize_rows(t: &Tensor, dtype: GgmlDType, rows: usize, cols: usi
         return Err(Error::Model(format!("quantizing a {:?} tensor as [{rows}, {cols}] rows of {dtype:?}", t.dims())));
     }
     // Read in place (an 8B model's output head is 2.1 GB in f32: no second copy of it).
-    let t = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?;
+    let t = t.to_dtype(DType::F32)?.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else {
         return Err(Error::Model("quantizing: the weight is not in host memory".into()));
@@ -655,13 +655,7 @@ impl WeightSource {
     /// A dense tensor of the given shape in the compute dtype (norm weights, embeddings, biases).
     pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         match self {
-            Self::Safetensors { st, dtype, device, .. } => {
-                let view = st.get(name).map_err(|_| self.missing(name))?;
-                self.check_shape(name, view.shape(), shape)?;
-                let t =
-                    st.load(name, device).map_err(|e| Error::Model(format!("{}: tensor `{name}`: {}", self.where_(), root_cause(&e))))?;
-                Ok(t.to_dtype(*dtype)?)
-            }
+            Self::Safetensors { dtype, device, .. } => Ok(self.safetensor_on(name, shape, device)?.to_dtype(*dtype)?),
             Self::Gguf { device, .. } => {
                 let q = self.qtensor(name)?;
                 // GGUF lists dimensions innermost first; candle reverses them into row-major order.
@@ -669,6 +663,14 @@ impl WeightSource {
                 Ok(q.dequantize(device)?)
             }
         }
+    }
+
+    /// A safetensors tensor of shape `shape` on `device`, in the file's dtype.
+    fn safetensor_on(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let Self::Safetensors { st, .. } = self else { unreachable!("safetensor_on on a GGUF source") };
+        let view = st.get(name).map_err(|_| self.missing(name))?;
+        self.check_shape(name, view.shape(), shape)?;
+        st.load(name, device).map_err(|e| Error::Model(format!("{}: tensor `{name}`: {}", self.where_(), root_cause(&e))))
     }
 
     /// A GGUF tensor of shape `shape` (row-major) as its raw blocks, when it is block-quantized and
@@ -693,13 +695,9 @@ impl WeightSource {
         let b = if bias { Some(self.tensor(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
         let w = match self {
             Self::Safetensors { quantize: Some(q), device, .. } if in_dim.is_multiple_of(QType::from(*q).block_values()) => {
-                let Self::Safetensors { st, .. } = self else { unreachable!() };
-                self.check_shape(&wname, st.get(&wname).map_err(|_| self.missing(&wname))?.shape(), &[out_dim, in_dim])?;
                 // On the host whatever the device: rows quantize in parallel there, and the blocks go to
                 // the GPU once (not f32 there and back).
-                let t = st
-                    .load(&wname, &Device::Cpu)
-                    .map_err(|e| Error::Model(format!("{}: tensor `{wname}`: {}", self.where_(), root_cause(&e))))?;
+                let t = self.safetensor_on(&wname, &[out_dim, in_dim], &Device::Cpu)?;
                 let data = quantize_rows(&t, q.ggml(), out_dim, in_dim)?;
                 if !device.is_cpu() {
                     // `from_data` zeroes the row padding the GPU kernels read past the last block.

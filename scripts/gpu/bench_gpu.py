@@ -170,15 +170,21 @@ def run_cmd(cmd, cap):
     return r
 
 
+def roofline_tg(bw, n_params, kind):
+    """Decode tokens/s at the memory roofline: bandwidth ÷ bytes of weights per token (None without
+    a measured bandwidth)."""
+    return bw / (n_params * BYTES_PER_PARAM[kind]) if bw else None
+
+
 def infer_bench(infer, path, device, extra, tiny, cap, n_params, bw, kind):
     p, n = ("64", "16") if tiny else ("512", "128")
     r = run_cmd([infer, "bench", path, "--device", device, "-p", p, "-n", n, "-r", "3", "-o", "json"] + extra, cap)
     out = {}
     for rec in json.loads(r.stdout):
         out["pp" if rec["n_prompt"] else "tg"] = rec["avg_ts"]
-    roof = bw / (n_params * BYTES_PER_PARAM[kind])
+    roof = roofline_tg(bw, n_params, kind)
     out["roofline_tg"] = roof
-    out["tg_fraction_of_roofline"] = out.get("tg", 0) / roof
+    out["tg_fraction_of_roofline"] = out.get("tg", 0) / roof if roof else None
     out["stderr"] = r.stderr[-400:]
     return out
 
@@ -326,8 +332,9 @@ def shape_steps(s, args, dev, tag, cfg, cpu_greedy, serve):
     s.step(f"{tag}.infer_bf16", 40, lambda cap: infer_bench(args.infer, path, args.device, ["--dtype", "bf16"], args.tiny,
                                                             min(cap, 200), n_params, bw, "bf16"))
     r = s.step(f"{tag}.torch_bf16", 20, lambda cap: torch_speed(model, dev, cfg["vocab_size"], args.tiny))
-    if isinstance(r, dict) and bw:
-        r["tg_fraction_of_roofline"] = r["tg"] / (bw / (n_params * 2))
+    roof = roofline_tg(bw, n_params, "bf16")
+    if isinstance(r, dict) and roof:
+        r["tg_fraction_of_roofline"] = r["tg"] / roof
     del model
     if dev.type == "cuda":
         torch.cuda.empty_cache()

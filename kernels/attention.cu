@@ -9,8 +9,9 @@
 // Flash-decoding: the keys a row sees are cut into partitions of PART positions; one thread block
 // per (row, head, partition) keeps a running max, sum and weighted V in registers (online softmax,
 // one pass over K and V), its warps splitting the partition; `attention_combine` merges the
-// partitions. Long contexts thus spread over many blocks even for one decode row, and a prefill
-// row's partitions run in parallel. Grouped-query attention: head h reads KV head h / group.
+// partitions (with one partition and `o` given, the partial pass writes the output itself). Long
+// contexts thus spread over many blocks even for one decode row, and a prefill row's partitions run
+// in parallel. Grouped-query attention: head h reads KV head h / group.
 #include "common.cuh"
 #include <math_constants.h>
 
@@ -35,7 +36,8 @@ template <typename T>
 __device__ void attention_partial(const T* q, const T* kc, const T* vc, const uint32_t* tables,
                                   const uint32_t* row_table, const uint32_t* row_len, float* part_m,
                                   float* part_l, float* part_acc, int num_heads, int num_kv_heads,
-                                  int head_dim, int block_size, float scale, float softcap, int window, int parts) {
+                                  int head_dim, int block_size, float scale, float softcap, int window, int parts,
+                                  T* o) {
     const int row = blockIdx.x, head = blockIdx.y, part = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int len = row_len[row];
@@ -89,9 +91,19 @@ __device__ void attention_partial(const T* q, const T* kc, const T* vc, const ui
     __syncthreads();
     float mt = -CUDART_INF_F;
     for (int w = 0; w < WARPS; w++) mt = fmaxf(mt, sm[w]);
+    float lt = 0.0f;
+    for (int w = 0; w < WARPS; w++) lt += sm[w] == -CUDART_INF_F ? 0.0f : sl[w] * __expf(sm[w] - mt);
+    if (o) {
+        // One partition (parts == 1): the normalized output directly, no combine pass.
+        const float inv = lt > 0.0f ? 1.0f / lt : 0.0f;
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            float a = 0.0f;
+            for (int w = 0; w < WARPS; w++) a += sm[w] == -CUDART_INF_F ? 0.0f : sacc[w][d] * __expf(sm[w] - mt);
+            o[((size_t)row * num_heads + head) * head_dim + d] = from_f32<T>(a * inv);
+        }
+        return;
+    }
     if (threadIdx.x == 0) {
-        float lt = 0.0f;
-        for (int w = 0; w < WARPS; w++) lt += sm[w] == -CUDART_INF_F ? 0.0f : sl[w] * __expf(sm[w] - mt);
         part_m[out] = mt;
         part_l[out] = lt;
     }
@@ -131,9 +143,10 @@ __device__ void attention_combine(const float* part_m, const float* part_l, cons
     extern "C" __global__ void __launch_bounds__(WARPS * 32) attention_partial_##SUFFIX(                      \
         const T* q, const T* kc, const T* vc, const uint32_t* tables, const uint32_t* row_table,              \
         const uint32_t* row_len, float* part_m, float* part_l, float* part_acc, int num_heads,                \
-        int num_kv_heads, int head_dim, int block_size, float scale, float softcap, int window, int parts) {  \
+        int num_kv_heads, int head_dim, int block_size, float scale, float softcap, int window, int parts,    \
+        T* o) {                                                                                               \
         attention_partial<T>(q, kc, vc, tables, row_table, row_len, part_m, part_l, part_acc, num_heads,      \
-                             num_kv_heads, head_dim, block_size, scale, softcap, window, parts);              \
+                             num_kv_heads, head_dim, block_size, scale, softcap, window, parts, o);           \
     }                                                                                                         \
     extern "C" __global__ void attention_combine_##SUFFIX(const float* part_m, const float* part_l,           \
                                                           const float* part_acc, T* o, int num_heads,         \

@@ -231,3 +231,418 @@ fn quantized_gemv_matches_the_cpu_kernel() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The decode step's kernels (cuda::decode), on raw addresses of device tensors.
+
+use infer_kernels::cuda::decode::{tensor_ptr, AttentionArgs, DecodeKernels, DevPtr, Segment, NORM_ROWS};
+
+/// `v` on the device as `dt`, and its address.
+fn dev_tensor(v: &[f32], dt: DType, dev: &Device) -> (Tensor, DevPtr) {
+    let t = Tensor::new(v, dev).unwrap().to_dtype(dt).unwrap();
+    let p = tensor_ptr(&t).unwrap();
+    (t, p)
+}
+
+fn dev_u32(v: &[u32], dev: &Device) -> (Tensor, DevPtr) {
+    let t = Tensor::new(v, dev).unwrap();
+    let p = tensor_ptr(&t).unwrap();
+    (t, p)
+}
+
+#[test]
+fn decode_gemv_and_glu_match_the_reference() {
+    let Some(dev) = gpu() else { return };
+    // (segment rows, k): three stacked segments with biases on the first and last, one plain
+    // matrix; k = 1000 ends mid-unroll (125 bf16 chunks, 250 f32 ones), k = 8 is one chunk.
+    // Rows set the warps per row: 4 up to 2048 rows, 2 up to 4096, 1 from 8192 on (the GLU takes the
+    // first segment's rows).
+    for (segs, k) in
+        [(vec![40usize, 8, 24], 64usize), (vec![300], 1000), (vec![3], 8), (vec![130, 2], 2048), (vec![3000], 64), (vec![8192, 8], 16)]
+    {
+        let n: usize = segs.iter().sum();
+        for (dt, tol) in DTYPES {
+            let kern = DecodeKernels::new(&dev, dt, true).unwrap();
+            let w: Vec<Vec<f32>> = segs.iter().enumerate().map(|(i, &r)| rounded(&rand_vec(r * k, 20 + i as u64), dt)).collect();
+            let bias: Vec<Option<Vec<f32>>> =
+                segs.iter().enumerate().map(|(i, &r)| (i != 1).then(|| rounded(&rand_vec(r, 30 + i as u64), dt))).collect();
+            let wt: Vec<_> = w.iter().map(|v| dev_tensor(v, dt, &dev)).collect();
+            let bt: Vec<_> = bias.iter().map(|b| b.as_ref().map(|v| dev_tensor(v, dt, &dev))).collect();
+            let segments: Vec<Segment> = segs
+                .iter()
+                .enumerate()
+                .map(|(i, &rows)| Segment { weight: wt[i].1, bias: bt[i].as_ref().map_or(DevPtr::NULL, |b| b.1), rows })
+                .collect();
+            for m in [1usize, 2, 3, 5, 8] {
+                let x = rounded(&rand_vec(m * k, 40 + m as u64), dt);
+                let (_xt, xp) = dev_tensor(&x, dt, &dev);
+                // Reference: out[i, r] = x[i] · W[r] + b[r], in f64 over the rounded inputs.
+                let mut want = vec![0f32; m * n];
+                for i in 0..m {
+                    let mut r0 = 0;
+                    for (s, &rows) in segs.iter().enumerate() {
+                        for r in 0..rows {
+                            let dot: f64 = (0..k).map(|j| w[s][r * k + j] as f64 * x[i * k + j] as f64).sum();
+                            want[i * n + r0 + r] = (dot + bias[s].as_ref().map_or(0.0, |b| b[r] as f64)) as f32;
+                        }
+                        r0 += rows;
+                    }
+                }
+                let what = format!("gemv {segs:?} k={k} m={m} {dt:?}");
+                let (out, op) = dev_tensor(&vec![0f32; m * n], DType::F32, &dev);
+                unsafe { kern.gemv(&segments, k, xp, m, op, false) }.unwrap();
+                assert_close(&what, &to_host(&out), &want, 1e-4);
+                // Added into what the output holds (the residual stream).
+                let base = rand_vec(m * n, 50);
+                let (out, op) = dev_tensor(&base, DType::F32, &dev);
+                unsafe { kern.gemv(&segments, k, xp, m, op, true) }.unwrap();
+                let summed: Vec<f32> = want.iter().zip(&base).map(|(a, b)| a + b).collect();
+                assert_close(&format!("{what} add"), &to_host(&out), &summed, 1e-4);
+                // GLU over the first segment as gate and a second matrix as up.
+                let rows = segs[0];
+                let up = rounded(&rand_vec(rows * k, 60), dt);
+                let (_ut, upp) = dev_tensor(&up, dt, &dev);
+                let mut want = vec![0f32; m * rows];
+                for i in 0..m {
+                    for r in 0..rows {
+                        let g: f64 = (0..k).map(|j| w[0][r * k + j] as f64 * x[i * k + j] as f64).sum();
+                        let u: f64 = (0..k).map(|j| up[r * k + j] as f64 * x[i * k + j] as f64).sum();
+                        want[i * rows + r] = (g / (1.0 + (-g).exp()) * u) as f32;
+                    }
+                }
+                let (act, ap) = dev_tensor(&vec![0f32; m * rows], dt, &dev);
+                unsafe { kern.glu(wt[0].1, upp, rows, k, xp, m, ap) }.unwrap();
+                assert_close(&format!("glu [{rows}, {k}] m={m} {dt:?}"), &to_host(&act), &want, tol.max(1e-4));
+            }
+        }
+    }
+}
+
+#[test]
+fn decode_embed_and_rmsnorm_match_the_reference() {
+    let Some(dev) = gpu() else { return };
+    let (vocab, n) = (50, 200);
+    let table = rand_vec(vocab * n, 70);
+    let ids = [7u32, 0, 49, 7];
+    for (dt, tol) in DTYPES {
+        let kern = DecodeKernels::new(&dev, dt, true).unwrap();
+        let tr = rounded(&table, dt);
+        let (_tt, tp) = dev_tensor(&table, dt, &dev);
+        let (_it, ip) = dev_u32(&ids, &dev);
+        let (x, xp) = dev_tensor(&vec![0f32; ids.len() * n], DType::F32, &dev);
+        unsafe { kern.embed(tp, ip, xp, ids.len(), n) }.unwrap();
+        let want: Vec<f32> = ids.iter().flat_map(|&i| tr[i as usize * n..][..n].to_vec()).collect();
+        assert_eq!(to_host(&x), want, "embed {dt:?}");
+        // RMSNorm of rows 3 and 1 (a gather, as for the logits rows), f32 in, dt out.
+        let w = rounded(&rand_vec(n, 71), dt);
+        let (_wt, wp) = dev_tensor(&w, dt, &dev);
+        let rows = [3u32, 1];
+        let (_rt, rp) = dev_u32(&rows, &dev);
+        let (y, yp) = dev_tensor(&vec![0f32; rows.len() * n], dt, &dev);
+        unsafe { kern.rmsnorm(xp, rp, wp, yp, rows.len(), n, 1e-6) }.unwrap();
+        let mut want = Vec::new();
+        for &r in &rows {
+            let row = &tr[ids[r as usize] as usize * n..][..n];
+            let inv = 1.0 / (row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / n as f64 + 1e-6).sqrt();
+            want.extend(row.iter().zip(&w).map(|(&v, &g)| (v as f64 * inv * g as f64) as f32));
+        }
+        assert_close(&format!("rmsnorm_in {dt:?}"), &to_host(&y), &want, tol);
+    }
+}
+
+#[test]
+fn decode_rope_qkv_matches_the_reference() {
+    let Some(dev) = gpu() else { return };
+    let (m, nh, nkv, hd) = (3usize, 4usize, 2usize, 64usize);
+    let width = (nh + 2 * nkv) * hd;
+    let qkv = rand_vec(m * width, 80);
+    let positions = [0u32, 9, 3000];
+    let slots = [5u32, 0, 11];
+    let num_slots = 12;
+    for rot in [hd, hd / 2] {
+        let inv: Vec<f32> = (0..rot / 2).map(|i| 1.0 / 500000f32.powf(2.0 * i as f32 / rot as f32)).collect();
+        for interleaved in [false, true] {
+            for norm in [false, true] {
+                for (dt, tol) in DTYPES {
+                    let kern = DecodeKernels::new(&dev, dt, true).unwrap();
+                    let (qn, kn) = (rounded(&rand_vec(hd, 81), dt), rounded(&rand_vec(hd, 82), dt));
+                    // Reference: per head, optional RMSNorm (rounded to dt, as the kernel does), then
+                    // the rotation in f64.
+                    let head = |t: usize, h: usize, gain: Option<&[f32]>| -> Vec<f32> {
+                        let src = &qkv[t * width + h * hd..][..hd];
+                        match gain {
+                            None => src.to_vec(),
+                            Some(g) => {
+                                let inv = 1.0 / (src.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / hd as f64 + 1e-6).sqrt();
+                                rounded(&src.iter().zip(g).map(|(&v, &w)| (v as f64 * inv * w as f64) as f32).collect::<Vec<_>>(), dt)
+                            }
+                        }
+                    };
+                    let rotate = |mut row: Vec<f32>, p: u32| -> Vec<f32> {
+                        let orig = row.clone();
+                        for (i, &f) in inv.iter().enumerate() {
+                            let (s, c) = (p as f64 * f as f64).sin_cos();
+                            let (a, b) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + rot / 2) };
+                            row[a] = (orig[a] as f64 * c - orig[b] as f64 * s) as f32;
+                            row[b] = (orig[b] as f64 * c + orig[a] as f64 * s) as f32;
+                        }
+                        row
+                    };
+                    let (mut want_q, mut want_k, mut want_v) =
+                        (vec![0f32; m * nh * hd], vec![0f32; num_slots * nkv * hd], vec![0f32; num_slots * nkv * hd]);
+                    for t in 0..m {
+                        for h in 0..nh {
+                            let r = rotate(head(t, h, norm.then_some(&qn[..])), positions[t]);
+                            want_q[(t * nh + h) * hd..][..hd].copy_from_slice(&r);
+                        }
+                        for h in 0..nkv {
+                            let r = rotate(head(t, nh + h, norm.then_some(&kn[..])), positions[t]);
+                            want_k[(slots[t] as usize * nkv + h) * hd..][..hd].copy_from_slice(&r);
+                            want_v[(slots[t] as usize * nkv + h) * hd..][..hd].copy_from_slice(&head(t, nh + nkv + h, None));
+                        }
+                    }
+                    let (_a, qkvp) = dev_tensor(&qkv, DType::F32, &dev);
+                    let (_b, pp) = dev_u32(&positions, &dev);
+                    let (_c, sp) = dev_u32(&slots, &dev);
+                    let (_d, ip) = dev_tensor(&inv, DType::F32, &dev);
+                    let (_e, qnp) = dev_tensor(&qn, dt, &dev);
+                    let (_f, knp) = dev_tensor(&kn, dt, &dev);
+                    let (q, qp) = dev_tensor(&vec![0f32; m * nh * hd], dt, &dev);
+                    let (kc, kp) = dev_tensor(&vec![0f32; num_slots * nkv * hd], dt, &dev);
+                    let (vc, vp) = dev_tensor(&vec![0f32; num_slots * nkv * hd], dt, &dev);
+                    let qk_norm = norm.then_some((qnp, knp, 1e-6));
+                    unsafe { kern.rope_qkv(qkvp, pp, sp, ip, qk_norm, qp, kp, vp, m, (nh, nkv, hd), rot, interleaved) }.unwrap();
+                    let what = format!("rope_qkv rot={rot} interleaved={interleaved} norm={norm} {dt:?}");
+                    // Angles up to 3000 rad: f32 argument reduction costs ~1e-4 absolute.
+                    assert_close(&format!("{what} q"), &to_host(&q), &rounded(&want_q, dt), tol.max(1e-3));
+                    assert_close(&format!("{what} k"), &to_host(&kc), &rounded(&want_k, dt), tol.max(1e-3));
+                    assert_close(&format!("{what} v"), &to_host(&vc), &rounded(&want_v, dt), tol.max(1e-3));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn decode_attention_matches_the_cpu_kernel() {
+    let Some(dev) = gpu() else { return };
+    // One partition (the first pass writes the output) and several (combine pass); groups of 4, 1
+    // and 8 query heads per KV head (decode.cu's grouped kernel, with a window, with soft-capping),
+    // and head_dim 80 / a group of 9 (attention.cu's kernel).
+    let shapes = [
+        (8usize, 2usize, 128usize, None, None),
+        (4, 4, 64, Some(37), None),
+        (16, 2, 64, None, Some(0.9f32)),
+        (6, 2, 80, None, None),
+        (9, 1, 64, None, None),
+    ];
+    for ((num_heads, num_kv_heads, hd, window, softcap), lens) in shapes
+        .into_iter()
+        .flat_map(|sh| [vec![(1usize, 5usize), (3, 3), (1, 100)], vec![(1, 700), (2, 40), (1, 257)]].into_iter().map(move |l| (sh, l)))
+    {
+        let block_size = 16;
+        let blocks_per: Vec<usize> = lens.iter().map(|&(_, c)| c.div_ceil(block_size)).collect();
+        let num_blocks: usize = blocks_per.iter().sum::<usize>() + 2;
+        let ids: Vec<u32> = (0..num_blocks as u32).rev().collect();
+        let (mut tables, mut next) = (Vec::new(), 0);
+        for &b in &blocks_per {
+            tables.push(ids[next..next + b].to_vec());
+            next += b;
+        }
+        let row = num_kv_heads * hd;
+        let (kc, vc) = (rand_vec(num_blocks * block_size * row, 90), rand_vec(num_blocks * block_size * row, 91));
+        let rows: usize = lens.iter().map(|l| l.0).sum();
+        let q = rand_vec(rows * num_heads * hd, 92);
+        let (mut seqs, mut q_start) = (Vec::new(), 0);
+        let (mut flat, mut row_table, mut row_len) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, &(q_len, context_len)) in lens.iter().enumerate() {
+            seqs.push(SeqAttention { q_start, q_len, context_len, block_table: &tables[i] });
+            q_start += q_len;
+            let start = flat.len() as u32;
+            flat.extend_from_slice(&tables[i]);
+            for j in 0..q_len {
+                row_table.push(start);
+                row_len.push((context_len - q_len + j + 1) as u32);
+            }
+        }
+        let max_len = *row_len.iter().max().unwrap() as usize;
+        let shape = AttentionShape {
+            num_heads,
+            num_kv_heads,
+            head_dim: hd,
+            block_size,
+            scale: 1.0 / (hd as f32).sqrt(),
+            sliding_window: window,
+            softcap,
+        };
+        for (dt, tol) in DTYPES {
+            let kern = DecodeKernels::new(&dev, dt, true).unwrap();
+            let (qr, kr, vr) = (rounded(&q, dt), rounded(&kc, dt), rounded(&vc, dt));
+            let mut want = vec![0f32; rows * num_heads * hd];
+            paged_attention(infer_kernels::Isa::detect(), &qr, &kr, &vr, &seqs, &shape, &mut want);
+            let (_q, qp) = dev_tensor(&q, dt, &dev);
+            let (_k, kp) = dev_tensor(&kc, dt, &dev);
+            let (_v, vp) = dev_tensor(&vc, dt, &dev);
+            let (_t, tp) = dev_u32(&flat, &dev);
+            let (_rt, rtp) = dev_u32(&row_table, &dev);
+            let (_rl, rlp) = dev_u32(&row_len, &dev);
+            let scratch_len = DecodeKernels::attention_scratch(rows, &shape, max_len).max(1);
+            let (_s, sp) = dev_tensor(&vec![0f32; scratch_len], DType::F32, &dev);
+            let (out, op) = dev_tensor(&vec![0f32; rows * num_heads * hd], dt, &dev);
+            let args = AttentionArgs {
+                q: qp,
+                k_cache: kp,
+                v_cache: vp,
+                tables: tp,
+                row_table: rtp,
+                row_len: rlp,
+                scratch: sp,
+                out: op,
+                rows,
+                max_len,
+            };
+            unsafe { kern.attention(&args, &shape) }.unwrap();
+            let what =
+                format!("decode attention h={num_heads}/{num_kv_heads} hd={hd} window={window:?} softcap={softcap:?} {lens:?} {dt:?}");
+            assert_close(&what, &to_host(&out), &want, tol);
+        }
+    }
+}
+
+/// `rmsnorm(x[i]) · g` in f64 for the rows of x (`[m, k]`).
+fn normed(x: &[f32], g: &[f32], k: usize, eps: f64) -> Vec<f64> {
+    x.chunks(k)
+        .flat_map(|row| {
+            let inv = 1.0 / (row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / k as f64 + eps).sqrt();
+            row.iter().zip(g).map(move |(&v, &w)| v as f64 * inv * w as f64)
+        })
+        .collect()
+}
+
+#[test]
+fn decode_kernels_with_the_norm_folded_in_match_the_reference() {
+    let Some(dev) = gpu() else { return };
+    let eps = 1e-5;
+    // (rows, k): 4, 2 and 1 warps per row.
+    for (n, k) in [(72usize, 64usize), (3000, 128), (8200, 40)] {
+        for (dt, tol) in DTYPES {
+            let kern = DecodeKernels::new(&dev, dt, true).unwrap();
+            let (w, up) = (rounded(&rand_vec(n * k, 100), dt), rounded(&rand_vec(n * k, 101), dt));
+            let bias = rounded(&rand_vec(n, 102), dt);
+            let gain = rounded(&rand_vec(k, 103), dt);
+            let ((_w, wp), (_u, upp), (_b, bp), (_g, gp)) =
+                (dev_tensor(&w, dt, &dev), dev_tensor(&up, dt, &dev), dev_tensor(&bias, dt, &dev), dev_tensor(&gain, dt, &dev));
+            for m in 1..=NORM_ROWS {
+                // The residual rows in f32, at a scale unlike 1 (the norm must divide it out).
+                let x: Vec<f32> = rand_vec(m * k, 104 + m as u64).iter().map(|v| v * 7.0).collect();
+                let (_x, xp) = dev_tensor(&x, DType::F32, &dev);
+                let h = normed(&x, &gain, k, eps as f64);
+                let dot = |wm: &[f32], i: usize, r: usize| -> f64 { (0..k).map(|j| wm[r * k + j] as f64 * h[i * k + j]).sum() };
+                let want: Vec<f32> =
+                    (0..m).flat_map(|i| (0..n).map(move |r| (i, r))).map(|(i, r)| (dot(&w, i, r) + bias[r] as f64) as f32).collect();
+                let seg = [Segment { weight: wp, bias: bp, rows: n }];
+                let base = rand_vec(m * n, 105);
+                let (out, op) = dev_tensor(&base, DType::F32, &dev);
+                unsafe { kern.gemv_norm(&seg, k, xp, gp, eps, m, op, true) }.unwrap();
+                let summed: Vec<f32> = want.iter().zip(&base).map(|(a, b)| a + b).collect();
+                assert_close(&format!("gemv_norm [{n}, {k}] m={m} {dt:?}"), &to_host(&out), &summed, 1e-4);
+                let want: Vec<f32> = (0..m)
+                    .flat_map(|i| (0..n).map(move |r| (i, r)))
+                    .map(|(i, r)| {
+                        let (g, u) = (dot(&w, i, r), dot(&up, i, r));
+                        (g / (1.0 + (-g).exp()) * u) as f32
+                    })
+                    .collect();
+                let (act, ap) = dev_tensor(&vec![0f32; m * n], dt, &dev);
+                unsafe { kern.glu_norm(wp, upp, n, k, xp, gp, eps, m, ap) }.unwrap();
+                assert_close(&format!("glu_norm [{n}, {k}] m={m} {dt:?}"), &to_host(&act), &want, tol.max(1e-4));
+            }
+        }
+    }
+}
+
+#[test]
+fn decode_qkv_rope_with_the_norm_folded_in_matches_the_reference() {
+    let Some(dev) = gpu() else { return };
+    let (nh, nkv, hd, k) = (4usize, 2usize, 32usize, 96usize);
+    let (nq, nk) = (nh * hd, nkv * hd);
+    let rows = nq + 2 * nk;
+    let positions = [3u32, 1700];
+    let slots = [6u32, 1];
+    let num_slots = 8;
+    let eps = 1e-6;
+    for rot in [hd, hd / 2] {
+        let inv: Vec<f32> = (0..rot / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / rot as f32)).collect();
+        for interleaved in [false, true] {
+            for fused in [false, true] {
+                for (dt, tol) in DTYPES {
+                    let kern = DecodeKernels::new(&dev, dt, true).unwrap();
+                    let w = rounded(&rand_vec(rows * k, 110), dt);
+                    let bias = rounded(&rand_vec(rows, 111), dt);
+                    let gain = rounded(&rand_vec(k, 112), dt);
+                    let (_w, wp) = dev_tensor(&w, dt, &dev);
+                    let (_b, bp) = dev_tensor(&bias, dt, &dev);
+                    let (_g, gp) = dev_tensor(&gain, dt, &dev);
+                    let (_i, ip) = dev_tensor(&inv, DType::F32, &dev);
+                    let (_p, pp) = dev_u32(&positions, &dev);
+                    let (_s, sp) = dev_u32(&slots, &dev);
+                    let es = dt.size_in_bytes();
+                    let segs: Vec<Segment> = if fused {
+                        vec![Segment { weight: wp, bias: bp, rows }]
+                    } else {
+                        // Three matrices (here views of one buffer) with biases.
+                        [(0, nq), (nq, nk), (nq + nk, nk)]
+                            .iter()
+                            .map(|&(r0, r)| Segment { weight: wp.offset(r0 * k * es), bias: bp.offset(r0 * es), rows: r })
+                            .collect()
+                    };
+                    for m in 1..=NORM_ROWS {
+                        let x: Vec<f32> = rand_vec(m * k, 113 + m as u64).iter().map(|v| v * 3.0).collect();
+                        let (_x, xp) = dev_tensor(&x, DType::F32, &dev);
+                        let h = normed(&x, &gain, k, eps as f64);
+                        let (mut want_q, mut want_k, mut want_v) =
+                            (vec![0f32; m * nq], vec![0f32; num_slots * nk], vec![0f32; num_slots * nk]);
+                        for t in 0..m {
+                            let y: Vec<f64> = (0..rows)
+                                .map(|r| (0..k).map(|j| w[r * k + j] as f64 * h[t * k + j]).sum::<f64>() + bias[r] as f64)
+                                .collect();
+                            for head in 0..nh + 2 * nkv {
+                                let mut v: Vec<f64> = y[head * hd..][..hd].to_vec();
+                                if head < nh + nkv {
+                                    let orig = v.clone();
+                                    for (i, &f) in inv.iter().enumerate() {
+                                        let (s, c) = (positions[t] as f64 * f as f64).sin_cos();
+                                        let (a, b) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + rot / 2) };
+                                        v[a] = orig[a] * c - orig[b] * s;
+                                        v[b] = orig[b] * c + orig[a] * s;
+                                    }
+                                }
+                                let v: Vec<f32> = v.iter().map(|&e| e as f32).collect();
+                                let slot = slots[t] as usize;
+                                if head < nh {
+                                    want_q[(t * nh + head) * hd..][..hd].copy_from_slice(&v);
+                                } else if head < nh + nkv {
+                                    want_k[(slot * nkv + head - nh) * hd..][..hd].copy_from_slice(&v);
+                                } else {
+                                    want_v[(slot * nkv + head - nh - nkv) * hd..][..hd].copy_from_slice(&v);
+                                }
+                            }
+                        }
+                        let (q, qp) = dev_tensor(&vec![0f32; m * nq], dt, &dev);
+                        let (kc, kp) = dev_tensor(&vec![0f32; num_slots * nk], dt, &dev);
+                        let (vc, vp) = dev_tensor(&vec![0f32; num_slots * nk], dt, &dev);
+                        unsafe {
+                            kern.qkv_rope_norm(&segs, k, (xp, gp, eps), m, (pp, sp, ip), (qp, kp, vp), (nh, nkv, hd), rot, interleaved)
+                        }
+                        .unwrap();
+                        let what = format!("qkv_rope_norm rot={rot} interleaved={interleaved} fused={fused} m={m} {dt:?}");
+                        // Angles up to 1700 rad: f32 argument reduction costs ~1e-4 absolute.
+                        assert_close(&format!("{what} q"), &to_host(&q), &rounded(&want_q, dt), tol.max(1e-3));
+                        assert_close(&format!("{what} k"), &to_host(&kc), &rounded(&want_k, dt), tol.max(1e-3));
+                        assert_close(&format!("{what} v"), &to_host(&vc), &rounded(&want_v, dt), tol.max(1e-3));
+                    }
+                }
+            }
+        }
+    }
+}

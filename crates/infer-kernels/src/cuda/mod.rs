@@ -19,6 +19,8 @@ mod ptx {
     include!(concat!(env!("OUT_DIR"), "/cuda_ptx.rs"));
 }
 
+pub mod decode;
+
 /// A loaded kernel and the device's stream it launches on.
 struct Kernel {
     func: CudaFunction,
@@ -503,6 +505,8 @@ impl CustomOp3 for PagedAttention {
             b.arg(&qs).arg(&kc).arg(&vc).arg(&tables).arg(&row_table).arg(&row_len);
             b.arg(&part_m).arg(&part_l).arg(&part_acc);
             b.arg(&h_i).arg(&kvh_i).arg(&hd_i).arg(&bs_i).arg(&scale).arg(&softcap).arg(&window).arg(&parts_i);
+            let no_direct_out = 0u64; // null `o`: always through the combine pass here
+            b.arg(&no_direct_out);
             let cfg = LaunchConfig { grid_dim: (rows as u32, heads as u32, parts as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: argument types match the kernel's signature; the tables index the caches.
             unsafe { b.launch(cfg) }.w()?;

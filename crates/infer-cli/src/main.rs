@@ -494,10 +494,14 @@ pub(crate) fn set_threads(n: Option<usize>) -> Result<()> {
 
 /// The kernel switches of the environment, for comparisons: `INFER_ISA=NAME` caps the CPU kernels'
 /// instruction set (scalar, avx2, avx2-vnni, avx512, amx; on aarch64 neon, neon-dotprod),
-/// `INFER_TENSOR_PATH=1` runs the tensor path (candle ops) on the CPU, `INFER_CANDLE_QMATMUL=1` keeps
-/// candle's quantized matmul. The library reads no environment: these become load options.
+/// `INFER_TENSOR_PATH=1` runs the tensor path (candle ops) on the CPU or instead of the CUDA decode
+/// step, `INFER_CANDLE_QMATMUL=1` keeps candle's quantized matmul; for the CUDA decode step
+/// `INFER_CUDA_UNFUSED=1` keeps its norms in separate kernels, `INFER_CUDA_GRAPH=0` launches kernel by
+/// kernel, `INFER_CUDA_PDL=0` without programmatic dependent launches. The library reads no
+/// environment: these become load options.
 pub(crate) fn kernels_from_env() -> Result<infer::KernelChoice> {
     let on = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0");
+    let off = |name: &str| std::env::var_os(name).is_some_and(|v| v == "0");
     let max_isa = match std::env::var("INFER_ISA") {
         Ok(name) if !name.is_empty() => Some(infer::Isa::from_name(&name).ok_or_else(|| {
             let names: Vec<&str> = infer::Isa::ALL.iter().map(|i| i.name()).collect();
@@ -505,7 +509,14 @@ pub(crate) fn kernels_from_env() -> Result<infer::KernelChoice> {
         })?),
         _ => None,
     };
-    Ok(infer::KernelChoice { max_isa, tensor_path: on("INFER_TENSOR_PATH"), candle_qmatmul: on("INFER_CANDLE_QMATMUL") })
+    Ok(infer::KernelChoice {
+        max_isa,
+        tensor_path: on("INFER_TENSOR_PATH"),
+        candle_qmatmul: on("INFER_CANDLE_QMATMUL"),
+        cuda_unfused: on("INFER_CUDA_UNFUSED"),
+        cuda_no_graph: off("INFER_CUDA_GRAPH"),
+        cuda_no_pdl: off("INFER_CUDA_PDL"),
+    })
 }
 
 fn load(args: &ModelArgs) -> Result<Session> {

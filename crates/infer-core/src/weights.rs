@@ -117,16 +117,24 @@ pub fn cpu_kernels() -> &'static str {
 }
 
 /// Which kernels a model runs on: a field of [`LoadOptions`](crate::LoadOptions), for comparisons
-/// and tests (the CLI maps `INFER_ISA`, `INFER_TENSOR_PATH` and `INFER_CANDLE_QMATMUL` onto it).
+/// and tests (the CLI maps `INFER_ISA`, `INFER_TENSOR_PATH`, `INFER_CANDLE_QMATMUL`,
+/// `INFER_CUDA_UNFUSED`, `INFER_CUDA_GRAPH` and `INFER_CUDA_PDL` onto it).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KernelChoice {
     /// The most capable CPU instruction set the kernels may use (`None`: the best this CPU has):
     /// the weights are packed for it and the matmuls and the host path's attention run it.
     pub max_isa: Option<Isa>,
-    /// Run the tensor path (candle ops, as on a GPU) even where the host path could.
+    /// Run the tensor path (candle ops) even where the host path (CPU) or the CUDA decode step could.
     pub tensor_path: bool,
     /// Keep candle's quantized matmul for GGUF weights instead of infer's kernels.
     pub candle_qmatmul: bool,
+    /// CUDA decode step: keep separate RMSNorm, q|k|v and RoPE kernels at every row count (the norms
+    /// are otherwise folded into the matmuls of 1-2 row steps).
+    pub cuda_unfused: bool,
+    /// CUDA decode step: launch kernel by kernel instead of replaying a captured CUDA graph.
+    pub cuda_no_graph: bool,
+    /// CUDA decode step: plain launches instead of programmatic dependent launches (Hopper).
+    pub cuda_no_pdl: bool,
 }
 
 impl KernelChoice {
@@ -190,6 +198,16 @@ impl Linear {
             res.push(Tensor::from_vec(out, odims, x.device())?.to_dtype(x.dtype())?);
         }
         Ok(res.try_into().expect("N results"))
+    }
+
+    /// The plain weight tensor `[out, in]` and the bias, when candle multiplies by a dense tensor
+    /// (what the CUDA decode step reads directly).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn dense(&self) -> Option<(&Tensor, Option<&Tensor>)> {
+        match &self.weight {
+            LinearWeight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => Some((t, self.bias.as_ref())),
+            _ => None,
+        }
     }
 
     /// Whether the layer runs on infer's CPU kernels (quantized or 16-bit host weights, a host f32

@@ -28,6 +28,18 @@ fn device() -> Device {
     }
 }
 
+/// The kernels under test: the defaults, or (for comparisons on a GPU, as the CLI maps them)
+/// `INFER_TENSOR_PATH=1` (candle ops everywhere), `INFER_CUDA_GRAPH=0`, `INFER_CUDA_PDL=0`.
+fn kernels() -> infer_core::KernelChoice {
+    let is = |name: &str, v: &str| std::env::var(name).is_ok_and(|x| x == v);
+    infer_core::KernelChoice {
+        tensor_path: is("INFER_TENSOR_PATH", "1"),
+        cuda_no_graph: is("INFER_CUDA_GRAPH", "0"),
+        cuda_no_pdl: is("INFER_CUDA_PDL", "0"),
+        ..Default::default()
+    }
+}
+
 /// A cache on the device under test (f32, as the fixtures' weights).
 fn cache(model: &dyn CausalLm, block_size: usize, blocks: usize) -> PagedKvCache {
     PagedKvCache::new_on(model.config(), block_size, blocks, &device(), DType::F32).unwrap()
@@ -46,7 +58,11 @@ fn load(name: &str, dtype: DType) -> (Arc<dyn CausalLm>, Expected) {
 fn load_quantized(name: &str, dtype: DType, q: Option<infer_core::Quantize>) -> (Arc<dyn CausalLm>, Expected) {
     let dir = fixture(name);
     let cfg = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
-    let w = WeightSource::safetensors(vec![dir.join("model.safetensors")], dtype, device()).unwrap().with_quantize(q).unwrap();
+    let w = WeightSource::safetensors(vec![dir.join("model.safetensors")], dtype, device())
+        .unwrap()
+        .with_kernels(kernels())
+        .with_quantize(q)
+        .unwrap();
     let model = infer_core::models::load(cfg, &w, &mut |_, _| {}).unwrap();
     let exp: Expected = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     (model, exp)
@@ -131,7 +147,7 @@ fn ragged_prefill_then_batched_decode_matches_transformers() {
 fn gguf_files_match_transformers() {
     for &name in GGUF_FIXTURES {
         let dir = fixture(name);
-        let opts = infer_core::LoadOptions { device: device(), ..Default::default() };
+        let opts = infer_core::LoadOptions { device: device(), kernels: kernels(), ..Default::default() };
         let loaded = infer_core::load(dir.join("model-f16.gguf").to_str().unwrap(), opts).unwrap();
         let (_, exp) = load(name, DType::F32);
         let positions = check_schedule(loaded.model.as_ref(), &exp, &format!("{name} (GGUF F16)"), 4, 0.05, &|step, _| {

@@ -171,6 +171,11 @@ impl RmsNorm {
         Ok((x, h))
     }
 
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn eps(&self) -> f32 {
+        self.eps
+    }
+
     /// Whether the weight is f32 in host memory (for the `_host` methods).
     pub(crate) fn has_host_weight(&self) -> bool {
         host_f32(&self.weight).is_some()

@@ -93,6 +93,9 @@ pub struct LlamaModel {
     dtype: DType,
     /// On the CPU with every weight on infer's kernels: the host path's buffers.
     host: HostPath,
+    /// On CUDA with dense weights: the decode step on infer's kernels (cuda_step.rs).
+    #[cfg(feature = "cuda")]
+    cuda_step: Option<super::cuda_step::CudaStep>,
 }
 
 impl LlamaModel {
@@ -159,10 +162,92 @@ impl LlamaModel {
         let lm_head = output_head(&cfg, w)?;
         progress(total, total);
         let rotary = Rotary::new(&cfg, w.device())?;
-        let mut model =
-            Self { embed, layers, norm, lm_head, rotary, device: w.device().clone(), dtype: w.dtype(), cfg, host: HostPath::default() };
+        let mut model = Self {
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rotary,
+            device: w.device().clone(),
+            dtype: w.dtype(),
+            cfg,
+            host: HostPath::default(),
+            #[cfg(feature = "cuda")]
+            cuda_step: None,
+        };
         model.host = HostPath::new(w, &model.embed, &model.norm, &model.lm_head, model.host_layers());
+        #[cfg(feature = "cuda")]
+        {
+            model.cuda_step = match model.step_weights() {
+                Some(sw) => super::cuda_step::CudaStep::new(&sw, &model.device, model.dtype, w.kernels())?,
+                None => None,
+            };
+        }
         Ok(model)
+    }
+
+    /// The weights as the CUDA decode step reads them, when every one is a plain tensor and the
+    /// layers are dense (no experts).
+    #[cfg(feature = "cuda")]
+    fn step_weights(&self) -> Option<super::cuda_step::StepWeights<'_>> {
+        use super::cuda_step::{StepDims, StepGateUp, StepLayer, StepLinear, StepWeights};
+        fn lin(l: &Linear) -> Option<StepLinear<'_>> {
+            l.dense().map(|(weight, bias)| StepLinear { weight, bias })
+        }
+        let Embeddings::Dense(embed) = &self.embed else { return None };
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let a = &l.attn;
+            let Ffn::Dense(mlp) = &l.ffn else { return None };
+            layers.push(StepLayer {
+                input_norm: (&l.input_norm.weight, l.input_norm.eps()),
+                qkv: match &a.qkv {
+                    Qkv::Separate { q, k, v } => vec![lin(q)?, lin(k)?, lin(v)?],
+                    Qkv::Fused(qkv) => vec![lin(qkv)?],
+                },
+                qk_norm: match (&a.q_norm, &a.k_norm) {
+                    (Some(qn), Some(kn)) => Some((&qn.weight, &kn.weight, qn.eps())),
+                    (None, None) => None,
+                    _ => return None,
+                },
+                o: lin(&a.o)?,
+                post_norm: (&l.post_norm.weight, l.post_norm.eps()),
+                gate_up: match &mlp.gate_up {
+                    GateUp::Separate { gate, up } => {
+                        let (g, u) = (lin(gate)?, lin(up)?);
+                        if g.bias.is_some() || u.bias.is_some() {
+                            return None;
+                        }
+                        StepGateUp::Separate(g.weight, u.weight)
+                    }
+                    GateUp::Fused(gu) => {
+                        let gu = lin(gu)?;
+                        if gu.bias.is_some() {
+                            return None;
+                        }
+                        StepGateUp::Fused(gu.weight)
+                    }
+                },
+                down: lin(&mlp.down)?,
+                window: a.window,
+            });
+        }
+        let c = &self.cfg;
+        Some(StepWeights {
+            embed,
+            layers,
+            norm: (&self.norm.weight, self.norm.eps()),
+            lm_head: lin(&self.lm_head)?,
+            rope: self.rotary.device_freqs()?,
+            dims: StepDims {
+                hidden: c.hidden_size,
+                heads: c.num_attention_heads,
+                kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+                intermediate: c.intermediate_size,
+                vocab: c.vocab_size,
+            },
+        })
     }
 
     /// Whether every layer can run on host slices: f32 norms, all linear layers (experts and
@@ -330,5 +415,10 @@ impl Decoder for LlamaModel {
 
     fn parts(&self) -> (&ModelConfig, &Device, DType, &HostPath) {
         (&self.cfg, &self.device, self.dtype, &self.host)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn forward_step(&self, batch: &BatchInput, cache: &mut PagedKvCache, logits: &mut Vec<f32>) -> Option<Result<()>> {
+        self.cuda_step.as_ref()?.run(batch, cache, logits)
     }
 }

@@ -4,6 +4,8 @@
 //! implements `Decoder` (its weights, its host-path and tensor-path step); [`CausalLm`], what the
 //! engine calls, follows from it.
 
+#[cfg(feature = "cuda")]
+mod cuda_step;
 pub mod gemma;
 mod host;
 mod layers;
@@ -133,6 +135,16 @@ pub(crate) trait Decoder: Send + Sync {
     ) -> crate::Result<()>;
     /// The step on candle tensors: logits `[logits_rows, vocab]` in f32.
     fn forward_tensors(&self, batch: &BatchInput, cache: &mut crate::kv_cache::PagedKvCache) -> crate::Result<Tensor>;
+    /// A device step that bypasses the tensor path (the CUDA decode step, cuda_step.rs), the logits
+    /// into `logits`; `None` when it does not take this batch.
+    fn forward_step(
+        &self,
+        _batch: &BatchInput,
+        _cache: &mut crate::kv_cache::PagedKvCache,
+        _logits: &mut Vec<f32>,
+    ) -> Option<crate::Result<()>> {
+        None
+    }
 }
 
 impl<D: Decoder> CausalLm for D {
@@ -140,11 +152,20 @@ impl<D: Decoder> CausalLm for D {
         if self.parts().3.is_on() {
             return host::logits_tensor(self, batch, cache);
         }
+        let mut logits = Vec::new();
+        if let Some(done) = self.forward_step(batch, cache, &mut logits) {
+            done?;
+            let (cfg, device, ..) = self.parts();
+            return Ok(Tensor::from_vec(logits, (batch.logits_rows.len(), cfg.vocab_size), device)?);
+        }
         self.forward_tensors(batch, cache)
     }
 
     fn forward_into(&self, batch: &BatchInput, cache: &mut crate::kv_cache::PagedKvCache, logits: &mut Vec<f32>) -> crate::Result<()> {
-        match self.parts().3.run(|ws| self.forward_host(batch, cache, ws, logits)) {
+        if let Some(done) = self.parts().3.run(|ws| self.forward_host(batch, cache, ws, logits)) {
+            return done;
+        }
+        match self.forward_step(batch, cache, logits) {
             Some(done) => done,
             None => host::tensor_into(self.forward_tensors(batch, cache)?, logits),
         }

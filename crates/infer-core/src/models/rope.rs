@@ -89,6 +89,17 @@ impl Rotary {
         })
     }
 
+    /// The inverse frequencies on the model's device (f32, `rotary_dim / 2`), the rotated dims and
+    /// whether pairs are interleaved, for kernels that compute the angles themselves; `None` with
+    /// LongRoPE (two sets of frequencies chosen per position).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn device_freqs(&self) -> Option<(&Tensor, usize, bool)> {
+        match self.long_rope {
+            Some(_) => None,
+            None => Some((&self.inv_freq, self.rotary_dim, self.interleaved)),
+        }
+    }
+
     /// What [`apply`](Self::apply) needs for tokens at `positions` (u32, on the model's device;
     /// `host` holds the same values).
     pub(crate) fn prepare(&self, positions: &Tensor, host: &[u32], dtype: DType) -> Result<RopeInput> {

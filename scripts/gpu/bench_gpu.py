@@ -162,9 +162,9 @@ def torch_speed(model, dev, vocab, tiny):
     return {"pp": pp, "tg": tg}
 
 
-def run_cmd(cmd, cap):
-    log("$", " ".join(cmd))
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=cap)
+def run_cmd(cmd, cap, env=None):
+    log("$", " ".join(cmd), env or "")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=cap, env={**os.environ, **(env or {})})
     if r.returncode != 0:
         raise RuntimeError(f"exit {r.returncode}: {(r.stderr or r.stdout)[-1500:]}")
     return r
@@ -176,9 +176,20 @@ def roofline_tg(bw, n_params, kind):
     return bw / (n_params * BYTES_PER_PARAM[kind]) if bw else None
 
 
-def infer_bench(infer, path, device, extra, tiny, cap, n_params, bw, kind):
+def infer_depths(infer, path, device, tiny, cap, n_params, bw):
+    """Decode speed (bf16) after 0, 1024 and 4096 tokens of context: what attention costs as the
+    context grows (tg at depth 0 is what the roofline speaks of)."""
+    depths = "0,64,256" if tiny else "0,1024,4096"
+    r = run_cmd([infer, "bench", path, "--device", device, "--dtype", "bf16", "-p", "0", "-n", "32", "-r", "2",
+                 "-d", depths, "-o", "json"], cap)
+    roof = roofline_tg(bw, n_params, "bf16")
+    return {str(rec["n_depth"]): {"tg": rec["avg_ts"], "tg_fraction_of_roofline": rec["avg_ts"] / roof if roof else None}
+            for rec in json.loads(r.stdout)}
+
+
+def infer_bench(infer, path, device, extra, tiny, cap, n_params, bw, kind, env=None):
     p, n = ("64", "16") if tiny else ("512", "128")
-    r = run_cmd([infer, "bench", path, "--device", device, "-p", p, "-n", n, "-r", "3", "-o", "json"] + extra, cap)
+    r = run_cmd([infer, "bench", path, "--device", device, "-p", p, "-n", n, "-r", "3", "-o", "json"] + extra, cap, env)
     out = {}
     for rec in json.loads(r.stdout):
         out["pp" if rec["n_prompt"] else "tg"] = rec["avg_ts"]
@@ -320,7 +331,7 @@ def shape_steps(s, args, dev, tag, cfg, cpu_greedy, serve):
     if isinstance(theirs, list) and isinstance(ours, list):
         s.res[f"{tag}.greedy_same_prefix_gpu_vs_torch"] = same_prefix(ours, theirs)
         s.step(f"{tag}.greedy_divergence", 20, lambda cap: divergence(model, dev, ours, theirs))
-    if cpu_greedy:
+    if cpu_greedy and "cpugreedy" not in args.skip_set:
         # The same weights computed in f32 on the GPU: tells bf16 rounding from a wrong result.
         f32 = s.step(f"{tag}.infer_greedy_gpu_f32", 30,
                      lambda cap: infer_greedy(args.infer, path, args.device, min(cap, 180), extra=("--dtype", "f32")))
@@ -331,7 +342,26 @@ def shape_steps(s, args, dev, tag, cfg, cpu_greedy, serve):
             s.res[f"{tag}.greedy_same_prefix_gpu_vs_cpu"] = same_prefix(ours, cpu)
     s.step(f"{tag}.infer_bf16", 40, lambda cap: infer_bench(args.infer, path, args.device, ["--dtype", "bf16"], args.tiny,
                                                             min(cap, 200), n_params, bw, "bf16"))
-    r = s.step(f"{tag}.torch_bf16", 20, lambda cap: torch_speed(model, dev, cfg["vocab_size"], args.tiny))
+    # The same with the CUDA decode step off (candle ops and cuBLAS for every step), with its norms
+    # unfused, without CUDA graphs, without programmatic dependent launches: what each buys; then
+    # decode at longer contexts.
+    s.step(f"{tag}.infer_bf16_tensor_path", 40,
+           lambda cap: infer_bench(args.infer, path, args.device, ["--dtype", "bf16"], args.tiny, min(cap, 200), n_params, bw,
+                                   "bf16", env={"INFER_TENSOR_PATH": "1"}))
+    s.step(f"{tag}.infer_bf16_unfused", 40,
+           lambda cap: infer_bench(args.infer, path, args.device, ["--dtype", "bf16"], args.tiny, min(cap, 200), n_params, bw,
+                                   "bf16", env={"INFER_CUDA_UNFUSED": "1"}))
+    s.step(f"{tag}.infer_bf16_no_graph", 40,
+           lambda cap: infer_bench(args.infer, path, args.device, ["--dtype", "bf16"], args.tiny, min(cap, 200), n_params, bw,
+                                   "bf16", env={"INFER_CUDA_GRAPH": "0"}))
+    s.step(f"{tag}.infer_bf16_no_pdl", 40,
+           lambda cap: infer_bench(args.infer, path, args.device, ["--dtype", "bf16"], args.tiny, min(cap, 200), n_params, bw,
+                                   "bf16", env={"INFER_CUDA_PDL": "0"}))
+    s.step(f"{tag}.infer_bf16_depths", 40, lambda cap: infer_depths(args.infer, path, args.device, args.tiny, min(cap, 120),
+                                                                    n_params, bw))
+    r = None
+    if "torch" not in args.skip_set:
+        r = s.step(f"{tag}.torch_bf16", 20, lambda cap: torch_speed(model, dev, cfg["vocab_size"], args.tiny))
     roof = roofline_tg(bw, n_params, "bf16")
     if isinstance(r, dict) and roof:
         r["tg_fraction_of_roofline"] = r["tg"] / roof
@@ -356,7 +386,7 @@ def main():
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--budget", type=float, default=420, help="seconds for the whole script")
     ap.add_argument("--model-dir", default="/tmp/infer-gpu-models")
-    ap.add_argument("--skip", default="", help="comma-separated: 1b,8b,quant,serve")
+    ap.add_argument("--skip", default="", help="comma-separated: 1b,8b,quant,serve,torch (its speed), cpugreedy (the f32 GPU and CPU greedy runs)")
     args = ap.parse_args()
     args.skip_set = set(filter(None, args.skip.split(",")))
     os.makedirs(args.out, exist_ok=True)

@@ -9,10 +9,11 @@
 # under a time cap so the whole stays inside GPU_SESSION_BUDGET seconds (default 520; the last
 # GPU_NCU_SECONDS of it, default 90, kept for step 4):
 #   1. the CUDA kernel tests (each kernel against its CPU reference);
-#   2. the transformers reference tests on the GPU (INFER_TEST_DEVICE=cuda);
+#   2. the transformers reference tests on the GPU (INFER_TEST_DEVICE=cuda), again on the tensor path
+#      (INFER_TENSOR_PATH=1), and on a failure without graphs / programmatic launches;
 #   3. scripts/gpu/bench_gpu.py: roofline, greedy tokens (GPU vs PyTorch vs CPU), infer bench bf16 /
 #      Q8_0 / Q4_K and PyTorch on Llama-3.2-1B and Llama-3-8B shapes, serving with 16 and 64 clients
-#      (skip parts with GPU_BENCH_SKIP=1b,8b,quant,serve);
+#      (skip parts with GPU_BENCH_SKIP=1b,8b,quant,serve,torch,cpugreedy);
 #   4. ncu: per-kernel GPU times of a few 1B decode steps.
 # Logs and results go to $OUT (the device tool brings back at most 8 files): env.txt, kernel-tests.log,
 # hf-reference-tests.log, bench.log, results.json, summary.md, serve.log, ncu.csv (per-kernel GPU times of
@@ -48,21 +49,40 @@ libdirs="$(cat /tmp/infer-gpu-libdirs)"
 export LD_LIBRARY_PATH="${libdirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "== kernel tests ($(left)s left)"
 timeout -k 5 90 "$bin/cuda-kernel-tests" --test-threads=1 2>&1 | tee "$OUT/kernel-tests.log"
-echo "kernel tests exit ${PIPESTATUS[0]}" | tee -a "$OUT/env.txt"
+rc=${PIPESTATUS[0]}
+echo "kernel tests exit $rc" | tee -a "$OUT/env.txt"
+if [ "$rc" != 0 ]; then
+  # Which part failed: the same without programmatic dependent launches.
+  INFER_CUDA_PDL=0 timeout -k 5 60 "$bin/cuda-kernel-tests" --test-threads=1 2>&1 | grep -E "^test |test result|panicked" |
+    sed 's/^/no-pdl: /' >> "$OUT/env.txt"
+  echo "kernel tests with INFER_CUDA_PDL=0 exit ${PIPESTATUS[0]}" | tee -a "$OUT/env.txt"
+fi
 echo "== transformers reference tests on the GPU ($(left)s left)"
 INFER_TEST_DEVICE=cuda INFER_FIXTURES="$PWD/tests/fixtures" timeout -k 5 120 "$bin/hf-reference-tests" --test-threads=1 2>&1 |
   tee "$OUT/hf-reference-tests.log"
-echo "hf reference tests exit ${PIPESTATUS[0]}" | tee -a "$OUT/env.txt"
+rc=${PIPESTATUS[0]}
+echo "hf reference tests exit $rc" | tee -a "$OUT/env.txt"
+# The decode steps above ran on the CUDA decode step; the tensor path (candle ops) keeps its own
+# check every session, and on a failure the step's parts are told apart.
+knobs="INFER_TENSOR_PATH=1"
+[ "$rc" != 0 ] && knobs="INFER_TENSOR_PATH=1 INFER_CUDA_PDL=0 INFER_CUDA_GRAPH=0"
+for knob in $knobs; do
+  env "$knob" INFER_TEST_DEVICE=cuda INFER_FIXTURES="$PWD/tests/fixtures" timeout -k 5 60 "$bin/hf-reference-tests" \
+    --test-threads=1 2>&1 | grep -E "^test |test result|panicked" | sed "s/^/$knob: /" >> "$OUT/env.txt"
+  echo "hf reference tests with $knob exit ${PIPESTATUS[0]}" | tee -a "$OUT/env.txt"
+done
 echo "== benchmarks ($(left)s left)"
 ncu_bin="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)"
 ncu_time=$([ -n "$ncu_bin" ] && echo "${GPU_NCU_SECONDS:-90}" || echo 0)
 PYTHONUNBUFFERED=1 python3 scripts/gpu/bench_gpu.py --infer "$bin/infer" --out "$OUT" --budget "$(($(left) - ncu_time))" \
   --skip "${GPU_BENCH_SKIP:-}" 2>&1 | tee "$OUT/bench.log"
 # Per-kernel GPU times of a few 1B decode steps (ncu reads the counters on these machines; clocks left
-# alone): how many launches a token takes and how much of its wall time the GPU is busy.
+# alone): how many launches a token takes, how much of its wall time the GPU is busy, and per kernel
+# the bytes it read, its registers and how many warps it kept active.
 if [ -n "$ncu_bin" ] && [ -d /tmp/infer-gpu-models/1b ] && [ "$(left)" -gt 45 ]; then
   echo "== ncu: kernels of 1B decode steps ($(left)s left)"
-  timeout -k 5 $(($(left) - 15)) "$ncu_bin" --clock-control none --metrics gpu__time_duration.sum --csv -c 1500 \
+  timeout -k 5 $(($(left) - 15)) "$ncu_bin" --clock-control none --csv -c 400 \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active \
     "$bin/infer" bench /tmp/infer-gpu-models/1b --device cuda --dtype bf16 -p 0 -n 4 -r 1 > "$OUT/ncu.csv" 2>> "$OUT/env.txt"
   echo "ncu exit $? ($(wc -l < "$OUT/ncu.csv") lines)" | tee -a "$OUT/env.txt"
 fi

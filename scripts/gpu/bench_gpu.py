@@ -345,18 +345,11 @@ def shape_steps(s, args, dev, tag, cfg, cpu_greedy, serve):
     # The same with the CUDA decode step off (candle ops and cuBLAS for every step), with its norms
     # unfused, without CUDA graphs, without programmatic dependent launches: what each buys; then
     # decode at longer contexts.
-    s.step(f"{tag}.infer_bf16_tensor_path", 40,
-           lambda cap: infer_bench(args.infer, path, args.device, ["--dtype", "bf16"], args.tiny, min(cap, 200), n_params, bw,
-                                   "bf16", env={"INFER_TENSOR_PATH": "1"}))
-    s.step(f"{tag}.infer_bf16_unfused", 40,
-           lambda cap: infer_bench(args.infer, path, args.device, ["--dtype", "bf16"], args.tiny, min(cap, 200), n_params, bw,
-                                   "bf16", env={"INFER_CUDA_UNFUSED": "1"}))
-    s.step(f"{tag}.infer_bf16_no_graph", 40,
-           lambda cap: infer_bench(args.infer, path, args.device, ["--dtype", "bf16"], args.tiny, min(cap, 200), n_params, bw,
-                                   "bf16", env={"INFER_CUDA_GRAPH": "0"}))
-    s.step(f"{tag}.infer_bf16_no_pdl", 40,
-           lambda cap: infer_bench(args.infer, path, args.device, ["--dtype", "bf16"], args.tiny, min(cap, 200), n_params, bw,
-                                   "bf16", env={"INFER_CUDA_PDL": "0"}))
+    for name, env in (("tensor_path", {"INFER_TENSOR_PATH": "1"}), ("unfused", {"INFER_CUDA_UNFUSED": "1"}),
+                      ("no_graph", {"INFER_CUDA_GRAPH": "0"}), ("no_pdl", {"INFER_CUDA_PDL": "0"})):
+        s.step(f"{tag}.infer_bf16_{name}", 40,
+               lambda cap, env=env: infer_bench(args.infer, path, args.device, ["--dtype", "bf16"], args.tiny, min(cap, 200),
+                                                n_params, bw, "bf16", env=env))
     s.step(f"{tag}.infer_bf16_depths", 40, lambda cap: infer_depths(args.infer, path, args.device, args.tiny, min(cap, 120),
                                                                     n_params, bw))
     r = None

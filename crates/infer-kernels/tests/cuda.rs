@@ -128,6 +128,32 @@ fn rope_matches_the_reference_in_both_layouts() {
     }
 }
 
+/// Block tables for sequences of these `(q_len, context_len)`, each sequence's blocks scattered over
+/// the cache in reverse order with `spare` unused blocks; returns the tables and the cache's blocks.
+fn scattered_tables(lens: &[(usize, usize)], block_size: usize, spare: usize) -> (Vec<Vec<u32>>, usize) {
+    let blocks_per: Vec<usize> = lens.iter().map(|&(_, c)| c.div_ceil(block_size)).collect();
+    let num_blocks: usize = blocks_per.iter().sum::<usize>() + spare;
+    let ids: Vec<u32> = (0..num_blocks as u32).rev().collect();
+    let (mut tables, mut next) = (Vec::new(), 0);
+    for &b in &blocks_per {
+        tables.push(ids[next..next + b].to_vec());
+        next += b;
+    }
+    (tables, num_blocks)
+}
+
+/// The kernels' view of a ragged batch of these `(q_len, context_len)` over `tables`.
+fn ragged_seqs<'a>(lens: &[(usize, usize)], tables: &'a [Vec<u32>]) -> Vec<SeqAttention<'a>> {
+    let mut q_start = 0;
+    lens.iter()
+        .zip(tables)
+        .map(|(&(q_len, context_len), t)| {
+            q_start += q_len;
+            SeqAttention { q_start: q_start - q_len, q_len, context_len, block_table: t }
+        })
+        .collect()
+}
+
 #[test]
 fn paged_attention_matches_the_cpu_kernel() {
     let Some(dev) = gpu() else { return };
@@ -137,28 +163,13 @@ fn paged_attention_matches_the_cpu_kernel() {
     {
         let block_size = 16;
         let lens = [(40usize, 300usize), (1, 700), (1, 5), (3, 3)]; // (q_len, context_len)
-        let blocks_per: Vec<usize> = lens.iter().map(|&(_, c)| c.div_ceil(block_size)).collect();
-        let num_blocks: usize = blocks_per.iter().sum::<usize>() + 3;
-        // Scatter each sequence's blocks over the cache in a shuffled order.
-        let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
-        ids.reverse();
-        let mut tables = Vec::new();
-        let mut next = 0;
-        for &b in &blocks_per {
-            tables.push(ids[next..next + b].to_vec());
-            next += b;
-        }
+        let (tables, num_blocks) = scattered_tables(&lens, block_size, 3);
         let row = num_kv_heads * hd;
         let kc = rand_vec(num_blocks * block_size * row, 7);
         let vc = rand_vec(num_blocks * block_size * row, 8);
         let rows: usize = lens.iter().map(|l| l.0).sum();
         let q = rand_vec(rows * num_heads * hd, 9);
-        let mut seqs = Vec::new();
-        let mut q_start = 0;
-        for (i, &(q_len, context_len)) in lens.iter().enumerate() {
-            seqs.push(SeqAttention { q_start, q_len, context_len, block_table: &tables[i] });
-            q_start += q_len;
-        }
+        let seqs = ragged_seqs(&lens, &tables);
         let shape = AttentionShape {
             num_heads,
             num_kv_heads,
@@ -441,31 +452,15 @@ fn decode_attention_matches_the_cpu_kernel() {
         .flat_map(|sh| [vec![(1usize, 5usize), (3, 3), (1, 100)], vec![(1, 700), (2, 40), (1, 257)]].into_iter().map(move |l| (sh, l)))
     {
         let block_size = 16;
-        let blocks_per: Vec<usize> = lens.iter().map(|&(_, c)| c.div_ceil(block_size)).collect();
-        let num_blocks: usize = blocks_per.iter().sum::<usize>() + 2;
-        let ids: Vec<u32> = (0..num_blocks as u32).rev().collect();
-        let (mut tables, mut next) = (Vec::new(), 0);
-        for &b in &blocks_per {
-            tables.push(ids[next..next + b].to_vec());
-            next += b;
-        }
+        let (tables, num_blocks) = scattered_tables(&lens, block_size, 2);
         let row = num_kv_heads * hd;
         let (kc, vc) = (rand_vec(num_blocks * block_size * row, 90), rand_vec(num_blocks * block_size * row, 91));
         let rows: usize = lens.iter().map(|l| l.0).sum();
         let q = rand_vec(rows * num_heads * hd, 92);
-        let (mut seqs, mut q_start) = (Vec::new(), 0);
-        let (mut flat, mut row_table, mut row_len) = (Vec::new(), Vec::new(), Vec::new());
-        for (i, &(q_len, context_len)) in lens.iter().enumerate() {
-            seqs.push(SeqAttention { q_start, q_len, context_len, block_table: &tables[i] });
-            q_start += q_len;
-            let start = flat.len() as u32;
-            flat.extend_from_slice(&tables[i]);
-            for j in 0..q_len {
-                row_table.push(start);
-                row_len.push((context_len - q_len + j + 1) as u32);
-            }
-        }
-        let max_len = *row_len.iter().max().unwrap() as usize;
+        let seqs = ragged_seqs(&lens, &tables);
+        // The same per-row metadata the tensor path uploads (tables, row table starts, key counts).
+        let meta = cuda::AttentionMeta::new(&seqs, &dev).unwrap();
+        let max_len = meta.max_len;
         let shape = AttentionShape {
             num_heads,
             num_kv_heads,
@@ -483,9 +478,8 @@ fn decode_attention_matches_the_cpu_kernel() {
             let (_q, qp) = dev_tensor(&q, dt, &dev);
             let (_k, kp) = dev_tensor(&kc, dt, &dev);
             let (_v, vp) = dev_tensor(&vc, dt, &dev);
-            let (_t, tp) = dev_u32(&flat, &dev);
-            let (_rt, rtp) = dev_u32(&row_table, &dev);
-            let (_rl, rlp) = dev_u32(&row_len, &dev);
+            let (tp, rtp, rlp) =
+                (tensor_ptr(&meta.tables).unwrap(), tensor_ptr(&meta.row_table).unwrap(), tensor_ptr(&meta.row_len).unwrap());
             let scratch_len = DecodeKernels::attention_scratch(rows, &shape, max_len).max(1);
             let (_s, sp) = dev_tensor(&vec![0f32; scratch_len], DType::F32, &dev);
             let (out, op) = dev_tensor(&vec![0f32; rows * num_heads * hd], dt, &dev);

@@ -153,6 +153,13 @@ pub struct Segment {
     pub rows: usize,
 }
 
+/// Up to three segments as the kernels take them (absent ones empty), and their total rows.
+fn stacked(segs: &[Segment]) -> ([Segment; 3], usize) {
+    let seg = |i: usize| segs.get(i).copied().unwrap_or(Segment { weight: DevPtr::NULL, bias: DevPtr::NULL, rows: 0 });
+    let s = [seg(0), seg(1), seg(2)];
+    (s, s.iter().map(|x| x.rows).sum())
+}
+
 /// Where a step's attention reads and writes.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionArgs {
@@ -349,9 +356,7 @@ impl DecodeKernels {
         if segs.is_empty() || segs.len() > 3 || !Self::gemv_fits(k) {
             bail!("decode GEMV: {} segments of rows of {k} (1-3 segments, k a multiple of 8)", segs.len())
         }
-        let seg = |i: usize| segs.get(i).copied().unwrap_or(Segment { weight: DevPtr::NULL, bias: DevPtr::NULL, rows: 0 });
-        let (s0, s1, s2) = (seg(0), seg(1), seg(2));
-        let n = s0.rows + s1.rows + s2.rows;
+        let ([s0, s1, s2], n) = stacked(segs);
         let split = split_for(n);
         let mut a = Args::new();
         a.p(s0.weight).p(s1.weight).p(s2.weight).p(s0.bias).p(s1.bias).p(s2.bias);
@@ -397,9 +402,7 @@ impl DecodeKernels {
                 segs.len()
             )
         }
-        let seg = |i: usize| segs.get(i).copied().unwrap_or(Segment { weight: DevPtr::NULL, bias: DevPtr::NULL, rows: 0 });
-        let (s0, s1, s2) = (seg(0), seg(1), seg(2));
-        let n = s0.rows + s1.rows + s2.rows;
+        let ([s0, s1, s2], n) = stacked(segs);
         let split = split_for(n);
         let mut a = Args::new();
         a.p(s0.weight).p(s1.weight).p(s2.weight).p(s0.bias).p(s1.bias).p(s2.bias);

@@ -112,8 +112,9 @@ struct Buffers {
     host_meta: Vec<u32>,
     /// This step's (k, v) cache addresses per layer.
     caches: Vec<(DevPtr, DevPtr)>,
-    /// Captured steps by what they depend on (at most 64; cleared when full).
-    graphs: std::collections::HashMap<GraphKey, StepGraph>,
+    /// Captured steps by what they depend on (at most 64; cleared when full), each with the cache
+    /// addresses it was captured with (the key holds only a hash of them).
+    graphs: std::collections::HashMap<GraphKey, (Vec<(DevPtr, DevPtr)>, StepGraph)>,
     /// Why capturing failed, if it did (the step then launches directly).
     graph_error: Option<String>,
 }
@@ -399,7 +400,7 @@ impl CudaStep {
         };
         if !self.graphs || b.graph_error.is_some() {
             self.launch(b, &plan)?;
-        } else if let Some(g) = b.graphs.get(&key) {
+        } else if let Some((_, g)) = b.graphs.get(&key).filter(|(caches, _)| *caches == b.caches) {
             g.launch()?;
         } else {
             if b.graphs.len() >= 64 {
@@ -408,7 +409,7 @@ impl CudaStep {
             match StepGraph::capture(&self.device, || self.launch(b, &plan)) {
                 Ok(g) => {
                     g.launch()?;
-                    b.graphs.insert(key, g);
+                    b.graphs.insert(key, (b.caches.clone(), g));
                 }
                 Err(e) => {
                     // Launch directly; if that works, graphs are what failed: off from now on.

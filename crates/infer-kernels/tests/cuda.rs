@@ -437,9 +437,10 @@ fn decode_rope_qkv_matches_the_reference() {
 #[test]
 fn decode_attention_matches_the_cpu_kernel() {
     let Some(dev) = gpu() else { return };
-    // One partition (the first pass writes the output) and several (combine pass); groups of 4, 1
-    // and 8 query heads per KV head (decode.cu's grouped kernel, with a window, with soft-capping),
-    // and head_dim 80 / a group of 9 (attention.cu's kernel).
+    // Groups of 4, 1 and 8 query heads per KV head (with a window, with soft-capping), head_dim 80 and
+    // a group of 9. Up to 128 keys attention.cu's kernel, its partial pass writing the output; past
+    // them decode.cu's grouped kernel (not for head_dim 80 or a group of 9), two partitions or many
+    // (combine pass).
     let shapes = [
         (8usize, 2usize, 128usize, None, None),
         (4, 4, 64, Some(37), None),
@@ -447,10 +448,11 @@ fn decode_attention_matches_the_cpu_kernel() {
         (6, 2, 80, None, None),
         (9, 1, 64, None, None),
     ];
-    for ((num_heads, num_kv_heads, hd, window, softcap), lens) in shapes
-        .into_iter()
-        .flat_map(|sh| [vec![(1usize, 5usize), (3, 3), (1, 100)], vec![(1, 700), (2, 40), (1, 257)]].into_iter().map(move |l| (sh, l)))
-    {
+    for ((num_heads, num_kv_heads, hd, window, softcap), lens) in shapes.into_iter().flat_map(|sh| {
+        [vec![(1usize, 5usize), (3, 3), (1, 100)], vec![(1, 200), (2, 129)], vec![(1, 700), (2, 40), (1, 257)]]
+            .into_iter()
+            .map(move |l| (sh, l))
+    }) {
         let block_size = 16;
         let (tables, num_blocks) = scattered_tables(&lens, block_size, 2);
         let row = num_kv_heads * hd;

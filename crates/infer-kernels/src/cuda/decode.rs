@@ -29,6 +29,8 @@ const PART: usize = 256;
 const DECODE_PART: usize = 128;
 /// Query heads per KV head decode.cu's attention serves in one block (its `ATT_MAX_G`).
 const DECODE_MAX_GROUP: usize = 8;
+/// Keys up to which attention.cu's kernel is the quicker one (see `grouped_attention`).
+const SHORT_CONTEXT: usize = 128;
 
 /// A device address (of a buffer the caller keeps alive while the kernels that read it run).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -514,9 +516,14 @@ impl DecodeKernels {
     }
 
     /// Whether decode.cu's attention (one block per KV head serving its whole group of query heads)
-    /// takes this shape; else attention.cu's (one block per query head).
-    fn grouped_attention(sh: &AttentionShape) -> bool {
-        sh.num_kv_heads > 0
+    /// takes this step; else attention.cu's (one block per query head, one key per warp step). The
+    /// grouped kernel pays a fixed cost (10 µs a layer at a handful of keys on an H200, against 4),
+    /// the other about 1 µs per 16 keys: at up to SHORT_CONTEXT keys attention.cu's is quicker (1B
+    /// shape, contexts 1-128: 799 against 763 t/s), past it the grouped one (depth 1024: 677 against
+    /// 459 t/s).
+    fn grouped_attention(sh: &AttentionShape, max_len: usize) -> bool {
+        max_len > SHORT_CONTEXT
+            && sh.num_kv_heads > 0
             && sh.num_heads.is_multiple_of(sh.num_kv_heads)
             && sh.num_heads / sh.num_kv_heads <= DECODE_MAX_GROUP
             && sh.head_dim.is_multiple_of(32)
@@ -525,7 +532,7 @@ impl DecodeKernels {
 
     /// Key partitions of a step whose longest row sees `max_len` keys (the attention grid's depth).
     pub fn attention_parts(sh: &AttentionShape, max_len: usize) -> usize {
-        max_len.div_ceil(if Self::grouped_attention(sh) { DECODE_PART } else { PART }).max(1)
+        max_len.div_ceil(if Self::grouped_attention(sh, max_len) { DECODE_PART } else { PART }).max(1)
     }
 
     /// f32 values of attention scratch a step of `rows` rows with keys up to `max_len` needs.
@@ -555,7 +562,7 @@ impl DecodeKernels {
         let (scale, softcap) = (sh.scale, sh.softcap.unwrap_or(0.0));
         let mut args = Args::new();
         args.p(a.q).p(a.k_cache).p(a.v_cache).p(a.tables).p(a.row_table).p(a.row_len).p(part_m).p(part_l).p(part_acc);
-        if Self::grouped_attention(sh) {
+        if Self::grouped_attention(sh, a.max_len) {
             // decode.cu's kernel waits for the kernel before it (programmatic launch).
             args.p(direct).i(heads).i(sh.num_kv_heads).i(hd).i(sh.block_size).f(scale).f(softcap).i(window).i(parts).i(DECODE_PART);
             unsafe { self.run(&self.att_decode, (a.rows as u32, sh.num_kv_heads as u32, parts as u32), 128, &mut args, true) }?;

@@ -11,7 +11,8 @@
 #                                    `infer` binary and both GPU test binaries (one dependency graph),
 #                                    linked against stub libraries, into target-gpu/ (ignored by git) and
 #                                    packs them as target-gpu/bundle.tar.xz; scripts/gpu/session.sh runs
-#                                    them there
+#                                    them there. Also splits the test model into target-gpu/model.part1
+#                                    and .part2 (carried by two calls before the session's, see there)
 #
 # Set INFER_SKIP_CUDA_CHECK=1 to skip the compile check.
 #   INFER_CUDA_TARGET_DIR   the bundle's target dir (default: ~/.cache/infer-cuda/target; its own, so the
@@ -56,5 +57,14 @@ if missing:
 '
 strip target-gpu/infer target-gpu/cuda-kernel-tests target-gpu/hf-reference-tests
 # One compressed bundle small enough to carry to a GPU machine (the PTX text packs well).
-tar -C target-gpu -cf - infer cuda-kernel-tests hf-reference-tests | xz -T2 -6 > target-gpu/bundle.tar.xz
+# The test model travels in two halves, each carried by a call of its own before the session's
+# (a call carries at most 64 MiB with the working tree; the model is 94 MiB); its checksum rides in the
+# bundle, so the session uses it only when both halves arrived whole.
+model="$(scripts/fetch-model.sh)"
+rm -f target-gpu/model.part1 target-gpu/model.part2
+half=$(( ($(stat -c %s "$model") + 1) / 2 ))
+head -c "$half" "$model" > target-gpu/model.part1
+tail -c +$((half + 1)) "$model" > target-gpu/model.part2
+(cd "$(dirname "$model")" && sha256sum "$(basename "$model")") | awk '{print $1}' > target-gpu/model.sha256
+tar -C target-gpu -cf - infer cuda-kernel-tests hf-reference-tests model.sha256 | xz -T2 -6 > target-gpu/bundle.tar.xz
 echo "cuda bundle: ok in $(($(date +%s) - start))s (sm_80 + sm_90a PTX; target-gpu/bundle.tar.xz, run it on a GPU machine with scripts/gpu/session.sh)"

@@ -5,6 +5,14 @@
 #   run(command="GPU_SESSION_BUDGET=400 GPU_BENCH_SKIP=serve bash scripts/gpu/session.sh",
 #       carry=["target-gpu/bundle.tar.xz"], timeout_s=430)
 #
+# With the test model too (CPU vs GPU greedy text on SmolLM2-135M Q4_1): first two back-to-back calls
+# that only carry its halves (a call carries at most 64 MiB; what a call carries stays on the warm
+# machine for the next), then the session's call:
+#
+#   run(command="ls -l target-gpu", carry=["target-gpu/model.part1"], timeout_s=60)
+#   run(command="ls -l target-gpu", carry=["target-gpu/model.part2"], timeout_s=60)
+#   run(command="... bash scripts/gpu/session.sh", carry=["target-gpu/bundle.tar.xz"], ...)
+#
 # Unpacks the binaries, finds the CUDA runtime libraries (toolkit or PyTorch's wheels), then, each step
 # under a time cap so the whole stays inside GPU_SESSION_BUDGET seconds (default 520; the last
 # GPU_NCU_SECONDS of it, default 90, kept for step 4):
@@ -71,6 +79,28 @@ for knob in $knobs; do
     --test-threads=1 2>&1 | grep -E "^test |test result|panicked" | sed "s/^/$knob: /" >> "$OUT/env.txt"
   echo "hf reference tests with $knob exit ${PIPESTATUS[0]}" | tee -a "$OUT/env.txt"
 done
+# The test model, when both halves were carried (and match the checksum packed with the binaries):
+# greedy text on the GPU (candle's quantized kernels for Q4_1) against the CPU.
+if [ -f target-gpu/model.part1 ] && [ -f target-gpu/model.part2 ]; then
+  mkdir -p /tmp/infer-gpu-models
+  cat target-gpu/model.part1 target-gpu/model.part2 > /tmp/infer-gpu-models/smollm2.gguf
+  if [ "$(sha256sum < /tmp/infer-gpu-models/smollm2.gguf | awk '{print $1}')" = "$(cat "$bin/model.sha256" 2>/dev/null)" ]; then
+    echo "== test model: greedy text, GPU vs CPU ($(left)s left)"
+    prompt="The three primary colors are"
+    for dev in cuda cpu; do
+      timeout -k 5 60 "$bin/infer" run /tmp/infer-gpu-models/smollm2.gguf "$prompt" --raw --temperature 0 -n 48 --device "$dev" \
+        > "/tmp/greedy-$dev.txt" 2>> "$OUT/env.txt"
+    done
+    if cmp -s /tmp/greedy-cuda.txt /tmp/greedy-cpu.txt; then
+      echo "test model greedy text: GPU = CPU ($(wc -w < /tmp/greedy-cpu.txt) words)" | tee -a "$OUT/env.txt"
+    else
+      { echo "test model greedy text: GPU != CPU"; echo "cuda: $(cat /tmp/greedy-cuda.txt)"; echo "cpu:  $(cat /tmp/greedy-cpu.txt)"; } |
+        tee -a "$OUT/env.txt"
+    fi
+  else
+    echo "test model: halves do not match the checksum (carry both with the same bundle)" | tee -a "$OUT/env.txt"
+  fi
+fi
 echo "== benchmarks ($(left)s left)"
 ncu_bin="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)"
 ncu_time=$([ -n "$ncu_bin" ] && echo "${GPU_NCU_SECONDS:-90}" || echo 0)

@@ -69,6 +69,20 @@ template <> struct Lanes<__half> {
     }
 };
 
+// This thread's next U weight chunks c0, c0 + stride, ... (zeros past the row), all in flight before
+// any is used; on its first chunks, then the wait for the previous kernel (the weights are read-only,
+// x is that kernel's output).
+template <int U>
+__device__ __forceinline__ void load_chunks(const uint4* __restrict__ w, int c0, int first, int stride, int chunks,
+                                            uint4* wv) {
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int c = c0 + stride * u;
+        wv[u] = c < chunks ? __ldcs(w + c) : make_uint4(0, 0, 0, 0);
+    }
+    if (c0 == first) pdl_wait();
+}
+
 // acc[i] += w_row · x[i] over K (chunks of 16 bytes), for rows i < m (M: the compile-time bound);
 // this thread takes chunks first, first + stride, ... (a warp, or `split` warps, per row).
 template <typename T, int M>
@@ -77,12 +91,7 @@ __device__ __forceinline__ void row_dot(const uint4* __restrict__ w, const T* __
     constexpr int V = Lanes<T>::N, U = GEMV_UNROLL(M);
     for (int c0 = first; c0 < chunks; c0 += stride * U) {
         uint4 wv[U];
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int c = c0 + stride * u;
-            wv[u] = c < chunks ? __ldcs(w + c) : make_uint4(0, 0, 0, 0);
-        }
-        if (c0 == first) pdl_wait();  // the weights are in flight; x comes from the previous kernel
+        load_chunks<U>(w, c0, first, stride, chunks, wv);
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int c = c0 + stride * u;
@@ -128,6 +137,53 @@ __device__ __forceinline__ void row_sum(float* acc, int split) {
     }
 }
 
+// Stacked row r of [W0; W1; W2] (n0 and n1 rows in the first two): its matrix, bias and row there.
+template <typename T> struct SegRow {
+    const T* w;
+    const T* b;
+    int r;
+};
+template <typename T>
+__device__ __forceinline__ SegRow<T> seg_row(const T* w0, const T* w1, const T* w2, const T* b0, const T* b1,
+                                             const T* b2, int n0, int n1, int r) {
+    if (r >= n0 + n1) return {w2, b2, r - n0 - n1};
+    if (r >= n0) return {w1, b1, r - n0};
+    return {w0, b0, r};
+}
+
+// out[i, r] (row stride n) = or += acc[i] + bias, for rows i < m.
+template <int M>
+__device__ __forceinline__ void store_rows(float* out, int n, int r, const float* acc, float bias, int m, int add) {
+#pragma unroll
+    for (int i = 0; i < M; i++) {
+        if (i < m) {
+            float* o = out + (size_t)i * n + r;
+            *o = add ? *o + acc[i] + bias : acc[i] + bias;
+        }
+    }
+}
+
+// A GLU's epilogue (every thread of the block calls it): lane 0 of each warp holds its row's dot
+// products (after row_sum), the gate row's first warp g·split·2 and the up row's first warp
+// g·split·2 + split; act[i, r] = silu(gate) · up.
+template <typename T, int M>
+__device__ __forceinline__ void glu_out(const float* acc, int split, int r, int n, int m, T* act) {
+    __shared__ float dots[GEMV_WARPS][M];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) {
+#pragma unroll
+        for (int i = 0; i < M; i++) dots[warp][i] = acc[i];
+    }
+    __syncthreads();
+    if (r < n && lane == 0 && warp % (2 * split) == 0) {
+#pragma unroll
+        for (int i = 0; i < M; i++) {
+            const float g = dots[warp][i], u = dots[warp + split][i];
+            if (i < m) act[(size_t)i * n + r] = from_f32<T>(g / (1.0f + __expf(-g)) * u);
+        }
+    }
+}
+
 // out[i, r] (row stride n) = or += x[i] · W[r] (+ bias[r]) for the rows r of [W0; W1; W2]
 // (n0 + n1 + n2 = n rows; W1, W2 unused when n0 or n0 + n1 covers n). `split` (1, 2 or 4) warps per
 // row share its K: GEMV_WARPS / split rows per block (more warps in flight for matrices of few rows).
@@ -136,14 +192,9 @@ __device__ void gemv(const T* w0, const T* w1, const T* w2, const T* b0, const T
                      int n, int k, const T* x, int m, float* out, int add, int split) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int r = blockIdx.x * (GEMV_WARPS / split) + warp / split;
-    const T* w = w0;
-    const T* b = b0;
-    int rr = r;
-    if (r >= n0 + n1) {
-        w = w2; b = b2; rr = r - n0 - n1;
-    } else if (r >= n0) {
-        w = w1; b = b1; rr = r - n0;
-    }
+    const SegRow<T> sr = seg_row(w0, w1, w2, b0, b1, b2, n0, n1, r);
+    const T *w = sr.w, *b = sr.b;
+    const int rr = sr.r;
     float acc[M];
 #pragma unroll
     for (int i = 0; i < M; i++) acc[i] = 0.0f;
@@ -155,14 +206,7 @@ __device__ void gemv(const T* w0, const T* w1, const T* w2, const T* b0, const T
     pdl_wait();
     row_sum<M>(acc, split);
     if (r < n && lane == 0 && warp % split == 0) {
-        const float bias = b ? to_f32(b[rr]) : 0.0f;
-#pragma unroll
-        for (int i = 0; i < M; i++) {
-            if (i < m) {
-                float* o = out + (size_t)i * n + r;
-                *o = add ? *o + acc[i] + bias : acc[i] + bias;
-            }
-        }
+        store_rows<M>(out, n, r, acc, b ? to_f32(b[rr]) : 0.0f, m, add);
     }
 }
 
@@ -184,19 +228,7 @@ __device__ void glu(const T* wg, const T* wu, int n, int k, const T* x, int m, T
     }
     pdl_wait();
     row_sum<M>(acc, split);
-    __shared__ float dots[GEMV_WARPS][M];
-    if (lane == 0) {
-#pragma unroll
-        for (int i = 0; i < M; i++) dots[warp][i] = acc[i];
-    }
-    __syncthreads();
-    if (r < n && lane == 0 && warp % per == 0) {
-#pragma unroll
-        for (int i = 0; i < M; i++) {
-            const float g = dots[warp][i], u = dots[warp + split][i];
-            if (i < m) act[(size_t)i * n + r] = from_f32<T>(g / (1.0f + __expf(-g)) * u);
-        }
-    }
+    glu_out<T, M>(acc, split, r, n, m, act);
 }
 
 // ---- The same with the RMSNorm before the matrix folded in (steps of 1-2 rows) ----
@@ -215,12 +247,7 @@ __device__ __forceinline__ void row_dot_norm(const uint4* __restrict__ w, const 
     constexpr int V = Lanes<T>::N, U = GEMV_UNROLL(M);
     for (int c0 = first; c0 < chunks; c0 += stride * U) {
         uint4 wv[U];
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int c = c0 + stride * u;
-            wv[u] = c < chunks ? __ldcs(w + c) : make_uint4(0, 0, 0, 0);
-        }
-        if (c0 == first) pdl_wait();  // the weights are in flight; x comes from the previous kernel
+        load_chunks<U>(w, c0, first, stride, chunks, wv);
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int c = c0 + stride * u;
@@ -262,14 +289,9 @@ __device__ void gemv_norm(const T* w0, const T* w1, const T* w2, const T* b0, co
                           int split) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int r = blockIdx.x * (GEMV_WARPS / split) + warp / split;
-    const T* w = w0;
-    const T* b = b0;
-    int rr = r;
-    if (r >= n0 + n1) {
-        w = w2; b = b2; rr = r - n0 - n1;
-    } else if (r >= n0) {
-        w = w1; b = b1; rr = r - n0;
-    }
+    const SegRow<T> sr = seg_row(w0, w1, w2, b0, b1, b2, n0, n1, r);
+    const T *w = sr.w, *b = sr.b;
+    const int rr = sr.r;
     float acc[2 * M];  // dot products, then sums of squares
 #pragma unroll
     for (int i = 0; i < 2 * M; i++) acc[i] = 0.0f;
@@ -282,14 +304,7 @@ __device__ void gemv_norm(const T* w0, const T* w1, const T* w2, const T* b0, co
     row_sum<2 * M>(acc, split);
     if (r < n && lane == 0 && warp % split == 0) {
         apply_norm<M>(acc, acc + M, k, eps);
-        const float bias = b ? to_f32(b[rr]) : 0.0f;
-#pragma unroll
-        for (int i = 0; i < M; i++) {
-            if (i < m) {
-                float* o = out + (size_t)i * n + r;
-                *o = add ? *o + acc[i] + bias : acc[i] + bias;
-            }
-        }
+        store_rows<M>(out, n, r, acc, b ? to_f32(b[rr]) : 0.0f, m, add);
     }
 }
 
@@ -310,20 +325,8 @@ __device__ void glu_norm(const T* wg, const T* wu, int n, int k, const float* x,
     }
     pdl_wait();
     row_sum<2 * M>(acc, split);
-    __shared__ float dots[GEMV_WARPS][M];
-    if (lane == 0) {
-        apply_norm<M>(acc, acc + M, k, eps);
-#pragma unroll
-        for (int i = 0; i < M; i++) dots[warp][i] = acc[i];
-    }
-    __syncthreads();
-    if (r < n && lane == 0 && warp % per == 0) {
-#pragma unroll
-        for (int i = 0; i < M; i++) {
-            const float g = dots[warp][i], u = dots[warp + split][i];
-            if (i < m) act[(size_t)i * n + r] = from_f32<T>(g / (1.0f + __expf(-g)) * u);
-        }
-    }
+    if (lane == 0) apply_norm<M>(acc, acc + M, k, eps);
+    glu_out<T, M>(acc, split, r, n, m, act);
 }
 
 // q|k|v projection of norm(x)·g with RoPE and the cache write in its epilogue (no per-head norm):
@@ -344,14 +347,9 @@ __device__ void qkv_rope_norm(const T* w0, const T* w1, const T* w2, const T* b0
     const int which = warp / 2;  // 0: dim da, 1: dim db
     const int r = h * hd + (which ? db : da);
     const int n0 = nh * hd, n1 = nkv * hd;
-    const T* w = w0;
-    const T* b = b0;
-    int rr = r;
-    if (r >= n0 + n1) {
-        w = w2; b = b2; rr = r - n0 - n1;
-    } else if (r >= n0) {
-        w = w1; b = b1; rr = r - n0;
-    }
+    const SegRow<T> sr = seg_row(w0, w1, w2, b0, b1, b2, n0, n1, r);
+    const T *w = sr.w, *b = sr.b;
+    const int rr = sr.r;
     float acc[2 * M];
 #pragma unroll
     for (int i = 0; i < 2 * M; i++) acc[i] = 0.0f;

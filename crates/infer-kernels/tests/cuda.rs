@@ -142,6 +142,18 @@ fn scattered_tables(lens: &[(usize, usize)], block_size: usize, spare: usize) ->
     (tables, num_blocks)
 }
 
+/// Attention geometry with the usual `1 / sqrt(head_dim)` scale.
+fn attention_shape(
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+    sliding_window: Option<usize>,
+    softcap: Option<f32>,
+) -> AttentionShape {
+    AttentionShape { num_heads, num_kv_heads, head_dim, block_size, scale: 1.0 / (head_dim as f32).sqrt(), sliding_window, softcap }
+}
+
 /// The kernels' view of a ragged batch of these `(q_len, context_len)` over `tables`.
 fn ragged_seqs<'a>(lens: &[(usize, usize)], tables: &'a [Vec<u32>]) -> Vec<SeqAttention<'a>> {
     let mut q_start = 0;
@@ -170,15 +182,7 @@ fn paged_attention_matches_the_cpu_kernel() {
         let rows: usize = lens.iter().map(|l| l.0).sum();
         let q = rand_vec(rows * num_heads * hd, 9);
         let seqs = ragged_seqs(&lens, &tables);
-        let shape = AttentionShape {
-            num_heads,
-            num_kv_heads,
-            head_dim: hd,
-            block_size,
-            scale: 1.0 / (hd as f32).sqrt(),
-            sliding_window: window,
-            softcap,
-        };
+        let shape = attention_shape(num_heads, num_kv_heads, hd, block_size, window, softcap);
         for (dt, tol) in DTYPES {
             let (qr, kr, vr) = (rounded(&q, dt), rounded(&kc, dt), rounded(&vc, dt));
             let mut want = vec![0f32; rows * num_heads * hd];
@@ -463,15 +467,7 @@ fn decode_attention_matches_the_cpu_kernel() {
         // The same per-row metadata the tensor path uploads (tables, row table starts, key counts).
         let meta = cuda::AttentionMeta::new(&seqs, &dev).unwrap();
         let max_len = meta.max_len;
-        let shape = AttentionShape {
-            num_heads,
-            num_kv_heads,
-            head_dim: hd,
-            block_size,
-            scale: 1.0 / (hd as f32).sqrt(),
-            sliding_window: window,
-            softcap,
-        };
+        let shape = attention_shape(num_heads, num_kv_heads, hd, block_size, window, softcap);
         for (dt, tol) in DTYPES {
             let kern = DecodeKernels::new(&dev, dt, true).unwrap();
             let (qr, kr, vr) = (rounded(&q, dt), rounded(&kc, dt), rounded(&vc, dt));

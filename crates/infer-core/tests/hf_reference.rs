@@ -29,13 +29,17 @@ fn device() -> Device {
 }
 
 /// The kernels under test: the defaults, or (for comparisons on a GPU, as the CLI maps them)
-/// `INFER_TENSOR_PATH=1` (candle ops everywhere), `INFER_CUDA_GRAPH=0`, `INFER_CUDA_PDL=0`.
+/// `INFER_TENSOR_PATH=1` (candle ops everywhere), `INFER_CUDA_UNFUSED=1`, `INFER_CUDA_GRAPH=0`,
+/// `INFER_CUDA_PDL=0`.
 fn kernels() -> infer_core::KernelChoice {
-    let is = |name: &str, v: &str| std::env::var(name).is_ok_and(|x| x == v);
+    // The CLI's reading: set and not "0" turns a switch on; "0" turns a default off.
+    let on = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0");
+    let off = |name: &str| std::env::var_os(name).is_some_and(|v| v == "0");
     infer_core::KernelChoice {
-        tensor_path: is("INFER_TENSOR_PATH", "1"),
-        cuda_no_graph: is("INFER_CUDA_GRAPH", "0"),
-        cuda_no_pdl: is("INFER_CUDA_PDL", "0"),
+        tensor_path: on("INFER_TENSOR_PATH"),
+        cuda_unfused: on("INFER_CUDA_UNFUSED"),
+        cuda_no_graph: off("INFER_CUDA_GRAPH"),
+        cuda_no_pdl: off("INFER_CUDA_PDL"),
         ..Default::default()
     }
 }

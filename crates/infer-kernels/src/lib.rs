@@ -12,7 +12,9 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-pub use cpu::attention::{paged_attention, paged_attention_q8, write_kv, write_kv_q8, AttentionShape, KvElem, SeqAttention, Q8_BLOCK};
+pub use cpu::attention::{
+    paged_attention, paged_attention_q8, row_metadata, write_kv, write_kv_q8, AttentionShape, KvElem, SeqAttention, Q8_BLOCK,
+};
 pub use cpu::fused;
 pub use cpu::halfmatmul::{HalfKind, HalfWeight};
 pub use cpu::isa::Isa;

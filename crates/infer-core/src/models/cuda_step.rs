@@ -110,6 +110,9 @@ struct Buffers {
     /// f32 attention partitions (grown to the longest context seen).
     scratch: DeviceBuf,
     host_meta: Vec<u32>,
+    /// Staging of the block tables and per-row key counts (reused; the row tables go to host_meta).
+    host_tables: Vec<u32>,
+    host_row_len: Vec<u32>,
     /// This step's (k, v) cache addresses per layer.
     caches: Vec<(DevPtr, DevPtr)>,
     /// Captured steps by what they depend on (at most 64; cleared when full), each with the cache
@@ -261,6 +264,8 @@ impl CudaStep {
             meta: DeviceBuf::new(device, 4096)?,
             scratch: DeviceBuf::new(device, 4)?,
             host_meta: Vec::new(),
+            host_tables: Vec::new(),
+            host_row_len: Vec::new(),
             caches: Vec::new(),
             graphs: Default::default(),
             graph_error: None,
@@ -333,39 +338,32 @@ impl CudaStep {
             return Err(Error::Model("malformed batch: positions, slots or logits rows do not match its tokens".into()));
         }
         meta.extend_from_slice(&batch.logits_rows);
-        let (mut row_table, mut row_len, mut tables) = (Vec::with_capacity(m), Vec::with_capacity(m), Vec::new());
         for s in &batch.seqs {
-            let start = tables.len() as u32;
             if s.q_len > s.context_len
                 || s.context_len > s.block_table.len() * block_size
                 || s.block_table.iter().any(|&blk| blk as usize >= blocks_total)
             {
                 return Err(Error::Model("malformed batch: a block table does not cover its context".into()));
             }
-            tables.extend_from_slice(&s.block_table);
-            for i in 0..s.q_len {
-                row_table.push(start);
-                row_len.push((s.context_len - s.q_len + i + 1) as u32);
-            }
         }
-        if row_len.len() != m {
+        if batch.seqs.iter().map(|s| s.q_len).sum::<usize>() != m {
             return Err(Error::Model("malformed batch: its sequences do not cover its tokens".into()));
         }
-        let r = batch.logits_rows.len();
+        // The row tables go straight into the metadata after the logits rows; key counts and block
+        // tables follow them.
+        let (tables, row_len) = (&mut b.host_tables, &mut b.host_row_len);
+        tables.clear();
+        row_len.clear();
+        infer_kernels::row_metadata(super::layers::seq_attention_iter(batch), tables, meta, row_len);
         let plan = Plan {
             m,
-            r,
+            r: batch.logits_rows.len(),
             rows_in_order: batch.logits_rows.iter().enumerate().all(|(i, &row)| row as usize == i),
             max_len: row_len.iter().copied().max().unwrap_or(1) as usize,
             shape: cache.shape(d.heads, None),
-            off_rows: 3 * m,
-            off_row_table: 3 * m + r,
-            off_row_len: 4 * m + r,
-            off_tables: 5 * m + r,
         };
-        meta.extend_from_slice(&row_table);
-        meta.extend_from_slice(&row_len);
-        meta.extend_from_slice(&tables);
+        meta.extend_from_slice(row_len);
+        meta.extend_from_slice(tables);
         if meta.len() * 4 > b.meta.bytes() {
             b.meta = DeviceBuf::new(&self.device, (meta.len() * 4).next_power_of_two())?;
         }
@@ -384,6 +382,7 @@ impl CudaStep {
             b.caches.push((kc, vc));
         }
         b.meta.upload_u32(&b.host_meta)?;
+        let r = plan.r;
         if r == 0 {
             logits.clear();
         }
@@ -462,9 +461,9 @@ impl CudaStep {
                     q: b.q.ptr(),
                     k_cache: kc,
                     v_cache: vc,
-                    tables: at(p.off_tables),
-                    row_table: at(p.off_row_table),
-                    row_len: at(p.off_row_len),
+                    tables: at(p.off_tables()),
+                    row_table: at(p.off_row_table()),
+                    row_len: at(p.off_row_len()),
                     scratch: b.scratch.ptr(),
                     out: b.attn.ptr(),
                     rows: m,
@@ -489,7 +488,7 @@ impl CudaStep {
             if p.r <= NORM_ROWS && p.rows_in_order && !self.unfused {
                 k.gemv_norm(&head, d.hidden, b.x.ptr(), self.norm.0, self.norm.1, p.r, b.logits.ptr(), false)?;
             } else {
-                k.rmsnorm(b.x.ptr(), at(p.off_rows), self.norm.0, b.h.ptr(), p.r, d.hidden, self.norm.1)?;
+                k.rmsnorm(b.x.ptr(), at(p.off_rows()), self.norm.0, b.h.ptr(), p.r, d.hidden, self.norm.1)?;
                 k.gemv(&head, d.hidden, b.h.ptr(), p.r, b.logits.ptr(), false)?;
             }
         }
@@ -497,7 +496,7 @@ impl CudaStep {
     }
 }
 
-/// What one step launches, past its metadata: row counts, attention extent, metadata offsets (u32).
+/// What one step launches, past its metadata: row counts and attention extent.
 struct Plan {
     m: usize,
     /// Rows whose logits are wanted, and whether they are rows 0..r.
@@ -505,10 +504,23 @@ struct Plan {
     rows_in_order: bool,
     max_len: usize,
     shape: AttentionShape,
-    off_rows: usize,
-    off_row_table: usize,
-    off_row_len: usize,
-    off_tables: usize,
+}
+
+impl Plan {
+    /// Where each part of the metadata starts (u32 index): ids, positions and slots (m each), the
+    /// logits rows (r), the row tables and key counts (m each), the block tables.
+    fn off_rows(&self) -> usize {
+        3 * self.m
+    }
+    fn off_row_table(&self) -> usize {
+        3 * self.m + self.r
+    }
+    fn off_row_len(&self) -> usize {
+        4 * self.m + self.r
+    }
+    fn off_tables(&self) -> usize {
+        5 * self.m + self.r
+    }
 }
 
 /// What a captured step depends on beyond its weights: row counts, attention partitions (the grid),

@@ -423,14 +423,7 @@ impl AttentionMeta {
     /// Builds the row metadata from the sequences of a batch (same fields as the CPU kernel's).
     pub fn new(seqs: &[crate::SeqAttention<'_>], device: &candle_core::Device) -> Result<Self> {
         let (mut tables, mut row_table, mut row_len) = (Vec::new(), Vec::new(), Vec::new());
-        for s in seqs {
-            let start = tables.len() as u32;
-            tables.extend_from_slice(s.block_table);
-            for i in 0..s.q_len {
-                row_table.push(start);
-                row_len.push((s.context_len - s.q_len + i + 1) as u32);
-            }
-        }
+        crate::row_metadata(seqs.iter().copied(), &mut tables, &mut row_table, &mut row_len);
         let max_len = row_len.iter().copied().max().unwrap_or(0) as usize;
         if tables.is_empty() {
             tables.push(0);

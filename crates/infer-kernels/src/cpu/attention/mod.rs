@@ -53,6 +53,23 @@ pub struct SeqAttention<'a> {
     pub block_table: &'a [u32],
 }
 
+/// The per-row view of a ragged batch that GPU attention reads, appended to the three vectors:
+/// every sequence's block table one after another (`tables`), and per query row where its sequence's
+/// table starts there (`row_table`) and how many keys it sees, causally its position + 1 (`row_len`).
+pub fn row_metadata<'a>(
+    seqs: impl IntoIterator<Item = SeqAttention<'a>>,
+    tables: &mut Vec<u32>,
+    row_table: &mut Vec<u32>,
+    row_len: &mut Vec<u32>,
+) {
+    for s in seqs {
+        let start = tables.len() as u32;
+        tables.extend_from_slice(s.block_table);
+        row_table.extend(std::iter::repeat_n(start, s.q_len));
+        row_len.extend((0..s.q_len).map(|i| (s.context_len - s.q_len + i + 1) as u32));
+    }
+}
+
 /// Element type of the KV cache: f32, f16 (half the memory; widened to f32 in registers) or i8
 /// (q8_0: with a scale per 32 values, see the module doc; written by [`write_kv_q8`]).
 pub trait KvElem: Copy + Send + Sync + Default + 'static {

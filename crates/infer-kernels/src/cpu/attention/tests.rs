@@ -213,3 +213,17 @@ fn results_do_not_depend_on_chunking() {
         }
     }
 }
+
+#[test]
+fn row_metadata_lists_each_rows_table_start_and_key_count() {
+    let (t0, t1) = ([7u32, 3], [5u32]);
+    let seqs = [
+        SeqAttention { q_start: 0, q_len: 2, context_len: 20, block_table: &t0 },
+        SeqAttention { q_start: 2, q_len: 1, context_len: 4, block_table: &t1 },
+    ];
+    let (mut tables, mut row_table, mut row_len) = (vec![9], Vec::new(), Vec::new());
+    row_metadata(seqs, &mut tables, &mut row_table, &mut row_len);
+    assert_eq!(tables, [9, 7, 3, 5], "appended after what was there");
+    assert_eq!(row_table, [1, 1, 3]);
+    assert_eq!(row_len, [19, 20, 4]);
+}
